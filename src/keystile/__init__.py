@@ -1,0 +1,74 @@
+"""keystile: API-key authentication middleware for Starlette and FastAPI.
+
+::
+
+    from keystile import APIKeyMiddleware
+    app.add_middleware(APIKeyMiddleware, database_url="sqlite:///keys.db")
+"""
+
+from __future__ import annotations
+
+from .cache import VerifiedKeyCache
+from .errors import (
+    AuthenticationError,
+    ConfigurationError,
+    DuplicateKeyName,
+    InsufficientScope,
+    InvalidKeyName,
+    InvalidRequest,
+    InvalidToken,
+    KeyManagementError,
+    KeyNotFound,
+    KeystileError,
+    MissingCredentials,
+    ServiceUnavailable,
+    StoreError,
+)
+from .hashing import CHEAPEST_PARAMETERS, DEFAULT_PARAMETERS, Argon2Parameters, SecretHasher
+from .manager import CreatedKey, KeyManager, revoke_presented
+from .middleware import APIKeyMiddleware
+from .principal import APIKeyUser
+from .stats import KeystileStats
+from .stores import KeyRecord, KeyStore, MemoryKeyStore, SQLiteKeyStore, store_from_url
+from .tokens import generate_key, parse_key, redact
+from .usage import UsageRecorder
+from .verifier import Verifier
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CHEAPEST_PARAMETERS",
+    "DEFAULT_PARAMETERS",
+    "APIKeyMiddleware",
+    "APIKeyUser",
+    "Argon2Parameters",
+    "AuthenticationError",
+    "ConfigurationError",
+    "CreatedKey",
+    "DuplicateKeyName",
+    "InsufficientScope",
+    "InvalidKeyName",
+    "InvalidRequest",
+    "InvalidToken",
+    "KeyManagementError",
+    "KeyManager",
+    "KeyNotFound",
+    "KeyRecord",
+    "KeyStore",
+    "KeystileError",
+    "KeystileStats",
+    "MemoryKeyStore",
+    "MissingCredentials",
+    "SQLiteKeyStore",
+    "SecretHasher",
+    "ServiceUnavailable",
+    "StoreError",
+    "UsageRecorder",
+    "VerifiedKeyCache",
+    "Verifier",
+    "generate_key",
+    "parse_key",
+    "redact",
+    "revoke_presented",
+    "store_from_url",
+]

@@ -1,0 +1,230 @@
+"""VerifiedKeyCache: keys whose secret this process has already proven with argon2.
+
+A lookup must take the same time whether or where the presented token sits in the
+cache, or the timing leaks which cached digest a guess is close to. So:
+
+* the presented token is reduced to a keyed digest (BLAKE2b, 32 bytes, with a random
+  key made per process, so digests are useless outside it);
+* the first 8 bytes of every cached digest (its *tag*) sit in one contiguous
+  ``numpy.int64`` array, live entries packed in ``[0, size)``;
+* a lookup runs ``numpy.equal`` over **all** tags into a mask, then ``find`` **and**
+  ``rfind`` on the mask's bytes: ``find`` stops at the first match and ``rfind`` at the
+  last, so together they read the whole mask wherever the match is (``find`` alone
+  would leak the position);
+* both candidates (or dummies) are then checked with ``hmac.compare_digest`` on the full
+  32-byte digest, so a tag collision can never authenticate.
+
+Inserts and evictions are O(1) amortised: arrays are preallocated and grown by
+doubling, and an evicted slot is filled by moving the last entry into it.
+
+The cache knows nothing of stores: the verifier decides what goes in and when an
+entry's state must be re-read. It is not thread-safe; use it from one event loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+from starlette.authentication import AuthCredentials
+
+from .principal import APIKeyUser
+
+__all__ = ["CachedKey", "VerifiedKeyCache"]
+
+DIGEST_SIZE = 32
+_INITIAL_CAPACITY = 256
+_NO_DIGEST = bytes(DIGEST_SIZE)
+
+
+@dataclass(slots=True, eq=False)
+class CachedKey:
+    """A proven key and the state last read for it from the store."""
+
+    user: APIKeyUser
+    #: Wall-clock epoch seconds, or None for no expiry. Checked on every hit.
+    expires_at: float | None
+    #: Monotonic time the state was last read from the store.
+    checked_at: float
+    auth: AuthCredentials = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.auth = AuthCredentials(list(self.user.scopes))
+
+    @property
+    def key_id(self) -> str:
+        return self.user.key_id
+
+
+class VerifiedKeyCache:
+    __slots__ = (
+        "_capacity",
+        "_digests",
+        "_entries",
+        "_hasher",
+        "_mask",
+        "_mask_bytes",
+        "_mask_view",
+        "_seen",
+        "_size",
+        "_slot_of",
+        "_tag_view",
+        "_tags",
+        "epoch",
+        "max_size",
+    )
+
+    def __init__(self, *, max_size: int = 100_000) -> None:
+        if max_size < 1:
+            raise ValueError("max_size must be at least 1")
+        self.max_size = max_size
+        self._hasher = hashlib.blake2b(key=secrets.token_bytes(32), digest_size=DIGEST_SIZE)
+        self._size = 0
+        self._capacity = 0
+        self._digests: list[bytes] = []
+        self._entries: list[CachedKey] = []
+        self._slot_of: dict[str, int] = {}
+        #: Bumped by every eviction, so a verification that read the store before an
+        #: eviction cannot put back the state the eviction removed.
+        self.epoch = 0
+        self._tags: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)
+        self._seen: npt.NDArray[np.float64] = np.zeros(0, dtype=np.float64)
+        self._mask_bytes = bytearray()
+        self._mask: npt.NDArray[np.bool_] = np.zeros(0, dtype=np.bool_)
+        self._grow(_INITIAL_CAPACITY)
+
+    # -- the hot path ---------------------------------------------------------------
+
+    def digest(self, token: bytes) -> bytes:
+        """The keyed digest of a presented token (the only form the cache ever holds)."""
+        hasher = self._hasher.copy()
+        hasher.update(token)
+        return hasher.digest()
+
+    def lookup(self, digest: bytes, now: float) -> CachedKey | None:
+        """Find the entry for ``digest`` comparing every entry, with no early exit.
+
+        ``now`` (monotonic) marks the entry as used, for idle and size eviction.
+        """
+        size = self._size
+        probe = int.from_bytes(digest[:8], "little", signed=True)
+        np.equal(self._tag_view, probe, out=self._mask_view)
+        first = self._mask_bytes.find(1, 0, size)
+        last = self._mask_bytes.rfind(1, 0, size)
+        first_ok = hmac.compare_digest(self._digests[first] if first >= 0 else _NO_DIGEST, digest)
+        last_ok = hmac.compare_digest(self._digests[last] if last >= 0 else _NO_DIGEST, digest)
+        if first_ok and first >= 0:
+            slot = first
+        elif last_ok and last >= 0:
+            slot = last
+        else:
+            return None
+        self._seen[slot] = now
+        return self._entries[slot]
+
+    # -- maintenance (miss path and background) -------------------------------------
+
+    def insert(self, digest: bytes, entry: CachedKey, *, now: float, epoch: int) -> bool:
+        """Cache a proven key; refused (``False``) if anything was evicted since
+        ``epoch`` was read, because the state in hand may be what was evicted."""
+        if epoch != self.epoch:
+            return False
+        slot = self._slot_of.get(entry.key_id)
+        if slot is None:
+            if self._size >= self.max_size:
+                self._remove(int(np.argmin(self._seen[: self._size])))
+            if self._size == self._capacity:
+                self._grow(self._capacity * 2)
+            slot = self._size
+            self._size += 1
+            self._entries.append(entry)
+            self._digests.append(digest)
+            self._resize_views()
+        else:
+            self._entries[slot] = entry
+            self._digests[slot] = digest
+        self._tags[slot] = int.from_bytes(digest[:8], "little", signed=True)
+        self._seen[slot] = now
+        self._slot_of[entry.key_id] = slot
+        return True
+
+    def get(self, key_id: str) -> CachedKey | None:
+        slot = self._slot_of.get(key_id)
+        return self._entries[slot] if slot is not None else None
+
+    def replace_state(self, entry: CachedKey) -> None:
+        """Swap in fresh state for a key already cached (its digest is unchanged)."""
+        slot = self._slot_of.get(entry.key_id)
+        if slot is not None:
+            self._entries[slot] = entry
+
+    def evict(self, key_id: str) -> bool:
+        self.epoch += 1
+        slot = self._slot_of.get(key_id)
+        if slot is None:
+            return False
+        self._remove(slot)
+        return True
+
+    def clear(self) -> None:
+        self.epoch += 1
+        self._slot_of.clear()
+        self._entries.clear()
+        self._digests.clear()
+        self._size = 0
+        self._resize_views()
+
+    def evict_idle(self, idle_since: float) -> int:
+        """Drop entries not used since ``idle_since`` (monotonic); returns how many."""
+        idle = np.flatnonzero(self._seen[: self._size] < idle_since)
+        for slot in sorted(idle.tolist(), reverse=True):
+            self._remove(slot)
+        return len(idle)
+
+    def checked_before(self, when: float) -> list[CachedKey]:
+        """Entries whose state was last read before ``when`` (monotonic)."""
+        return [e for e in self._entries if e.checked_at < when]
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __iter__(self) -> Iterator[CachedKey]:
+        return iter(list(self._entries))
+
+    # -- internals --------------------------------------------------------------------
+
+    def _remove(self, slot: int) -> None:
+        last = self._size - 1
+        removed = self._entries[slot]
+        del self._slot_of[removed.key_id]
+        if slot != last:
+            moved = self._entries[last]
+            self._entries[slot] = moved
+            self._digests[slot] = self._digests[last]
+            self._tags[slot] = self._tags[last]
+            self._seen[slot] = self._seen[last]
+            self._slot_of[moved.key_id] = slot
+        self._entries.pop()
+        self._digests.pop()
+        self._size = last
+        self._resize_views()
+
+    def _grow(self, capacity: int) -> None:
+        tags = np.zeros(capacity, dtype=np.int64)
+        seen = np.zeros(capacity, dtype=np.float64)
+        tags[: self._size] = self._tags[: self._size]
+        seen[: self._size] = self._seen[: self._size]
+        self._tags, self._seen = tags, seen
+        self._mask_bytes = bytearray(capacity)
+        self._mask = np.frombuffer(self._mask_bytes, dtype=np.bool_)
+        self._capacity = capacity
+        self._resize_views()
+
+    def _resize_views(self) -> None:
+        self._tag_view = self._tags[: self._size]
+        self._mask_view = self._mask[: self._size]

@@ -1,0 +1,30 @@
+"""Durations as operators write them: ``30s``, ``15m``, ``1h``, ``90d``, ``2w``."""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+
+__all__ = ["format_duration", "parse_duration"]
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
+
+
+def parse_duration(text: str) -> timedelta:
+    """``"90d"`` → ``timedelta(days=90)``; a bare number is seconds. Raises ``ValueError``."""
+    value = text.strip().lower()
+    if re.fullmatch(r"\d+(?:\.\d+)?", value):
+        return timedelta(seconds=float(value))
+    parts = _DURATION_RE.findall(value)
+    if not parts or "".join(f"{n}{u}" for n, u in parts) != value.replace(" ", ""):
+        raise ValueError(f"invalid duration {text!r}: use e.g. 30s, 15m, 1h, 90d or 1h30m")
+    return timedelta(seconds=sum(float(n) * _UNITS[u] for n, u in parts))
+
+
+def format_duration(delta: timedelta) -> str:
+    seconds = int(delta.total_seconds())
+    for unit, size in (("w", 604800), ("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds and seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"

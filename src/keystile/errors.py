@@ -1,0 +1,146 @@
+"""Every exception keystile raises, with the HTTP status it maps to.
+
+::
+
+    KeystileError
+    ├── AuthenticationError         a request is refused (turned into a response in responses.py)
+    │   ├── MissingCredentials      401, bare ``WWW-Authenticate`` challenge
+    │   ├── InvalidRequest          400 ``invalid_request``: conflicting or empty credentials
+    │   ├── InvalidToken            401 ``invalid_token``: any key that is not valid
+    │   ├── InsufficientScope       403 ``insufficient_scope``
+    │   └── ServiceUnavailable      503 with ``Retry-After``: store down or argon2 guard saturated
+    ├── StoreError                  the key store could not be reached or failed
+    ├── KeyManagementError          a refused key-management operation (CLI exit code 1)
+    │   ├── InvalidKeyName
+    │   ├── DuplicateKeyName
+    │   └── KeyNotFound
+    └── ConfigurationError          bad options, bad database URL, missing extra
+
+``AuthenticationError.reason`` is a stable machine code used for counters and logs;
+``description`` is the only text that reaches a client. For ``InvalidToken`` every
+reason except ``expired`` and ``revoked`` shares one description, so a caller who does
+not hold the secret cannot tell an unknown key from a wrong secret; ``expired`` and
+``revoked`` are only raised after the secret has been proven.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+__all__ = [
+    "AuthenticationError",
+    "ConfigurationError",
+    "DuplicateKeyName",
+    "InsufficientScope",
+    "InvalidKeyName",
+    "InvalidRequest",
+    "InvalidToken",
+    "KeyManagementError",
+    "KeyNotFound",
+    "KeystileError",
+    "MissingCredentials",
+    "ServiceUnavailable",
+    "StoreError",
+]
+
+
+class KeystileError(Exception):
+    """Root of every keystile exception."""
+
+
+class AuthenticationError(KeystileError):
+    """A request that cannot be let through; carries everything the response needs."""
+
+    status_code: ClassVar[int] = 401
+    error: ClassVar[str | None] = None
+    default_description: ClassVar[str] = "Authentication failed."
+
+    def __init__(self, reason: str, description: str | None = None, *, source: str | None = None):
+        self.reason = reason
+        self.description = description or self.default_description
+        self.source = source
+        super().__init__(f"{reason}: {self.description}")
+
+
+class MissingCredentials(AuthenticationError):
+    status_code = 401
+    error = None
+    default_description = "An API key is required."
+
+    def __init__(self, reason: str = "missing", description: str | None = None) -> None:
+        super().__init__(reason, description)
+
+
+class InvalidRequest(AuthenticationError):
+    status_code = 400
+    error = "invalid_request"
+    default_description = "The request carries a malformed or conflicting credential."
+
+
+class InvalidToken(AuthenticationError):
+    """A presented key that is not valid.
+
+    Reasons: ``malformed``, ``bad_checksum``, ``unknown``, ``wrong_secret`` (all with the
+    same public description), ``expired`` and ``revoked`` (secret proven first).
+    """
+
+    status_code = 401
+    error = "invalid_token"
+    default_description = "The API key is not valid."
+
+    #: Reasons whose description may differ, because the caller proved the secret.
+    DISCLOSABLE: ClassVar[frozenset[str]] = frozenset({"expired", "revoked"})
+
+    def __init__(self, reason: str, *, source: str | None = None) -> None:
+        description = {
+            "expired": "The API key has expired.",
+            "revoked": "The API key has been revoked.",
+        }.get(reason)
+        super().__init__(reason, description, source=source)
+
+
+class InsufficientScope(AuthenticationError):
+    status_code = 403
+    error = "insufficient_scope"
+    default_description = "The API key lacks a required scope."
+
+    def __init__(self, required: tuple[str, ...], missing: tuple[str, ...]) -> None:
+        self.required = required
+        self.missing = missing
+        super().__init__("insufficient_scope", f"Missing scope: {' '.join(missing)}.")
+
+
+class ServiceUnavailable(AuthenticationError):
+    """The key could not be checked right now; the client should retry."""
+
+    status_code = 503
+    error = None
+    default_description = "The API key could not be checked right now; retry shortly."
+
+    def __init__(self, reason: str, *, retry_after: int = 1, source: str | None = None):
+        self.retry_after = retry_after
+        super().__init__(reason, source=source)
+
+
+class StoreError(KeystileError):
+    """The key store failed or could not be reached."""
+
+
+class KeyManagementError(KeystileError):
+    """A key-management operation was refused; the message is meant for the operator."""
+
+
+class InvalidKeyName(KeyManagementError, ValueError):
+    pass
+
+
+class DuplicateKeyName(KeyManagementError):
+    pass
+
+
+class KeyNotFound(KeyManagementError, LookupError):
+    pass
+
+
+class ConfigurationError(KeystileError, ValueError):
+    pass

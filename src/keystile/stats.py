@@ -1,0 +1,57 @@
+"""Operator counters: what the cache, argon2 and the usage recorder are doing."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["Counters", "KeystileStats"]
+
+
+@dataclass(slots=True)
+class Counters:
+    """Mutable counters, bumped on the request path (plain integer adds)."""
+
+    cache_hits: int = 0
+    cache_misses: int = 0
+    negative_hits: int = 0
+    argon2_verifications: int = 0
+    argon2_seconds: float = 0.0
+    state_refreshes: int = 0
+    stale_served: int = 0
+    revocation_events: int = 0
+    cache_resets: int = 0
+    rejects: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass(frozen=True, slots=True)
+class KeystileStats:
+    """A point-in-time snapshot of the middleware's counters.
+
+    ``hit_ratio`` is hits / (hits + misses): near 1.0 in steady state; a low ratio means
+    the cache is too small, the idle bound too short, or clients present many distinct
+    or invalid keys (see ``rejects``).
+    """
+
+    cache_hits: int
+    cache_misses: int
+    hit_ratio: float
+    negative_hits: int
+    argon2_verifications: int
+    argon2_seconds: float
+    argon2_in_flight: int
+    cache_size: int
+    cache_max_size: int
+    state_refreshes: int
+    stale_served: int
+    revocation_events: int
+    cache_resets: int
+    rejects: dict[str, int]
+    pending_touches: int
+    flushes: int
+    flush_failures: int
+    touches_written: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,40 @@
+"""Key stores, chosen by URL: ``sqlite:///path``, ``postgresql://…``, ``memory://``."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlsplit
+
+from ..errors import ConfigurationError
+from .base import KeyRecord, KeyStore
+from .memory import MemoryKeyStore
+from .sqlite import SQLiteKeyStore
+
+__all__ = ["KeyRecord", "KeyStore", "MemoryKeyStore", "SQLiteKeyStore", "store_from_url"]
+
+
+def store_from_url(url: str, **options: Any) -> KeyStore:
+    """Build the store a URL names (not yet opened).
+
+    ``sqlite:///keys.db`` is relative to the working directory, ``sqlite:////abs/keys.db``
+    absolute; ``postgresql://`` and ``postgres://`` take the usual libpq URL.
+    """
+    scheme = urlsplit(url).scheme.lower()
+    if scheme == "memory":
+        name = url.split("://", 1)[1].strip("/") if "://" in url else ""
+        return MemoryKeyStore(name or None)
+    if scheme == "sqlite":
+        if not url.startswith("sqlite:///") or url == "sqlite:///":
+            raise ConfigurationError(
+                f"a SQLite URL looks like sqlite:///relative.db or sqlite:////abs/path.db, "
+                f"not {url!r}"
+            )
+        return SQLiteKeyStore(url[len("sqlite:///") :], **options)
+    if scheme in ("postgresql", "postgres"):
+        from .postgres import PostgresKeyStore
+
+        return PostgresKeyStore(url, **options)
+    raise ConfigurationError(
+        f"unsupported database URL scheme {scheme or url!r}: use sqlite:///path.db, "
+        "postgresql://user@host/db or memory://"
+    )

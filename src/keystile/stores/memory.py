@@ -1,0 +1,127 @@
+"""``memory://``: dicts in this process, for unit tests and throwaway demos.
+
+``memory://`` alone is a fresh store; ``memory://NAME`` is shared by every store opened
+with that name in this process (so a ``KeyManager`` and a middleware can share one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
+
+from ..errors import DuplicateKeyName
+from .base import ChangeListener, KeyRecord, LocalChangeBus, utcnow
+
+__all__ = ["MemoryKeyStore"]
+
+_anonymous = itertools.count()
+
+
+class MemoryKeyStore:
+    _named: dict[str, dict[str, KeyRecord]] = {}
+
+    def __init__(self, name: str | None = None) -> None:
+        if name:
+            self._rows = self._named.setdefault(name, {})
+            identity = f"memory://{name}"
+        else:
+            self._rows = {}
+            identity = f"memory://#{next(_anonymous)}"
+        self.display_url = identity
+        self._bus = LocalChangeBus.for_identity(identity)
+
+    async def open(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def get(self, key_id: str) -> KeyRecord | None:
+        return self._rows.get(key_id)
+
+    async def get_many(self, key_ids: Sequence[str]) -> dict[str, KeyRecord]:
+        return {k: self._rows[k] for k in key_ids if k in self._rows}
+
+    async def get_owned(self, key_id: str, owner: str) -> KeyRecord | None:
+        record = self._rows.get(key_id)
+        return record if record is not None and record.owner == owner else None
+
+    async def list_keys(self, owner: str) -> list[KeyRecord]:
+        rows = [r for r in self._rows.values() if r.owner == owner]
+        return sorted(rows, key=lambda r: (r.created_at, r.id))
+
+    async def insert(self, record: KeyRecord, *, replace: bool = False) -> list[str]:
+        now = utcnow()
+        clash = [
+            r
+            for r in self._rows.values()
+            if r.owner == record.owner and r.name == record.name and r.is_active(now)
+        ]
+        if clash and not replace:
+            raise DuplicateKeyName(
+                f"owner {record.owner!r} already has an active key named {record.name!r}; "
+                "pass replace=True (--replace) to revoke it and mint a new one"
+            )
+        for old in clash:
+            self._rows[old.id] = dataclasses.replace(old, revoked_at=now, replaced_by=record.id)
+        replaces = clash[-1].id if clash else record.replaces
+        self._rows[record.id] = dataclasses.replace(record, replaces=replaces)
+        for old in clash:
+            self._bus.publish(old.id)
+        return [old.id for old in clash]
+
+    async def revoke(self, key_id: str, owner: str, *, at: datetime) -> bool:
+        record = self._rows.get(key_id)
+        if record is None or record.owner != owner or record.revoked_at is not None:
+            return False
+        self._rows[key_id] = dataclasses.replace(record, revoked_at=at)
+        self._bus.publish(key_id)
+        return True
+
+    async def rotate(
+        self, key_id: str, owner: str, successor: KeyRecord, *, grace_until: datetime
+    ) -> KeyRecord | None:
+        old = self._rows.get(key_id)
+        if old is None or old.owner != owner or not old.is_active():
+            return None
+        expires = grace_until if old.expires_at is None else min(old.expires_at, grace_until)
+        updated = dataclasses.replace(old, expires_at=expires, replaced_by=successor.id)
+        self._rows[key_id] = updated
+        self._rows[successor.id] = dataclasses.replace(successor, replaces=key_id)
+        self._bus.publish(key_id)
+        return updated
+
+    async def reap(self, *, unused_since: datetime, at: datetime, dry_run: bool) -> list[KeyRecord]:
+        stale = [
+            r
+            for r in self._rows.values()
+            if r.revoked_at is None
+            and (
+                (r.last_used_at or r.created_at) < unused_since
+                or (r.expires_at is not None and r.expires_at <= at)
+            )
+        ]
+        if not dry_run:
+            for r in stale:
+                self._rows[r.id] = dataclasses.replace(r, revoked_at=at)
+                self._bus.publish(r.id)
+        return sorted(stale, key=lambda r: (r.created_at, r.id))
+
+    async def touch_many(self, touches: Mapping[str, datetime]) -> None:
+        for key_id, at in touches.items():
+            record = self._rows.get(key_id)
+            if record is not None and (record.last_used_at is None or record.last_used_at < at):
+                self._rows[key_id] = dataclasses.replace(record, last_used_at=at)
+
+    async def update_hash(self, key_id: str, secret_hash: str) -> None:
+        record = self._rows.get(key_id)
+        if record is not None:
+            self._rows[key_id] = dataclasses.replace(record, secret_hash=secret_hash)
+
+    def subscribe(self, listener: ChangeListener) -> Callable[[], None]:
+        return self._bus.subscribe(listener)
+
+    async def watch(self) -> None:
+        return None

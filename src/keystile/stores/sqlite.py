@@ -1,0 +1,416 @@
+"""``sqlite:///path``: the embedded default, stdlib ``sqlite3`` run off the event loop.
+
+One connection per store, used by one worker thread at a time (a lock), in WAL mode so
+other processes (the CLI) can read and write while the app runs. Every lifecycle change
+is one ``BEGIN IMMEDIATE`` transaction, which also appends to ``keystile_changes``; other
+processes poll that log (one indexed read a second) to evict changed keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+import anyio.to_thread
+
+from ..errors import DuplicateKeyName, StoreError
+from .base import ChangeListener, KeyRecord, LocalChangeBus, utcnow
+
+__all__ = ["SQLiteKeyStore"]
+
+T = TypeVar("T")
+
+#: How often ``watch`` polls the change log for changes made by other processes.
+DEFAULT_POLL_INTERVAL = 1.0
+#: Change-log rows older than this are pruned.
+CHANGE_LOG_RETENTION = timedelta(days=1)
+
+_MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE keystile_keys (
+        id TEXT PRIMARY KEY,
+        owner TEXT NOT NULL,
+        name TEXT NOT NULL,
+        prefix TEXT NOT NULL,
+        secret_hash TEXT NOT NULL,
+        scopes TEXT NOT NULL DEFAULT '[]',
+        metadata TEXT NOT NULL DEFAULT '{}',
+        created_at REAL NOT NULL,
+        expires_at REAL,
+        last_used_at REAL,
+        revoked_at REAL,
+        replaces TEXT,
+        replaced_by TEXT
+    );
+    CREATE INDEX keystile_keys_owner_name ON keystile_keys (owner, name);
+    CREATE TABLE keystile_changes (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        key_id TEXT NOT NULL,
+        at REAL NOT NULL
+    );
+    """,
+]
+
+_COLUMNS = (
+    "id, owner, name, prefix, secret_hash, scopes, metadata, created_at, expires_at,"
+    " last_used_at, revoked_at, replaces, replaced_by"
+)
+
+
+def _ts(value: datetime | None) -> float | None:
+    return value.timestamp() if value is not None else None
+
+
+def _dt(value: float | None) -> datetime | None:
+    return datetime.fromtimestamp(value, timezone.utc) if value is not None else None
+
+
+def _record(row: sqlite3.Row) -> KeyRecord:
+    created = _dt(row["created_at"])
+    assert created is not None
+    return KeyRecord(
+        id=row["id"],
+        owner=row["owner"],
+        name=row["name"],
+        prefix=row["prefix"],
+        secret_hash=row["secret_hash"],
+        scopes=tuple(json.loads(row["scopes"])),
+        metadata=json.loads(row["metadata"]),
+        created_at=created,
+        expires_at=_dt(row["expires_at"]),
+        last_used_at=_dt(row["last_used_at"]),
+        revoked_at=_dt(row["revoked_at"]),
+        replaces=row["replaces"],
+        replaced_by=row["replaced_by"],
+    )
+
+
+def _insert_row(conn: sqlite3.Connection, r: KeyRecord) -> None:
+    conn.execute(
+        f"INSERT INTO keystile_keys ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",  # noqa: S608
+        (
+            r.id,
+            r.owner,
+            r.name,
+            r.prefix,
+            r.secret_hash,
+            json.dumps(list(r.scopes)),
+            json.dumps(dict(r.metadata)),
+            _ts(r.created_at),
+            _ts(r.expires_at),
+            _ts(r.last_used_at),
+            _ts(r.revoked_at),
+            r.replaces,
+            r.replaced_by,
+        ),
+    )
+
+
+def _log_changes(conn: sqlite3.Connection, key_ids: Sequence[str], at: float) -> None:
+    conn.execute(
+        "DELETE FROM keystile_changes WHERE at < ?", (at - CHANGE_LOG_RETENTION.total_seconds(),)
+    )
+    conn.executemany(
+        "INSERT INTO keystile_changes (key_id, at) VALUES (?, ?)", [(k, at) for k in key_ids]
+    )
+
+
+class SQLiteKeyStore:
+    def __init__(self, path: str | Path, *, poll_interval: float = DEFAULT_POLL_INTERVAL) -> None:
+        self.path = str(path)
+        self.poll_interval = poll_interval
+        in_memory = self.path == ":memory:"
+        resolved = self.path if in_memory else str(Path(self.path).resolve())
+        self.display_url = f"sqlite:///{self.path}"
+        self._bus = LocalChangeBus.for_identity(
+            f"sqlite:{resolved}#{id(self)}" if in_memory else f"sqlite:{resolved}"
+        )
+        self._conn: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+
+    # -- plumbing -------------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._conn is None:
+            try:
+                conn = sqlite3.connect(
+                    self.path, timeout=10.0, isolation_level=None, check_same_thread=False
+                )
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot open SQLite database {self.path!r}: {exc}") from exc
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA busy_timeout=10000")
+            self._migrate(conn)
+            self._conn = conn
+        return self._conn
+
+    @staticmethod
+    def _migrate(conn: sqlite3.Connection) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS keystile_migrations"
+                " (version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)"
+            )
+            done = {row[0] for row in conn.execute("SELECT version FROM keystile_migrations")}
+            for version, script in enumerate(_MIGRATIONS, start=1):
+                if version in done:
+                    continue
+                for statement in filter(str.strip, script.split(";")):
+                    conn.execute(statement)
+                conn.execute(
+                    "INSERT INTO keystile_migrations VALUES (?, ?)",
+                    (version, utcnow().timestamp()),
+                )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    @contextmanager
+    def _transaction(self, conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def call() -> T:
+            with self._lock:
+                try:
+                    return fn(self._connect())
+                except sqlite3.Error as exc:
+                    raise StoreError(f"SQLite error: {exc}") from exc
+
+        return await anyio.to_thread.run_sync(call)
+
+    # -- the protocol ---------------------------------------------------------------
+
+    async def open(self) -> None:
+        await self._run(lambda conn: None)
+
+    async def close(self) -> None:
+        def close() -> None:
+            with self._lock:
+                if self._conn is not None:
+                    self._conn.close()
+                    self._conn = None
+
+        await anyio.to_thread.run_sync(close)
+
+    async def get(self, key_id: str) -> KeyRecord | None:
+        def get(conn: sqlite3.Connection) -> KeyRecord | None:
+            row = conn.execute(
+                f"SELECT {_COLUMNS} FROM keystile_keys WHERE id = ?",  # noqa: S608
+                (key_id,),
+            ).fetchone()
+            return _record(row) if row is not None else None
+
+        return await self._run(get)
+
+    async def get_many(self, key_ids: Sequence[str]) -> dict[str, KeyRecord]:
+        ids = list(key_ids)
+
+        def get_many(conn: sqlite3.Connection) -> dict[str, KeyRecord]:
+            found: dict[str, KeyRecord] = {}
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                for row in conn.execute(
+                    f"SELECT {_COLUMNS} FROM keystile_keys WHERE id IN ({marks})",  # noqa: S608
+                    chunk,
+                ):
+                    found[row["id"]] = _record(row)
+            return found
+
+        return await self._run(get_many)
+
+    async def get_owned(self, key_id: str, owner: str) -> KeyRecord | None:
+        record = await self.get(key_id)
+        return record if record is not None and record.owner == owner else None
+
+    async def list_keys(self, owner: str) -> list[KeyRecord]:
+        def list_keys(conn: sqlite3.Connection) -> list[KeyRecord]:
+            rows = conn.execute(
+                f"SELECT {_COLUMNS} FROM keystile_keys WHERE owner = ?"  # noqa: S608
+                " ORDER BY created_at, id",
+                (owner,),
+            )
+            return [_record(row) for row in rows]
+
+        return await self._run(list_keys)
+
+    async def insert(self, record: KeyRecord, *, replace: bool = False) -> list[str]:
+        def insert(conn: sqlite3.Connection) -> list[str]:
+            with self._transaction(conn):
+                now = utcnow().timestamp()
+                clash = [
+                    row[0]
+                    for row in conn.execute(
+                        "SELECT id FROM keystile_keys WHERE owner = ? AND name = ?"
+                        " AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?)"
+                        " ORDER BY created_at",
+                        (record.owner, record.name, now),
+                    )
+                ]
+                if clash and not replace:
+                    raise DuplicateKeyName(
+                        f"owner {record.owner!r} already has an active key named"
+                        f" {record.name!r}; pass replace=True (--replace) to revoke it"
+                        " and mint a new one"
+                    )
+                conn.executemany(
+                    "UPDATE keystile_keys SET revoked_at = ?, replaced_by = ? WHERE id = ?",
+                    [(now, record.id, old) for old in clash],
+                )
+                _log_changes(conn, clash, now)
+                replaces = clash[-1] if clash else record.replaces
+                _insert_row(conn, _with(record, replaces=replaces))
+                return clash
+
+        revoked = await self._run(insert)
+        for key_id in revoked:
+            self._bus.publish(key_id)
+        return revoked
+
+    async def revoke(self, key_id: str, owner: str, *, at: datetime) -> bool:
+        def revoke(conn: sqlite3.Connection) -> bool:
+            with self._transaction(conn):
+                cursor = conn.execute(
+                    "UPDATE keystile_keys SET revoked_at = ?"
+                    " WHERE id = ? AND owner = ? AND revoked_at IS NULL",
+                    (at.timestamp(), key_id, owner),
+                )
+                if cursor.rowcount:
+                    _log_changes(conn, [key_id], at.timestamp())
+                return cursor.rowcount > 0
+
+        revoked = await self._run(revoke)
+        if revoked:
+            self._bus.publish(key_id)
+        return revoked
+
+    async def rotate(
+        self, key_id: str, owner: str, successor: KeyRecord, *, grace_until: datetime
+    ) -> KeyRecord | None:
+        def rotate(conn: sqlite3.Connection) -> KeyRecord | None:
+            with self._transaction(conn):
+                now = utcnow().timestamp()
+                cursor = conn.execute(
+                    "UPDATE keystile_keys SET replaced_by = ?,"
+                    " expires_at = MIN(COALESCE(expires_at, ?), ?)"
+                    " WHERE id = ? AND owner = ? AND revoked_at IS NULL"
+                    " AND (expires_at IS NULL OR expires_at > ?)",
+                    (
+                        successor.id,
+                        grace_until.timestamp(),
+                        grace_until.timestamp(),
+                        key_id,
+                        owner,
+                        now,
+                    ),
+                )
+                if not cursor.rowcount:
+                    return None
+                _insert_row(conn, _with(successor, replaces=key_id))
+                _log_changes(conn, [key_id], now)
+                row = conn.execute(
+                    f"SELECT {_COLUMNS} FROM keystile_keys WHERE id = ?",  # noqa: S608
+                    (key_id,),
+                ).fetchone()
+                return _record(row)
+
+        updated = await self._run(rotate)
+        if updated is not None:
+            self._bus.publish(key_id)
+        return updated
+
+    async def reap(self, *, unused_since: datetime, at: datetime, dry_run: bool) -> list[KeyRecord]:
+        def reap(conn: sqlite3.Connection) -> list[KeyRecord]:
+            with self._transaction(conn):
+                rows = conn.execute(
+                    f"SELECT {_COLUMNS} FROM keystile_keys WHERE revoked_at IS NULL"  # noqa: S608
+                    " AND (COALESCE(last_used_at, created_at) < ?"
+                    " OR (expires_at IS NOT NULL AND expires_at <= ?))"
+                    " ORDER BY created_at, id",
+                    (unused_since.timestamp(), at.timestamp()),
+                ).fetchall()
+                stale = [_record(row) for row in rows]
+                if not dry_run and stale:
+                    conn.executemany(
+                        "UPDATE keystile_keys SET revoked_at = ? WHERE id = ?",
+                        [(at.timestamp(), r.id) for r in stale],
+                    )
+                    _log_changes(conn, [r.id for r in stale], at.timestamp())
+                return stale
+
+        stale = await self._run(reap)
+        if not dry_run:
+            for record in stale:
+                self._bus.publish(record.id)
+        return stale
+
+    async def touch_many(self, touches: Mapping[str, datetime]) -> None:
+        rows = [(at.timestamp(), at.timestamp(), key_id) for key_id, at in touches.items()]
+
+        def touch(conn: sqlite3.Connection) -> None:
+            with self._transaction(conn):
+                conn.executemany(
+                    "UPDATE keystile_keys SET last_used_at = MAX(COALESCE(last_used_at, ?), ?)"
+                    " WHERE id = ?",
+                    rows,
+                )
+
+        await self._run(touch)
+
+    async def update_hash(self, key_id: str, secret_hash: str) -> None:
+        await self._run(
+            lambda conn: conn.execute(
+                "UPDATE keystile_keys SET secret_hash = ? WHERE id = ?", (secret_hash, key_id)
+            )
+        )
+
+    def subscribe(self, listener: ChangeListener) -> Callable[[], None]:
+        return self._bus.subscribe(listener)
+
+    async def watch(self) -> None:
+        """Poll the change log for changes other processes made; evict what changed."""
+
+        def since(conn: sqlite3.Connection, seq: int) -> list[tuple[int, str]]:
+            rows = conn.execute(
+                "SELECT seq, key_id FROM keystile_changes WHERE seq > ? ORDER BY seq", (seq,)
+            )
+            return [(row[0], row[1]) for row in rows]
+
+        seen: int = await self._run(
+            lambda conn: conn.execute(
+                "SELECT COALESCE(MAX(seq), 0) FROM keystile_changes"
+            ).fetchone()[0]
+        )
+        while True:
+            await anyio.sleep(self.poll_interval)
+            try:
+                changes = await self._run(functools.partial(since, seq=seen))
+            except StoreError:
+                continue
+            for seq, key_id in changes:
+                seen = seq
+                self._bus.publish(key_id)
+
+
+def _with(record: KeyRecord, **changes: Any) -> KeyRecord:
+    return dataclasses.replace(record, **changes)

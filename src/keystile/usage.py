@@ -1,0 +1,119 @@
+"""UsageRecorder: ``last_used_at`` written in batches, never on the request path.
+
+``touch`` is a dict write (latest timestamp per key wins). One background task flushes
+the batch every ``flush_interval`` seconds, or as soon as ``flush_max`` keys are
+pending, in one statement (Postgres) or one transaction (SQLite), and once more on
+shutdown. A failed flush keeps its batch, merged with newer touches, and retries with
+capped exponential backoff; memory is bounded by the number of distinct keys touched.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from datetime import datetime, timezone
+
+import anyio
+
+from .stores.base import KeyStore
+
+__all__ = [
+    "DEFAULT_FLUSH_INTERVAL",
+    "DEFAULT_FLUSH_MAX",
+    "DEFAULT_FLUSH_TIMEOUT",
+    "UsageRecorder",
+]
+
+logger = logging.getLogger("keystile.usage")
+
+#: Seconds between flushes: how stale ``last_used_at`` may be in the store.
+DEFAULT_FLUSH_INTERVAL = 5.0
+#: Pending keys that trigger an early flush.
+DEFAULT_FLUSH_MAX = 1_000
+#: Seconds one flush may take before it counts as failed.
+DEFAULT_FLUSH_TIMEOUT = 10.0
+#: Longest wait between retries while the store keeps failing.
+DEFAULT_MAX_BACKOFF = 60.0
+
+
+class UsageRecorder:
+    def __init__(
+        self,
+        store: KeyStore,
+        *,
+        flush_interval: float = DEFAULT_FLUSH_INTERVAL,
+        flush_max: int = DEFAULT_FLUSH_MAX,
+        flush_timeout: float = DEFAULT_FLUSH_TIMEOUT,
+        max_backoff: float = DEFAULT_MAX_BACKOFF,
+    ) -> None:
+        if flush_interval <= 0 or flush_max < 1:
+            raise ValueError("flush_interval must be positive and flush_max at least 1")
+        self.store = store
+        self.flush_interval = flush_interval
+        self.flush_max = flush_max
+        self.flush_timeout = flush_timeout
+        self.max_backoff = max_backoff
+        self.flushes = 0
+        self.flush_failures = 0
+        self.touches_written = 0
+        self._pending: dict[str, float] = {}
+        self._wakeup: anyio.Event | None = None
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def touch(self, key_id: str, at: float) -> None:
+        """Record a use of ``key_id`` at wall-clock epoch ``at``. No I/O."""
+        if at > self._pending.get(key_id, -math.inf):
+            self._pending[key_id] = at
+        if len(self._pending) >= self.flush_max and self._wakeup is not None:
+            self._wakeup.set()
+
+    async def flush(self) -> int:
+        """Write everything pending now; on failure the batch is kept and the error raised."""
+        if not self._pending:
+            return 0
+        batch, self._pending = self._pending, {}
+        touches = {k: datetime.fromtimestamp(at, timezone.utc) for k, at in batch.items()}
+        try:
+            with anyio.fail_after(self.flush_timeout):
+                await self.store.touch_many(touches)
+        except BaseException:
+            self.flush_failures += 1
+            for key_id, at in batch.items():
+                if at > self._pending.get(key_id, -math.inf):
+                    self._pending[key_id] = at
+            raise
+        self.flushes += 1
+        self.touches_written += len(batch)
+        return len(batch)
+
+    async def run(self) -> None:
+        """Flush periodically until cancelled (then the caller flushes once more)."""
+        failing = False
+        delay = self.flush_interval
+        while True:
+            self._wakeup = anyio.Event()
+            if failing:
+                await anyio.sleep(delay)
+            elif len(self._pending) < self.flush_max:
+                with anyio.move_on_after(delay):
+                    await self._wakeup.wait()
+            try:
+                await self.flush()
+            except Exception as exc:
+                if not failing:
+                    logger.warning(
+                        "keystile: writing last_used_at failed (%s); keeping %d keys and "
+                        "retrying with backoff",
+                        exc,
+                        len(self._pending),
+                    )
+                failing = True
+                delay = min(max(delay * 2, self.flush_interval), self.max_backoff)
+                continue
+            if failing:
+                logger.warning("keystile: writing last_used_at works again")
+            failing = False
+            delay = self.flush_interval

@@ -1,0 +1,287 @@
+"""Verifier: presented token → cached principal, or one exception per failure reason.
+
+The pipeline (design §1)::
+
+    digest ─► constant-time cache scan ─► hit: expiry check, state refresh after cache_ttl
+                                       └► miss: parse (malformed / bad checksum: no store
+                                          access) ─► negative cache ─► single flight per
+                                          token: store.get ─► argon2 in a worker thread
+                                          (bounded) ─► cache insert
+
+It knows nothing of ASGI. argon2 runs at most once per token at a time and at most
+``argon2_concurrency`` at once; past ``max_pending_verifications`` waiting, a miss is
+refused at once with ``ServiceUnavailable("overloaded")`` instead of queueing without
+bound, so a flood of wrong secrets cannot starve anything but other misses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import anyio
+import anyio.to_thread
+from cachetools import TTLCache
+
+from .cache import CachedKey, VerifiedKeyCache
+from .errors import AuthenticationError, InvalidToken, ServiceUnavailable, StoreError
+from .hashing import DEFAULT_PARAMETERS, SecretHasher
+from .principal import APIKeyUser
+from .stats import Counters
+from .stores.base import KeyRecord, KeyStore, utcnow
+from .tokens import MAX_TOKEN_LENGTH, ParsedKey, parse_key
+
+__all__ = [
+    "DEFAULT_ARGON2_CONCURRENCY",
+    "DEFAULT_CACHE_IDLE",
+    "DEFAULT_CACHE_MAX_SIZE",
+    "DEFAULT_CACHE_TTL",
+    "DEFAULT_MAX_PENDING_VERIFICATIONS",
+    "DEFAULT_NEGATIVE_MAX_SIZE",
+    "DEFAULT_NEGATIVE_TTL",
+    "DEFAULT_STALE_IF_ERROR",
+    "Verifier",
+]
+
+logger = logging.getLogger("keystile")
+
+#: Seconds a cached key's state (revoked, expiry, scopes) may be old before it is re-read.
+DEFAULT_CACHE_TTL = 60.0
+#: Seconds a cached key may go unused before it leaves the cache.
+DEFAULT_CACHE_IDLE = 3600.0
+DEFAULT_CACHE_MAX_SIZE = 100_000
+#: Seconds a rejected token is answered from the negative cache.
+DEFAULT_NEGATIVE_TTL = 30.0
+DEFAULT_NEGATIVE_MAX_SIZE = 10_000
+#: Seconds past ``cache_ttl`` a cached key keeps working while the store is unreachable.
+DEFAULT_STALE_IF_ERROR = 300.0
+#: argon2 verifications at once: half the cores, so misses never take every core from
+#: the event loop serving cache hits.
+DEFAULT_ARGON2_CONCURRENCY = max(1, (os.cpu_count() or 2) // 2)
+#: Misses allowed to wait for argon2 before new ones get 503 (about 1 s of work at 4 ms).
+DEFAULT_MAX_PENDING_VERIFICATIONS = 256
+
+
+class _Interrupted(Exception):
+    """The leader of a single flight was cancelled; followers retry."""
+
+
+@dataclass(slots=True)
+class _Flight:
+    done: anyio.Event
+    result: CachedKey | None = None
+    error: BaseException | None = None
+
+
+@dataclass(slots=True)
+class _SingleFlight:
+    flights: dict[bytes, _Flight] = field(default_factory=dict)
+
+    async def run(self, key: bytes, work: Callable[[], Awaitable[CachedKey]]) -> CachedKey:
+        while True:
+            flight = self.flights.get(key)
+            if flight is None:
+                break
+            await flight.done.wait()
+            if isinstance(flight.error, _Interrupted):
+                continue
+            if flight.error is not None:
+                raise copy.copy(flight.error)
+            assert flight.result is not None
+            return flight.result
+        flight = self.flights[key] = _Flight(anyio.Event())
+        try:
+            flight.result = await work()
+            return flight.result
+        except AuthenticationError as exc:
+            flight.error = exc
+            raise
+        except BaseException:
+            flight.error = _Interrupted()
+            raise
+        finally:
+            del self.flights[key]
+            flight.done.set()
+
+
+class Verifier:
+    def __init__(
+        self,
+        store: KeyStore,
+        *,
+        hasher: SecretHasher | None = None,
+        cache_ttl: float = DEFAULT_CACHE_TTL,
+        cache_idle: float = DEFAULT_CACHE_IDLE,
+        cache_max_size: int = DEFAULT_CACHE_MAX_SIZE,
+        negative_ttl: float = DEFAULT_NEGATIVE_TTL,
+        negative_max_size: int = DEFAULT_NEGATIVE_MAX_SIZE,
+        stale_if_error: float = DEFAULT_STALE_IF_ERROR,
+        argon2_concurrency: int = DEFAULT_ARGON2_CONCURRENCY,
+        max_pending_verifications: int = DEFAULT_MAX_PENDING_VERIFICATIONS,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if cache_ttl <= 0 or cache_idle <= 0:
+            raise ValueError("cache_ttl and cache_idle must be positive")
+        self.store = store
+        self.hasher = hasher or SecretHasher(DEFAULT_PARAMETERS)
+        self.cache_ttl = cache_ttl
+        self.cache_idle = cache_idle
+        self.stale_if_error = stale_if_error
+        self.argon2_concurrency = argon2_concurrency
+        self.max_pending_verifications = max_pending_verifications
+        self.cache = VerifiedKeyCache(max_size=cache_max_size)
+        self.counters = Counters()
+        self.argon2_in_flight = 0
+        self._clock = clock
+        self._monotonic = monotonic
+        self._negative: TTLCache[bytes, str] | None = (
+            TTLCache(maxsize=negative_max_size, ttl=negative_ttl, timer=monotonic)
+            if negative_ttl > 0 and negative_max_size > 0
+            else None
+        )
+        self._flights = _SingleFlight()
+        self._limiter: tuple[asyncio.AbstractEventLoop, anyio.CapacityLimiter] | None = None
+
+    # -- the request path -----------------------------------------------------------
+
+    async def verify(self, token: bytes) -> CachedKey:
+        """Return the cached principal for ``token`` or raise an ``AuthenticationError``."""
+        if len(token) > MAX_TOKEN_LENGTH:
+            raise InvalidToken("malformed")
+        digest = self.cache.digest(token)
+        now = self._monotonic()
+        entry = self.cache.lookup(digest, now)
+        if entry is None:
+            self.counters.cache_misses += 1
+            return await self._verify_miss(token, digest)
+        self.counters.cache_hits += 1
+        if entry.expires_at is not None and self._clock() >= entry.expires_at:
+            raise InvalidToken("expired")
+        if now - entry.checked_at > self.cache_ttl:
+            stale = entry
+            entry = await self._flights.run(b"refresh:" + digest, lambda: self._reload(stale))
+            if entry.expires_at is not None and self._clock() >= entry.expires_at:
+                raise InvalidToken("expired")
+        return entry
+
+    async def _verify_miss(self, token: bytes, digest: bytes) -> CachedKey:
+        parsed = parse_key(token)
+        if self._negative is not None:
+            reason = self._negative.get(digest)
+            if reason is not None:
+                self.counters.negative_hits += 1
+                raise InvalidToken(reason)
+        return await self._flights.run(digest, lambda: self._prove(parsed, digest))
+
+    async def _prove(self, parsed: ParsedKey, digest: bytes) -> CachedKey:
+        epoch = self.cache.epoch
+        record = await self._read(parsed.key_id)
+        if record is None or record.prefix != parsed.prefix:
+            raise self._remember(digest, "unknown")
+        if self.argon2_in_flight >= self.max_pending_verifications:
+            raise ServiceUnavailable("overloaded")
+        self.argon2_in_flight += 1
+        started = time.perf_counter()
+        try:
+            matched, upgraded = await anyio.to_thread.run_sync(
+                self.hasher.verify, record.secret_hash, parsed.secret, limiter=self._get_limiter()
+            )
+        finally:
+            self.argon2_in_flight -= 1
+            self.counters.argon2_verifications += 1
+            self.counters.argon2_seconds += time.perf_counter() - started
+        if not matched:
+            raise self._remember(digest, "wrong_secret")
+        if upgraded is not None:
+            await self._upgrade_hash(record, upgraded)
+        status = record.status(utcnow())
+        if status != "active":
+            raise self._remember(digest, status)
+        entry = self._entry(record)
+        self.cache.insert(digest, entry, now=entry.checked_at, epoch=epoch)
+        return entry
+
+    async def _reload(self, entry: CachedKey) -> CachedKey:
+        try:
+            record = await self.store.get(entry.key_id)
+        except StoreError as exc:
+            if self._monotonic() - entry.checked_at <= self.cache_ttl + self.stale_if_error:
+                self.counters.stale_served += 1
+                return entry
+            raise ServiceUnavailable("store_unavailable") from exc
+        self.counters.state_refreshes += 1
+        fresh = self._apply(entry, record)
+        if fresh is None:
+            raise InvalidToken("revoked")
+        return fresh
+
+    # -- background work ------------------------------------------------------------
+
+    async def refresh_stale(self) -> int:
+        """Re-read, in one batched store read, the state of every cached key older than
+        half the TTL, so hits rarely wait for a refresh. Returns how many were read."""
+        stale = self.cache.checked_before(self._monotonic() - self.cache_ttl / 2)
+        if not stale:
+            return 0
+        records = await self.store.get_many([e.key_id for e in stale])
+        self.counters.state_refreshes += len(stale)
+        for entry in stale:
+            self._apply(entry, records.get(entry.key_id))
+        return len(stale)
+
+    def evict_idle(self) -> int:
+        return self.cache.evict_idle(self._monotonic() - self.cache_idle)
+
+    def on_change(self, key_id: str | None) -> None:
+        """A store listener: evict a key whose state changed, or everything (``None``)."""
+        if key_id is None:
+            self.counters.cache_resets += 1
+            self.cache.clear()
+        else:
+            self.counters.revocation_events += 1
+            self.cache.evict(key_id)
+
+    # -- helpers --------------------------------------------------------------------
+
+    async def _read(self, key_id: str) -> KeyRecord | None:
+        try:
+            return await self.store.get(key_id)
+        except StoreError as exc:
+            logger.warning("keystile: key store unavailable on a cache miss: %s", exc)
+            raise ServiceUnavailable("store_unavailable") from exc
+
+    async def _upgrade_hash(self, record: KeyRecord, secret_hash: str) -> None:
+        try:
+            await self.store.update_hash(record.id, secret_hash)
+        except StoreError as exc:
+            logger.warning("keystile: could not upgrade the hash of key %s: %s", record.id, exc)
+
+    def _remember(self, digest: bytes, reason: str) -> InvalidToken:
+        if self._negative is not None:
+            self._negative[digest] = reason
+        return InvalidToken(reason)
+
+    def _entry(self, record: KeyRecord) -> CachedKey:
+        expires = record.expires_at.timestamp() if record.expires_at is not None else None
+        return CachedKey(APIKeyUser.from_record(record), expires, self._monotonic())
+
+    def _apply(self, entry: CachedKey, record: KeyRecord | None) -> CachedKey | None:
+        """Fold freshly read state into the cache; ``None`` when the key is gone."""
+        if record is None or record.revoked_at is not None:
+            self.cache.evict(entry.key_id)
+            return None
+        fresh = self._entry(record)
+        self.cache.replace_state(fresh)
+        return fresh
+
+    def _get_limiter(self) -> anyio.CapacityLimiter:
+        loop = asyncio.get_running_loop()
+        if self._limiter is None or self._limiter[0] is not loop:
+            self._limiter = (loop, anyio.CapacityLimiter(self.argon2_concurrency))
+        return self._limiter[1]

@@ -1,0 +1,96 @@
+"""Shared fixtures: the anyio plugin on asyncio, cheap argon2, and one store per kind.
+
+Postgres tests read ``KEYSTILE_TEST_POSTGRES_URL``; without it they skip with the reason,
+unless ``KEYSTILE_REQUIRE_POSTGRES=1`` (set by ``.ci/run``), which turns the skip into a
+failure. Every Postgres test gets its own schema, dropped afterwards, so runs cannot collide.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from keystile.hashing import CHEAPEST_PARAMETERS, SecretHasher
+from keystile.stores import KeyStore, store_from_url
+
+POSTGRES_URL = os.environ.get("KEYSTILE_TEST_POSTGRES_URL", "")
+REQUIRE_POSTGRES = os.environ.get("KEYSTILE_REQUIRE_POSTGRES") == "1"
+SKIP_REASON = (
+    "Postgres tests need KEYSTILE_TEST_POSTGRES_URL, "
+    "e.g. postgresql://postgres@127.0.0.1:5432/test"
+)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def hasher() -> SecretHasher:
+    return SecretHasher(CHEAPEST_PARAMETERS)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    if not POSTGRES_URL:
+        if REQUIRE_POSTGRES:
+            pytest.fail(f"KEYSTILE_REQUIRE_POSTGRES=1 but {SKIP_REASON}")
+        pytest.skip(SKIP_REASON)
+    return POSTGRES_URL
+
+
+async def drop_schema(url: str, schema: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def postgres_database_url(postgres_url: str) -> AsyncIterator[str]:
+    """A Postgres URL with a schema of its own (``?schema=``), dropped after the test."""
+    schema = f"keystile_test_{uuid.uuid4().hex[:12]}"
+    sep = "&" if "?" in postgres_url else "?"
+    yield f"{postgres_url}{sep}schema={schema}"
+    await drop_schema(postgres_url, schema)
+
+
+@pytest.fixture
+def sqlite_database_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'keys.db'}"
+
+
+STORE_KINDS = [
+    "memory",
+    "sqlite",
+    pytest.param("postgres", marks=pytest.mark.postgres),
+]
+
+
+@pytest.fixture(params=STORE_KINDS)
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The same test against every store: memory, SQLite and (when available) Postgres."""
+    if request.param == "memory":
+        yield f"memory://test-{uuid.uuid4().hex}"
+    elif request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'keys.db'}"
+    else:
+        yield request.getfixturevalue("postgres_database_url")
+
+
+@pytest.fixture
+async def store(database_url: str) -> AsyncIterator[KeyStore]:
+    store = store_from_url(database_url)
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
