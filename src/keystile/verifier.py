@@ -138,10 +138,11 @@ class Verifier:
         self.cache = VerifiedKeyCache(max_size=cache_max_size)
         self.counters = Counters()
         self.argon2_in_flight = 0
-        self._clock = clock
-        self._monotonic = monotonic
+        #: Wall clock (expiry) and monotonic clock (TTLs); tests may replace them.
+        self.clock = clock
+        self.monotonic = monotonic
         self._negative: TTLCache[bytes, str] | None = (
-            TTLCache(maxsize=negative_max_size, ttl=negative_ttl, timer=monotonic)
+            TTLCache(maxsize=negative_max_size, ttl=negative_ttl, timer=lambda: self.monotonic())
             if negative_ttl > 0 and negative_max_size > 0
             else None
         )
@@ -155,18 +156,18 @@ class Verifier:
         if len(token) > MAX_TOKEN_LENGTH:
             raise InvalidToken("malformed")
         digest = self.cache.digest(token)
-        now = self._monotonic()
+        now = self.monotonic()
         entry = self.cache.lookup(digest, now)
         if entry is None:
             self.counters.cache_misses += 1
             return await self._verify_miss(token, digest)
         self.counters.cache_hits += 1
-        if entry.expires_at is not None and self._clock() >= entry.expires_at:
+        if entry.expires_at is not None and self.clock() >= entry.expires_at:
             raise InvalidToken("expired")
         if now - entry.checked_at > self.cache_ttl:
             stale = entry
             entry = await self._flights.run(b"refresh:" + digest, lambda: self._reload(stale))
-            if entry.expires_at is not None and self._clock() >= entry.expires_at:
+            if entry.expires_at is not None and self.clock() >= entry.expires_at:
                 raise InvalidToken("expired")
         return entry
 
@@ -211,7 +212,7 @@ class Verifier:
         try:
             record = await self.store.get(entry.key_id)
         except StoreError as exc:
-            if self._monotonic() - entry.checked_at <= self.cache_ttl + self.stale_if_error:
+            if self.monotonic() - entry.checked_at <= self.cache_ttl + self.stale_if_error:
                 self.counters.stale_served += 1
                 return entry
             raise ServiceUnavailable("store_unavailable") from exc
@@ -226,7 +227,7 @@ class Verifier:
     async def refresh_stale(self) -> int:
         """Re-read, in one batched store read, the state of every cached key older than
         half the TTL, so hits rarely wait for a refresh. Returns how many were read."""
-        stale = self.cache.checked_before(self._monotonic() - self.cache_ttl / 2)
+        stale = self.cache.checked_before(self.monotonic() - self.cache_ttl / 2)
         if not stale:
             return 0
         records = await self.store.get_many([e.key_id for e in stale])
@@ -236,7 +237,7 @@ class Verifier:
         return len(stale)
 
     def evict_idle(self) -> int:
-        return self.cache.evict_idle(self._monotonic() - self.cache_idle)
+        return self.cache.evict_idle(self.monotonic() - self.cache_idle)
 
     def on_change(self, key_id: str | None) -> None:
         """A store listener: evict a key whose state changed, or everything (``None``)."""
@@ -269,7 +270,7 @@ class Verifier:
 
     def _entry(self, record: KeyRecord) -> CachedKey:
         expires = record.expires_at.timestamp() if record.expires_at is not None else None
-        return CachedKey(APIKeyUser.from_record(record), expires, self._monotonic())
+        return CachedKey(APIKeyUser.from_record(record), expires, self.monotonic())
 
     def _apply(self, entry: CachedKey, record: KeyRecord | None) -> CachedKey | None:
         """Fold freshly read state into the cache; ``None`` when the key is gone."""

@@ -1,0 +1,395 @@
+"""The ``keystile`` command: mint, list, show, revoke, rotate and reap keys; run a demo.
+
+Errors are one line on stderr and exit code 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import tempfile
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import NoReturn, TypeVar
+
+import anyio
+
+from .config import DATABASE_URL_ENV, DEFAULT_DATABASE_URL, resolve_database_url
+from .durations import parse_duration
+from .errors import KeystileError
+from .manager import DEFAULT_ROTATION_GRACE, CreatedKey, KeyManager
+from .stores.base import KeyRecord, utcnow
+
+__all__ = ["main"]
+
+T = TypeVar("T")
+
+DESCRIPTION = f"""\
+Manage API keys for keystile-protected apps.
+
+The database is --database-url, else ${DATABASE_URL_ENV}, else {DEFAULT_DATABASE_URL}
+(a file in the current directory). URLs: sqlite:///path.db, postgresql://user@host/db.
+"""
+
+EPILOG = """\
+examples:
+  keystile init
+  keystile create --owner acme --name "ci deploy" --scope items:read --expires-in 90d
+  keystile list --owner acme
+  keystile rotate KEY_ID --owner acme --grace 1h
+  keystile revoke KEY_ID --owner acme
+  keystile reap --unused-for 90d --dry-run
+  keystile demo
+"""
+
+
+class CommandError(Exception):
+    """A message for the operator; printed as one line, exit code 1."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(1, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _duration(text: str) -> timedelta:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="keystile",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--database-url",
+        metavar="URL",
+        help=f"key database (default: ${DATABASE_URL_ENV}, else {DEFAULT_DATABASE_URL})",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    def command(name: str, help: str, example: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name,
+            help=help,
+            description=help,
+            epilog=f"example:\n  {example}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    command("init", "create or upgrade the key tables (idempotent)", "keystile init")
+
+    p = command(
+        "create",
+        "mint a key and print it once (the key alone goes to stdout)",
+        'keystile create --owner acme --name "laptop" --scope items:read --expires-in 90d',
+    )
+    p.add_argument("--owner", required=True, help="user, workspace or tenant id")
+    p.add_argument("--name", required=True, help="1-64 printable characters, unique per owner")
+    p.add_argument(
+        "--scope", action="append", default=[], dest="scopes", help="a scope (repeatable)"
+    )
+    p.add_argument("--expires-in", type=_duration, help="e.g. 30s, 15m, 1h, 90d")
+    p.add_argument("--replace", action="store_true", help="revoke the active key of that name")
+    p.add_argument(
+        "--metadata", action="append", default=[], metavar="KEY=VALUE", help="(repeatable)"
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = command("list", "list an owner's keys", "keystile list --owner acme --json")
+    p.add_argument("--owner", required=True)
+    p.add_argument("--json", action="store_true", help="all fields but the hash, as JSON")
+
+    p = command("show", "show one key of an owner", "keystile show KEY_ID --owner acme")
+    p.add_argument("key_id", metavar="KEY_ID")
+    p.add_argument("--owner", required=True)
+    p.add_argument("--json", action="store_true")
+
+    p = command(
+        "revoke", "revoke a key of an owner (idempotent)", "keystile revoke KEY_ID --owner acme"
+    )
+    p.add_argument("key_id", metavar="KEY_ID")
+    p.add_argument("--owner", required=True)
+
+    p = command(
+        "rotate",
+        "mint a successor; the old key keeps working for the grace period",
+        "keystile rotate KEY_ID --owner acme --grace 1h",
+    )
+    p.add_argument("key_id", metavar="KEY_ID")
+    p.add_argument("--owner", required=True)
+    p.add_argument("--grace", type=_duration, default=DEFAULT_ROTATION_GRACE, help="default: 1h")
+    p.add_argument("--json", action="store_true")
+
+    p = command(
+        "reap",
+        "revoke keys unused for longer than a bound, and expired keys",
+        "keystile reap --unused-for 90d --dry-run",
+    )
+    p.add_argument("--unused-for", type=_duration, default=timedelta(days=90), help="default: 90d")
+    p.add_argument("--dry-run", action="store_true", help="list what would be revoked")
+    p.add_argument("--json", action="store_true")
+
+    p = command(
+        "demo",
+        "serve an example app on 127.0.0.1 with a fresh key and print curl lines",
+        "keystile demo --port 8000",
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--self-test",
+        action="store_true",
+        help="send the curl requests itself, print the answers and exit (0 if as expected)",
+    )
+    return parser
+
+
+# -- output ---------------------------------------------------------------------------
+
+
+def _out(text: str = "") -> None:
+    print(text, file=sys.stdout)
+
+
+def _err(text: str = "") -> None:
+    print(text, file=sys.stderr)
+
+
+def _when(record: KeyRecord, field: str) -> str:
+    value = getattr(record, field)
+    return value.strftime("%Y-%m-%d %H:%M") if value is not None else "-"
+
+
+def _table(records: Sequence[KeyRecord]) -> None:
+    now = utcnow()
+    header = ("ID", "NAME", "STATUS", "SCOPES", "CREATED", "EXPIRES", "LAST USED", "REPLACED BY")
+    rows = [header] + [
+        (
+            r.id,
+            r.name,
+            r.status(now),
+            ",".join(r.scopes) or "-",
+            _when(r, "created_at"),
+            _when(r, "expires_at"),
+            _when(r, "last_used_at"),
+            r.replaced_by or "-",
+        )
+        for r in records
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    for row in rows:
+        _out("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+def _print_created(created: CreatedKey, as_json: bool, verb: str) -> None:
+    record = created.record
+    if as_json:
+        _out(json.dumps({"key": created.key, **record.to_public_dict()}))
+        return
+    expires = record.expires_at.isoformat() if record.expires_at else "never"
+    _err(
+        f"{verb} key {record.id} ({record.name!r}) for owner {record.owner!r}; "
+        f"scopes: {', '.join(record.scopes) or '-'}; expires: {expires}"
+    )
+    _err("The key is shown only this once; store it now:")
+    _out(created.key)
+
+
+# -- commands -------------------------------------------------------------------------
+
+
+async def _with_manager(url: str, work: Callable[[KeyManager], Awaitable[T]]) -> T:
+    manager = KeyManager.from_url(url)
+    await manager.open()
+    try:
+        return await work(manager)
+    finally:
+        await manager.close()
+
+
+def _metadata(pairs: Sequence[str]) -> dict[str, str]:
+    result = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise CommandError(f"--metadata takes KEY=VALUE, got {pair!r}")
+        result[key] = value
+    return result
+
+
+def _run_command(args: argparse.Namespace, url: str) -> int:
+    command: str = args.command
+
+    async def work(manager: KeyManager) -> int:
+        if command == "init":
+            _err(f"keystile: {manager.store.display_url} is ready")
+        elif command == "create":
+            created = await manager.create(
+                owner=args.owner,
+                name=args.name,
+                scopes=args.scopes,
+                metadata=_metadata(args.metadata),
+                expires_in=args.expires_in,
+                replace=args.replace,
+            )
+            _print_created(created, args.json, "Created")
+        elif command == "list":
+            records = await manager.list(args.owner)
+            if args.json:
+                _out(json.dumps([r.to_public_dict() for r in records], indent=2))
+            elif records:
+                _table(records)
+            else:
+                _err(f"no keys for owner {args.owner!r}")
+        elif command == "show":
+            record = await manager.get(args.key_id, owner=args.owner)
+            if args.json:
+                _out(json.dumps(record.to_public_dict(), indent=2))
+            else:
+                for field, value in record.to_public_dict().items():
+                    _out(f"{field:13} {value if value not in (None, [], {}) else '-'}")
+        elif command == "revoke":
+            if await manager.revoke(args.key_id, owner=args.owner):
+                _err(f"revoked key {args.key_id}")
+            else:
+                _err(f"nothing to revoke: no active key {args.key_id} for owner {args.owner!r}")
+        elif command == "rotate":
+            created = await manager.rotate(args.key_id, owner=args.owner, grace=args.grace)
+            _print_created(created, args.json, "Rotated to")
+            if not args.json:
+                _err(f"The old key {args.key_id} keeps working until the grace period ends.")
+        elif command == "reap":
+            records = await manager.reap(unused_for=args.unused_for, dry_run=args.dry_run)
+            if args.json:
+                _out(json.dumps([r.to_public_dict() for r in records], indent=2))
+            else:
+                verb = "would revoke" if args.dry_run else "revoked"
+                _err(f"{verb} {len(records)} key(s)")
+                if records:
+                    _table(records)
+        return 0
+
+    return anyio.run(_with_manager, url, work)
+
+
+# -- demo -------------------------------------------------------------------------------
+
+
+def _free_port(host: str, preferred: int) -> int:
+    for port in (preferred, 0):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            bound: int = sock.getsockname()[1]
+            return bound
+    raise CommandError(f"no free port on {host}")
+
+
+def _demo(args: argparse.Namespace, explicit_url: str | None) -> int:
+    try:
+        import uvicorn
+    except ImportError:
+        raise CommandError(
+            "keystile demo needs uvicorn: python -m pip install 'keystile[demo]'"
+        ) from None
+    from .demo import create_demo_app
+
+    if explicit_url or os.environ.get(DATABASE_URL_ENV):
+        url = resolve_database_url(explicit_url)
+    else:
+        url = f"sqlite:///{Path(tempfile.mkdtemp(prefix='keystile-demo-')) / 'demo.db'}"
+
+    async def mint(manager: KeyManager) -> CreatedKey:
+        return await manager.create(
+            owner="demo", name="demo key", scopes=["demo:read"], replace=True
+        )
+
+    created = anyio.run(_with_manager, url, mint)
+    port = _free_port(args.host, args.port)
+    base = f"http://{args.host}:{port}"
+    _out(f"keystile demo: database {url}")
+    _out(f"Minted key {created.record.id} (owner 'demo', scope demo:read), shown once:\n")
+    _out(f"    {created.key}\n")
+    _out("Try it:\n")
+    _out(f'    curl -i {base}/whoami -H "Authorization: Bearer {created.key}"   # 200')
+    _out(f'    curl -i {base}/whoami -H "X-API-Key: {created.key}"   # 200')
+    _out(f"    curl -i {base}/whoami   # 401, no key\n")
+    if not args.self_test:
+        _out("Press Ctrl+C to stop.\n")
+    sys.stdout.flush()
+
+    config = uvicorn.Config(
+        create_demo_app(url), host=args.host, port=port, log_level="warning", lifespan="on"
+    )
+    server = uvicorn.Server(config)
+    if not args.self_test:
+        server.run()
+        return 0
+
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(500):
+            if server.started:
+                break
+            threading.Event().wait(0.02)
+        checks = [
+            ("with Authorization: Bearer", {"Authorization": f"Bearer {created.key}"}, 200),
+            ("with X-API-Key", {"X-API-Key": created.key}, 200),
+            ("without a key", {}, 401),
+        ]
+        ok = True
+        for label, headers, expected in checks:
+            status = _get(f"{base}/whoami", headers)
+            ok &= status == expected
+            _out(f"GET /whoami {label}: {status} (expected {expected})")
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+    return 0 if ok else 1
+
+
+def _get(url: str, headers: dict[str, str]) -> int:
+    request = urllib.request.Request(url, headers=headers)  # noqa: S310
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+            status: int = response.status
+            return status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+# -- entry point ------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "demo":
+            return _demo(args, args.database_url)
+        return _run_command(args, resolve_database_url(args.database_url))
+    except (KeystileError, CommandError, ValueError, OSError) as exc:
+        _err(f"keystile: error: {exc}")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

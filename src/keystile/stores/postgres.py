@@ -1,0 +1,736 @@
+"""``postgresql://…``: the production store, an asyncpg pool shared by many processes.
+
+Every lifecycle change is one transaction that also runs ``pg_notify`` on a channel of
+its own schema, so the notification is delivered exactly when (and only if) the change
+commits. ``watch`` holds one dedicated ``LISTEN`` connection per process and relays each
+notified key id to the local change bus; when that connection drops it reconnects with
+capped backoff and publishes ``None`` ("events may have been missed"), because NOTIFY
+is fire-and-forget: what was sent while nobody listened is gone.
+
+Table names are always qualified with the quoted schema (never ``search_path``), so a
+connection pooler that drops startup parameters cannot point the store at another schema.
+Values only ever travel as ``$n`` parameters; the schema is the one identifier put into
+SQL text, and it is validated before that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+
+import anyio
+import asyncpg
+
+from ..errors import ConfigurationError, DuplicateKeyName, StoreError
+from .base import ChangeListener, KeyRecord, LocalChangeBus, utcnow
+
+__all__ = [
+    "DEFAULT_COMMAND_TIMEOUT",
+    "DEFAULT_CONNECT_TIMEOUT",
+    "DEFAULT_LISTEN_RECONNECT_MAX",
+    "DEFAULT_POOL_MAX_SIZE",
+    "DEFAULT_POOL_MIN_SIZE",
+    "DEFAULT_SCHEMA",
+    "LISTENER_APPLICATION_NAME",
+    "POOL_APPLICATION_NAME",
+    "PostgresKeyStore",
+]
+
+T = TypeVar("T")
+
+logger = logging.getLogger("keystile.postgres")
+
+DEFAULT_SCHEMA = "public"
+DEFAULT_POOL_MIN_SIZE = 1
+DEFAULT_POOL_MAX_SIZE = 10
+#: Seconds any one statement may take before the operation fails with ``StoreError``.
+DEFAULT_COMMAND_TIMEOUT = 5.0
+#: Seconds to establish a connection; bounds how long an outage can stall a request.
+DEFAULT_CONNECT_TIMEOUT = 5.0
+#: Cap of the listener's exponential reconnect backoff, in seconds.
+DEFAULT_LISTEN_RECONNECT_MAX = 5.0
+#: First reconnect delay of the listener; doubled on every failed attempt.
+LISTEN_RECONNECT_MIN = 0.1
+#: How often the listener proves its connection is alive. A killed backend is noticed at
+#: once (termination listener); this catches silent drops (a partition, a dead NAT entry).
+LISTEN_HEALTH_INTERVAL = 1.0
+#: ``application_name`` of the connections (followed by ``:<schema>``), so operators
+#: (and tests) can tell them apart in ``pg_stat_activity``.
+POOL_APPLICATION_NAME = "keystile"
+LISTENER_APPLICATION_NAME = "keystile-listener"
+
+_SCHEMA_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+_CHANNEL = "keystile_changes"
+_NAMEDATALEN = 63
+
+#: What a failed operation can raise from asyncpg or the socket beneath it.
+_DB_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
+    OSError,
+    asyncio.TimeoutError,
+    TimeoutError,
+)
+#: The subset that means "this connection is gone", where a retry on another is safe.
+_CONNECTION_LOST: tuple[type[BaseException], ...] = (
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+)
+
+_COLUMNS = (
+    "id, owner, name, prefix, secret_hash, scopes, metadata, created_at, expires_at,"
+    " last_used_at, revoked_at, replaces, replaced_by"
+)
+
+#: Migration scripts, applied in order, each once; ``{schema}`` is the quoted schema.
+#: Append new versions; never edit an applied one.
+_MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE {schema}.keystile_keys (
+        id text PRIMARY KEY,
+        owner text NOT NULL,
+        name text NOT NULL,
+        prefix text NOT NULL,
+        secret_hash text NOT NULL,
+        scopes text[] NOT NULL DEFAULT '{{}}',
+        metadata jsonb NOT NULL DEFAULT '{{}}',
+        created_at timestamptz NOT NULL,
+        expires_at timestamptz,
+        last_used_at timestamptz,
+        revoked_at timestamptz,
+        replaces text,
+        replaced_by text
+    );
+    CREATE INDEX keystile_keys_owner_name ON {schema}.keystile_keys (owner, name);
+    """,
+]
+
+
+def _validate_schema(schema: str) -> str:
+    if not isinstance(schema, str) or not _SCHEMA_RE.fullmatch(schema):
+        raise ConfigurationError(
+            f"invalid Postgres schema name {schema!r}: use 1-63 letters, digits and"
+            " underscores, not starting with a digit"
+        )
+    return schema
+
+
+def _channel_for(schema: str) -> str:
+    """The NOTIFY channel of a schema: distinct per schema so that tenants (and test
+    schemas) sharing a database do not evict each other's keys, and at most 63 bytes,
+    since Postgres truncates a longer ``LISTEN`` name but rejects it in ``pg_notify``."""
+    if schema == DEFAULT_SCHEMA:
+        return _CHANNEL
+    channel = f"{_CHANNEL}__{schema}"
+    if len(channel) > _NAMEDATALEN:
+        channel = f"{_CHANNEL}__{hashlib.sha1(schema.encode()).hexdigest()}"  # noqa: S324
+    return channel
+
+
+def _record(row: Mapping[str, Any]) -> KeyRecord:
+    return KeyRecord(
+        id=row["id"],
+        owner=row["owner"],
+        name=row["name"],
+        prefix=row["prefix"],
+        secret_hash=row["secret_hash"],
+        scopes=tuple(row["scopes"]),
+        metadata=json.loads(row["metadata"]),
+        created_at=row["created_at"],
+        expires_at=row["expires_at"],
+        last_used_at=row["last_used_at"],
+        revoked_at=row["revoked_at"],
+        replaces=row["replaces"],
+        replaced_by=row["replaced_by"],
+    )
+
+
+def _row_args(r: KeyRecord) -> tuple[Any, ...]:
+    return (
+        r.id,
+        r.owner,
+        r.name,
+        r.prefix,
+        r.secret_hash,
+        list(r.scopes),
+        json.dumps(dict(r.metadata)),
+        r.created_at,
+        r.expires_at,
+        r.last_used_at,
+        r.revoked_at,
+        r.replaces,
+        r.replaced_by,
+    )
+
+
+class PostgresKeyStore:
+    """A ``KeyStore`` on PostgreSQL through an asyncpg pool (see the module docstring)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        schema: str | None = None,
+        min_size: int = DEFAULT_POOL_MIN_SIZE,
+        max_size: int = DEFAULT_POOL_MAX_SIZE,
+        command_timeout: float = DEFAULT_COMMAND_TIMEOUT,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        listen_reconnect_max: float = DEFAULT_LISTEN_RECONNECT_MAX,
+    ) -> None:
+        try:
+            parts = urlsplit(url)
+        except ValueError as exc:
+            raise ConfigurationError(f"invalid Postgres URL: {exc}") from None
+        if parts.scheme.lower() not in ("postgresql", "postgres"):
+            raise ConfigurationError(
+                f"a Postgres URL starts with postgresql:// or postgres://, not {parts.scheme!r}"
+            )
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        url_schema = next((v for k, v in query if k == "schema"), None)
+        if not 0 <= min_size <= max_size or max_size < 1:
+            raise ConfigurationError(
+                f"need 0 <= min_size <= max_size and max_size >= 1, got {min_size}, {max_size}"
+            )
+        for label, value in (
+            ("command_timeout", command_timeout),
+            ("connect_timeout", connect_timeout),
+            ("listen_reconnect_max", listen_reconnect_max),
+        ):
+            if not value > 0:
+                raise ConfigurationError(f"{label} must be a positive number of seconds")
+
+        self.schema = _validate_schema(schema or url_schema or DEFAULT_SCHEMA)
+        self.min_size = min_size
+        self.max_size = max_size
+        self.command_timeout = command_timeout
+        self.connect_timeout = connect_timeout
+        self.listen_reconnect_max = listen_reconnect_max
+        self.channel = _channel_for(self.schema)
+
+        # asyncpg passes unknown query parameters to the server as settings, where
+        # ``schema`` would be rejected; it is ours, so it never reaches asyncpg.
+        self._dsn = urlunsplit(
+            parts._replace(query=urlencode([q for q in query if q[0] != "schema"]))
+        )
+        self._password = parts.password or next((v for k, v in query if k == "password"), None)
+        self.display_url = self._redact(url)
+
+        host = parts.hostname or next((v for k, v in query if k == "host"), "localhost")
+        try:
+            port: int | str = parts.port or 5432
+        except ValueError:  # a multi-host URL; asyncpg parses it, the identity need not
+            port = parts.netloc.rsplit("@", 1)[-1]
+        database = parts.path.lstrip("/") or parts.username or ""
+        self._bus = LocalChangeBus.for_identity(
+            f"postgresql:{host}:{port}/{database}/{self.schema}"
+        )
+
+        q = f'"{self.schema}"'
+        self._q = q
+        self._keys = f"{q}.keystile_keys"
+        self._pool: asyncpg.Pool | None = None
+        self._pool_loop: asyncio.AbstractEventLoop | None = None
+        self._lock: asyncio.Lock | None = None
+        self._lock_loop: asyncio.AbstractEventLoop | None = None
+        self._migrated = False
+        self._guard: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:
+        return f"PostgresKeyStore({self.display_url!r})"
+
+    # -- plumbing -------------------------------------------------------------------
+
+    def _redact(self, text: str) -> str:
+        """``text`` with the password masked: URLs and error messages pass through here
+        before they reach a log, an exception or a terminal."""
+        with contextlib.suppress(ValueError):  # not a URL after all: the rules below apply
+            parts = urlsplit(text)
+            if parts.scheme and parts.password is not None:
+                user = parts.username or ""
+                host = parts.netloc.rsplit("@", 1)[1]
+                text = urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+        text = re.sub(r"(?i)(password=)[^&\s]*", r"\1***", text)
+        if self._password:
+            for form in {self._password, unquote(self._password)}:
+                text = text.replace(form, "***")
+        return text
+
+    def _describe(self, exc: BaseException) -> str:
+        detail = self._redact(str(exc))
+        return f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+
+    def _error(self, action: str, exc: BaseException) -> StoreError:
+        return StoreError(
+            f"PostgreSQL at {self.display_url}: {action} failed ({self._describe(exc)})"
+        )
+
+    def application_name(self, role: str) -> str:
+        """``role:schema``, cut to the 63 bytes Postgres keeps."""
+        return f"{role}:{self.schema}"[:_NAMEDATALEN]
+
+    def _connect_kwargs(self, role: str) -> dict[str, Any]:
+        return {
+            "timeout": self.connect_timeout,
+            "command_timeout": self.command_timeout,
+            "server_settings": {"application_name": self.application_name(role)},
+        }
+
+    async def _get_pool(self) -> asyncpg.Pool:
+        """The pool of the running event loop, created (and migrated) on first use.
+
+        Created lazily, so a store whose database was down at ``open()`` recovers when
+        it returns; recreated when the loop changed, because asyncpg connections belong
+        to the loop that made them (Starlette's ``TestClient`` without ``with`` runs each
+        request on a fresh loop)."""
+        loop = asyncio.get_running_loop()
+        if self._pool is not None and self._pool_loop is loop:
+            return self._pool
+        if self._lock is None or self._lock_loop is not loop:
+            self._lock, self._lock_loop = asyncio.Lock(), loop
+        async with self._lock:
+            if self._pool is not None and self._pool_loop is loop:
+                return self._pool
+            if self._pool is not None:
+                self._abandon_pool(self._pool)
+                self._pool = None
+            try:
+                pool = await asyncio.wait_for(
+                    asyncpg.create_pool(
+                        self._dsn,
+                        min_size=self.min_size,
+                        max_size=self.max_size,
+                        **self._connect_kwargs(POOL_APPLICATION_NAME),
+                    ),
+                    timeout=self.connect_timeout * 2,
+                )
+            except _DB_ERRORS as exc:
+                raise self._error("connecting", exc) from exc
+            try:
+                if not self._migrated:
+                    async with pool.acquire(timeout=self._acquire_timeout) as conn:
+                        await self._migrate(conn)
+                    self._migrated = True
+            except BaseException as exc:
+                pool.terminate()
+                if isinstance(exc, _DB_ERRORS):
+                    raise self._error("migrating", exc) from exc
+                raise
+            self._pool, self._pool_loop = pool, loop
+            self._guard = loop.create_task(self._guard_pool(pool))
+            return pool
+
+    async def _guard_pool(self, pool: asyncpg.Pool) -> None:
+        """Close ``pool`` when its loop shuts down without ``close()`` being called.
+
+        ``asyncio.run`` and anyio cancel every pending task before closing their loop;
+        this task waits for exactly that, so a pool left behind by a short-lived loop
+        (a ``TestClient`` request) closes its sockets instead of leaking them."""
+        try:
+            await asyncio.Event().wait()
+        finally:
+            if self._guard is asyncio.current_task():
+                self._guard = None
+                if self._pool is pool:
+                    self._pool = self._pool_loop = None
+                await self._close_pool(pool, self.command_timeout)
+
+    @staticmethod
+    def _abandon_pool(pool: asyncpg.Pool) -> None:
+        """Drop a pool of another (usually closed) loop: it cannot be closed gracefully
+        from here, so its sockets are aborted on a best-effort basis."""
+        with contextlib.suppress(Exception):  # a closed loop refuses callbacks
+            pool.terminate()
+
+    @property
+    def _acquire_timeout(self) -> float:
+        # Acquiring may mean connecting, or waiting for a busy connection's statement.
+        return self.connect_timeout + self.command_timeout
+
+    @asynccontextmanager
+    async def _connection(self, action: str) -> AsyncIterator[Any]:
+        """A pooled connection; every database or socket failure becomes ``StoreError``."""
+        pool = await self._get_pool()
+        try:
+            async with pool.acquire(timeout=self._acquire_timeout) as conn:
+                yield conn
+        except _DB_ERRORS as exc:
+            raise self._error(action, exc) from exc
+
+    async def _idempotent(self, action: str, fn: Callable[[Any], Awaitable[T]]) -> T:
+        """Run a read (or a write safe to repeat) and retry it when its connection
+        turns out to be dead, so a killed backend costs a retry, not a failed request."""
+        # After a server restart every pooled connection may be dead; each failed try
+        # costs one round trip and the pool reconnects that holder on its next acquire.
+        # A refused or timed-out connect is not "lost" and ends the loop at once.
+        attempts = self.max_size + 1
+        for attempt in range(1, attempts + 1):
+            try:
+                async with self._connection(action) as conn:
+                    return await fn(conn)
+            except StoreError as exc:
+                if attempt == attempts or not isinstance(exc.__cause__, _CONNECTION_LOST):
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _migrate(self, conn: Any) -> None:
+        """Apply pending migrations, once, even with many processes starting together:
+        the advisory lock serialises them and each re-reads the applied versions after
+        taking it. Nothing is created when all is current, so an app role without CREATE
+        privilege can open a database an operator initialised."""
+        async with conn.transaction():
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtext($1))", f"keystile:migrate:{self.schema}"
+            )
+            has_schema = await conn.fetchval(
+                "SELECT 1 FROM pg_namespace WHERE nspname = $1", self.schema
+            )
+            if not has_schema:
+                await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {self._q}")
+            has_table = await conn.fetchval(
+                "SELECT to_regclass($1)", f"{self._q}.keystile_migrations"
+            )
+            if not has_table:
+                await conn.execute(
+                    f"CREATE TABLE IF NOT EXISTS {self._q}.keystile_migrations"
+                    " (version int PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+                )
+            done = {
+                row[0]
+                for row in await conn.fetch(
+                    f"SELECT version FROM {self._q}.keystile_migrations"  # noqa: S608
+                )
+            }
+            for version, script in enumerate(_MIGRATIONS, start=1):
+                if version in done:
+                    continue
+                await conn.execute(script.format(schema=self._q))
+                await conn.execute(
+                    f"INSERT INTO {self._q}.keystile_migrations (version, applied_at)"  # noqa: S608
+                    " VALUES ($1, now())",
+                    version,
+                )
+
+    async def _notify(self, conn: Any, key_ids: Sequence[str]) -> None:
+        """Queue one NOTIFY per changed key inside the caller's transaction, so other
+        processes hear of the change exactly when it commits."""
+        if key_ids:
+            await conn.execute(
+                "SELECT pg_notify($1, id) FROM unnest($2::text[]) AS t(id)",
+                self.channel,
+                list(key_ids),
+            )
+
+    async def _insert_row(self, conn: Any, record: KeyRecord) -> None:
+        await conn.execute(
+            f"INSERT INTO {self._keys} ({_COLUMNS}) VALUES"  # noqa: S608
+            " ($1, $2, $3, $4, $5, $6::text[], $7::jsonb, $8, $9, $10, $11, $12, $13)",
+            *_row_args(record),
+        )
+
+    # -- the protocol ---------------------------------------------------------------
+
+    async def open(self) -> None:
+        await self._get_pool()
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        loop, self._pool_loop = self._pool_loop, None
+        guard, self._guard = self._guard, None
+        if pool is None:
+            return
+        if guard is not None:
+            guard.cancel()  # it sees it is no longer self._guard and leaves the pool to us
+        if loop is not asyncio.get_running_loop():
+            self._abandon_pool(pool)
+            return
+        await self._close_pool(pool, self.command_timeout)
+
+    @staticmethod
+    async def _close_pool(pool: asyncpg.Pool, grace: float) -> None:
+        """Close gracefully if that finishes within ``grace`` seconds, else abort the sockets.
+
+        Shielded, because an anyio cancel scope re-cancels every await and closing must
+        still finish when the caller is being cancelled."""
+        with anyio.CancelScope(shield=True):
+            try:
+                await asyncio.wait_for(pool.close(), timeout=grace)
+            except asyncio.CancelledError:
+                pool.terminate()
+                raise
+            except _DB_ERRORS:
+                pool.terminate()
+
+    async def get(self, key_id: str) -> KeyRecord | None:
+        async def get(conn: Any) -> KeyRecord | None:
+            row = await conn.fetchrow(
+                f"SELECT {_COLUMNS} FROM {self._keys} WHERE id = $1",  # noqa: S608
+                key_id,
+            )
+            return _record(row) if row is not None else None
+
+        return await self._idempotent("get", get)
+
+    async def get_many(self, key_ids: Sequence[str]) -> dict[str, KeyRecord]:
+        ids = list(dict.fromkeys(key_ids))
+        if not ids:
+            return {}
+
+        async def get_many(conn: Any) -> dict[str, KeyRecord]:
+            rows = await conn.fetch(
+                f"SELECT {_COLUMNS} FROM {self._keys} WHERE id = ANY($1::text[])",  # noqa: S608
+                ids,
+            )
+            return {row["id"]: _record(row) for row in rows}
+
+        return await self._idempotent("get_many", get_many)
+
+    async def get_owned(self, key_id: str, owner: str) -> KeyRecord | None:
+        async def get_owned(conn: Any) -> KeyRecord | None:
+            row = await conn.fetchrow(
+                f"SELECT {_COLUMNS} FROM {self._keys} WHERE id = $1 AND owner = $2",  # noqa: S608
+                key_id,
+                owner,
+            )
+            return _record(row) if row is not None else None
+
+        return await self._idempotent("get_owned", get_owned)
+
+    async def list_keys(self, owner: str) -> list[KeyRecord]:
+        async def list_keys(conn: Any) -> list[KeyRecord]:
+            rows = await conn.fetch(
+                f"SELECT {_COLUMNS} FROM {self._keys} WHERE owner = $1"  # noqa: S608
+                " ORDER BY created_at, id",
+                owner,
+            )
+            return [_record(row) for row in rows]
+
+        return await self._idempotent("list_keys", list_keys)
+
+    async def insert(self, record: KeyRecord, *, replace: bool = False) -> list[str]:
+        async with self._connection("insert") as conn, conn.transaction():
+            # The clash check and the insert must be one critical section per
+            # (owner, name): a partial unique index cannot express "active", which
+            # depends on now() (an expired, unrevoked key does not clash). The
+            # transaction-scoped lock serialises exactly the contenders for one name.
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtext($1), hashtext($2))",
+                self.schema,
+                f"{record.owner}\x1f{record.name}",
+            )
+            now = utcnow()
+            clash: list[str] = [
+                row["id"]
+                for row in await conn.fetch(
+                    f"SELECT id FROM {self._keys} WHERE owner = $1 AND name = $2"  # noqa: S608
+                    " AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > $3)"
+                    " ORDER BY created_at, id",
+                    record.owner,
+                    record.name,
+                    now,
+                )
+            ]
+            if clash and not replace:
+                raise DuplicateKeyName(
+                    f"owner {record.owner!r} already has an active key named"
+                    f" {record.name!r}; pass replace=True (--replace) to revoke it"
+                    " and mint a new one"
+                )
+            if clash:
+                await conn.execute(
+                    f"UPDATE {self._keys} SET revoked_at = $1, replaced_by = $2"  # noqa: S608
+                    " WHERE id = ANY($3::text[])",
+                    now,
+                    record.id,
+                    clash,
+                )
+                await self._notify(conn, clash)
+            replaces = clash[-1] if clash else record.replaces
+            await self._insert_row(conn, dataclasses.replace(record, replaces=replaces))
+        for key_id in clash:
+            self._bus.publish(key_id)
+        return clash
+
+    async def revoke(self, key_id: str, owner: str, *, at: datetime) -> bool:
+        async with self._connection("revoke") as conn, conn.transaction():
+            revoked = await conn.fetchval(
+                f"UPDATE {self._keys} SET revoked_at = $1"  # noqa: S608
+                " WHERE id = $2 AND owner = $3 AND revoked_at IS NULL RETURNING id",
+                at,
+                key_id,
+                owner,
+            )
+            if revoked is not None:
+                await self._notify(conn, [key_id])
+        if revoked is not None:
+            self._bus.publish(key_id)
+        return revoked is not None
+
+    async def rotate(
+        self, key_id: str, owner: str, successor: KeyRecord, *, grace_until: datetime
+    ) -> KeyRecord | None:
+        async with self._connection("rotate") as conn, conn.transaction():
+            # LEAST ignores NULL: a key without expiry gets exactly grace_until.
+            row = await conn.fetchrow(
+                f"UPDATE {self._keys} SET replaced_by = $1,"  # noqa: S608
+                " expires_at = LEAST(expires_at, $2)"
+                " WHERE id = $3 AND owner = $4 AND revoked_at IS NULL"
+                " AND (expires_at IS NULL OR expires_at > $5)"
+                f" RETURNING {_COLUMNS}",
+                successor.id,
+                grace_until,
+                key_id,
+                owner,
+                utcnow(),
+            )
+            if row is None:
+                return None
+            await self._insert_row(conn, dataclasses.replace(successor, replaces=key_id))
+            await self._notify(conn, [key_id])
+        self._bus.publish(key_id)
+        return _record(row)
+
+    async def reap(self, *, unused_since: datetime, at: datetime, dry_run: bool) -> list[KeyRecord]:
+        # FOR UPDATE makes a key revoked concurrently drop out of the result (READ
+        # COMMITTED re-checks the WHERE clause on locked rows) instead of being revoked
+        # twice and reported as reaped.
+        lock = "" if dry_run else " FOR UPDATE"
+        async with self._connection("reap") as conn, conn.transaction():
+            rows = await conn.fetch(
+                f"SELECT {_COLUMNS} FROM {self._keys} WHERE revoked_at IS NULL"  # noqa: S608
+                " AND (COALESCE(last_used_at, created_at) < $1"
+                " OR (expires_at IS NOT NULL AND expires_at <= $2))"
+                f" ORDER BY created_at, id{lock}",
+                unused_since,
+                at,
+            )
+            stale = [_record(row) for row in rows]
+            if not dry_run and stale:
+                ids = [r.id for r in stale]
+                await conn.execute(
+                    f"UPDATE {self._keys} SET revoked_at = $1"  # noqa: S608
+                    " WHERE id = ANY($2::text[])",
+                    at,
+                    ids,
+                )
+                await self._notify(conn, ids)
+        if not dry_run:
+            for record in stale:
+                self._bus.publish(record.id)
+        return stale
+
+    async def touch_many(self, touches: Mapping[str, datetime]) -> None:
+        if not touches:
+            return
+        ids = list(touches)
+        ats = [touches[k] for k in ids]
+
+        async def touch(conn: Any) -> None:
+            # One statement for the whole batch; GREATEST ignores NULL, so a never-used
+            # key gets the timestamp and an older one never moves it backwards.
+            await conn.execute(
+                f"UPDATE {self._keys} AS k"  # noqa: S608
+                " SET last_used_at = GREATEST(k.last_used_at, t.at)"
+                " FROM unnest($1::text[], $2::timestamptz[]) AS t(id, at)"
+                " WHERE k.id = t.id",
+                ids,
+                ats,
+            )
+
+        await self._idempotent("touch_many", touch)
+
+    async def update_hash(self, key_id: str, secret_hash: str) -> None:
+        async def update(conn: Any) -> None:
+            await conn.execute(
+                f"UPDATE {self._keys} SET secret_hash = $1 WHERE id = $2",  # noqa: S608
+                secret_hash,
+                key_id,
+            )
+
+        await self._idempotent("update_hash", update)
+
+    def subscribe(self, listener: ChangeListener) -> Callable[[], None]:
+        return self._bus.subscribe(listener)
+
+    async def watch(self) -> None:
+        """LISTEN on a dedicated connection and relay notified key ids to subscribers.
+
+        Not a pooled connection: the pool runs ``UNLISTEN *`` on release. Never raises
+        but for cancellation; while the database is unreachable it keeps retrying with
+        capped exponential backoff, logging once per failure streak. After every
+        reconnect it publishes ``None``: notifications sent while it was away are lost,
+        so every cached key must be re-checked."""
+        backoff = LISTEN_RECONNECT_MIN
+        first_attempt = True
+        failing = False
+        while True:
+            conn: Any = None
+            try:
+                conn = await asyncpg.connect(
+                    self._dsn, **self._connect_kwargs(LISTENER_APPLICATION_NAME)
+                )
+                lost = asyncio.Event()
+                conn.add_termination_listener(lambda _conn, lost=lost: lost.set())
+                await conn.add_listener(self.channel, self._on_notification)
+                if not first_attempt:
+                    self._bus.publish(None)
+                if failing:
+                    logger.info("listener reconnected to %s", self.display_url)
+                failing = False
+                first_attempt = False
+                backoff = LISTEN_RECONNECT_MIN
+                await self._hold(conn, lost)
+            except Exception as exc:  # anything but cancellation: log, back off, retry
+                first_attempt = False
+                if not failing:
+                    failing = True
+                    logger.warning(
+                        "LISTEN connection to %s failed (%s); retrying with backoff up to %.1fs",
+                        self.display_url,
+                        self._describe(exc),
+                        self.listen_reconnect_max,
+                    )
+            finally:
+                if conn is not None:
+                    await self._close_connection(conn)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self.listen_reconnect_max)
+
+    async def _hold(self, conn: Any, lost: asyncio.Event) -> None:
+        """Return (by raising) only when the listener connection is gone: at once when
+        the server closes it, within a health interval plus a timeout when it silently
+        stops answering."""
+        while not lost.is_set():
+            try:
+                await asyncio.wait_for(lost.wait(), timeout=LISTEN_HEALTH_INTERVAL)
+            except asyncio.TimeoutError:
+                await conn.execute("SELECT 1", timeout=self.command_timeout)
+        raise ConnectionResetError("the listener connection was closed")
+
+    def _on_notification(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        self._bus.publish(payload)
+
+    @staticmethod
+    async def _close_connection(conn: Any) -> None:
+        """Close politely when it answers soon, otherwise abort the socket; shielded so
+        that it also completes while the watcher is being cancelled."""
+        with anyio.CancelScope(shield=True):
+            try:
+                if not conn.is_closed():
+                    await asyncio.wait_for(conn.close(), timeout=1.0)
+            except asyncio.CancelledError:
+                conn.terminate()
+                raise
+            except _DB_ERRORS:
+                conn.terminate()

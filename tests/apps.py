@@ -1,0 +1,62 @@
+"""A small protected Starlette app for the tests, and a client that drives it over ASGI."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+from starlette.applications import Starlette
+from starlette.authentication import requires
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
+
+from keystile import CHEAPEST_PARAMETERS, APIKeyMiddleware, KeyStore
+
+
+async def whoami(request: Request) -> JSONResponse:
+    user = request.user
+    return JSONResponse(
+        {
+            "authenticated": user.is_authenticated,
+            "display_name": user.display_name,
+            "key_id": getattr(user, "key_id", None),
+            "owner": getattr(user, "owner", None),
+            "scopes": request.auth.scopes,
+            "headers": sorted(request.headers.keys()),
+        }
+    )
+
+
+@requires("write")
+async def write(request: Request) -> JSONResponse:
+    return JSONResponse({"written": True})
+
+
+async def ws(websocket: WebSocket) -> None:
+    await websocket.accept()
+    await websocket.send_json({"display_name": websocket.user.display_name})
+    await websocket.close()
+
+
+def inner_app() -> Starlette:
+    return Starlette(
+        routes=[
+            Route("/whoami", whoami),
+            Route("/public", whoami),
+            Route("/static/logo", whoami),
+            Route("/write", write, methods=["GET", "POST", "OPTIONS"]),
+            WebSocketRoute("/ws", ws),
+        ]
+    )
+
+
+def protect(store: KeyStore, **options: Any) -> APIKeyMiddleware:
+    """The test app wrapped directly, so tests hold the middleware instance."""
+    options.setdefault("argon2", CHEAPEST_PARAMETERS)
+    return APIKeyMiddleware(inner_app(), store=store, **options)
+
+
+def client(app: Any) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
