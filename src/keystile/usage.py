@@ -79,8 +79,9 @@ class UsageRecorder:
         try:
             with anyio.fail_after(self.flush_timeout):
                 await self.store.touch_many(touches)
-        except BaseException:
-            self.flush_failures += 1
+        except BaseException as exc:
+            if isinstance(exc, Exception):
+                self.flush_failures += 1
             for key_id, at in batch.items():
                 if at > self._pending.get(key_id, -math.inf):
                     self._pending[key_id] = at

@@ -11,6 +11,14 @@ Table names are always qualified with the quoted schema (never ``search_path``),
 connection pooler that drops startup parameters cannot point the store at another schema.
 Values only ever travel as ``$n`` parameters; the schema is the one identifier put into
 SQL text, and it is validated before that.
+
+Outages surface as ``StoreError`` within the connect/command timeouts, never as a hang or
+an asyncpg exception. The pool is created lazily and per event loop, so a store that
+could not connect at ``open()`` recovers when the database returns, and one used from a
+fresh loop (``TestClient`` without ``with``) gets a pool of that loop. Reads and
+idempotent writes are retried when their pooled connection turns out to be dead (after
+a server restart every pooled connection is); other writes are not, since a lost commit
+acknowledgement would make a retry report the wrong outcome.
 """
 
 from __future__ import annotations

@@ -1,0 +1,233 @@
+"""The KeyStore protocol, one suite run against every store (memory, SQLite, Postgres)."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import datetime, timedelta, timezone
+
+import anyio
+import pytest
+
+from keystile import DuplicateKeyName, KeyRecord, KeyStore
+from keystile.stores.base import utcnow
+from keystile.tokens import new_key_id
+
+pytestmark = pytest.mark.anyio
+
+
+def record(owner: str = "acme", name: str = "laptop", **fields: object) -> KeyRecord:
+    base = KeyRecord(
+        id=new_key_id(),
+        owner=owner,
+        name=name,
+        prefix="ks",
+        secret_hash="$argon2id$v=19$m=8,t=1,p=1$c2FsdHNhbHQ$aGFzaA",
+        scopes=("read", "write"),
+        metadata={"device": "laptop", "n": 1},
+        created_at=utcnow().replace(microsecond=0),
+    )
+    return dataclasses.replace(base, **fields)  # type: ignore[arg-type]
+
+
+async def test_insert_and_get_round_trip(store: KeyStore) -> None:
+    """Every field survives a round trip, timestamps as aware UTC datetimes."""
+    expires = utcnow().replace(microsecond=0) + timedelta(days=1)
+    r = record(expires_at=expires)
+    assert await store.insert(r) == []
+    got = await store.get(r.id)
+    assert got == r
+    assert got is not None and got.created_at.tzinfo is not None
+
+
+async def test_get_unknown_is_none(store: KeyStore) -> None:
+    """An unknown id reads as None."""
+    assert await store.get("nosuchkey000") is None
+
+
+async def test_get_many(store: KeyStore) -> None:
+    """get_many returns the known ids only."""
+    a, b = record(name="a"), record(name="b")
+    await store.insert(a)
+    await store.insert(b)
+    got = await store.get_many([a.id, b.id, "missing00000"])
+    assert set(got) == {a.id, b.id}
+
+
+async def test_duplicate_active_name_refused(store: KeyStore) -> None:
+    """A second active key with the same (owner, name) is refused."""
+    await store.insert(record())
+    with pytest.raises(DuplicateKeyName):
+        await store.insert(record())
+
+
+async def test_same_name_other_owner_allowed(store: KeyStore) -> None:
+    """Names are unique per owner only."""
+    await store.insert(record(owner="acme"))
+    await store.insert(record(owner="globex"))
+
+
+async def test_replace_revokes_old_and_links(store: KeyStore) -> None:
+    """replace=True revokes the old key, links both ways, and returns the old id."""
+    old = record()
+    await store.insert(old)
+    new = record()
+    assert await store.insert(new, replace=True) == [old.id]
+    old_now, new_now = await store.get(old.id), await store.get(new.id)
+    assert old_now is not None and old_now.revoked_at is not None
+    assert old_now.replaced_by == new.id
+    assert new_now is not None and new_now.replaces == old.id
+
+
+async def test_name_free_again_after_revoke_or_expiry(store: KeyStore) -> None:
+    """A revoked or expired key no longer blocks its name."""
+    first = record()
+    await store.insert(first)
+    await store.revoke(first.id, "acme", at=utcnow())
+    await store.insert(record(expires_at=utcnow() - timedelta(seconds=1), name="x"))
+    await store.insert(record())
+    await store.insert(record(name="x"))
+
+
+async def test_concurrent_replaces_leave_one_active(store: KeyStore) -> None:
+    """Many concurrent replaces of one name leave exactly one active key."""
+    await store.insert(record())
+
+    async def replace() -> None:
+        await store.insert(record(), replace=True)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(8):
+            tg.start_soon(replace)
+    active = [r for r in await store.list_keys("acme") if r.is_active()]
+    assert len(active) == 1
+
+
+async def test_revoke_is_owner_scoped_and_idempotent(store: KeyStore) -> None:
+    """Revoke touches only the owner's key and says whether it revoked anything."""
+    r = record()
+    await store.insert(r)
+    assert await store.revoke(r.id, "globex", at=utcnow()) is False
+    assert (await store.get(r.id)).revoked_at is None  # type: ignore[union-attr]
+    assert await store.revoke(r.id, "acme", at=utcnow()) is True
+    assert await store.revoke(r.id, "acme", at=utcnow()) is False
+    assert await store.revoke("nosuchkey000", "acme", at=utcnow()) is False
+
+
+async def test_get_owned_hides_other_owners(store: KeyStore) -> None:
+    """A key of another owner reads as unknown."""
+    r = record()
+    await store.insert(r)
+    assert await store.get_owned(r.id, "globex") is None
+    assert (await store.get_owned(r.id, "acme")) == r
+
+
+async def test_list_keys_is_owner_scoped_and_ordered(store: KeyStore) -> None:
+    """list_keys returns only that owner's keys, oldest first."""
+    t0 = utcnow().replace(microsecond=0)
+    a = record(name="a", created_at=t0)
+    b = record(name="b", created_at=t0 + timedelta(seconds=1))
+    await store.insert(b)
+    await store.insert(a)
+    await store.insert(record(owner="globex"))
+    assert [r.id for r in await store.list_keys("acme")] == [a.id, b.id]
+
+
+async def test_rotate_sets_grace_and_links(store: KeyStore) -> None:
+    """rotate inserts the successor and gives the old key the grace expiry."""
+    old = record()
+    await store.insert(old)
+    grace = utcnow().replace(microsecond=0) + timedelta(hours=1)
+    new = record()
+    updated = await store.rotate(old.id, "acme", new, grace_until=grace)
+    assert updated is not None
+    assert updated.expires_at == grace
+    assert updated.replaced_by == new.id
+    stored_new = await store.get(new.id)
+    assert stored_new is not None and stored_new.replaces == old.id
+
+
+async def test_rotate_keeps_an_earlier_expiry(store: KeyStore) -> None:
+    """A key already expiring before the grace end keeps its earlier expiry."""
+    soon = utcnow().replace(microsecond=0) + timedelta(minutes=5)
+    old = record(expires_at=soon)
+    await store.insert(old)
+    updated = await store.rotate(old.id, "acme", record(), grace_until=soon + timedelta(hours=1))
+    assert updated is not None and updated.expires_at == soon
+
+
+async def test_rotate_refuses_other_owner_and_revoked(store: KeyStore) -> None:
+    """rotate of another owner's or a revoked key writes nothing."""
+    old = record()
+    await store.insert(old)
+    grace = utcnow() + timedelta(hours=1)
+    orphan = record(name="orphan")
+    assert await store.rotate(old.id, "globex", orphan, grace_until=grace) is None
+    assert await store.get(orphan.id) is None
+    await store.revoke(old.id, "acme", at=utcnow())
+    assert await store.rotate(old.id, "acme", orphan, grace_until=grace) is None
+    assert await store.get(orphan.id) is None
+
+
+async def test_reap_revokes_unused_and_expired(store: KeyStore) -> None:
+    """reap takes keys unused since the bound (by last use, else creation) and expired ones."""
+    now = utcnow().replace(microsecond=0)
+    old_unused = record(name="old", created_at=now - timedelta(days=100))
+    old_but_used = record(name="used", created_at=now - timedelta(days=100))
+    fresh = record(name="fresh", created_at=now - timedelta(days=1))
+    expired = record(name="expired", expires_at=now - timedelta(seconds=1))
+    for r in (old_unused, old_but_used, fresh, expired):
+        await store.insert(r)
+    await store.touch_many({old_but_used.id: now - timedelta(days=2)})
+    cutoff = now - timedelta(days=90)
+    dry = await store.reap(unused_since=cutoff, at=now, dry_run=True)
+    assert {r.id for r in dry} == {old_unused.id, expired.id}
+    assert all(r.revoked_at is None for r in await store.list_keys("acme"))
+    reaped = await store.reap(unused_since=cutoff, at=now, dry_run=False)
+    assert {r.id for r in reaped} == {old_unused.id, expired.id}
+    status = {r.id: r.status() for r in await store.list_keys("acme")}
+    assert status[old_unused.id] == status[expired.id] == "revoked"
+    assert status[fresh.id] == status[old_but_used.id] == "active"
+
+
+async def test_touch_many_never_moves_backwards(store: KeyStore) -> None:
+    """last_used_at takes the latest time and never goes back."""
+    r = record()
+    await store.insert(r)
+    t1 = datetime(2030, 1, 1, tzinfo=timezone.utc)
+    await store.touch_many({r.id: t1})
+    await store.touch_many({r.id: t1 - timedelta(hours=1), "unknown00000": t1})
+    got = await store.get(r.id)
+    assert got is not None and got.last_used_at == t1
+
+
+async def test_update_hash(store: KeyStore) -> None:
+    """update_hash replaces the stored hash."""
+    r = record()
+    await store.insert(r)
+    await store.update_hash(r.id, "$argon2id$new")
+    assert (await store.get(r.id)).secret_hash == "$argon2id$new"  # type: ignore[union-attr]
+
+
+async def test_listeners_hear_state_changes(store: KeyStore) -> None:
+    """Revoke, replace, rotate and reap each tell subscribers which key changed."""
+    heard: list[str | None] = []
+    unsubscribe = store.subscribe(heard.append)
+    a = record(name="a")
+    await store.insert(a)
+    await store.revoke(a.id, "acme", at=utcnow())
+    b = record(name="b")
+    await store.insert(b)
+    await store.insert(record(name="b"), replace=True)
+    c = record(name="c")
+    await store.insert(c)
+    await store.rotate(c.id, "acme", record(name="c"), grace_until=utcnow() + timedelta(hours=1))
+    unsubscribe()
+    await store.revoke(c.id, "acme", at=utcnow())
+    assert [k for k in heard if k is not None][:3] == [a.id, b.id, c.id]
+    assert c.id in heard and heard.count(c.id) == 1
+
+
+async def test_secret_hash_not_in_repr(store: KeyStore) -> None:
+    """A record's repr never shows its hash."""
+    r = record()
+    assert r.secret_hash not in repr(r)
