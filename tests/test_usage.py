@@ -7,9 +7,9 @@ from datetime import datetime, timezone
 
 import anyio
 import pytest
-from apps import protect
 from starlette.testclient import TestClient
 
+from apps import protect
 from keystile import CHEAPEST_PARAMETERS, KeyManager, KeyStore, StoreError, UsageRecorder
 from keystile.stores import store_from_url
 

@@ -7,8 +7,8 @@ from datetime import timedelta
 
 import anyio
 import pytest
-from apps import client, protect
 
+from apps import client, protect
 from keystile import (
     CHEAPEST_PARAMETERS,
     Argon2Parameters,
