@@ -1,0 +1,226 @@
+"""KeyManager: the key lifecycle on every store (memory, SQLite, Postgres)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import datetime, timedelta, timezone
+
+import anyio
+import pytest
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from apps import client, inner_app, protect
+from keystile import (
+    CHEAPEST_PARAMETERS,
+    APIKeyMiddleware,
+    DuplicateKeyName,
+    InvalidKeyName,
+    KeyManagementError,
+    KeyManager,
+    KeyNotFound,
+    revoke_presented,
+    store_from_url,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def manager(database_url: str) -> AsyncIterator[KeyManager]:
+    async with KeyManager.from_url(database_url, argon2=CHEAPEST_PARAMETERS) as manager:
+        yield manager
+
+
+async def test_create_returns_plaintext_once(manager: KeyManager) -> None:
+    """create returns the plaintext and a record that holds only its hash."""
+    created = await manager.create(owner="acme", name="laptop", scopes=["a", "b"])
+    assert created.key.startswith(f"ks_{created.id}_")
+    assert created.key not in repr(created)
+    assert created.key.split("_")[2] not in created.record.secret_hash
+    assert created.record.scopes == ("a", "b")
+    assert [r.id for r in await manager.list("acme")] == [created.id]
+
+
+@pytest.mark.parametrize("name", ["", "   ", "x" * 65, "tab\there", "new\nline"])
+async def test_bad_names_refused_with_the_rule(manager: KeyManager, name: str) -> None:
+    """Names must be 1-64 printable characters after trimming; the error says so."""
+    with pytest.raises(InvalidKeyName, match="1-64 printable"):
+        await manager.create(owner="acme", name=name)
+
+
+async def test_names_are_trimmed(manager: KeyManager) -> None:
+    """Surrounding whitespace is trimmed, so ' laptop ' clashes with 'laptop'."""
+    created = await manager.create(owner="acme", name="  laptop  ")
+    assert created.record.name == "laptop"
+    with pytest.raises(DuplicateKeyName):
+        await manager.create(owner="acme", name="laptop")
+
+
+async def test_no_silent_sprawl(manager: KeyManager) -> None:
+    """A second active key of the same name fails; replace=True leaves one active key."""
+    first = await manager.create(owner="acme", name="ci")
+    with pytest.raises(DuplicateKeyName, match="replace"):
+        await manager.create(owner="acme", name="ci")
+    second = await manager.create(owner="acme", name="ci", replace=True)
+    records = {r.id: r for r in await manager.list("acme")}
+    assert records[first.id].status() == "revoked"
+    assert records[first.id].replaced_by == second.id
+    assert [r.id for r in records.values() if r.is_active()] == [second.id]
+
+
+async def test_concurrent_replaces_leave_one_key(manager: KeyManager) -> None:
+    """Two (and more) concurrent --replace logins for one device leave exactly one key."""
+    await manager.create(owner="acme", name="device")
+
+    async def login() -> None:
+        await manager.create(owner="acme", name="device", replace=True)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(4):
+            tg.start_soon(login)
+    active = [r for r in await manager.list("acme") if r.is_active()]
+    assert len(active) == 1
+
+
+async def test_other_owners_key_is_unknown(manager: KeyManager) -> None:
+    """get, revoke and rotate treat another owner's key id exactly like an unknown id."""
+    created = await manager.create(owner="acme", name="k")
+    for key_id in (created.id, "nosuchkey000"):
+        with pytest.raises(KeyNotFound):
+            await manager.get(key_id, owner="globex")
+        assert await manager.revoke(key_id, owner="globex") is False
+        with pytest.raises(KeyNotFound):
+            await manager.rotate(key_id, owner="globex")
+    assert await manager.list("globex") == []
+    assert (await manager.get(created.id, owner="acme")).is_active()
+
+
+async def test_revoke_is_idempotent(manager: KeyManager) -> None:
+    """revoke says True once, then False."""
+    created = await manager.create(owner="acme", name="k")
+    assert await manager.revoke(created.id, owner="acme") is True
+    assert await manager.revoke(created.id, owner="acme") is False
+
+
+async def test_expiry_options(manager: KeyManager) -> None:
+    """expires_in and expires_at set the expiry; both at once, naive or past deltas fail."""
+    a = await manager.create(owner="acme", name="a", expires_in=timedelta(days=1))
+    assert a.record.expires_at is not None
+    assert (
+        timedelta(hours=23) < a.record.expires_at - datetime.now(timezone.utc) <= timedelta(days=1)
+    )
+    when = datetime(2031, 1, 1, tzinfo=timezone.utc)
+    b = await manager.create(owner="acme", name="b", expires_at=when)
+    assert b.record.expires_at == when
+    with pytest.raises(KeyManagementError):
+        await manager.create(owner="acme", name="c", expires_at=when, expires_in=timedelta(1))
+    with pytest.raises(KeyManagementError):
+        await manager.create(owner="acme", name="c", expires_at=datetime(2031, 1, 1))
+    with pytest.raises(KeyManagementError):
+        await manager.create(owner="acme", name="c", expires_in=timedelta(seconds=-1))
+
+
+async def test_default_expires_in(database_url: str) -> None:
+    """default_expires_in applies to keys created without an explicit expiry."""
+    async with KeyManager.from_url(
+        database_url, argon2=CHEAPEST_PARAMETERS, default_expires_in=timedelta(days=30)
+    ) as manager:
+        created = await manager.create(owner="acme", name="k")
+    assert created.record.expires_at is not None
+
+
+async def test_expired_keys_listed_as_expired(manager: KeyManager) -> None:
+    """list shows an expired key as expired."""
+    past = datetime.now(timezone.utc) - timedelta(seconds=1)
+    created = await manager.create(owner="acme", name="old", expires_at=past)
+    assert (await manager.get(created.id, owner="acme")).status() == "expired"
+
+
+async def test_rotate_links_and_keeps_attributes(manager: KeyManager) -> None:
+    """rotate mints a successor with the same name, scopes and metadata, linked both ways."""
+    old = await manager.create(owner="acme", name="svc", scopes=["r"], metadata={"team": "x"})
+    new = await manager.rotate(old.id, owner="acme", grace=timedelta(minutes=10))
+    assert new.key != old.key
+    assert (new.record.name, new.record.scopes, dict(new.record.metadata)) == (
+        "svc",
+        ("r",),
+        {"team": "x"},
+    )
+    assert new.record.replaces == old.id
+    old_now = await manager.get(old.id, owner="acme")
+    assert old_now.replaced_by == new.id
+    assert old_now.expires_at is not None
+    remaining = old_now.expires_at - datetime.now(timezone.utc)
+    assert timedelta(minutes=9) < remaining <= timedelta(minutes=10)
+
+
+async def test_rotation_grace_both_work_then_only_new(database_url: str) -> None:
+    """During the grace both keys authenticate; after it only the successor, with requests
+    driven throughout and none failing while the grace lasts."""
+    store = store_from_url(database_url)
+    manager = KeyManager(store, argon2=CHEAPEST_PARAMETERS)
+    await manager.open()
+    old = await manager.create(owner="acme", name="svc")
+    app = protect(store)
+    now = [datetime.now(timezone.utc).timestamp()]
+    app.verifier.clock = lambda: now[0]
+    failures = 0
+    async with client(app) as c:
+
+        async def call(key: str) -> int:
+            return (await c.get("/whoami", headers={"X-API-Key": key})).status_code
+
+        for _ in range(5):
+            failures += await call(old.key) != 200
+        new = await manager.rotate(old.id, owner="acme", grace=timedelta(hours=1))
+        for _ in range(20):
+            failures += await call(old.key) != 200
+            failures += await call(new.key) != 200
+            now[0] += 60  # 20 minutes of requests in the grace period
+        assert failures == 0
+        now[0] += 3600
+        assert await call(old.key) == 401
+        assert await call(new.key) == 200
+    await app.aclose()
+    await manager.close()
+
+
+async def test_reap(manager: KeyManager) -> None:
+    """reap revokes keys unused for longer than the bound, and expired ones; dry run changes
+    nothing."""
+    used = await manager.create(owner="acme", name="used")
+    expired = await manager.create(
+        owner="acme", name="expired", expires_at=datetime.now(timezone.utc) - timedelta(1)
+    )
+    await manager.store.touch_many({used.id: datetime.now(timezone.utc)})
+    dry = await manager.reap(unused_for=timedelta(days=90), dry_run=True)
+    assert [r.id for r in dry] == [expired.id]
+    assert (await manager.get(expired.id, owner="acme")).revoked_at is None
+    assert [r.id for r in await manager.reap(unused_for=timedelta(days=90))] == [expired.id]
+    never_used = await manager.create(owner="acme", name="idle")
+    reaped = await manager.reap(unused_for=timedelta(0))
+    assert {r.id for r in reaped} == {used.id, never_used.id}
+
+
+async def test_revoke_presented_logs_out(database_url: str) -> None:
+    """A logout route revokes the key that authenticated it; the next request is 401."""
+    store = store_from_url(database_url)
+    manager = KeyManager(store, argon2=CHEAPEST_PARAMETERS)
+    await manager.open()
+    created = await manager.create(owner="acme", name="session")
+
+    async def logout(request: Request) -> JSONResponse:
+        return JSONResponse({"revoked": await revoke_presented(request)})
+
+    inner = inner_app()
+    inner.add_route("/logout", logout, methods=["POST"])
+    app = APIKeyMiddleware(inner, store=store, argon2=CHEAPEST_PARAMETERS)
+    async with client(app) as c:
+        headers = {"Authorization": f"Bearer {created.key}"}
+        assert (await c.get("/whoami", headers=headers)).status_code == 200
+        assert (await c.post("/logout", headers=headers)).json() == {"revoked": True}
+        after = await c.get("/whoami", headers=headers)
+    await app.aclose()
+    await manager.close()
+    assert after.status_code == 401
