@@ -224,3 +224,22 @@ async def test_revoke_presented_logs_out(database_url: str) -> None:
     await app.aclose()
     await manager.close()
     assert after.status_code == 401
+
+
+async def test_middleware_reaps_on_a_schedule(database_url: str) -> None:
+    """reap_every runs the reaper in the background; off by default."""
+    store = store_from_url(database_url)
+    manager = KeyManager(store, argon2=CHEAPEST_PARAMETERS)
+    await manager.open()
+    created = await manager.create(owner="acme", name="idle")
+    assert protect(store).reap_every is None
+    app = protect(
+        store, reap_every=0.05, reap_unused_for=timedelta(0), exempt_paths=["/public"]
+    )
+    async with client(app) as c:
+        await c.get("/public")  # starts the background work
+        with anyio.fail_after(10):
+            while (await manager.get(created.id, owner="acme")).revoked_at is None:
+                await anyio.sleep(0.02)
+    await app.aclose()
+    await manager.close()

@@ -4,13 +4,13 @@
 
     from fastapi import Depends, FastAPI
     from keystile import APIKeyMiddleware
-    from keystile.fastapi import APIKey, current_key, require_scopes
+    from keystile.fastapi import CurrentKey, require_scopes
 
     app = FastAPI()
     app.add_middleware(APIKeyMiddleware, exempt_paths=["/docs", "/openapi.json"])
 
     @app.get("/whoami")
-    async def whoami(key: APIKey = Depends(current_key)) -> dict[str, str]:
+    async def whoami(key: CurrentKey) -> dict[str, str]:
         return {"id": key.key_id, "owner": key.owner}
 
     @app.post("/items", dependencies=[Depends(require_scopes("items:write"))])
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable
+from typing import Annotated
 
 try:
     from fastapi import Depends, HTTPException, Security
@@ -60,8 +61,10 @@ __all__ = [
     "DEFAULT_BEARER_SCHEME_NAME",
     "DEFAULT_HEADER_SCHEME_NAME",
     "APIKey",
+    "CurrentKey",
     "KeystileHTTPException",
     "KeystileSecurity",
+    "OptionalKey",
     "current_key",
     "optional_key",
     "require_scopes",
@@ -74,7 +77,7 @@ DEFAULT_BEARER_SCHEME_NAME = "bearerAuth"
 DEFAULT_HEADER_SCHEME_NAME = "apiKeyHeader"
 
 KeyDependency = Callable[..., Awaitable[APIKeyUser]]
-OptionalKeyDependency = Callable[..., Awaitable["APIKeyUser | None"]]
+OptionalKeyDependency = Callable[..., Awaitable[APIKeyUser | None]]
 
 
 class KeystileHTTPException(HTTPException):
@@ -230,3 +233,8 @@ current_key: KeyDependency = _default.current_key
 optional_key: OptionalKeyDependency = _default.optional_key
 #: ``Depends(require_scopes("items:write"))``: the key, 403 unless it holds the scopes.
 require_scopes = _default.require_scopes
+
+#: ``async def route(key: CurrentKey)``: the same as ``key: APIKey = Depends(current_key)``.
+CurrentKey = Annotated[APIKeyUser, Depends(current_key)]
+#: ``async def route(key: OptionalKey)``: the key, or ``None`` when anonymous.
+OptionalKey = Annotated[APIKeyUser | None, Depends(optional_key)]

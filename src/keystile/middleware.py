@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable
+from datetime import timedelta
 from typing import Any
 
 import anyio
@@ -28,7 +29,7 @@ from .hashing import DEFAULT_PARAMETERS, Argon2Parameters, SecretHasher
 from .responses import WEBSOCKET_POLICY_VIOLATION, error_code, error_response
 from .stats import KeystileStats
 from .stores import store_from_url
-from .stores.base import KeyStore
+from .stores.base import KeyStore, utcnow
 from .usage import DEFAULT_FLUSH_INTERVAL, DEFAULT_FLUSH_MAX, UsageRecorder
 from .verifier import (
     DEFAULT_ARGON2_CONCURRENCY,
@@ -50,6 +51,8 @@ ErrorHandler = Callable[[HTTPConnection, AuthenticationError], Response]
 
 DEFAULT_HEADER_NAME = "X-API-Key"
 DEFAULT_REALM = "api"
+#: With ``reap_every``: keys unused for longer than this are revoked.
+DEFAULT_REAP_UNUSED_FOR = timedelta(days=90)
 #: Seconds the final flush and store close may take at shutdown.
 SHUTDOWN_TIMEOUT = 10.0
 
@@ -89,6 +92,8 @@ class APIKeyMiddleware:
         allow_preflight: bool = True,
         strip_credentials: bool = True,
         on_error: ErrorHandler | None = None,
+        reap_every: float | None = None,
+        reap_unused_for: timedelta = DEFAULT_REAP_UNUSED_FOR,
     ) -> None:
         self.app = app
         self._owns_store = store is None
@@ -116,6 +121,8 @@ class APIKeyMiddleware:
         self.allow_preflight = allow_preflight
         self.strip_credentials = strip_credentials
         self.on_error = on_error or self.default_on_error
+        self.reap_every = reap_every
+        self.reap_unused_for = reap_unused_for
         self._header = header_name.lower().encode("latin-1")
         self._stripped = {b"authorization", self._header}
         paths = list(exempt_paths)
@@ -277,6 +284,8 @@ class APIKeyMiddleware:
                     tg.start_soon(self._open_and_watch)
                     tg.start_soon(self.recorder.run)
                     tg.start_soon(self._maintain_cache)
+                    if self.reap_every:
+                        tg.start_soon(self._reap_periodically, self.reap_every)
         finally:
             done.set()
 
@@ -301,6 +310,24 @@ class APIKeyMiddleware:
                 await self.verifier.refresh_stale()
             except StoreError as exc:
                 logger.debug("keystile: state refresh deferred, store unavailable: %s", exc)
+
+    async def _reap_periodically(self, every: float) -> None:
+        while True:
+            await anyio.sleep(every)
+            now = utcnow()
+            try:
+                reaped = await self.store.reap(
+                    unused_since=now - self.reap_unused_for, at=now, dry_run=False
+                )
+            except StoreError as exc:
+                logger.warning("keystile: periodic reap failed: %s", exc)
+                continue
+            if reaped:
+                logger.info(
+                    "keystile: reaped %d stale or expired keys: %s",
+                    len(reaped),
+                    ", ".join(r.id for r in reaped),
+                )
 
     async def _stop(self) -> None:
         if self._background is not None and self._loop is asyncio.get_running_loop():
