@@ -20,8 +20,7 @@ from keystile.stores import KeyStore, store_from_url
 POSTGRES_URL = os.environ.get("KEYSTILE_TEST_POSTGRES_URL", "")
 REQUIRE_POSTGRES = os.environ.get("KEYSTILE_REQUIRE_POSTGRES") == "1"
 SKIP_REASON = (
-    "Postgres tests need KEYSTILE_TEST_POSTGRES_URL, "
-    "e.g. postgresql://postgres@127.0.0.1:5432/test"
+    "Postgres tests need KEYSTILE_TEST_POSTGRES_URL, e.g. postgresql://postgres@127.0.0.1:5432/test"
 )
 
 
