@@ -9,13 +9,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+CODE = [p for p in ("src", "tests", "examples", "benchmarks") if (ROOT / p).is_dir()]
 
 
 @pytest.mark.parametrize(
     "command",
     [
-        ["ruff", "format", "--check", "src", "tests", "examples", "benchmarks"],
-        ["ruff", "check", "src", "tests", "examples", "benchmarks"],
+        ["ruff", "format", "--check", *CODE],
+        ["ruff", "check", *CODE],
         ["mypy"],
     ],
     ids=["ruff-format", "ruff-check", "mypy"],

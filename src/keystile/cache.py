@@ -12,7 +12,9 @@ cache, or the timing leaks which cached digest a guess is close to. So:
   last, so together they read the whole mask wherever the match is (``find`` alone
   would leak the position);
 * both candidates (or dummies) are then checked with ``hmac.compare_digest`` on the full
-  32-byte digest, so a tag collision can never authenticate.
+  32-byte digest, so a tag collision can never authenticate. (A third live entry sharing
+  a 64-bit tag of a secretly keyed digest, between the first and the last, would only
+  ever be missed, never confused: it is re-verified on the miss path.)
 
 Inserts and evictions are O(1) amortised: arrays are preallocated and grown by
 doubling, and an evicted slot is filled by moving the last entry into it.

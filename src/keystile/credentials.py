@@ -3,7 +3,8 @@
 ``Authorization: Bearer <key>`` (scheme case-insensitive) and ``X-API-Key: <key>`` (the
 header name is configurable). Other ``Authorization`` schemes are ignored, as if nothing
 were sent. The same key in several places is one credential; two different keys, or
-``Bearer`` with no token, are a malformed request.
+``Bearer`` with no token, are a malformed request. The same key in both headers is
+reported as read from ``authorization``.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def extract_credential(
                 "conflicting_credentials",
                 "The request carries two different keys; send exactly one.",
             )
-        if found is None:
+        if found is None or source == "authorization":
             found = Credential(token, source)
     return found
 

@@ -8,18 +8,23 @@ from datetime import timedelta
 __all__ = ["format_duration", "parse_duration"]
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])", re.ASCII)
+_NUMBER_RE = re.compile(r"\d+(?:\.\d+)?", re.ASCII)
 
 
 def parse_duration(text: str) -> timedelta:
     """``"90d"`` → ``timedelta(days=90)``; a bare number is seconds. Raises ``ValueError``."""
     value = text.strip().lower()
-    if re.fullmatch(r"\d+(?:\.\d+)?", value):
-        return timedelta(seconds=float(value))
-    parts = _DURATION_RE.findall(value)
-    if not parts or "".join(f"{n}{u}" for n, u in parts) != value.replace(" ", ""):
-        raise ValueError(f"invalid duration {text!r}: use e.g. 30s, 15m, 1h, 90d or 1h30m")
-    return timedelta(seconds=sum(float(n) * _UNITS[u] for n, u in parts))
+    if _NUMBER_RE.fullmatch(value):
+        parts = [(value, "s")]
+    else:
+        parts = _DURATION_RE.findall(value)
+        if not parts or "".join(f"{n}{u}" for n, u in parts) != value.replace(" ", ""):
+            raise ValueError(f"invalid duration {text!r}: use e.g. 30s, 15m, 1h, 90d or 1h30m")
+    try:
+        return timedelta(seconds=sum(float(n) * _UNITS[u] for n, u in parts))
+    except OverflowError:
+        raise ValueError(f"duration {text!r} is out of range") from None
 
 
 def format_duration(delta: timedelta) -> str:

@@ -26,7 +26,8 @@ headers before the app sees them).
 Refusals are ``HTTPException`` subclasses (:class:`KeystileHTTPException`) whose status,
 ``WWW-Authenticate`` and ``Cache-Control`` headers and body come from
 :func:`keystile.responses.error_response`, the same as the middleware's own refusals;
-FastAPI's default handler puts the body under ``"detail"``.
+FastAPI's default handler puts the body under ``"detail"``. On a WebSocket the handshake
+is closed with 1008 and the error code, as the middleware does.
 
 FastAPI is an optional extra: ``pip install "keystile[fastapi]"``.
 """
@@ -38,7 +39,7 @@ from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 try:
-    from fastapi import Depends, HTTPException, Security
+    from fastapi import Depends, HTTPException, Security, WebSocketException
     from fastapi.security import (
         APIKeyHeader,
         HTTPAuthorizationCredentials,
@@ -55,7 +56,7 @@ from starlette.requests import HTTPConnection
 from .errors import AuthenticationError, InsufficientScope, MissingCredentials
 from .middleware import DEFAULT_HEADER_NAME, APIKeyMiddleware
 from .principal import APIKeyUser
-from .responses import error_response
+from .responses import WEBSOCKET_POLICY_VIOLATION, error_code, error_response
 
 __all__ = [
     "DEFAULT_BEARER_SCHEME_NAME",
@@ -83,47 +84,59 @@ OptionalKeyDependency = Callable[..., Awaitable[APIKeyUser | None]]
 class KeystileHTTPException(HTTPException):
     """A refusal raised by a keystile dependency: 401 (no key) or 403 (missing scope).
 
-    ``detail`` is the JSON body the middleware would send for the same error and
-    ``auth_error`` the keystile exception behind it (``MissingCredentials`` or
-    ``InsufficientScope``), for an exception handler that wants another shape.
+    ``detail`` is the JSON body the middleware would send for the same error, built by
+    :func:`keystile.responses.error_response`, and ``auth_error`` the keystile exception
+    behind it (``MissingCredentials`` or ``InsufficientScope``), for an exception handler
+    that wants another shape.
     """
 
-    def __init__(self, auth_error: AuthenticationError, conn: HTTPConnection) -> None:
-        middleware = conn.scope.get("keystile")
-        if isinstance(middleware, APIKeyMiddleware):
-            realm, header_name = middleware.realm, middleware.header_name
-            middleware.verifier.counters.rejects[auth_error.reason] += 1
-        else:  # pragma: no cover - _principal refuses to run without the middleware
-            realm, header_name = "api", DEFAULT_HEADER_NAME
+    def __init__(self, auth_error: AuthenticationError, *, realm: str, header_name: str) -> None:
         response = error_response(auth_error, realm=realm, header_name=header_name)
         headers = {
             name: value
             for name, value in response.headers.items()
             if name not in ("content-length", "content-type")
         }
-        super().__init__(
-            response.status_code, detail=json.loads(bytes(response.body)), headers=headers
-        )
+        body = json.loads(bytes(response.body))
+        super().__init__(response.status_code, detail=body, headers=headers)
         self.auth_error = auth_error
 
 
-def _principal(conn: HTTPConnection) -> APIKeyUser | None:
-    if "keystile" not in conn.scope:
+def _middleware(conn: HTTPConnection) -> APIKeyMiddleware:
+    middleware = conn.scope.get("keystile")
+    if not isinstance(middleware, APIKeyMiddleware):
         # Failing closed with a 500 beats a silent 401 on every request: the app is
         # misassembled, not the client.
         raise RuntimeError(
             "keystile.fastapi dependencies read the key APIKeyMiddleware verified, but the "
             "middleware is not in front of this route: app.add_middleware(APIKeyMiddleware, ...)"
         )
+    return middleware
+
+
+def _principal(conn: HTTPConnection) -> APIKeyUser | None:
+    _middleware(conn)
     user = conn.scope.get("user")
     return user if isinstance(user, APIKeyUser) else None
+
+
+def _refuse(conn: HTTPConnection, auth_error: AuthenticationError) -> Exception:
+    """The exception that refuses this request, counted with the middleware's rejects."""
+    middleware = _middleware(conn)
+    middleware.verifier.counters.rejects[auth_error.reason] += 1
+    if conn.scope["type"] == "websocket":
+        # The same close the middleware sends for a refused handshake.
+        return WebSocketException(WEBSOCKET_POLICY_VIOLATION, reason=error_code(auth_error))
+    return KeystileHTTPException(
+        auth_error, realm=middleware.realm, header_name=middleware.header_name
+    )
 
 
 def _check_scopes(conn: HTTPConnection, key: APIKeyUser, security_scopes: SecurityScopes) -> None:
     required = tuple(dict.fromkeys(security_scopes.scopes))
     missing = tuple(scope for scope in required if scope not in key.scopes)
     if missing:
-        raise KeystileHTTPException(InsufficientScope(required, missing), conn)
+        raise _refuse(conn, InsufficientScope(required, missing))
 
 
 class KeystileSecurity:
@@ -218,7 +231,7 @@ class KeystileSecurity:
             """The verified key; 401 without one, 403 if it lacks a declared scope."""
             key = _principal(conn)
             if key is None:
-                raise KeystileHTTPException(MissingCredentials(), conn)
+                raise _refuse(conn, MissingCredentials())
             _check_scopes(conn, key, security_scopes)
             return key
 

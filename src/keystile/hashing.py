@@ -66,7 +66,7 @@ class SecretHasher:
         """
         try:
             self._hasher.verify(secret_hash, secret)
-        except (VerifyMismatchError, VerificationError, InvalidHashError):
+        except (VerifyMismatchError, VerificationError, InvalidHashError, UnicodeError):
             return False, None
         if self._hasher.check_needs_rehash(secret_hash):
             return True, self._hasher.hash(secret)

@@ -89,6 +89,8 @@ def generate_key(prefix: str = DEFAULT_PREFIX, key_id: str | None = None) -> tup
     """Mint a new key; returns the plaintext (shown once) and its parts."""
     validate_prefix(prefix)
     key_id = key_id or new_key_id()
+    if len(key_id) != KEY_ID_LENGTH or not all(c in _ALPHABET for c in key_id):
+        raise ConfigurationError(f"key_id must be {KEY_ID_LENGTH} base62 characters")
     secret = _base62(int.from_bytes(secrets.token_bytes(32), "big"), SECRET_LENGTH)
     body = f"{prefix}_{key_id}_{secret}".encode("ascii")
     return (body + _checksum(body)).decode("ascii"), ParsedKey(prefix, key_id, secret)
