@@ -233,9 +233,7 @@ async def test_middleware_reaps_on_a_schedule(database_url: str) -> None:
     await manager.open()
     created = await manager.create(owner="acme", name="idle")
     assert protect(store).reap_every is None
-    app = protect(
-        store, reap_every=0.05, reap_unused_for=timedelta(0), exempt_paths=["/public"]
-    )
+    app = protect(store, reap_every=0.05, reap_unused_for=timedelta(0), exempt_paths=["/public"])
     async with client(app) as c:
         await c.get("/public")  # starts the background work
         with anyio.fail_after(10):

@@ -56,7 +56,7 @@ async def test_bearer_key_authenticates(app: APIKeyMiddleware, key: CreatedKey) 
     assert body["display_name"] == "apikey:laptop"
     assert body["key_id"] == key.id
     assert body["owner"] == "acme"
-    assert body["scopes"] == ["read"]
+    assert body["scopes"] == ["authenticated", "read"]
 
 
 async def test_x_api_key_authenticates(app: APIKeyMiddleware, key: CreatedKey) -> None:

@@ -56,7 +56,9 @@ class CachedKey:
     auth: AuthCredentials = field(init=False)
 
     def __post_init__(self) -> None:
-        self.auth = AuthCredentials(list(self.user.scopes))
+        # "authenticated" first, as Starlette's own authentication backends do, so
+        # ``@requires("authenticated")`` works as the Starlette docs show.
+        self.auth = AuthCredentials(["authenticated", *self.user.scopes])
 
     @property
     def key_id(self) -> str:
