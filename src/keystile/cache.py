@@ -74,6 +74,7 @@ class VerifiedKeyCache:
         "_mask",
         "_mask_bytes",
         "_mask_view",
+        "_probe",
         "_seen",
         "_size",
         "_slot_of",
@@ -100,6 +101,7 @@ class VerifiedKeyCache:
         self._seen: npt.NDArray[np.float64] = np.zeros(0, dtype=np.float64)
         self._mask_bytes = bytearray()
         self._mask: npt.NDArray[np.bool_] = np.zeros(0, dtype=np.bool_)
+        self._probe: npt.NDArray[np.int64] = np.zeros((), dtype=np.int64)
         self._grow(_INITIAL_CAPACITY)
 
     # -- the hot path ---------------------------------------------------------------
@@ -116,8 +118,9 @@ class VerifiedKeyCache:
         ``now`` (monotonic) marks the entry as used, for idle and size eviction.
         """
         size = self._size
-        probe = int.from_bytes(digest[:8], "little", signed=True)
-        np.equal(self._tag_view, probe, out=self._mask_view)
+        # A 0-d array probe skips numpy's per-call conversion of a Python int scalar.
+        self._probe[()] = int.from_bytes(digest[:8], "little", signed=True)
+        np.equal(self._tag_view, self._probe, out=self._mask_view)
         first = self._mask_bytes.find(1, 0, size)
         last = self._mask_bytes.rfind(1, 0, size)
         first_ok = hmac.compare_digest(self._digests[first] if first >= 0 else _NO_DIGEST, digest)

@@ -174,7 +174,6 @@ class APIKeyMiddleware:
         scope["auth"] = entry.auth
         self.recorder.touch(entry.user.key_id, time.time())
         if self.strip_credentials:
-            scope = dict(scope)
             scope["headers"] = [h for h in scope["headers"] if h[0] not in self._stripped]
         await self.app(scope, receive, send)
 
