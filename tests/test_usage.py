@@ -135,3 +135,21 @@ def test_lifespan_shutdown_flushes_pending(sqlite_database_url: str) -> None:
 
     assert app.recorder.pending == 0
     assert anyio.run(read) is not None
+
+
+async def test_pending_counts_a_flush_under_way(store: KeyStore) -> None:
+    """A batch being written still counts as pending until it lands."""
+    ids = await make_keys(store, 2)
+    seen: list[int] = []
+
+    class Observing(RecordingStore):
+        async def touch_many(self, touches: Mapping[str, datetime]) -> None:
+            seen.append(recorder.pending)
+            await super().touch_many(touches)
+
+    recorder = UsageRecorder(Observing(store))  # type: ignore[arg-type]
+    recorder.touch(ids[0], 5_000_000)
+    recorder.touch(ids[1], 5_000_000)
+    await recorder.flush()
+    assert seen == [2]
+    assert recorder.pending == 0

@@ -57,11 +57,16 @@ class UsageRecorder:
         self.flush_failures = 0
         self.touches_written = 0
         self._pending: dict[str, float] = {}
+        #: The batch a flush is writing right now: still pending until it lands.
+        self._in_flight: dict[str, float] = {}
         self._wakeup: anyio.Event | None = None
 
     @property
     def pending(self) -> int:
-        return len(self._pending)
+        """Keys whose latest use is not in the store yet (including a flush under way)."""
+        if not self._in_flight:
+            return len(self._pending)
+        return len(self._pending.keys() | self._in_flight.keys())
 
     def touch(self, key_id: str, at: float) -> None:
         """Record a use of ``key_id`` at wall-clock epoch ``at``. No I/O."""
@@ -75,17 +80,20 @@ class UsageRecorder:
         if not self._pending:
             return 0
         batch, self._pending = self._pending, {}
+        self._in_flight = batch
         touches = {k: datetime.fromtimestamp(at, timezone.utc) for k, at in batch.items()}
         try:
             with anyio.fail_after(self.flush_timeout):
                 await self.store.touch_many(touches)
         except BaseException as exc:
+            self._in_flight = {}
             if isinstance(exc, Exception):
                 self.flush_failures += 1
             for key_id, at in batch.items():
                 if at > self._pending.get(key_id, -math.inf):
                     self._pending[key_id] = at
             raise
+        self._in_flight = {}
         self.flushes += 1
         self.touches_written += len(batch)
         return len(batch)
