@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import httpx
@@ -60,3 +63,25 @@ def protect(store: KeyStore, **options: Any) -> APIKeyMiddleware:
 
 def client(app: Any) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def load_example(name: str) -> ModuleType:
+    """Import ``examples/<name>.py`` (the examples are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(
+        f"keystile_example_{name}", EXAMPLES / f"{name}.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def installed_middleware(app: Any) -> APIKeyMiddleware:
+    """The APIKeyMiddleware instance inside an app built with ``add_middleware``."""
+    node = app.middleware_stack
+    while not isinstance(node, APIKeyMiddleware):
+        node = node.app
+    return node

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
-from types import ModuleType
 from typing import Annotated, Any
 
 import pytest
@@ -17,7 +14,7 @@ from fastapi.responses import JSONResponse
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
-from apps import client
+from apps import client, installed_middleware, load_example
 from keystile import (
     CHEAPEST_PARAMETERS,
     APIKeyMiddleware,
@@ -40,7 +37,6 @@ from keystile.fastapi import (
 
 pytestmark = pytest.mark.anyio
 
-ROOT = Path(__file__).resolve().parent.parent
 EXEMPT = ["/public", "/docs", "/openapi.json"]
 # At module level: FastAPI resolves the (postponed) annotations in the module's globals.
 token_security = KeystileSecurity(
@@ -537,23 +533,6 @@ async def test_dependencies_never_verify_a_second_time(
 
 
 # -- the example ------------------------------------------------------------------------
-
-
-def load_example(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        f"keystile_example_{name}", ROOT / "examples" / f"{name}.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def installed_middleware(app: Any) -> APIKeyMiddleware:
-    node = app.middleware_stack
-    while not isinstance(node, APIKeyMiddleware):
-        node = node.app
-    return node
 
 
 async def test_fastapi_example_end_to_end() -> None:

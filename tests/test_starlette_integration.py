@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
-from types import ModuleType
-from typing import Any
 
 import pytest
 from starlette.applications import Starlette
@@ -18,7 +14,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from apps import client
+from apps import client, installed_middleware, load_example
 from keystile import (
     CHEAPEST_PARAMETERS,
     APIKeyMiddleware,
@@ -29,8 +25,6 @@ from keystile import (
 )
 
 pytestmark = pytest.mark.anyio
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @requires("read")
@@ -184,23 +178,6 @@ async def test_requires_closes_a_websocket_without_the_scope(
 
 
 # -- the example ------------------------------------------------------------------------
-
-
-def load_example(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        f"keystile_example_{name}", ROOT / "examples" / f"{name}.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def installed_middleware(app: Any) -> APIKeyMiddleware:
-    node = app.middleware_stack
-    while not isinstance(node, APIKeyMiddleware):
-        node = node.app
-    return node
 
 
 async def test_starlette_example_end_to_end() -> None:
