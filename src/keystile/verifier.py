@@ -23,6 +23,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 import anyio
 import anyio.to_thread
@@ -33,7 +34,7 @@ from .errors import AuthenticationError, InvalidToken, ServiceUnavailable, Store
 from .hashing import DEFAULT_PARAMETERS, SecretHasher
 from .principal import APIKeyUser
 from .stats import Counters
-from .stores.base import KeyRecord, KeyStore, utcnow
+from .stores.base import KeyRecord, KeyStore
 from .tokens import MAX_TOKEN_LENGTH, ParsedKey, parse_key
 
 __all__ = [
@@ -201,7 +202,7 @@ class Verifier:
             raise self._remember(digest, "wrong_secret")
         if upgraded is not None:
             await self._upgrade_hash(record, upgraded)
-        status = record.status(utcnow())
+        status = record.status(datetime.fromtimestamp(self.clock(), timezone.utc))
         if status != "active":
             raise self._remember(digest, status)
         entry = self._entry(record)
