@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable, Iterable
 from datetime import timedelta
 from typing import Any
@@ -172,7 +171,7 @@ class APIKeyMiddleware:
             return
         scope["user"] = entry.user
         scope["auth"] = entry.auth
-        self.recorder.touch(entry.user.key_id, time.time())
+        self.recorder.touch(entry.user.key_id, self.verifier.clock())
         if self.strip_credentials:
             scope["headers"] = [h for h in scope["headers"] if h[0] not in self._stripped]
         await self.app(scope, receive, send)
