@@ -194,3 +194,47 @@ def test_demo_self_test(tmp_path: Path) -> None:
     assert "curl -i http://127.0.0.1:" in result.stdout
     assert result.stdout.count("(expected 200)") == 2
     assert "without a key: 401 (expected 401)" in result.stdout
+
+
+@pytest.mark.anyio
+async def test_cli_revoke_in_another_process_reaches_running_app(url: str) -> None:
+    """A leaked key revoked with the CLI (another process) stops working in a running
+    SQLite-backed app well within the TTL, through the polled change log."""
+    import anyio
+
+    from apps import client, protect
+    from keystile import CHEAPEST_PARAMETERS, KeyManager, store_from_url
+
+    async with KeyManager.from_url(url, argon2=CHEAPEST_PARAMETERS) as manager:
+        created = await manager.create(owner="acme", name="leaked")
+    store = store_from_url(url)
+    app = protect(store, cache_ttl=3600)
+    headers = {"X-API-Key": created.key}
+    async with client(app) as c:
+        assert (await c.get("/whoami", headers=headers)).status_code == 200
+        command = [sys.executable, "-m", "keystile.cli", "--database-url", url]
+        result = await anyio.run_process([*command, "revoke", created.id, "--owner", "acme"])
+        assert b"revoked" in result.stderr
+        started = anyio.current_time()
+        with anyio.fail_after(5):
+            while (await c.get("/whoami", headers=headers)).status_code == 200:
+                await anyio.sleep(0.02)
+        elapsed = anyio.current_time() - started
+    await app.aclose()
+    assert elapsed < 3  # the poll runs every second; the TTL (an hour) played no part
+
+
+def test_replace_login_leaves_one_recognisable_key(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Re-running a device login with --replace leaves one active key with that name."""
+    for _ in range(3):
+        code, _, _ = run(
+            capsys, "--database-url", url, "create", "--owner", "ann", "--name", "ann's laptop",
+            "--replace",
+        )  # fmt: skip
+        assert code == 0
+    _, out, _ = run(capsys, "--database-url", url, "list", "--owner", "ann", "--json")
+    keys = json.loads(out)
+    assert [k["name"] for k in keys if k["status"] == "active"] == ["ann's laptop"]
+    assert len(keys) == 3
