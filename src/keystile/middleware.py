@@ -22,7 +22,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .config import resolve_database_url
-from .credentials import extract_credential
+from .credentials import split_credential
 from .errors import AuthenticationError, MissingCredentials, ServiceUnavailable, StoreError
 from .hashing import DEFAULT_PARAMETERS, Argon2Parameters, SecretHasher
 from .responses import WEBSOCKET_POLICY_VIOLATION, error_code, error_response
@@ -123,7 +123,6 @@ class APIKeyMiddleware:
         self.reap_every = reap_every
         self.reap_unused_for = reap_unused_for
         self._header = header_name.lower().encode("latin-1")
-        self._stripped = {b"authorization", self._header}
         paths = list(exempt_paths)
         self._exempt_exact = frozenset(p for p in paths if not p.endswith("*"))
         self._exempt_prefixes = tuple(p[:-1] for p in paths if p.endswith("*"))
@@ -150,7 +149,7 @@ class APIKeyMiddleware:
             await self.app(scope, receive, send)
             return
         try:
-            credential = extract_credential(scope["headers"], self._header)
+            credential, without_credentials = split_credential(scope["headers"], self._header)
             if credential is None:
                 if self.required:
                     raise MissingCredentials()
@@ -172,8 +171,8 @@ class APIKeyMiddleware:
         scope["user"] = entry.user
         scope["auth"] = entry.auth
         self.recorder.touch(entry.user.key_id, self.verifier.clock())
-        if self.strip_credentials:
-            scope["headers"] = [h for h in scope["headers"] if h[0] not in self._stripped]
+        if self.strip_credentials and without_credentials is not None:
+            scope["headers"] = without_credentials
         await self.app(scope, receive, send)
 
     def _is_exempt(self, scope: Scope) -> bool:

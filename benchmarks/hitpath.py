@@ -1,0 +1,233 @@
+"""Hit path: one verification on a cache hit vs the number of cached keys.
+
+Three ways to find a presented token among N cached keys, each timed *including* the
+keyed digest of the token (so they differ only in the lookup):
+
+* ``keystile``: ``cache.digest(token)`` + ``cache.lookup(digest, now)`` (the numpy tag
+  scan over every entry, ``find`` + ``rfind``, two ``hmac.compare_digest``);
+* ``hmac loop``: the digest, then a plain Python loop of ``hmac.compare_digest`` over all
+  N digests that records the match and keeps going (the constant-time baseline);
+* ``dict``: the digest, then ``dict.get`` (the non-constant-time floor).
+
+Each sample times a batch of calls with ``time.perf_counter_ns`` (GC off during the
+batch, as ``timeit`` does); the four positions (match in the first, middle and last slot,
+and no match) are interleaved round by round. Reported: the median and p99 of the
+per-call time of the samples. ``Verifier.verify`` (async, end to end) is measured too,
+for context.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import hmac
+import time
+from collections.abc import Callable
+from typing import Any
+
+from common import Target, fill_cache, fmt_us, median, p99, print_table
+
+from keystile import MemoryKeyStore, Verifier
+from keystile.cache import VerifiedKeyCache
+from keystile.hashing import CHEAPEST_PARAMETERS, SecretHasher
+from keystile.tokens import generate_key
+
+__all__ = ["HIT_TARGETS", "run_hitpath"]
+
+POSITIONS = ("first", "middle", "last", "none")
+MATCH_POSITIONS = ("first", "middle", "last")
+METHODS = ("keystile", "hmac loop", "dict")
+#: Issue #5: median µs of digest + full scan, at N cached keys.
+HIT_TARGETS = {10: 2.0, 1_000: 2.0, 10_000: 4.0, 100_000: 25.0}
+POSITION_TARGET_PCT = 5.0
+CALLS_PER_SAMPLE = 200
+
+
+def _timer(fn: Callable[[bytes], object], token: bytes, calls: int) -> float:
+    """µs per call of ``fn(token)``, averaged over one batch of ``calls``."""
+    perf = time.perf_counter_ns
+    r = range(calls)
+    gc_was = gc.isenabled()
+    gc.disable()
+    try:
+        t0 = perf()
+        for _ in r:
+            fn(token)
+        elapsed = perf() - t0
+    finally:
+        if gc_was:
+            gc.enable()
+    return elapsed / calls / 1_000
+
+
+def _lookups(cache: VerifiedKeyCache) -> dict[str, Callable[[bytes], object]]:
+    digest = cache.digest
+    lookup = cache.lookup
+    now = time.monotonic()
+    # The same digests the cache holds, in slot order, for the two references.
+    table_digests: list[bytes] = list(cache._digests)
+    table = {d: e for d, e in zip(table_digests, cache._entries, strict=True)}
+    compare = hmac.compare_digest
+
+    def keystile(token: bytes) -> object:
+        return lookup(digest(token), now)
+
+    def hmac_loop(token: bytes) -> object:
+        d = digest(token)
+        found = None
+        for candidate in table_digests:
+            if compare(candidate, d):
+                found = candidate  # record the match, keep looping: no early exit
+        return found
+
+    def dict_get(token: bytes) -> object:
+        return table.get(digest(token))
+
+    return {"keystile": keystile, "hmac loop": hmac_loop, "dict": dict_get}
+
+
+def _measure_size(n: int, budget: float) -> dict[str, Any]:
+    cache = VerifiedKeyCache(max_size=max(n, 1))
+    tokens = fill_cache(cache, n)
+    absent = generate_key()[0].encode()
+    probe = {"first": tokens[0], "middle": tokens[n // 2], "last": tokens[-1], "none": absent}
+    fns = _lookups(cache)
+    # Sanity: every method finds the present tokens and misses the absent one.
+    for name, fn in fns.items():
+        for pos, token in probe.items():
+            if (fn(token) is None) != (pos == "none"):
+                raise AssertionError(f"{name} got position {pos} wrong at N={n}")
+    result: dict[str, Any] = {"n": n}
+    for name, fn in fns.items():
+        estimate = min(_timer(fn, probe["middle"], 3) for _ in range(3))
+        calls = CALLS_PER_SAMPLE
+        if name == "hmac loop":
+            calls = max(1, min(CALLS_PER_SAMPLE, int(2_000 / max(estimate, 1e-3))))
+        samples_per_position = int(budget * 1e6 / (estimate * calls * len(POSITIONS)))
+        samples_per_position = max(7, min(2_000, samples_per_position))
+        samples: dict[str, list[float]] = {p: [] for p in POSITIONS}
+        for _ in range(samples_per_position):
+            for pos in POSITIONS:
+                samples[pos].append(_timer(fn, probe[pos], calls))
+        everything = [s for pos in POSITIONS for s in samples[pos]]
+        per_position = {
+            pos: {"median_us": median(samples[pos]), "p99_us": p99(samples[pos])}
+            for pos in POSITIONS
+        }
+        medians = [per_position[p]["median_us"] for p in MATCH_POSITIONS]
+        overall = median(everything)
+        matched = median(medians)
+        result[name] = {
+            "calls_per_sample": calls,
+            "samples_per_position": samples_per_position,
+            "median_us": overall,
+            "p99_us": p99(everything),
+            "worst_position_median_us": max(v["median_us"] for v in per_position.values()),
+            # Where the match sits: first, middle, last slot.
+            "position_spread_pct": (max(medians) - min(medians)) / matched * 100,
+            # A match vs no match at all (which then takes the miss path anyway).
+            "no_match_vs_match_pct": (per_position["none"]["median_us"] - matched) / matched * 100,
+            "positions": per_position,
+        }
+    digest = cache.digest
+    result["digest_only_us"] = median(
+        [_timer(digest, probe["middle"], CALLS_PER_SAMPLE) for _ in range(50)]
+    )
+    result["verifier_verify"] = asyncio.run(_measure_verify(cache, probe["middle"], budget / 4))
+    return result
+
+
+async def _measure_verify(cache: VerifiedKeyCache, token: bytes, budget: float) -> dict[str, float]:
+    """``await Verifier.verify(token)`` on a hit, end to end (a coroutine per call)."""
+    verifier = Verifier(MemoryKeyStore(), hasher=SecretHasher(CHEAPEST_PARAMETERS))
+    verifier.cache = cache
+    verify = verifier.verify
+    await verify(token)
+    perf = time.perf_counter_ns
+    samples: list[float] = []
+    deadline = time.monotonic() + budget
+    while time.monotonic() < deadline or len(samples) < 7:
+        gc.disable()
+        t0 = perf()
+        for _ in range(CALLS_PER_SAMPLE):
+            await verify(token)
+        elapsed = perf() - t0
+        gc.enable()
+        samples.append(elapsed / CALLS_PER_SAMPLE / 1_000)
+    return {"median_us": median(samples), "p99_us": p99(samples)}
+
+
+def run_hitpath(sizes: list[int], budget: float) -> tuple[dict[str, Any], list[Target]]:
+    """Measure every size; ``budget`` is the rough number of seconds per method and size."""
+    # A fresh process runs the first ~second slower (the first size measured came out 50%
+    # slower, the dict reference included): warm up on a throwaway run first.
+    _measure_size(min(sizes), budget / 2)
+    results = []
+    for n in sizes:
+        print(f"  hit path: {n:,} cached keys ...", flush=True)
+        results.append(_measure_size(n, budget))
+        gc.collect()
+
+    rows = []
+    for r in results:
+        k, h, d = r["keystile"], r["hmac loop"], r["dict"]
+        rows.append(
+            (
+                f"{r['n']:,}",
+                fmt_us(k["median_us"]),
+                fmt_us(k["p99_us"]),
+                " / ".join(fmt_us(k["positions"][p]["median_us"]) for p in POSITIONS),
+                f"{k['position_spread_pct']:.1f}%",
+                f"{k['no_match_vs_match_pct']:+.1f}%",
+                fmt_us(r["verifier_verify"]["median_us"]),
+                fmt_us(h["median_us"]),
+                fmt_us(h["p99_us"]),
+                f"{h['position_spread_pct']:.1f}%",
+                fmt_us(d["median_us"]),
+                fmt_us(r["digest_only_us"]),
+            )
+        )
+    print_table(
+        "Hit path: µs per verification on a cache hit (digest included everywhere)",
+        (
+            "cached keys",
+            "keystile median",
+            "p99",
+            "first / middle / last / none",
+            "match spread",
+            "none vs match",
+            "Verifier.verify",
+            "hmac loop median",
+            "p99",
+            "spread",
+            "dict median",
+            "digest alone",
+        ),
+        rows,
+    )
+    targets: list[Target] = []
+    by_n = {r["n"]: r for r in results}
+    for n, limit in HIT_TARGETS.items():
+        if n in by_n:
+            worst = by_n[n]["keystile"]["worst_position_median_us"]
+            targets.append(
+                Target(
+                    "hit path",
+                    f"digest + scan at {n:,} keys (slowest position)",
+                    worst,
+                    limit,
+                    "µs",
+                )
+            )
+    biggest = max(by_n)
+    targets.append(
+        Target(
+            "hit path",
+            f"position spread at {biggest:,} keys (first/middle/last, (max-min)/median)",
+            by_n[biggest]["keystile"]["position_spread_pct"],
+            POSITION_TARGET_PCT,
+            "%",
+            note=f"no match vs match {by_n[biggest]['keystile']['no_match_vs_match_pct']:+.1f}%",
+        )
+    )
+    return {"sizes": results}, targets

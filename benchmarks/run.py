@@ -1,0 +1,275 @@
+"""keystile benchmarks: every number of issue #5 in one run, each next to its target.
+
+    python benchmarks/run.py --quick                       # under two minutes
+    python benchmarks/run.py --postgres-url postgresql://postgres@127.0.0.1:5432/test \\
+        --json benchmarks/results/latest.json --plot docs/benchmark-latency.png
+
+Sections (``--only`` picks some): ``hit`` (cache-hit verification vs cached keys, with
+two references), ``overhead`` (bare vs protected route, direct ASGI), ``server`` (the same
+under uvicorn with wrk or a Python client), ``miss`` (argon2 cost, miss latency on SQLite
+and Postgres, cold start), ``last-used`` (batched last_used_at vs one UPDATE per request,
+Postgres), ``peers`` (keyshield and fastapi-keygate). The Postgres parts are skipped, with
+a message, without ``--postgres-url`` (or ``KEYSTILE_BENCH_POSTGRES_URL``).
+
+The machine these run on may be shared: every section records the load average, and
+``--wait-quiet SECONDS`` waits up to that long for it to drop before each section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import json
+import math
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+import time
+from typing import Any
+
+BENCH_DIR = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR))
+
+from common import Target, load_average, print_table, wait_for_quiet  # noqa: E402
+
+SECTIONS = ("hit", "overhead", "server", "miss", "last-used", "peers")
+DEFAULT_RESULTS = BENCH_DIR / "results"
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for dist in ("keystile", "starlette", "fastapi", "numpy", "uvicorn", "argon2-cffi", "asyncpg"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = "-"
+    return out
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(BENCH_DIR), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(BENCH_DIR), "status", "--porcelain", "--", "../src"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "-"
+    return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def _settings(quick: bool) -> dict[str, Any]:
+    if quick:
+        return {
+            "hit_sizes": [10, 100, 1_000, 10_000, 100_000],
+            "hit_budget": 0.25,
+            "overhead_sizes": [10, 1_000, 10_000],
+            "overhead_budget": 4.0,
+            "server_keys": [1_000],
+            "server_duration": 2.0,
+            "server_rounds": 2,
+            "cold_keys": 200,
+            "miss_requests": 20,
+            "argon2_samples": (20, 3),
+            "last_used_requests": 10_000,
+            "last_used_keys": 100,
+            "last_used_latency_requests": 1_000,
+            "peer_keys": 20,
+            "peer_budget": 3.0,
+            "peer_max_requests": 500,
+        }
+    return {
+        "hit_sizes": [10, 100, 1_000, 10_000, 100_000],
+        "hit_budget": 1.0,
+        "overhead_sizes": [10, 1_000, 10_000],
+        "overhead_budget": 15.0,
+        "server_keys": [10, 1_000, 10_000],
+        "server_duration": 4.0,
+        "server_rounds": 4,
+        "cold_keys": 1_000,
+        "miss_requests": 100,
+        "argon2_samples": (50, 10),
+        "last_used_requests": 10_000,
+        "last_used_keys": 100,
+        "last_used_latency_requests": 3_000,
+        "peer_keys": 1_000,
+        "peer_budget": 10.0,
+        "peer_max_requests": 2_000,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=(__doc__ or "").split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n\n".join((__doc__ or "").split("\n\n")[1:]),
+    )
+    parser.add_argument("--quick", action="store_true", help="a smaller run, under two minutes")
+    parser.add_argument("--json", type=pathlib.Path, help="write every number here")
+    parser.add_argument("--plot", type=pathlib.Path, help="write the PNG plot here")
+    parser.add_argument(
+        "--postgres-url",
+        default=os.environ.get("KEYSTILE_BENCH_POSTGRES_URL"),
+        help="libpq URL for the Postgres parts (default: $KEYSTILE_BENCH_POSTGRES_URL); "
+        "each run works in a schema of its own and drops it",
+    )
+    parser.add_argument(
+        "--only", nargs="+", choices=SECTIONS, metavar="SECTION", help=f"any of {SECTIONS}"
+    )
+    parser.add_argument(
+        "--peers", nargs="+", metavar="PEER", help="peer configurations (see peers.py)"
+    )
+    parser.add_argument("--peer-keys", type=int, help="keys per peer (default 1000; --quick 20)")
+    parser.add_argument("--no-wrk", action="store_true", help="use the Python load generator")
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="before each section, wait up to this long for the load average to drop",
+    )
+    args = parser.parse_args(argv)
+    settings = _settings(args.quick)
+    if args.peer_keys:
+        settings["peer_keys"] = args.peer_keys
+    sections = args.only or list(SECTIONS)
+    cpus = os.cpu_count() or 1
+
+    results: dict[str, Any] = {
+        "meta": {
+            "mode": "quick" if args.quick else "full",
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "cpus": cpus,
+            "versions": _versions(),
+            "git": _git_commit(),
+            "settings": settings,
+            "load_average": {},
+        }
+    }
+    targets: list[Target] = []
+    started = time.perf_counter()
+    print(
+        f"keystile benchmarks ({results['meta']['mode']}), Python {platform.python_version()}, "
+        f"{cpus} CPUs, load average {load_average():.2f}, sections: {', '.join(sections)}",
+        flush=True,
+    )
+
+    def section(name: str) -> None:
+        load = (
+            wait_for_quiet(max(1.0, cpus * 0.75), args.wait_quiet)
+            if args.wait_quiet
+            else load_average()
+        )
+        results["meta"]["load_average"][name] = load
+        warn = "  (busy machine: numbers are noisy)" if load > cpus * 0.75 else ""
+        print(f"\n[{name}] load average {load:.2f}{warn}", flush=True)
+
+    if "hit" in sections:
+        from hitpath import HIT_TARGETS, run_hitpath
+
+        section("hit")
+        results["hit_path"], t = run_hitpath(settings["hit_sizes"], settings["hit_budget"])
+        results["hit_path"]["targets"] = {str(n): v for n, v in HIT_TARGETS.items()}
+        targets += t
+    if "overhead" in sections:
+        from overhead import run_overhead
+
+        section("overhead")
+        results["overhead"], t = run_overhead(
+            settings["overhead_sizes"], settings["overhead_budget"]
+        )
+        targets += t
+    if "server" in sections:
+        from server import run_server
+
+        section("server")
+        results["server"], t = run_server(
+            settings["server_keys"],
+            duration=settings["server_duration"],
+            rounds=settings["server_rounds"],
+            use_wrk=not args.no_wrk,
+        )
+        targets += t
+    if "miss" in sections:
+        from misspath import run_misspath
+
+        section("miss")
+        results["miss_path"] = run_misspath(
+            postgres_url=args.postgres_url,
+            n_cold=settings["cold_keys"],
+            miss_requests=settings["miss_requests"],
+            argon2_samples=settings["argon2_samples"],
+        )
+    if "last-used" in sections:
+        from usagewrites import run_usage_writes
+
+        section("last-used")
+        results["last_used"], t = run_usage_writes(
+            args.postgres_url,
+            requests=settings["last_used_requests"],
+            n_keys=settings["last_used_keys"],
+            latency_requests=settings["last_used_latency_requests"],
+        )
+        targets += t
+    if "peers" in sections:
+        from peercompare import DEFAULT_PEERS, QUICK_PEERS, run_peers
+
+        section("peers")
+        names = args.peers or (QUICK_PEERS if args.quick else DEFAULT_PEERS)
+        results["peers"], t = run_peers(
+            names,
+            n_keys=settings["peer_keys"],
+            budget=settings["peer_budget"],
+            max_requests=settings["peer_max_requests"],
+        )
+        targets += t
+
+    elapsed = time.perf_counter() - started
+    results["meta"]["seconds"] = elapsed
+    results["targets"] = [t.as_dict() for t in targets]
+    print_table(
+        f"Targets of issue #5 ({results['meta']['mode']} run, {elapsed:.0f} s, "
+        f"load average {load_average():.2f})",
+        ("target", "goal", "measured", "verdict", "note"),
+        [t.row() for t in targets],
+    )
+    missed = [t for t in targets if t.verdict == "MISS"]
+    print(f"{len(targets) - len(missed)} of {len(targets)} targets met.", flush=True)
+
+    json_path = args.json or DEFAULT_RESULTS / "latest.json"
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(results, indent=2, default=_json_default) + "\n")
+    print(f"results: {json_path}")
+    plot_path = args.plot or DEFAULT_RESULTS / "latency.png"
+    try:
+        from plot import write_plot
+
+        write_plot(plot_path, results)
+        print(f"plot: {plot_path}")
+    except ImportError as exc:
+        print(f"plot skipped: {exc} (pip install matplotlib)")
+    return 0
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, tuple):
+        return list(value)
+    return str(value)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,270 @@
+"""Overhead under a real server: uvicorn on 127.0.0.1, bare vs protected, same route.
+
+Both servers (one process each, started side by side) are driven in alternation by a
+closed-loop load generator with a fixed number of keep-alive connections: ``wrk`` when
+installed (``apt-get install wrk``), else a Python client (httpx, keep-alive, the same
+number of connections). Each run lasts a fixed time; the server's CPU time over the run
+(user + system, ``psutil``) divided by the requests it answered is its CPU per request.
+uvicorn runs with ``--no-access-log`` (access logging would dominate both arms).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import pathlib
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import psutil
+from common import Target, fmt_us, median, print_table
+
+__all__ = ["SERVER_CPU_TARGET", "run_server"]
+
+BENCH_DIR = pathlib.Path(__file__).resolve().parent
+#: Issue #5: server CPU per request, protected / bare, at 1 000 keys.
+SERVER_CPU_TARGET = (1_000, 1.2)
+
+
+@dataclass
+class Server:
+    name: str
+    n_keys: int
+    port: int
+    process: subprocess.Popen[bytes]
+    token: str
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/ping"
+
+    def cpu_seconds(self) -> float:
+        t = psutil.Process(self.process.pid).cpu_times()
+        return t.user + t.system
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def _servers(framework: str, arms: dict[str, int]) -> Iterator[dict[str, Server]]:
+    started: dict[str, Server] = {}
+    with tempfile.TemporaryDirectory(prefix="keystile-bench-") as tmp:
+        try:
+            for name, n_keys in arms.items():
+                port = _free_port()
+                token_file = pathlib.Path(tmp) / f"{name}.token"
+                env = {
+                    **os.environ,
+                    "KEYSTILE_BENCH_FRAMEWORK": framework,
+                    "KEYSTILE_BENCH_KEYS": str(n_keys),
+                    "KEYSTILE_BENCH_TOKEN_FILE": str(token_file),
+                }
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "uvicorn",
+                    "server_app:create",
+                    "--factory",
+                    "--app-dir",
+                    str(BENCH_DIR),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--log-level",
+                    "warning",
+                    "--no-access-log",
+                ]
+                process = subprocess.Popen(cmd, env=env)
+                server = Server(name, n_keys, port, process, "")
+                started[name] = server
+                server.token = _wait_ready(server, token_file)
+            yield started
+        finally:
+            for server in started.values():
+                server.process.terminate()
+            for server in started.values():
+                try:
+                    server.process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    server.process.kill()
+                    server.process.wait()
+
+
+def _wait_ready(server: Server, token_file: pathlib.Path, timeout: float = 60.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"uvicorn ({server.name}) exited with {server.process.returncode}")
+        if token_file.exists():
+            token = token_file.read_text()
+            try:
+                r = httpx.get(server.url, headers={"Authorization": f"Bearer {token}"}, timeout=2)
+            except httpx.TransportError:
+                pass
+            else:
+                if r.status_code != 200:
+                    raise RuntimeError(f"{server.name}: GET /ping answered {r.status_code}")
+                if server.n_keys:
+                    denied = httpx.get(server.url, timeout=2)
+                    if denied.status_code != 401:
+                        raise RuntimeError(f"{server.name}: no key got {denied.status_code}")
+                return token
+        time.sleep(0.1)
+    raise RuntimeError(f"uvicorn ({server.name}) not ready after {timeout}s")
+
+
+# -- load generators ------------------------------------------------------------------
+
+
+def _wrk(server: Server, connections: int, duration: float) -> dict[str, float]:
+    cmd = [
+        "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{max(1, round(duration))}s",
+        "--latency",
+        "-H",
+        f"Authorization: Bearer {server.token}",
+        server.url,
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    served = re.search(r"(\d+) requests in ([\d.]+)(m?s)", out)
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    p50 = re.search(r"50%\s+([\d.]+)(us|ms|s)", out)
+    if served is None or rps is None:
+        raise RuntimeError(f"cannot parse wrk output:\n{out}")
+    if "Non-2xx" in out or "Socket errors" in out:
+        raise RuntimeError(f"wrk saw errors against {server.name}:\n{out}")
+    scale = {"us": 1.0, "ms": 1e3, "s": 1e6}
+    return {
+        "requests": float(served.group(1)),
+        "rps": float(rps.group(1)),
+        "p50_us": float(p50.group(1)) * scale[p50.group(2)] if p50 else float("nan"),
+    }
+
+
+def _python_client(server: Server, connections: int, duration: float) -> dict[str, float]:
+    async def drive() -> dict[str, float]:
+        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+        headers = {"Authorization": f"Bearer {server.token}"}
+        latencies: list[float] = []
+        bad = 0
+        async with httpx.AsyncClient(limits=limits, headers=headers) as client:
+            deadline = time.perf_counter() + duration
+
+            async def worker() -> None:
+                nonlocal bad
+                while time.perf_counter() < deadline:
+                    t0 = time.perf_counter()
+                    r = await client.get(server.url)
+                    latencies.append((time.perf_counter() - t0) * 1e6)
+                    bad += r.status_code != 200
+
+            t0 = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(connections)))
+            elapsed = time.perf_counter() - t0
+        if bad:
+            raise RuntimeError(f"{bad} responses from {server.name} were not 200")
+        return {
+            "requests": float(len(latencies)),
+            "rps": len(latencies) / elapsed,
+            "p50_us": median(latencies),
+        }
+
+    return asyncio.run(drive())
+
+
+def run_server(
+    n_keys: list[int],
+    *,
+    duration: float,
+    rounds: int,
+    connections: int = 8,
+    framework: str = "starlette",
+    use_wrk: bool = True,
+) -> tuple[dict[str, Any], list[Target]]:
+    wrk = shutil.which("wrk") if use_wrk else None
+    generator = "wrk -t1" if wrk else "python httpx client"
+    arms = {"bare": 0, **{f"{n}": n for n in n_keys}}
+    print(
+        f"  uvicorn: {framework}, {list(arms)}, {generator}, {connections} connections, "
+        f"{rounds} x {duration:g}s each ...",
+        flush=True,
+    )
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in arms}
+    with _servers(framework, arms) as servers:
+        names = list(arms)
+        for server in servers.values():  # warm-up
+            (_wrk if wrk else _python_client)(server, connections, 1.0)
+        for r in range(rounds):
+            for name in names if r % 2 == 0 else reversed(names):
+                server = servers[name]
+                before = server.cpu_seconds()
+                result = (_wrk if wrk else _python_client)(server, connections, duration)
+                result["cpu_us_per_request"] = (
+                    (server.cpu_seconds() - before) / result["requests"] * 1e6
+                )
+                runs[name].append(result)
+    summary: dict[str, dict[str, float]] = {}
+    for name, rs in runs.items():
+        summary[name] = {
+            "rps": median([x["rps"] for x in rs]),
+            "cpu_us_per_request": median([x["cpu_us_per_request"] for x in rs]),
+            "p50_us": median([x["p50_us"] for x in rs]),
+        }
+    bare = summary["bare"]
+    for s in summary.values():
+        s["cpu_ratio"] = s["cpu_us_per_request"] / bare["cpu_us_per_request"]
+        s["rps_ratio"] = s["rps"] / bare["rps"]
+    print_table(
+        f"uvicorn on 127.0.0.1 ({framework}, {generator}, {connections} connections, "
+        f"median of {rounds} runs of {duration:g}s)",
+        ("app", "requests/s", "vs bare", "server CPU µs/request", "vs bare", "p50 latency µs"),
+        [
+            (
+                "bare" if name == "bare" else f"keystile, {int(name):,} keys",
+                f"{s['rps']:,.0f}",
+                f"{s['rps_ratio']:.3f}x",
+                fmt_us(s["cpu_us_per_request"]),
+                f"{s['cpu_ratio']:.3f}x",
+                fmt_us(s["p50_us"]),
+            )
+            for name, s in summary.items()
+        ],
+    )
+    targets = []
+    n, limit = SERVER_CPU_TARGET
+    if f"{n}" in summary:
+        targets.append(
+            Target(
+                "uvicorn",
+                f"server CPU/request protected/bare at {n:,} keys",
+                summary[f"{n}"]["cpu_ratio"],
+                limit,
+                "x",
+            )
+        )
+    return {
+        "framework": framework,
+        "generator": generator,
+        "connections": connections,
+        "duration_s": duration,
+        "rounds": rounds,
+        "summary": summary,
+        "runs": runs,
+    }, targets
