@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import keystile.cache
 from keystile.cache import CachedKey, VerifiedKeyCache
 from keystile.principal import APIKeyUser
 
@@ -456,3 +457,24 @@ def test_scan_reads_every_entry_wherever_the_match_is(
     assert kinds == ["find", "rfind"]
     for _, start, end in mask.calls:
         assert start == 0 and end >= size
+
+
+@pytest.mark.parametrize("where", ["first", "last", "absent"])
+def test_small_scan_compares_every_entry(where: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Below SMALL_SCAN_SIZE, compare_digest runs once per entry wherever the match is."""
+    from keystile.cache import SMALL_SCAN_SIZE
+
+    cache = VerifiedKeyCache()
+    digests = fill(cache, SMALL_SCAN_SIZE)
+    probe = {"first": digests[0], "last": digests[-1], "absent": digest_of("absent")}[where]
+    calls: list[bytes] = []
+    real = hmac.compare_digest
+
+    def counting(a: bytes, b: bytes) -> bool:
+        calls.append(a)
+        return real(a, b)
+
+    monkeypatch.setattr(keystile.cache, "_compare", counting)
+    found = cache.lookup(probe, 1.0)
+    assert (found is None) == (where == "absent")
+    assert len(calls) == SMALL_SCAN_SIZE

@@ -5,6 +5,11 @@ header name is configurable). Other ``Authorization`` schemes are ignored, as if
 were sent. The same key in several places is one credential; two different keys, or
 ``Bearer`` with no token, are a malformed request. The same key in both headers is
 reported as read from ``authorization``.
+
+This runs on every request, so the middleware uses :func:`split_credential`, which
+finds the credential and the headers without it in one pass and leaves the whitespace
+check (:func:`check_single_token`) to the cache-miss path: a token that hit the cache
+equals a verified key, which never contains whitespace.
 """
 
 from __future__ import annotations
@@ -14,14 +19,13 @@ from typing import NamedTuple
 
 from .errors import InvalidRequest
 
-__all__ = ["Credential", "extract_credential", "split_credential"]
+__all__ = ["Credential", "check_single_token", "extract_credential", "split_credential"]
 
 Headers = list[tuple[bytes, bytes]]
 
 
 class Credential(NamedTuple):
-    """The presented key and where it was read from. (A named tuple: cheaper to build on
-    every request than a frozen dataclass, and as immutable.)"""
+    """The presented key and where it was read from. Its repr never shows the key."""
 
     token: bytes
     #: ``authorization`` or the API-key header's name: where the key was read from.
@@ -38,32 +42,45 @@ def extract_credential(
 
     ``header_name`` must be lowercase, as ASGI servers lowercase header names.
     """
-    return split_credential(headers, header_name)[0]
+    token, source, _ = split_credential(list(headers), header_name)
+    if token is None:
+        return None
+    check_single_token(token, source)
+    return Credential(token, source)
 
 
 def split_credential(
-    headers: Iterable[tuple[bytes, bytes]], header_name: bytes
-) -> tuple[Credential | None, Headers | None]:
-    """``extract_credential``, and in the same pass the headers without any
-    ``Authorization`` or ``header_name`` header (``None`` when there is none to remove),
-    for the middleware to hand the app a scope without the key."""
-    if not isinstance(headers, list):
-        headers = list(headers)
+    headers: Headers, header_name: bytes
+) -> tuple[bytes | None, str, Headers | None]:
+    """``(token, source, headers_without_credentials)`` in one pass over ``headers``.
+
+    ``token`` is ``None`` when no credential was sent; the header list is ``None`` when
+    there was no ``Authorization`` or ``header_name`` header to remove. Raises
+    ``InvalidRequest`` for an empty token or two different ones. Does not check the
+    token for inner whitespace: see :func:`check_single_token`.
+    """
     token: bytes | None = None
     source = ""
-    hits: list[int] = []
-    i = -1
+    first = -1
+    hits: list[int] | None = None
+    index = -1
     for name, value in headers:
-        i += 1
+        index += 1
         if name == b"authorization":
-            hits.append(i)
             parts = value.split(None, 1)
+            if first < 0:
+                first = index
+            else:
+                hits = [*(hits or [first]), index]
             if not parts or parts[0].lower() != b"bearer":
                 continue
             candidate = parts[1].strip() if len(parts) == 2 else b""
             where = "authorization"
         elif name == header_name:
-            hits.append(i)
+            if first < 0:
+                first = index
+            else:
+                hits = [*(hits or [first]), index]
             candidate = value.strip()
             where = header_name.decode("latin-1")
         else:
@@ -72,27 +89,34 @@ def split_credential(
             raise InvalidRequest(
                 "empty_token", f"The {_label(where)} header carries no key.", source=where
             )
-        if b" " in candidate or b"\t" in candidate:
-            raise InvalidRequest(
-                "malformed_header",
-                f"The {_label(where)} header must carry exactly one key.",
-                source=where,
-            )
-        if token is not None and token != candidate:
-            raise InvalidRequest(
-                "conflicting_credentials",
-                "The request carries two different keys; send exactly one.",
-            )
         if token is None or where == "authorization":
+            if token is not None and token != candidate:
+                raise _conflict()
             token, source = candidate, where
-    if not hits:
-        return None, None
-    if len(hits) == 1:
-        kept = headers[: hits[0]] + headers[hits[0] + 1 :]
-    else:
-        drop = set(hits)
-        kept = [h for j, h in enumerate(headers) if j not in drop]
-    return (None if token is None else Credential(token, source)), kept
+        elif token != candidate:
+            raise _conflict()
+    if first < 0:
+        return None, "", None
+    if hits is None:
+        return token, source, headers[:first] + headers[first + 1 :]
+    drop = set(hits)
+    return token, source, [h for i, h in enumerate(headers) if i not in drop]
+
+
+def check_single_token(token: bytes, source: str) -> None:
+    """Refuse a header value that carries more than one word (``Bearer a b``)."""
+    if b" " in token or b"\t" in token:
+        raise InvalidRequest(
+            "malformed_header",
+            f"The {_label(source)} header must carry exactly one key.",
+            source=source,
+        )
+
+
+def _conflict() -> InvalidRequest:
+    return InvalidRequest(
+        "conflicting_credentials", "The request carries two different keys; send exactly one."
+    )
 
 
 def _label(source: str) -> str:

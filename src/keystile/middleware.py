@@ -22,7 +22,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .config import resolve_database_url
-from .credentials import split_credential
+from .credentials import check_single_token, split_credential
 from .errors import AuthenticationError, MissingCredentials, ServiceUnavailable, StoreError
 from .hashing import DEFAULT_PARAMETERS, Argon2Parameters, SecretHasher
 from .responses import WEBSOCKET_POLICY_VIOLATION, error_code, error_response
@@ -126,6 +126,7 @@ class APIKeyMiddleware:
         paths = list(exempt_paths)
         self._exempt_exact = frozenset(p for p in paths if not p.endswith("*"))
         self._exempt_prefixes = tuple(p[:-1] for p in paths if p.endswith("*"))
+        self._has_exemptions = bool(paths)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._background: anyio.CancelScope | None = None
         self._background_done: anyio.Event | None = None
@@ -144,30 +145,35 @@ class APIKeyMiddleware:
         if self._loop is not asyncio.get_running_loop():
             self._start_lazily()
         scope["keystile"] = self
-        if self._is_exempt(scope):
+        if (self._has_exemptions or scope.get("method") == "OPTIONS") and self._is_exempt(scope):
             scope["user"], scope["auth"] = UnauthenticatedUser(), AuthCredentials()
             await self.app(scope, receive, send)
             return
         try:
-            credential, without_credentials = split_credential(scope["headers"], self._header)
-            if credential is None:
-                if self.required:
-                    raise MissingCredentials()
-                scope["user"], scope["auth"] = UnauthenticatedUser(), AuthCredentials()
-                await self.app(scope, receive, send)
-                return
-            try:
-                entry = await self.verifier.verify(credential.token)
-            except AuthenticationError as exc:
-                exc.source = credential.source
-                raise
-            except Exception:
-                logger.exception("keystile: unexpected error while verifying key; refusing")
-                raise ServiceUnavailable("internal_error", source=credential.source) from None
+            token, source, without_credentials = split_credential(scope["headers"], self._header)
+            if token is None and self.required:
+                raise MissingCredentials()
         except AuthenticationError as exc:
-            self.verifier.counters.rejects[exc.reason] += 1
             await self._deny(exc, scope, receive, send)
             return
+        if token is None:
+            scope["user"], scope["auth"] = UnauthenticatedUser(), AuthCredentials()
+            await self.app(scope, receive, send)
+            return
+        entry = self.verifier.hit(token)
+        if entry is None:
+            try:
+                check_single_token(token, source)
+                entry = await self.verifier.verify(token)
+            except AuthenticationError as exc:
+                exc.source = source
+                await self._deny(exc, scope, receive, send)
+                return
+            except Exception:
+                logger.exception("keystile: unexpected error while verifying a key; refusing")
+                error = ServiceUnavailable("internal_error", source=source)
+                await self._deny(error, scope, receive, send)
+                return
         scope["user"] = entry.user
         scope["auth"] = entry.auth
         self.recorder.touch(entry.user.key_id, self.verifier.clock())
@@ -188,6 +194,7 @@ class APIKeyMiddleware:
     async def _deny(
         self, exc: AuthenticationError, scope: Scope, receive: Receive, send: Send
     ) -> None:
+        self.verifier.counters.rejects[exc.reason] += 1
         if scope["type"] == "websocket":
             close = {"type": "websocket.close", "code": WEBSOCKET_POLICY_VIOLATION}
             await send({**close, "reason": error_code(exc)})

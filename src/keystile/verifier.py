@@ -152,6 +152,22 @@ class Verifier:
 
     # -- the request path -----------------------------------------------------------
 
+    def hit(self, token: bytes) -> CachedKey | None:
+        """The hit path without a coroutine: the entry if ``token`` is cached, unexpired
+        and fresh, else ``None`` (then ``verify`` decides). Counts only the hits it returns."""
+        if len(token) > MAX_TOKEN_LENGTH:
+            return None
+        now = self.monotonic()
+        entry = self.cache.lookup(self.cache.digest(token), now)
+        if (
+            entry is None
+            or now - entry.checked_at > self.cache_ttl
+            or (entry.expires_at is not None and self.clock() >= entry.expires_at)
+        ):
+            return None
+        self.counters.cache_hits += 1
+        return entry
+
     async def verify(self, token: bytes) -> CachedKey:
         """Return the cached principal for ``token`` or raise an ``AuthenticationError``."""
         if len(token) > MAX_TOKEN_LENGTH:
