@@ -21,7 +21,6 @@ from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import anyio
 import anyio.abc
@@ -37,20 +36,12 @@ from keystile import CHEAPEST_PARAMETERS, APIKeyMiddleware, CreatedKey, KeyManag
 from keystile.stores.postgres import LISTENER_APPLICATION_NAME, PostgresKeyStore
 from keystile.tokens import generate_key
 from pgproxy import running_proxy
+from pgtools import count_update_statements, split_url, update_statements
 
 pytestmark = [pytest.mark.postgres, pytest.mark.anyio]
 
 #: µs: Postgres keeps microseconds; ``datetime.fromtimestamp`` rounds to the nearest one.
 ROUNDING = 1e-6
-
-
-def split_url(url: str) -> tuple[str, str]:
-    """The plain DSN asyncpg accepts, and the schema the URL names."""
-    parts = urlsplit(url)
-    query = parse_qsl(parts.query)
-    schema = dict(query).get("schema", "public")
-    kept = urlencode([(k, v) for k, v in query if k != "schema"])
-    return urlunsplit(parts._replace(query=kept)), schema
 
 
 @pytest.fixture
@@ -114,26 +105,6 @@ def assert_within(at: datetime | None, bounds: tuple[float, float]) -> None:
     assert at is not None
     before, after = bounds
     assert before - ROUNDING <= at.timestamp() <= after + ROUNDING, (at, bounds)
-
-
-async def count_update_statements(raw: asyncpg.Connection, schema: str) -> None:
-    """A statement-level trigger counting UPDATE statements on keystile_keys."""
-    q = f'"{schema}"'
-    await raw.execute(
-        f"""
-        CREATE TABLE {q}.update_statements (n int NOT NULL);
-        INSERT INTO {q}.update_statements VALUES (0);
-        CREATE FUNCTION {q}.count_update() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN UPDATE {q}.update_statements SET n = n + 1; RETURN NULL; END $$;
-        CREATE TRIGGER count_updates AFTER UPDATE ON {q}.keystile_keys
-            FOR EACH STATEMENT EXECUTE FUNCTION {q}.count_update();
-        """  # noqa: S608
-    )
-
-
-async def update_statements(raw: asyncpg.Connection, schema: str) -> int:
-    n: int = await raw.fetchval(f'SELECT n FROM "{schema}".update_statements')  # noqa: S608
-    return n
 
 
 async def listener_pids(raw: asyncpg.Connection, store: PostgresKeyStore) -> list[int]:

@@ -20,7 +20,6 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import anyio
 import anyio.abc
@@ -37,21 +36,13 @@ from keystile.stores.postgres import (
     POOL_APPLICATION_NAME,
     PostgresKeyStore,
 )
+from pgtools import count_update_statements, split_url, update_statements
 
 pytestmark = pytest.mark.postgres
 
 T = TypeVar("T")
 
 NOW = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
-
-
-def split_url(url: str) -> tuple[str, str]:
-    """The plain DSN asyncpg accepts, and the schema the URL names."""
-    parts = urlsplit(url)
-    query = parse_qsl(parts.query)
-    schema = dict(query).get("schema", "public")
-    kept = urlencode([(k, v) for k, v in query if k != "schema"])
-    return urlunsplit(parts._replace(query=kept)), schema
 
 
 def record(owner: str = "alice", name: str = "laptop", **changes: Any) -> KeyRecord:
@@ -154,28 +145,18 @@ async def test_touch_many_is_one_update_statement_that_never_moves_backwards(
 ) -> None:
     """touch_many of 60 keys fires one statement-level UPDATE; GREATEST keeps the latest."""
     _, schema = split_url(postgres_database_url)
-    q = f'"{schema}"'
     never = [record(name=f"never-{i}") for i in range(20)]
     older = [record(name=f"older-{i}", last_used_at=NOW) for i in range(20)]
     newer = [record(name=f"newer-{i}", last_used_at=NOW) for i in range(20)]
     for r in never + older + newer:
         await pg_store.insert(r)
-    await raw.execute(
-        f"""
-        CREATE TABLE {q}.update_statements (n int NOT NULL);
-        INSERT INTO {q}.update_statements VALUES (0);
-        CREATE FUNCTION {q}.count_update_statement() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN UPDATE {q}.update_statements SET n = n + 1; RETURN NULL; END $$;
-        CREATE TRIGGER count_updates AFTER UPDATE ON {q}.keystile_keys
-            FOR EACH STATEMENT EXECUTE FUNCTION {q}.count_update_statement();
-        """  # noqa: S608
-    )
+    await count_update_statements(raw, schema)
     later, earlier = NOW + timedelta(minutes=5), NOW - timedelta(hours=1)
     touches = {r.id: later for r in never + newer} | {r.id: earlier for r in older}
 
     await pg_store.touch_many(touches)
 
-    assert await raw.fetchval(f"SELECT n FROM {q}.update_statements") == 1  # noqa: S608
+    assert await update_statements(raw, schema) == 1
     found = await pg_store.get_many(list(touches))
     assert {found[r.id].last_used_at for r in never + newer} == {later}
     assert {found[r.id].last_used_at for r in older} == {NOW}
