@@ -286,3 +286,24 @@ async def test_expired_key_rejected_on_miss(store: CountingStore) -> None:
         await v.verify(created.key.encode())
     assert err.value.reason == "expired"
     assert v.counters.argon2_verifications == 1
+
+
+async def test_outage_retries_the_store_at_most_once_a_second(
+    store: CountingStore, key: CreatedKey
+) -> None:
+    """While the store is down, a stale cached key is served without a store call per request."""
+    from keystile.verifier import STALE_RETRY_INTERVAL
+
+    now = [0.0]
+    v = verifier(store, cache_ttl=10, stale_if_error=100)
+    v.monotonic = lambda: now[0]
+    await v.verify(key.key.encode())
+    store.down = True
+    now[0] = 20
+    store.gets = 0
+    for _ in range(50):
+        assert (await v.verify(key.key.encode())).key_id == key.id
+    assert store.gets == 1
+    now[0] += STALE_RETRY_INTERVAL
+    await v.verify(key.key.encode())
+    assert store.gets == 2

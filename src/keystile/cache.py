@@ -62,6 +62,8 @@ class CachedKey:
     expires_at: float | None
     #: Monotonic time the state was last read from the store.
     checked_at: float
+    #: Monotonic time a re-read last failed (store down); -inf if it never did.
+    refresh_failed_at: float = float("-inf")
     auth: AuthCredentials = field(init=False)
 
     def __post_init__(self) -> None:

@@ -61,6 +61,8 @@ DEFAULT_NEGATIVE_TTL = 30.0
 DEFAULT_NEGATIVE_MAX_SIZE = 10_000
 #: Seconds past ``cache_ttl`` a cached key keeps working while the store is unreachable.
 DEFAULT_STALE_IF_ERROR = 300.0
+#: Seconds between store retries for a cached key being served stale during an outage.
+STALE_RETRY_INTERVAL = 1.0
 #: argon2 verifications at once: half the cores, so misses never take every core from
 #: the event loop serving cache hits.
 DEFAULT_ARGON2_CONCURRENCY = max(1, (os.cpu_count() or 2) // 2)
@@ -231,10 +233,18 @@ class Verifier:
         return matched, upgraded, time.perf_counter() - started
 
     async def _reload(self, entry: CachedKey) -> CachedKey:
+        now = self.monotonic()
+        servable = now - entry.checked_at <= self.cache_ttl + self.stale_if_error
+        if servable and now - entry.refresh_failed_at < STALE_RETRY_INTERVAL:
+            # The store just failed for this key: serve the stale state without making
+            # every request wait for another connect timeout.
+            self.counters.stale_served += 1
+            return entry
         try:
             record = await self.store.get(entry.key_id)
         except StoreError as exc:
-            if self.monotonic() - entry.checked_at <= self.cache_ttl + self.stale_if_error:
+            if servable:
+                entry.refresh_failed_at = now
                 self.counters.stale_served += 1
                 return entry
             raise ServiceUnavailable("store_unavailable") from exc
