@@ -307,3 +307,35 @@ async def test_outage_retries_the_store_at_most_once_a_second(
     now[0] += STALE_RETRY_INTERVAL
     await v.verify(key.key.encode())
     assert store.gets == 2
+
+
+async def test_slow_store_failure_refuses_misses_at_once_for_a_moment(
+    store: CountingStore, key: CreatedKey
+) -> None:
+    """After a store read fails slowly (a black-holed host), misses get 503 without waiting."""
+    from keystile.verifier import STALE_RETRY_INTERVAL
+
+    class SlowDownStore(CountingStore):
+        async def get(self, key_id: str) -> KeyRecord | None:
+            self.gets += 1
+            await anyio.sleep(0.05)  # stands for a connect timeout
+            raise StoreError("timeout")
+
+    slow = SlowDownStore()
+    v = verifier(slow)
+    v.slow_store_failure = 0.01
+    for _ in range(5):
+        with pytest.raises(ServiceUnavailable):
+            await v.verify(key.key.encode())
+    assert slow.gets == 1  # the first read failed slowly; the other misses did not wait
+    assert STALE_RETRY_INTERVAL >= 0.5
+
+
+async def test_fast_store_failure_keeps_trying(store: CountingStore, key: CreatedKey) -> None:
+    """A store that refuses at once is asked again on the next miss (no breaker)."""
+    store.down = True
+    v = verifier(store)
+    for _ in range(3):
+        with pytest.raises(ServiceUnavailable):
+            await v.verify(key.key.encode())
+    assert store.gets == 3

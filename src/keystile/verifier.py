@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import math
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -61,8 +62,12 @@ DEFAULT_NEGATIVE_TTL = 30.0
 DEFAULT_NEGATIVE_MAX_SIZE = 10_000
 #: Seconds past ``cache_ttl`` a cached key keeps working while the store is unreachable.
 DEFAULT_STALE_IF_ERROR = 300.0
-#: Seconds between store retries for a cached key being served stale during an outage.
+#: Seconds between store retries during an outage: for a cached key served stale, and for
+#: misses after a store read that failed slowly.
 STALE_RETRY_INTERVAL = 1.0
+#: A failed store read slower than this (seconds) means misses are refused at once for
+#: ``STALE_RETRY_INTERVAL`` rather than each waiting for the same timeout.
+SLOW_STORE_FAILURE = 0.5
 #: argon2 verifications at once: half the cores, so misses never take every core from
 #: the event loop serving cache hits.
 DEFAULT_ARGON2_CONCURRENCY = max(1, (os.cpu_count() or 2) // 2)
@@ -150,6 +155,9 @@ class Verifier:
             else None
         )
         self._flights = _SingleFlight()
+        #: A store read that fails after this many seconds opens a short breaker.
+        self.slow_store_failure = SLOW_STORE_FAILURE
+        self._store_down_until = -math.inf
         self._limiter: tuple[asyncio.AbstractEventLoop, anyio.CapacityLimiter] | None = None
 
     # -- the request path -----------------------------------------------------------
@@ -283,9 +291,17 @@ class Verifier:
     # -- helpers --------------------------------------------------------------------
 
     async def _read(self, key_id: str) -> KeyRecord | None:
+        started = time.monotonic()
+        if started < self._store_down_until:
+            raise ServiceUnavailable("store_unavailable")
         try:
             return await self.store.get(key_id)
         except StoreError as exc:
+            failed = time.monotonic()
+            if failed - started >= self.slow_store_failure:
+                # A store that fails slowly (a black-holed host: connect timeouts) would
+                # make every miss wait as long; refuse misses at once for a moment.
+                self._store_down_until = failed + STALE_RETRY_INTERVAL
             logger.warning("keystile: key store unavailable on a cache miss: %s", exc)
             raise ServiceUnavailable("store_unavailable") from exc
 
