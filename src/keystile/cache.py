@@ -147,15 +147,13 @@ class VerifiedKeyCache:
         first = mask.find(1, 0, size)
         last = mask.rfind(1, 0, size)
         if first == last:  # one candidate, or none (a dummy is compared then)
-            matched = hmac.compare_digest(
-                self._digests[first] if first >= 0 else _NO_DIGEST, digest
-            )
+            matched = _compare(self._digests[first] if first >= 0 else _NO_DIGEST, digest)
             if not matched or first < 0:
                 return None
             slot = first
-        elif hmac.compare_digest(self._digests[first], digest):
+        elif _compare(self._digests[first], digest):
             slot = first
-        elif hmac.compare_digest(self._digests[last], digest):
+        elif _compare(self._digests[last], digest):
             slot = last
         else:
             return None

@@ -169,11 +169,7 @@ class Verifier:
             return None
         now = self.monotonic()
         entry = self.cache.lookup(self.cache.digest(token), now)
-        if (
-            entry is None
-            or now - entry.checked_at > self.cache_ttl
-            or (entry.expires_at is not None and self.clock() >= entry.expires_at)
-        ):
+        if entry is None or now - entry.checked_at > self.cache_ttl or self._expired(entry):
             return None
         self.counters.cache_hits += 1
         return entry
@@ -189,12 +185,12 @@ class Verifier:
             self.counters.cache_misses += 1
             return await self._verify_miss(token, digest)
         self.counters.cache_hits += 1
-        if entry.expires_at is not None and self.clock() >= entry.expires_at:
+        if self._expired(entry):
             raise InvalidToken("expired")
         if now - entry.checked_at > self.cache_ttl:
             stale = entry
             entry = await self._flights.run(b"refresh:" + digest, lambda: self._reload(stale))
-            if entry.expires_at is not None and self.clock() >= entry.expires_at:
+            if self._expired(entry):
                 raise InvalidToken("expired")
         return entry
 
@@ -315,6 +311,9 @@ class Verifier:
         if self._negative is not None:
             self._negative[digest] = reason
         return InvalidToken(reason)
+
+    def _expired(self, entry: CachedKey) -> bool:
+        return entry.expires_at is not None and self.clock() >= entry.expires_at
 
     def _entry(self, record: KeyRecord) -> CachedKey:
         expires = record.expires_at.timestamp() if record.expires_at is not None else None
