@@ -25,6 +25,7 @@ __all__ = [
     "ParsedKey",
     "generate_key",
     "new_key_id",
+    "normalize_key_id",
     "parse_key",
     "redact",
     "validate_prefix",
@@ -39,6 +40,7 @@ MAX_PREFIX_LENGTH = 16
 MAX_TOKEN_LENGTH = MAX_PREFIX_LENGTH + 2 + KEY_ID_LENGTH + SECRET_LENGTH + CHECKSUM_LENGTH
 
 _ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_DISPLAY_RE = re.compile(r"(?:[a-z][a-z0-9]{0,15}_)?([0-9A-Za-z]{%d})(?:…|\.\.\.)?" % KEY_ID_LENGTH)
 _PREFIX_RE = re.compile(r"[a-z][a-z0-9]{0,15}")
 _KEY_RE = re.compile(
     rb"([a-z][a-z0-9]{0,15})_([0-9A-Za-z]{%d})_([0-9A-Za-z]{%d})"
@@ -113,6 +115,17 @@ def parse_key(token: bytes | str) -> ParsedKey:
     if checksum != _checksum(raw[:-CHECKSUM_LENGTH]):
         raise InvalidToken("bad_checksum")
     return ParsedKey(prefix.decode("ascii"), key_id.decode("ascii"), secret.decode("ascii"))
+
+
+def normalize_key_id(text: str) -> str:
+    """The key id in ``text``, which may be the id itself or its display form
+    (``ks_AbC123def456`` or ``ks_AbC123def456…``, as ``redact`` and ``keystile list`` show it).
+
+    Anything else is returned stripped but unchanged, so it fails as an unknown id.
+    """
+    stripped = text.strip()
+    match = _DISPLAY_RE.fullmatch(stripped)
+    return match.group(1) if match is not None else stripped
 
 
 def redact(key_id: str, prefix: str = DEFAULT_PREFIX) -> str:
