@@ -40,7 +40,9 @@ MAX_PREFIX_LENGTH = 16
 MAX_TOKEN_LENGTH = MAX_PREFIX_LENGTH + 2 + KEY_ID_LENGTH + SECRET_LENGTH + CHECKSUM_LENGTH
 
 _ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-_DISPLAY_RE = re.compile(r"(?:[a-z][a-z0-9]{0,15}_)?([0-9A-Za-z]{%d})(?:…|\.\.\.)?" % KEY_ID_LENGTH)
+_DISPLAY_RE = re.compile(
+    rf"(?:[a-z][a-z0-9]{{0,15}}_)?([0-9A-Za-z]{{{KEY_ID_LENGTH}}})(?:…|\.\.\.)?"
+)
 _PREFIX_RE = re.compile(r"[a-z][a-z0-9]{0,15}")
 _KEY_RE = re.compile(
     rb"([a-z][a-z0-9]{0,15})_([0-9A-Za-z]{%d})_([0-9A-Za-z]{%d})"
