@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from keystile.cli import build_parser, main
+from keystile.tokens import redact
 
 
 @pytest.fixture
@@ -79,7 +82,7 @@ def test_list_show_revoke_rotate(url: str, capsys: pytest.CaptureFixture[str]) -
     code, _, err = run(capsys, "--database-url", url, "revoke", key_id, "--owner", "acme")
     assert code == 0 and "revoked" in err
     code, _, err = run(capsys, "--database-url", url, "revoke", key_id, "--owner", "acme")
-    assert code == 0 and "nothing to revoke" in err
+    assert code == 0 and "nothing to revoke" in err and "already revoked" in err
 
 
 def test_create_replace(url: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -166,7 +169,8 @@ def test_errors_are_one_line_exit_1(
 def test_every_subcommand_has_help_with_example() -> None:
     """Each subcommand's --help carries an example; the top-level help explains the URL order."""
     parser = build_parser()
-    assert "KEYSTILE_DATABASE_URL" in parser.format_help()
+    text = " ".join(parser.format_help().split())
+    assert "--database-url, else $KEYSTILE_DATABASE_URL, else sqlite:///keystile.db" in text
     subparsers = next(a for a in parser._actions if a.dest == "command")
     for name, sub in subparsers.choices.items():  # type: ignore[attr-defined]
         assert f"keystile {name}" in sub.format_help(), name
@@ -238,3 +242,252 @@ def test_replace_login_leaves_one_recognisable_key(
     keys = json.loads(out)
     assert [k["name"] for k in keys if k["status"] == "active"] == ["ann's laptop"]
     assert len(keys) == 3
+
+
+def create_key(url: str, capsys: pytest.CaptureFixture[str], owner: str = "acme") -> str:
+    code, out, _ = run(
+        capsys, "--database-url", url, "create", "--owner", owner, "--name", "ci", "--json"
+    )
+    assert code == 0
+    key_id: str = json.loads(out)["id"]
+    return key_id
+
+
+NO_DB_COMMANDS = [
+    ["list", "--owner", "acme"],
+    ["show", "AbC123def456", "--owner", "acme"],
+    ["revoke", "AbC123def456", "--owner", "acme"],
+    ["rotate", "AbC123def456", "--owner", "acme"],
+    ["reap", "--unused-for", "90d"],
+    ["reap", "--dry-run"],
+]
+
+
+@pytest.mark.parametrize("argv", NO_DB_COMMANDS, ids=lambda a: "-".join(a[:2]))
+def test_commands_never_create_a_missing_database(
+    url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    """Without a database, every command but init/create/demo fails in one line naming the
+    URL it looked at and what to do, and creates no file."""
+    code, out, err = run(capsys, *argv)
+    assert code == 1 and out == ""
+    assert err.count("\n") == 1, err
+    assert err.startswith("keystile: error: no key database at sqlite:///keystile.db")
+    assert "keystile init" in err and "--database-url" in err and "KEYSTILE_DATABASE_URL" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_database_error_shows_the_path_of_a_relative_url(
+    url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """For a relative SQLite URL the error says which file it looked for."""
+    code, _, err = run(capsys, "show", "AbC123def456", "--owner", "acme")
+    assert code == 1 and f"(no file {tmp_path.resolve() / 'keystile.db'})" in err
+
+
+@pytest.mark.parametrize("source", ["flag", "env"])
+def test_missing_database_error_names_the_url_given(
+    url: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    source: str,
+) -> None:
+    """The missing-database error names the URL from --database-url or the environment."""
+    if source == "env":
+        monkeypatch.setenv("KEYSTILE_DATABASE_URL", url)
+        code, _, err = run(capsys, "list", "--owner", "acme")
+    else:
+        monkeypatch.setenv("KEYSTILE_DATABASE_URL", "sqlite:///ignored.db")
+        code, _, err = run(capsys, "--database-url", url, "list", "--owner", "acme")
+    assert code == 1 and err.count("\n") == 1
+    assert err.startswith(f"keystile: error: no key database at {url}: run 'keystile init'")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_init_and_create_create_the_database(
+    url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """init creates the default database; after it, list works and says there are no keys."""
+    code, _, _ = run(capsys, "init")
+    assert code == 0 and (tmp_path / "keystile.db").exists()
+    code, _, err = run(capsys, "list", "--owner", "acme")
+    assert code == 0 and "no keys" in err
+
+
+@pytest.mark.parametrize("command", ["show", "revoke", "rotate"])
+@pytest.mark.parametrize("case", ["unknown-id", "other-owner", "garbage"])
+def test_unknown_key_id_is_one_line_exit_1(
+    url: str, capsys: pytest.CaptureFixture[str], command: str, case: str
+) -> None:
+    """show, revoke and rotate of a key id the owner does not have fail in one line."""
+    key_id = create_key(url, capsys)
+    owner = "acme"
+    if case == "unknown-id":
+        key_id = "AbC123def456"
+    elif case == "other-owner":
+        owner = "globex"
+    else:
+        key_id = "not a key id"
+    code, out, err = run(capsys, "--database-url", url, command, key_id, "--owner", owner)
+    assert code == 1 and out == ""
+    assert err.startswith("keystile: error: ") and err.count("\n") == 1, err
+    assert key_id in err
+
+
+def test_revoke_other_owner_leaves_the_key_active(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A refused revoke of another owner's key changes nothing."""
+    key_id = create_key(url, capsys)
+    run(capsys, "--database-url", url, "revoke", key_id, "--owner", "globex")
+    _, out, _ = run(capsys, "--database-url", url, "show", key_id, "--owner", "acme", "--json")
+    assert json.loads(out)["status"] == "active"
+
+
+def test_revoke_twice_is_idempotent(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Revoking a revoked key exits 0 and says it was already revoked."""
+    key_id = create_key(url, capsys)
+    code, _, err = run(capsys, "--database-url", url, "revoke", key_id, "--owner", "acme")
+    assert code == 0 and err == f"revoked key {key_id}\n"
+    code, _, err = run(capsys, "--database-url", url, "revoke", key_id, "--owner", "acme")
+    assert code == 0 and "already revoked" in err and err.count("\n") == 1
+
+
+DISPLAY_FORMS = {
+    "redacted": redact,
+    "three-dots": lambda key_id: redact(key_id).replace("…", "..."),
+    "no-ellipsis": lambda key_id: f"ks_{key_id}",
+    "other-prefix": lambda key_id: f"acme2_{key_id}…",
+    "spaces": lambda key_id: f"  {key_id} ",
+}
+
+
+@pytest.mark.parametrize("form", DISPLAY_FORMS)
+def test_display_form_accepted_as_key_id(
+    url: str, capsys: pytest.CaptureFixture[str], form: str
+) -> None:
+    """show, rotate and revoke take the display form (ks_<id>…, ks_<id>..., ks_<id>)."""
+    key_id = create_key(url, capsys)
+    shown = DISPLAY_FORMS[form](key_id)
+    code, out, _ = run(capsys, "--database-url", url, "show", shown, "--owner", "acme", "--json")
+    assert code == 0 and json.loads(out)["id"] == key_id
+    code, out, err = run(
+        capsys, "--database-url", url, "rotate", shown, "--owner", "acme", "--json"
+    )
+    assert code == 0, err
+    assert json.loads(out)["replaces"] == key_id
+    code, _, err = run(capsys, "--database-url", url, "revoke", shown, "--owner", "acme")
+    assert code == 0 and err == f"revoked key {key_id}\n"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["create", "--owner", "acme", "--name", "x", "--expires-in", "3000000d"],
+        ["create", "--owner", "acme", "--name", "x", "--expires-in", "36526d"],
+        ["rotate", "AbC123def456", "--owner", "acme", "--grace", "3000000d"],
+        ["reap", "--unused-for", "3000000d"],
+        ["reap", "--unused-for", "99999999999w", "--dry-run"],
+    ],
+    ids=["expires-in", "expires-in-just-over", "grace", "unused-for", "unused-for-weeks"],
+)
+def test_durations_past_a_century_are_one_line_exit_1(
+    url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    """A duration too long for a date is refused at parse time: one line, exit 1,
+    no traceback, nothing created."""
+    try:
+        code = main(["--database-url", url, *argv])
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    assert code == 1 and out == ""
+    assert err.startswith(("keystile: error: ", f"keystile {argv[0]}: error: ")), err
+    assert err.count("\n") == 1 and "at most 100 years" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_expires_in_a_century_is_accepted(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """The longest accepted --expires-in still mints a key."""
+    code, out, _ = run(
+        capsys, "--database-url", url, "create", "--owner", "acme", "--name", "x",
+        "--expires-in", "36525d", "--json",
+    )  # fmt: skip
+    assert code == 0 and json.loads(out)["expires_at"] is not None
+
+
+CLI = [sys.executable, "-m", "keystile.cli"]
+
+
+@pytest.fixture(params=["buffered", "unbuffered"])
+def cli_env(request: pytest.FixtureRequest) -> dict[str, str]:
+    """The environment for a keystile subprocess, with block-buffered stdout (what a user
+    usually has) or unbuffered (PYTHONUNBUFFERED=1): a closed pipe fails at another place."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    if request.param == "unbuffered":
+        env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _assert_quiet(stderr: str) -> None:
+    assert "Traceback" not in stderr
+    assert "BrokenPipeError" not in stderr
+    assert "Exception ignored" not in stderr
+    assert stderr == ""
+
+
+@pytest.mark.anyio
+async def test_output_into_head_ends_quietly(url: str, cli_env: dict[str, str]) -> None:
+    """keystile list --json | head -1, with more output than the pipe holds, stops quietly
+    with the status of a command killed by SIGPIPE."""
+    from keystile import CHEAPEST_PARAMETERS, KeyManager
+
+    async with KeyManager.from_url(url, argon2=CHEAPEST_PARAMETERS) as manager:
+        for i in range(40):
+            await manager.create(owner="acme", name=f"k{i}", metadata={"pad": "x" * 8000})
+    for argv in (["list", "--owner", "acme", "--json"], ["list", "--owner", "acme"]):
+        command = shlex.join([*CLI, "--database-url", url, *argv])
+        result = subprocess.run(
+            ["bash", "-c", f"set -o pipefail; {command} | head -1"],
+            capture_output=True, text=True, check=False, timeout=60, env=cli_env,
+        )  # fmt: skip
+        assert result.stdout.count("\n") == 1
+        _assert_quiet(result.stderr)
+        assert result.returncode in (0, 141)  # 0: the table fit in the pipe
+        if "--json" in argv:
+            assert result.returncode == 141
+
+
+@pytest.mark.parametrize(
+    ("argv", "statuses"),
+    [
+        (["list", "--owner", "acme", "--json"], {141}),
+        (["list", "--owner", "acme"], {141}),
+        (["show", "AbC123def456", "--owner", "acme", "--json"], {1}),
+        (["--help"], {0, 141}),  # argparse ignores its own write errors; the flush does not
+    ],
+    ids=["list-json", "list-table", "error", "help"],
+)
+def test_output_to_a_closed_pipe_ends_quietly(
+    url: str,
+    capsys: pytest.CaptureFixture[str],
+    cli_env: dict[str, str],
+    argv: list[str],
+    statuses: set[int],
+) -> None:
+    """Output to a pipe whose reader has gone ends with nothing on stderr but the error,
+    if any, whether it fails on the write or on the last flush."""
+    create_key(url, capsys)
+    process = subprocess.Popen(
+        [*CLI, "--database-url", url, *argv],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env,
+    )  # fmt: skip
+    assert process.stdout is not None
+    process.stdout.close()
+    _, stderr = process.communicate(timeout=60)
+    if statuses == {1}:
+        assert stderr.startswith("keystile: error: no key ") and stderr.count("\n") == 1
+    else:
+        _assert_quiet(stderr)
+    assert process.returncode in statuses

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from keystile.durations import format_duration, parse_duration
+from keystile.durations import MAX_DURATION, format_duration, parse_duration
 
 
 @pytest.mark.parametrize(
@@ -71,6 +71,22 @@ def test_parse_duration_out_of_range_raises_value_error(text: str) -> None:
 
 
 @pytest.mark.parametrize(
+    "text", ["3000000d", "36526d", "5218w", "3155760001", "36525d1s", "1" * 400 + "s"]
+)
+def test_parse_duration_longer_than_a_century_raises_value_error(text: str) -> None:
+    """A duration past 100 years is refused at parse time, in words, so that no caller
+    later overflows a datetime with ``now + duration``."""
+    with pytest.raises(ValueError, match="at most 100 years"):
+        parse_duration(text)
+
+
+def test_parse_duration_accepts_exactly_a_century() -> None:
+    """The bound itself is accepted, and it can be added to today's date."""
+    assert parse_duration(format_duration(MAX_DURATION)) == MAX_DURATION == timedelta(days=36525)
+    assert datetime.now(timezone.utc) + MAX_DURATION > datetime.now(timezone.utc)
+
+
+@pytest.mark.parametrize(
     ("delta", "text"),
     [
         (timedelta(weeks=2), "2w"),
@@ -87,8 +103,9 @@ def test_format_duration(delta: timedelta, text: str) -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.integers(min_value=0, max_value=10**10))
+@given(st.integers(min_value=0, max_value=int(MAX_DURATION.total_seconds())))
 def test_format_parse_round_trip(seconds: int) -> None:
-    """Any whole number of seconds survives format_duration then parse_duration."""
+    """Any whole number of seconds up to the bound survives format_duration then
+    parse_duration."""
     delta = timedelta(seconds=seconds)
     assert parse_duration(format_duration(delta)) == delta

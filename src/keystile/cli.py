@@ -1,6 +1,7 @@
 """The ``keystile`` command: mint, list, show, revoke, rotate and reap keys; run a demo.
 
-Errors are one line on stderr and exit code 1, never a traceback.
+Errors are one line on stderr and exit code 1, never a traceback. Only ``init``, ``create``
+and ``demo`` may create a missing SQLite database; the other commands refuse to run on one.
 """
 
 from __future__ import annotations
@@ -25,17 +26,26 @@ from .config import DATABASE_URL_ENV, DEFAULT_DATABASE_URL, resolve_database_url
 from .durations import parse_duration
 from .errors import KeystileError
 from .manager import DEFAULT_ROTATION_GRACE, CreatedKey, KeyManager
-from .stores.base import KeyRecord, utcnow
+from .stores import SQLiteKeyStore, store_from_url
+from .stores.base import KeyRecord, KeyStore, utcnow
+from .tokens import normalize_key_id
 
 __all__ = ["main"]
 
 T = TypeVar("T")
+
+#: The commands that may create a missing SQLite database; the others refuse to run.
+CREATING_COMMANDS = frozenset({"init", "create", "demo"})
+#: The exit status when the reader of our output went away, as if killed by SIGPIPE.
+EXIT_BROKEN_PIPE = 128 + 13
 
 DESCRIPTION = f"""\
 Manage API keys for keystile-protected apps.
 
 The database is --database-url, else ${DATABASE_URL_ENV}, else {DEFAULT_DATABASE_URL}
 (a file in the current directory). URLs: sqlite:///path.db, postgresql://user@host/db.
+Only init, create and demo create a missing SQLite file; the other commands fail.
+KEY_ID is a key's id or its display form, as in ks_AbC123def456… (either works).
 """
 
 EPILOG = """\
@@ -114,14 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="all fields but the hash, as JSON")
 
     p = command("show", "show one key of an owner", "keystile show KEY_ID --owner acme")
-    p.add_argument("key_id", metavar="KEY_ID")
+    p.add_argument("key_id", metavar="KEY_ID", type=normalize_key_id)
     p.add_argument("--owner", required=True)
     p.add_argument("--json", action="store_true")
 
     p = command(
         "revoke", "revoke a key of an owner (idempotent)", "keystile revoke KEY_ID --owner acme"
     )
-    p.add_argument("key_id", metavar="KEY_ID")
+    p.add_argument("key_id", metavar="KEY_ID", type=normalize_key_id)
     p.add_argument("--owner", required=True)
 
     p = command(
@@ -129,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
         "mint a successor; the old key keeps working for the grace period",
         "keystile rotate KEY_ID --owner acme --grace 1h",
     )
-    p.add_argument("key_id", metavar="KEY_ID")
+    p.add_argument("key_id", metavar="KEY_ID", type=normalize_key_id)
     p.add_argument("--owner", required=True)
     p.add_argument("--grace", type=_duration, default=DEFAULT_ROTATION_GRACE, help="default: 1h")
     p.add_argument("--json", action="store_true")
@@ -212,8 +222,22 @@ def _print_created(created: CreatedKey, as_json: bool, verb: str) -> None:
 # -- commands -------------------------------------------------------------------------
 
 
-async def _with_manager(url: str, work: Callable[[KeyManager], Awaitable[T]]) -> T:
-    manager = KeyManager.from_url(url)
+def _require_database(store: KeyStore, url: str) -> None:
+    """Refuse to run on a SQLite file that does not exist (opening it would create it)."""
+    if not isinstance(store, SQLiteKeyStore) or store.path == ":memory:":
+        return
+    path = Path(store.path)
+    if path.exists():
+        return
+    where = "" if path.is_absolute() else f" (no file {path.resolve()})"
+    raise CommandError(
+        f"no key database at {url}{where}: run 'keystile init' to create it, "
+        f"or pass --database-url / set {DATABASE_URL_ENV} to use another"
+    )
+
+
+async def _with_manager(store: KeyStore, work: Callable[[KeyManager], Awaitable[T]]) -> T:
+    manager = KeyManager(store)
     await manager.open()
     try:
         return await work(manager)
@@ -263,10 +287,11 @@ def _run_command(args: argparse.Namespace, url: str) -> int:
                 for field, value in record.to_public_dict().items():
                     _out(f"{field:13} {value if value not in (None, [], {}) else '-'}")
         elif command == "revoke":
+            await manager.get(args.key_id, owner=args.owner)  # KeyNotFound: not that owner's
             if await manager.revoke(args.key_id, owner=args.owner):
                 _err(f"revoked key {args.key_id}")
             else:
-                _err(f"nothing to revoke: no active key {args.key_id} for owner {args.owner!r}")
+                _err(f"nothing to revoke: key {args.key_id} was already revoked")
         elif command == "rotate":
             created = await manager.rotate(args.key_id, owner=args.owner, grace=args.grace)
             _print_created(created, args.json, "Rotated to")
@@ -283,7 +308,10 @@ def _run_command(args: argparse.Namespace, url: str) -> int:
                     _table(records)
         return 0
 
-    return anyio.run(_with_manager, url, work)
+    store = store_from_url(url)
+    if command not in CREATING_COMMANDS:
+        _require_database(store, url)
+    return anyio.run(_with_manager, store, work)
 
 
 # -- demo -------------------------------------------------------------------------------
@@ -320,7 +348,7 @@ def _demo(args: argparse.Namespace, explicit_url: str | None) -> int:
             owner="demo", name="demo key", scopes=["demo:read"], replace=True
         )
 
-    created = anyio.run(_with_manager, url, mint)
+    created = anyio.run(_with_manager, store_from_url(url), mint)
     port = _free_port(args.host, args.port)
     base = f"http://{args.host}:{port}"
     _out(f"keystile demo: database {url}")
@@ -379,16 +407,44 @@ def _get(url: str, headers: dict[str, str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()  # here, not at interpreter exit, where a failure is not ours
+    except BrokenPipeError:
+        _silence_closed_output()
+        return EXIT_BROKEN_PIPE
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "demo":
             return _demo(args, args.database_url)
         return _run_command(args, resolve_database_url(args.database_url))
+    except BrokenPipeError:
+        raise
     except (KeystileError, CommandError, ValueError, OSError) as exc:
         _err(f"keystile: error: {exc}")
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _silence_closed_output() -> None:
+    """The reader went away (``keystile list | head -1``): point stdout, and stderr if its
+    reader is gone too, at devnull, so that the interpreter's last flush cannot fail and
+    print "Exception ignored" (the recipe in the Python docs, "Note on SIGPIPE")."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except BrokenPipeError:
+                os.dup2(devnull, stream.fileno())
+    finally:
+        os.close(devnull)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -5,7 +5,12 @@ from __future__ import annotations
 import re
 from datetime import timedelta
 
-__all__ = ["format_duration", "parse_duration"]
+__all__ = ["MAX_DURATION", "format_duration", "parse_duration"]
+
+#: The longest duration accepted: 100 years. Durations are added to or taken from the
+#: current time (``--expires-in``, ``--grace``, ``--unused-for``); a longer one is a typo,
+#: and a much longer one would not fit in a ``datetime`` at all.
+MAX_DURATION = timedelta(days=36525)
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])", re.ASCII)
@@ -13,7 +18,10 @@ _NUMBER_RE = re.compile(r"\d+(?:\.\d+)?", re.ASCII)
 
 
 def parse_duration(text: str) -> timedelta:
-    """``"90d"`` → ``timedelta(days=90)``; a bare number is seconds. Raises ``ValueError``."""
+    """``"90d"`` → ``timedelta(days=90)``; a bare number is seconds.
+
+    Raises ``ValueError`` for anything else and for durations past ``MAX_DURATION``.
+    """
     value = text.strip().lower()
     if _NUMBER_RE.fullmatch(value):
         parts = [(value, "s")]
@@ -21,10 +29,12 @@ def parse_duration(text: str) -> timedelta:
         parts = _DURATION_RE.findall(value)
         if not parts or "".join(f"{n}{u}" for n, u in parts) != value.replace(" ", ""):
             raise ValueError(f"invalid duration {text!r}: use e.g. 30s, 15m, 1h, 90d or 1h30m")
-    try:
-        return timedelta(seconds=sum(float(n) * _UNITS[u] for n, u in parts))
-    except OverflowError:
-        raise ValueError(f"duration {text!r} is out of range") from None
+    seconds = sum(float(n) * _UNITS[u] for n, u in parts)
+    if not seconds <= MAX_DURATION.total_seconds():  # also catches inf from a huge number
+        raise ValueError(
+            f"duration {text!r} is too long: at most 100 years ({format_duration(MAX_DURATION)})"
+        )
+    return timedelta(seconds=seconds)
 
 
 def format_duration(delta: timedelta) -> str:

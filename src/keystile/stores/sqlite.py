@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -141,6 +142,7 @@ class SQLiteKeyStore:
 
     def _connect(self) -> sqlite3.Connection:
         if self._conn is None:
+            self._create_private()
             try:
                 conn = sqlite3.connect(
                     self.path, timeout=10.0, isolation_level=None, check_same_thread=False
@@ -154,6 +156,20 @@ class SQLiteKeyStore:
             self._migrate(conn)
             self._conn = conn
         return self._conn
+
+    def _create_private(self) -> None:
+        """Create a missing database file readable by its owner only (0600): it holds key
+        hashes and owners. SQLite gives the -wal and -shm files the mode of the database;
+        an existing file keeps its mode."""
+        if self.path in ("", ":memory:"):
+            return
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return
+        except OSError as exc:
+            raise StoreError(f"cannot create SQLite database {self.path!r}: {exc}") from exc
+        os.close(fd)
 
     @staticmethod
     def _migrate(conn: sqlite3.Connection) -> None:
