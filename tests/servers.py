@@ -59,15 +59,23 @@ class Server:
 
 @contextmanager
 def uvicorn_server(
-    database_url: str, log: Path, *, startup_timeout: float = 30.0, **options: Any
+    database_url: str,
+    log: Path,
+    *,
+    startup_timeout: float = 30.0,
+    root_path: str = "",
+    **options: Any,
 ) -> Iterator[Server]:
-    """A child uvicorn serving the protected app; killed on exit if still running."""
+    """A child uvicorn serving the protected app; killed on exit if still running.
+
+    ``root_path`` is uvicorn's ``--root-path``, as when the app is served behind a proxy
+    under a path prefix."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     sock.listen(2048)
     port = sock.getsockname()[1]
     argv = [sys.executable, str(HERE), "--fd", str(sock.fileno()), "--database-url"]
-    argv += [database_url, "--options", json.dumps(options)]
+    argv += [database_url, "--options", json.dumps(options), "--root-path", root_path]
     with log.open("wb") as out:
         proc = subprocess.Popen(argv, pass_fds=[sock.fileno()], stdout=out, stderr=out)
     sock.close()
@@ -137,11 +145,17 @@ def main() -> None:
     parser.add_argument("--fd", type=int, required=True)
     parser.add_argument("--database-url", required=True)
     parser.add_argument("--options", default="{}")
+    parser.add_argument("--root-path", default="")
     args = parser.parse_args()
     app = build_app(args.database_url, json.loads(args.options))
     sock = socket.socket(fileno=args.fd)
     config = uvicorn.Config(
-        app, log_level="warning", lifespan="on", timeout_graceful_shutdown=10, backlog=2048
+        app,
+        log_level="warning",
+        lifespan="on",
+        timeout_graceful_shutdown=10,
+        backlog=2048,
+        root_path=args.root_path,
     )
     uvicorn.Server(config).run(sockets=[sock])
 

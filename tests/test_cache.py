@@ -242,13 +242,44 @@ def test_zero_digest_can_be_cached() -> None:
 
 
 def test_insert_with_stale_epoch_after_evict_is_refused() -> None:
-    """An insert carrying the epoch read before an eviction is refused and caches nothing."""
+    """An insert carrying the epoch read before the key's eviction is refused."""
     cache = VerifiedKeyCache()
     epoch = cache.epoch
-    cache.evict("some-other-key")
+    cache.evict("a")
     assert cache.insert(digest_of("a"), entry("a"), now=1.0, epoch=epoch) is False
     assert len(cache) == 0
     assert cache.lookup(digest_of("a"), 2.0) is None
+
+
+def test_eviction_of_another_key_does_not_refuse_an_insert() -> None:
+    """Only an eviction of the same key id makes an earlier epoch stale for it."""
+    cache = VerifiedKeyCache()
+    epoch = cache.epoch
+    cache.evict("some-other-key")
+    assert cache.changed_since("a", epoch) is False
+    assert cache.insert(digest_of("a"), entry("a"), now=1.0, epoch=epoch) is True
+
+
+def test_replace_state_after_eviction_is_refused() -> None:
+    """State read before a key's eviction is not written back over what came after it."""
+    cache = VerifiedKeyCache()
+    before = cache.epoch
+    cache.evict("a")
+    after = cache.epoch
+    newer = entry("a")
+    cache.insert(digest_of("a"), newer, now=1.0, epoch=after)
+    assert cache.replace_state(entry("a"), epoch=before) is False
+    assert cache.get("a") is newer
+
+
+def test_forgetting_eviction_history_is_conservative() -> None:
+    """Past the remembered evictions, every older epoch counts as changed for every key."""
+    cache = VerifiedKeyCache()
+    epoch = cache.epoch
+    for i in range(5000):
+        cache.evict(f"other-{i}")
+    assert cache.changed_since("a", epoch) is True
+    assert cache.changed_since("a", cache.epoch) is False
 
 
 def test_insert_with_stale_epoch_after_clear_is_refused() -> None:
@@ -368,7 +399,7 @@ def test_replace_state_keeps_digest() -> None:
     digest = digest_of("a")
     cache.insert(digest, entry("a"), now=1.0, epoch=cache.epoch)
     fresh = entry("a")
-    cache.replace_state(fresh)
+    cache.replace_state(fresh, epoch=cache.epoch)
     assert cache.lookup(digest, 2.0) is fresh
 
 

@@ -268,15 +268,6 @@ async def test_exempt_paths_need_no_key(app: APIKeyMiddleware) -> None:
     assert exact.json()["authenticated"] is False
 
 
-async def test_cors_preflight_passes(app: APIKeyMiddleware) -> None:
-    """OPTIONS with Access-Control-Request-Method passes without a key; plain OPTIONS does not."""
-    async with client(app) as c:
-        preflight = await c.options("/write", headers={"Access-Control-Request-Method": "POST"})
-        plain = await c.options("/write")
-    assert preflight.status_code != 401
-    assert plain.status_code == 401
-
-
 async def test_optional_mode_lets_anonymous_through(store: MemoryKeyStore, key: CreatedKey) -> None:
     """required=False: no key passes as anonymous, a key authenticates, a bad key is 401."""
     app = protect(store, required=False)

@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
-from starlette.authentication import AuthCredentials
 
 from .principal import APIKeyUser
 
@@ -51,6 +50,8 @@ _compare = hmac.compare_digest
 #: Up to this many entries a plain loop of ``compare_digest`` is faster than the
 #: vectorised scan (measured: 0.08 µs per entry against about 1.2 µs of numpy overhead).
 SMALL_SCAN_SIZE = 12
+#: Key ids whose eviction epochs are remembered before the memory is reset.
+_EVICTION_MEMORY = 4096
 
 
 @dataclass(slots=True, eq=False)
@@ -64,12 +65,13 @@ class CachedKey:
     checked_at: float
     #: Monotonic time a re-read last failed (store down); -inf if it never did.
     refresh_failed_at: float = float("-inf")
-    auth: AuthCredentials = field(init=False)
+    #: The scopes of ``request.auth``: "authenticated" first, as Starlette's own
+    #: authentication backends set it, so ``@requires("authenticated")`` works. A tuple:
+    #: each request gets its own ``AuthCredentials`` list built from it.
+    auth_scopes: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
-        # "authenticated" first, as Starlette's own authentication backends do, so
-        # ``@requires("authenticated")`` works as the Starlette docs show.
-        self.auth = AuthCredentials(["authenticated", *self.user.scopes])
+        self.auth_scopes = ("authenticated", *self.user.scopes)
 
     @property
     def key_id(self) -> str:
@@ -79,8 +81,10 @@ class CachedKey:
 class VerifiedKeyCache:
     __slots__ = (
         "_capacity",
+        "_cleared_at",
         "_digests",
         "_entries",
+        "_evicted",
         "_hasher",
         "_mask",
         "_mask_bytes",
@@ -106,8 +110,11 @@ class VerifiedKeyCache:
         self._entries: list[CachedKey] = []
         self._slot_of: dict[str, int] = {}
         #: Bumped by every eviction, so a verification that read the store before an
-        #: eviction cannot put back the state the eviction removed.
+        #: eviction cannot put back the state the eviction removed (``changed_since``).
         self.epoch = 0
+        #: The epoch of each key id's last eviction, and of the last clear.
+        self._evicted: dict[str, int] = {}
+        self._cleared_at = 0
         self._tags: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)
         self._seen: npt.NDArray[np.float64] = np.zeros(0, dtype=np.float64)
         self._mask_bytes = bytearray()
@@ -162,10 +169,18 @@ class VerifiedKeyCache:
 
     # -- maintenance (miss path and background) -------------------------------------
 
+    def changed_since(self, key_id: str, epoch: int) -> bool:
+        """Whether ``key_id`` was evicted (its state changed) after ``epoch`` was read.
+
+        A reader takes ``epoch`` before it reads a key's state from the store; if this is
+        then true, what it read may predate the change and must not be trusted or cached.
+        """
+        return epoch < self._cleared_at or self._evicted.get(key_id, -1) > epoch
+
     def insert(self, digest: bytes, entry: CachedKey, *, now: float, epoch: int) -> bool:
-        """Cache a proven key; refused (``False``) if anything was evicted since
-        ``epoch`` was read, because the state in hand may be what was evicted."""
-        if epoch != self.epoch:
+        """Cache a proven key; refused (``False``) if the key was evicted since ``epoch``
+        was read, because the state in hand may be what was evicted."""
+        if self.changed_since(entry.key_id, epoch):
             return False
         slot = self._slot_of.get(entry.key_id)
         if slot is None:
@@ -190,14 +205,22 @@ class VerifiedKeyCache:
         slot = self._slot_of.get(key_id)
         return self._entries[slot] if slot is not None else None
 
-    def replace_state(self, entry: CachedKey) -> None:
-        """Swap in fresh state for a key already cached (its digest is unchanged)."""
+    def replace_state(self, entry: CachedKey, *, epoch: int) -> bool:
+        """Swap in fresh state for a key already cached (its digest is unchanged); refused
+        (``False``) if the key was evicted since ``epoch``, as ``insert`` is."""
         slot = self._slot_of.get(entry.key_id)
-        if slot is not None:
-            self._entries[slot] = entry
+        if slot is None or self.changed_since(entry.key_id, epoch):
+            return False
+        self._entries[slot] = entry
+        return True
 
     def evict(self, key_id: str) -> bool:
         self.epoch += 1
+        if len(self._evicted) >= _EVICTION_MEMORY:
+            # Forget per-key history, conservatively: every older reader now sees a change.
+            self._evicted.clear()
+            self._cleared_at = self.epoch
+        self._evicted[key_id] = self.epoch
         slot = self._slot_of.get(key_id)
         if slot is None:
             return False
@@ -206,6 +229,8 @@ class VerifiedKeyCache:
 
     def clear(self) -> None:
         self.epoch += 1
+        self._evicted.clear()
+        self._cleared_at = self.epoch
         self._slot_of.clear()
         self._entries.clear()
         self._digests.clear()

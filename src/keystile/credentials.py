@@ -14,12 +14,18 @@ equals a verified key, which never contains whitespace.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 from .errors import InvalidRequest
 
-__all__ = ["Credential", "check_single_token", "extract_credential", "split_credential"]
+__all__ = [
+    "Credential",
+    "check_single_token",
+    "extract_credential",
+    "split_credential",
+    "without_credentials",
+]
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -50,12 +56,17 @@ def extract_credential(
 
 
 def split_credential(
-    headers: Headers, header_name: bytes
+    headers: Headers,
+    header_name: bytes,
+    is_ours: Callable[[bytes], bool] | None = None,
 ) -> tuple[bytes | None, str, Headers | None]:
     """``(token, source, headers_without_credentials)`` in one pass over ``headers``.
 
     ``token`` is ``None`` when no credential was sent; the header list is ``None`` when
-    there was no ``Authorization`` or ``header_name`` header to remove. Raises
+    there was no credential header to remove. Only credentials are removed: an
+    ``Authorization`` header of another scheme stays, and so does a bearer token that
+    ``is_ours`` (when given) says is not a keystile key, which then counts as no
+    credential at all (an OAuth token for the app's own layer). Raises
     ``InvalidRequest`` for an empty token or two different ones. Does not check the
     token for inner whitespace: see :func:`check_single_token`.
     """
@@ -68,23 +79,21 @@ def split_credential(
         index += 1
         if name == b"authorization":
             parts = value.split(None, 1)
-            if first < 0:
-                first = index
-            else:
-                hits = [*(hits or [first]), index]
             if not parts or parts[0].lower() != b"bearer":
                 continue
             candidate = parts[1].strip() if len(parts) == 2 else b""
+            if is_ours is not None and candidate and not is_ours(candidate):
+                continue
             where = "authorization"
         elif name == header_name:
-            if first < 0:
-                first = index
-            else:
-                hits = [*(hits or [first]), index]
             candidate = value.strip()
             where = header_name.decode("latin-1")
         else:
             continue
+        if first < 0:
+            first = index
+        else:
+            hits = [*(hits or [first]), index]
         if not candidate:
             raise InvalidRequest(
                 "empty_token", f"The {_label(where)} header carries no key.", source=where
@@ -101,6 +110,26 @@ def split_credential(
         return token, source, headers[:first] + headers[first + 1 :]
     drop = set(hits)
     return token, source, [h for i, h in enumerate(headers) if i not in drop]
+
+
+def without_credentials(
+    headers: Headers, header_name: bytes, is_ours: Callable[[bytes], bool]
+) -> Headers | None:
+    """``headers`` without keystile's credentials, ``None`` if there were none; never raises.
+
+    For paths that need no key: the API-key header goes whatever it holds, a bearer
+    token only when ``is_ours``; every other header, other credentials included, stays.
+    """
+    kept: Headers = []
+    for name, value in headers:
+        if name == header_name:
+            continue
+        if name == b"authorization":
+            parts = value.split(None, 1)
+            if len(parts) == 2 and parts[0].lower() == b"bearer" and is_ours(parts[1].strip()):
+                continue
+        kept.append((name, value))
+    return kept if len(kept) != len(headers) else None
 
 
 def check_single_token(token: bytes, source: str) -> None:

@@ -5,30 +5,41 @@ verifier, and either sets Starlette's ``scope["user"]``/``scope["auth"]`` and ca
 app, or answers with the RFC 6750 response from :mod:`keystile.responses`. It also owns
 the background work (usage flushes, revocation listener, cache upkeep), started by the
 lifespan protocol or, when a server runs without lifespan, lazily on the first request.
+The background work belongs to the middleware, not to the lifespan call, so an app that
+ends the lifespan protocol early does not stop it; a duty that fails is logged and
+restarted.
+
+Without a valid key nothing the app produces reaches the client, with two exceptions:
+``exempt_paths`` (matched on the path the app routes on, without the proxy's
+``root_path``; keystile credentials are still stripped there) and CORS preflights, which
+are forwarded only to a ``CORSMiddleware`` inside this one and only let out when the
+answer carries the CORS preflight headers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import timedelta
 from typing import Any
 
 import anyio
 from starlette.authentication import AuthCredentials, UnauthenticatedUser
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import HTTPConnection
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .config import resolve_database_url
-from .credentials import check_single_token, split_credential
+from .credentials import check_single_token, split_credential, without_credentials
 from .errors import AuthenticationError, MissingCredentials, ServiceUnavailable, StoreError
 from .hashing import DEFAULT_PARAMETERS, Argon2Parameters, SecretHasher
 from .responses import WEBSOCKET_POLICY_VIOLATION, error_code, error_response
 from .stats import KeystileStats
 from .stores import store_from_url
 from .stores.base import KeyStore, utcnow
+from .tokens import DEFAULT_PREFIX, key_matcher
 from .usage import DEFAULT_FLUSH_INTERVAL, DEFAULT_FLUSH_MAX, UsageRecorder
 from .verifier import (
     DEFAULT_ARGON2_CONCURRENCY,
@@ -38,6 +49,7 @@ from .verifier import (
     DEFAULT_MAX_PENDING_VERIFICATIONS,
     DEFAULT_NEGATIVE_MAX_SIZE,
     DEFAULT_NEGATIVE_TTL,
+    DEFAULT_PER_KEY_PENDING,
     DEFAULT_STALE_IF_ERROR,
     Verifier,
 )
@@ -54,17 +66,63 @@ DEFAULT_REALM = "api"
 DEFAULT_REAP_UNUSED_FOR = timedelta(days=90)
 #: Seconds the final flush and store close may take at shutdown.
 SHUTDOWN_TIMEOUT = 10.0
+#: Cap of the delay before a failed background duty (or store open) is retried, seconds.
+BACKGROUND_RETRY_MAX = 5.0
+#: The header a CORS preflight answer carries and no other response needs.
+_PREFLIGHT_ANSWER_HEADER = b"access-control-allow-methods"
+
+
+def route_path(scope: Scope) -> str:
+    """The path the app routes on: ``scope["path"]`` without the proxy's ``root_path``
+    (ASGI servers include it in ``path``; Starlette's router strips it the same way)."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if not root or not path.startswith(root):
+        return path
+    if len(path) == len(root):
+        return ""
+    return path[len(root) :] if path[len(root)] == "/" else path
+
+
+def is_preflight(scope: Scope) -> bool:
+    """A CORS preflight: ``OPTIONS`` with both ``Origin`` and ``Access-Control-Request-Method``
+    (an ``OPTIONS`` without ``Origin`` is not one, whatever else it carries)."""
+    if scope.get("method") != "OPTIONS":
+        return False
+    names = {name for name, _ in scope["headers"]}
+    return b"origin" in names and b"access-control-request-method" in names
+
+
+def has_cors_responder(app: ASGIApp) -> bool:
+    """Whether a Starlette ``CORSMiddleware`` sits inside ``app``, found by following the
+    ``.app`` links middlewares keep (and a Starlette app's declared middleware)."""
+    node: Any = app
+    seen: set[int] = set()
+    while node is not None and id(node) not in seen:
+        seen.add(id(node))
+        if isinstance(node, CORSMiddleware):
+            return True
+        for declared in getattr(node, "user_middleware", None) or ():
+            cls = getattr(declared, "cls", None)
+            if isinstance(cls, type) and issubclass(cls, CORSMiddleware):
+                return True
+        node = getattr(node, "app", None)
+    return False
 
 
 class APIKeyMiddleware:
     """Require a valid API key on every HTTP and WebSocket request.
 
-    ``app.add_middleware(APIKeyMiddleware, database_url="sqlite:///keys.db")``
+    ``app.add_middleware(APIKeyMiddleware, database_url="sqlite:///keystile.db")``
 
     The database comes from ``store=`` (a ``KeyStore``), else ``database_url=``, else the
     ``KEYSTILE_DATABASE_URL`` environment variable, else ``sqlite:///keystile.db``: the
     same order as the ``keystile`` CLI, so both see the same keys. Every option is
     documented in ``docs/operations.md``.
+
+    With ``required=False`` a request without a key goes on as anonymous, and so does a
+    bearer token that is not keystile's (see ``key_prefixes``), untouched, for the app's
+    own OAuth layer; a keystile key that is not valid is still refused.
     """
 
     def __init__(
@@ -84,10 +142,12 @@ class APIKeyMiddleware:
         argon2: Argon2Parameters = DEFAULT_PARAMETERS,
         argon2_concurrency: int = DEFAULT_ARGON2_CONCURRENCY,
         max_pending_verifications: int = DEFAULT_MAX_PENDING_VERIFICATIONS,
+        per_key_pending: int = DEFAULT_PER_KEY_PENDING,
         exempt_paths: Iterable[str] = (),
         required: bool = True,
         header_name: str = DEFAULT_HEADER_NAME,
         realm: str = DEFAULT_REALM,
+        key_prefixes: Iterable[str] = (DEFAULT_PREFIX,),
         allow_preflight: bool = True,
         strip_credentials: bool = True,
         on_error: ErrorHandler | None = None,
@@ -110,6 +170,7 @@ class APIKeyMiddleware:
             stale_if_error=stale_if_error,
             argon2_concurrency=argon2_concurrency,
             max_pending_verifications=max_pending_verifications,
+            per_key_pending=per_key_pending,
         )
         self.recorder = UsageRecorder(
             self.store, flush_interval=flush_interval, flush_max=flush_max
@@ -123,13 +184,16 @@ class APIKeyMiddleware:
         self.reap_every = reap_every
         self.reap_unused_for = reap_unused_for
         self._header = header_name.lower().encode("latin-1")
+        self._is_key = key_matcher(key_prefixes)
+        #: With required=False a bearer token that is not keystile's is not a credential.
+        self._bearer_filter = None if required else self._is_key
         paths = list(exempt_paths)
         self._exempt_exact = frozenset(p for p in paths if not p.endswith("*"))
         self._exempt_prefixes = tuple(p[:-1] for p in paths if p.endswith("*"))
         self._has_exemptions = bool(paths)
+        self._cors_inside: bool | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._background: anyio.CancelScope | None = None
-        self._background_done: anyio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
         self._unsubscribe: Callable[[], None] | None = None
 
     # -- ASGI -----------------------------------------------------------------------
@@ -143,22 +207,26 @@ class APIKeyMiddleware:
             await self.app(scope, receive, send)
             return
         if self._loop is not asyncio.get_running_loop():
-            self._start_lazily()
+            self._start_background()
         scope["keystile"] = self
-        if (self._has_exemptions or scope.get("method") == "OPTIONS") and self._is_exempt(scope):
-            scope["user"], scope["auth"] = UnauthenticatedUser(), AuthCredentials()
-            await self.app(scope, receive, send)
+        if self._has_exemptions and self._is_exempt(scope):
+            await self._pass_exempt(scope, receive, send)
             return
         try:
-            token, source, without_credentials = split_credential(scope["headers"], self._header)
-            if token is None and self.required:
-                raise MissingCredentials()
+            token, source, without = split_credential(
+                scope["headers"], self._header, self._bearer_filter
+            )
         except AuthenticationError as exc:
             await self._deny(exc, scope, receive, send)
             return
         if token is None:
-            scope["user"], scope["auth"] = UnauthenticatedUser(), AuthCredentials()
-            await self.app(scope, receive, send)
+            if not self.required:
+                scope["user"], scope["auth"] = UnauthenticatedUser(), AuthCredentials()
+                await self.app(scope, receive, send)
+            elif self.allow_preflight and is_preflight(scope):
+                await self._pass_preflight(scope, receive, send)
+            else:
+                await self._deny(MissingCredentials(), scope, receive, send)
             return
         entry = self.verifier.hit(token)
         if entry is None:
@@ -175,21 +243,55 @@ class APIKeyMiddleware:
                 await self._deny(error, scope, receive, send)
                 return
         scope["user"] = entry.user
-        scope["auth"] = entry.auth
+        scope["auth"] = AuthCredentials(entry.auth_scopes)
         self.recorder.touch(entry.user.key_id, self.verifier.clock())
-        if self.strip_credentials and without_credentials is not None:
-            scope["headers"] = without_credentials
+        if self.strip_credentials and without is not None:
+            scope["headers"] = without
         await self.app(scope, receive, send)
 
     def _is_exempt(self, scope: Scope) -> bool:
-        path: str = scope["path"]
-        if path in self._exempt_exact or (
+        path = route_path(scope)
+        return path in self._exempt_exact or bool(
             self._exempt_prefixes and path.startswith(self._exempt_prefixes)
-        ):
-            return True
-        if self.allow_preflight and scope.get("method") == "OPTIONS":
-            return any(name == b"access-control-request-method" for name, _ in scope["headers"])
-        return False
+        )
+
+    async def _pass_exempt(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A path that needs no key: the app runs anonymous, without keystile credentials
+        (a key sent there must not reach an access log), other credentials untouched."""
+        if self.strip_credentials:
+            stripped = without_credentials(scope["headers"], self._header, self._is_key)
+            if stripped is not None:
+                scope["headers"] = stripped
+        scope["user"], scope["auth"] = UnauthenticatedUser(), AuthCredentials()
+        await self.app(scope, receive, send)
+
+    async def _pass_preflight(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Forward a keyless CORS preflight to the CORS responder inside, if there is one,
+        and let out only a CORS preflight answer; anything else becomes the 401."""
+        if self._cors_inside is None:
+            self._cors_inside = has_cors_responder(self.app)
+        if not self._cors_inside:
+            await self._deny(MissingCredentials(), scope, receive, send)
+            return
+        answered: bool | None = None
+
+        async def send_preflight_answer(message: Message) -> None:
+            nonlocal answered
+            if answered is None and message["type"] == "http.response.start":
+                names = (name.lower() for name, _ in message.get("headers", ()))
+                answered = _PREFLIGHT_ANSWER_HEADER in names
+            if answered:
+                await send(message)
+
+        scope["user"], scope["auth"] = UnauthenticatedUser(), AuthCredentials()
+        try:
+            await self.app(scope, receive, send_preflight_answer)
+        except Exception:
+            if answered:
+                raise
+            logger.warning("keystile: the app failed on a CORS preflight; refusing it")
+        if not answered:
+            await self._deny(MissingCredentials(), scope, receive, send)
 
     async def _deny(
         self, exc: AuthenticationError, scope: Scope, receive: Receive, send: Send
@@ -246,52 +348,85 @@ class APIKeyMiddleware:
     # -- background work ---------------------------------------------------------------
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async with anyio.create_task_group() as tg:
+        stopped = False
 
-            async def wrapped_receive() -> Message:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await tg.start(self._run_background)
-                return message
+        async def wrapped_receive() -> Message:
+            message = await receive()
+            if message["type"] == "lifespan.startup" and self._loop is not (
+                asyncio.get_running_loop()
+            ):
+                self._start_background()
+            return message
 
-            async def wrapped_send(message: Message) -> None:
-                if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
-                    await self._stop()
-                await send(message)
+        async def wrapped_send(message: Message) -> None:
+            nonlocal stopped
+            if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                stopped = True
+                await self._stop()
+            await send(message)
 
-            try:
-                await self.app(scope, wrapped_receive, wrapped_send)
-            finally:
-                if self._background is not None:
-                    self._background.cancel()
+        await self.app(scope, wrapped_receive, wrapped_send)
+        if not stopped and self._task is not None and not self._task.done():
+            logger.warning(
+                "keystile: the application ended the lifespan protocol before shutdown; "
+                "background work (last_used_at writes, revocation listener, cache upkeep) "
+                "keeps running. Call APIKeyMiddleware.aclose() at shutdown to write the "
+                "last pending uses."
+            )
 
-    def _start_lazily(self) -> None:
-        # Background work of another event loop (a test client's previous loop) died
-        # with that loop; start afresh in this one.
-        self._background = None
+    def _start_background(self) -> None:
+        """(Re)start the background work on the running loop.
+
+        Synchronous, so the change listener is subscribed before this request (or any
+        other on this loop) can verify a key: a revocation is never missed in between.
+        Background work of another event loop (a test client's previous loop) died with
+        that loop; it starts afresh here.
+        """
         loop = asyncio.get_running_loop()
         self._loop = loop
-        task = loop.create_task(self._run_background())
-        task.add_done_callback(lambda t: None if t.cancelled() else t.exception())
-
-    async def _run_background(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
-        self._loop = asyncio.get_running_loop()
-        done = self._background_done = anyio.Event()
         if self._unsubscribe is not None:
             self._unsubscribe()
         self._unsubscribe = self.store.subscribe(self.verifier.on_change)
-        try:
-            with anyio.CancelScope() as cancel_scope:
-                self._background = cancel_scope
-                task_status.started()
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(self._open_and_watch)
-                    tg.start_soon(self.recorder.run)
-                    tg.start_soon(self._maintain_cache)
-                    if self.reap_every:
-                        tg.start_soon(self._reap_periodically, self.reap_every)
-        finally:
-            done.set()
+        task = loop.create_task(self._run_background(), name="keystile background work")
+        task.add_done_callback(self._background_ended)
+        self._task = task
+
+    def _background_ended(self, task: asyncio.Task[None]) -> None:
+        if task is not self._task:
+            return
+        if not task.cancelled() and task.exception() is not None:
+            logger.error(
+                "keystile: background work stopped (%s); it restarts with the next request",
+                task.exception(),
+            )
+        self._loop = None
+
+    async def _run_background(self) -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._supervise, "revocation listener", self._open_and_watch)
+            tg.start_soon(self._supervise, "last_used_at writer", self.recorder.run)
+            tg.start_soon(self._supervise, "cache upkeep", self._maintain_cache)
+            if self.reap_every:
+                tg.start_soon(self._supervise, "periodic reaper", self._reap_periodically)
+
+    @staticmethod
+    async def _supervise(name: str, duty: Callable[[], Awaitable[None]]) -> None:
+        """Run ``duty`` until it returns; if it fails, log it and run it again."""
+        delay = 0.5
+        while True:
+            try:
+                await duty()
+                return
+            except Exception as exc:
+                logger.error(
+                    "keystile: %s failed (%s: %s); restarting it in %.1fs",
+                    name,
+                    type(exc).__name__,
+                    exc,
+                    delay,
+                )
+            await anyio.sleep(delay)
+            delay = min(delay * 2, BACKGROUND_RETRY_MAX)
 
     async def _open_and_watch(self) -> None:
         delay = 0.1
@@ -302,7 +437,7 @@ class APIKeyMiddleware:
             except StoreError as exc:
                 logger.warning("keystile: cannot open %s yet: %s", self.store.display_url, exc)
                 await anyio.sleep(delay)
-                delay = min(delay * 2, 10.0)
+                delay = min(delay * 2, BACKGROUND_RETRY_MAX)
         await self.store.watch()
 
     async def _maintain_cache(self) -> None:
@@ -315,9 +450,10 @@ class APIKeyMiddleware:
             except StoreError as exc:
                 logger.debug("keystile: state refresh deferred, store unavailable: %s", exc)
 
-    async def _reap_periodically(self, every: float) -> None:
+    async def _reap_periodically(self) -> None:
+        assert self.reap_every is not None
         while True:
-            await anyio.sleep(every)
+            await anyio.sleep(self.reap_every)
             now = utcnow()
             try:
                 reaped = await self.store.reap(
@@ -334,11 +470,11 @@ class APIKeyMiddleware:
                 )
 
     async def _stop(self) -> None:
-        if self._background is not None and self._loop is asyncio.get_running_loop():
-            self._background.cancel()
-            if self._background_done is not None:
-                await self._background_done.wait()
-        self._background = None
+        task, self._task = self._task, None
+        if task is not None and not task.done() and self._loop is asyncio.get_running_loop():
+            task.cancel()
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait({task})
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None

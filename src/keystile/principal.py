@@ -15,11 +15,24 @@ from .tokens import redact
 __all__ = ["APIKeyUser"]
 
 
+def _frozen(value: Any) -> Any:
+    """``value`` with every dict made a read-only mapping and every list a tuple."""
+    if isinstance(value, Mapping):
+        return MappingProxyType({k: _frozen(v) for k, v in value.items()})
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    return value
+
+
 class APIKeyUser(BaseUser):
     """The key that authenticated a request: ``request.user`` after ``APIKeyMiddleware``.
 
     ``display_name`` is ``apikey:<name>`` for audit logs; ``identity`` is the public key
     id. It holds no secret and no hash.
+
+    Immutable, metadata included: one instance serves every request made with the key
+    while it is cached, so a handler that could change it would change what later
+    requests are granted.
     """
 
     __slots__ = ("expires_at", "key_id", "metadata", "name", "owner", "prefix", "scopes")
@@ -35,13 +48,28 @@ class APIKeyUser(BaseUser):
         prefix: str = "ks",
         expires_at: datetime | None = None,
     ) -> None:
-        self.key_id = key_id
-        self.owner = owner
-        self.name = name
-        self.scopes = tuple(scopes)
-        self.metadata: Mapping[str, Any] = MappingProxyType(dict(metadata or {}))
-        self.prefix = prefix
-        self.expires_at = expires_at
+        init = object.__setattr__
+        init(self, "key_id", key_id)
+        init(self, "owner", owner)
+        init(self, "name", name)
+        init(self, "scopes", tuple(scopes))
+        init(self, "metadata", _frozen(dict(metadata or {})))
+        init(self, "prefix", prefix)
+        init(self, "expires_at", expires_at)
+
+    key_id: str
+    owner: str
+    name: str
+    scopes: tuple[str, ...]
+    metadata: Mapping[str, Any]
+    prefix: str
+    expires_at: datetime | None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"APIKeyUser is immutable: cannot set {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"APIKeyUser is immutable: cannot delete {name!r}")
 
     @classmethod
     def from_record(cls, record: KeyRecord) -> APIKeyUser:
@@ -72,7 +100,9 @@ class APIKeyUser(BaseUser):
         return redact(self.key_id, self.prefix)
 
     def has_scopes(self, *scopes: str) -> bool:
-        return set(scopes).issubset(self.scopes)
+        """Whether the key holds every one of ``scopes``; "authenticated" is held by every
+        key, as in ``request.auth.scopes``."""
+        return all(scope == "authenticated" or scope in self.scopes for scope in scopes)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, APIKeyUser):

@@ -9,9 +9,18 @@ The pipeline (design §1)::
                                           (bounded) ─► cache insert
 
 It knows nothing of ASGI. argon2 runs at most once per token at a time and at most
-``argon2_concurrency`` at once; past ``max_pending_verifications`` waiting, a miss is
-refused at once with ``ServiceUnavailable("overloaded")`` instead of queueing without
-bound, so a flood of wrong secrets cannot starve anything but other misses.
+``argon2_concurrency`` at once. Misses are admitted before any store access: at most one
+verification per key id runs, with ``per_key_pending`` more waiting behind it, and at most
+``max_pending_verifications`` misses in all; past either bound a miss is refused at once
+with ``ServiceUnavailable("overloaded")``. So a flood of wrong secrets for one key id
+cannot take the shared argon2 pool from other keys, and because admission does not look
+at the store, the answer under overload is the same for a key id that exists and one
+that does not.
+
+A key's state changes (revoke, rotation, expiry) evict it from the cache while a
+verification or a state refresh of it may be reading the store. Each reader notes the
+cache's epoch before it reads; if the key was evicted since, what it read may predate
+the change, so it reads again before it answers and never writes the old state back.
 """
 
 from __future__ import annotations
@@ -22,7 +31,8 @@ import logging
 import math
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -46,6 +56,7 @@ __all__ = [
     "DEFAULT_MAX_PENDING_VERIFICATIONS",
     "DEFAULT_NEGATIVE_MAX_SIZE",
     "DEFAULT_NEGATIVE_TTL",
+    "DEFAULT_PER_KEY_PENDING",
     "DEFAULT_STALE_IF_ERROR",
     "Verifier",
 ]
@@ -73,6 +84,13 @@ SLOW_STORE_FAILURE = 0.5
 DEFAULT_ARGON2_CONCURRENCY = max(1, (os.cpu_count() or 2) // 2)
 #: Misses allowed to wait for argon2 before new ones get 503 (about 1 s of work at 4 ms).
 DEFAULT_MAX_PENDING_VERIFICATIONS = 256
+#: Misses of one key id allowed to wait behind the one being verified. Only distinct
+#: tokens for the same id queue here (one token is one single flight), and a real client
+#: has one secret per id, so anything past a few is a guessing flood.
+DEFAULT_PER_KEY_PENDING = 3
+#: Re-reads of a key whose state keeps changing while it is verified, before the last
+#: state read is used without being cached.
+_SETTLE_ATTEMPTS = 3
 
 
 class _Interrupted(Exception):
@@ -84,6 +102,14 @@ class _Flight:
     done: anyio.Event
     result: CachedKey | None = None
     error: BaseException | None = None
+
+
+@dataclass(slots=True)
+class _KeyQueue:
+    """The misses of one key id: one holds the lock, the others wait for it."""
+
+    lock: anyio.Lock
+    users: int = 0
 
 
 @dataclass(slots=True)
@@ -131,6 +157,7 @@ class Verifier:
         stale_if_error: float = DEFAULT_STALE_IF_ERROR,
         argon2_concurrency: int = DEFAULT_ARGON2_CONCURRENCY,
         max_pending_verifications: int = DEFAULT_MAX_PENDING_VERIFICATIONS,
+        per_key_pending: int = DEFAULT_PER_KEY_PENDING,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -143,9 +170,13 @@ class Verifier:
         self.stale_if_error = stale_if_error
         self.argon2_concurrency = argon2_concurrency
         self.max_pending_verifications = max_pending_verifications
+        self.per_key_pending = per_key_pending
         self.cache = VerifiedKeyCache(max_size=cache_max_size)
         self.counters = Counters()
         self.argon2_in_flight = 0
+        #: Misses admitted and not yet answered (reading the store, waiting or verifying).
+        self.pending_verifications = 0
+        self._queues: dict[str, _KeyQueue] = {}
         #: Wall clock (expiry) and monotonic clock (TTLs); tests may replace them.
         self.clock = clock
         self.monotonic = monotonic
@@ -205,30 +236,73 @@ class Verifier:
 
     async def _prove(self, parsed: ParsedKey, digest: bytes) -> CachedKey:
         epoch = self.cache.epoch
-        record = await self._read(parsed.key_id)
-        if record is None or record.prefix != parsed.prefix:
-            raise self._remember(digest, "unknown")
-        if self.argon2_in_flight >= self.max_pending_verifications:
-            raise ServiceUnavailable("overloaded")
-        self.argon2_in_flight += 1
-        try:
-            matched, upgraded, seconds = await anyio.to_thread.run_sync(
-                self._timed_verify, record.secret_hash, parsed.secret, limiter=self._get_limiter()
-            )
-        finally:
-            self.argon2_in_flight -= 1
+        async with self._admitted(parsed.key_id):
+            record = await self._read(parsed.key_id)
+            if record is None or record.prefix != parsed.prefix:
+                raise self._remember(digest, "unknown")
+            self.argon2_in_flight += 1
+            try:
+                matched, upgraded, seconds = await anyio.to_thread.run_sync(
+                    self._timed_verify,
+                    record.secret_hash,
+                    parsed.secret,
+                    limiter=self._get_limiter(),
+                )
+            finally:
+                self.argon2_in_flight -= 1
         self.counters.argon2_verifications += 1
         self.counters.argon2_seconds += seconds
         if not matched:
             raise self._remember(digest, "wrong_secret")
         if upgraded is not None:
             await self._upgrade_hash(record, upgraded)
-        status = record.status(datetime.fromtimestamp(self.clock(), timezone.utc))
+        settled, settled_epoch = await self._settle(record, epoch)
+        if settled is None:
+            raise self._remember(digest, "unknown")
+        status = settled.status(datetime.fromtimestamp(self.clock(), timezone.utc))
         if status != "active":
             raise self._remember(digest, status)
-        entry = self._entry(record)
-        self.cache.insert(digest, entry, now=entry.checked_at, epoch=epoch)
+        entry = self._entry(settled)
+        if settled_epoch is not None:
+            self.cache.insert(digest, entry, now=entry.checked_at, epoch=settled_epoch)
         return entry
+
+    async def _settle(self, record: KeyRecord, epoch: int) -> tuple[KeyRecord | None, int | None]:
+        """``record`` if its key was not evicted since ``epoch``, else its state read again.
+
+        Returns the state to answer with and the epoch it is current for, or ``None`` as
+        the epoch when the key kept changing (answer with the last read, cache nothing).
+        """
+        current: KeyRecord | None = record
+        for _ in range(_SETTLE_ATTEMPTS):
+            if not self.cache.changed_since(record.id, epoch):
+                return current, epoch
+            epoch = self.cache.epoch
+            current = await self._read(record.id)
+        return current, None if self.cache.changed_since(record.id, epoch) else epoch
+
+    @asynccontextmanager
+    async def _admitted(self, key_id: str) -> AsyncIterator[None]:
+        """Hold the miss slot of ``key_id``, or raise ``ServiceUnavailable("overloaded")``
+        at once when this key id's queue or all misses are at their bound. Decided before
+        any store access, so it cannot tell whether the key id exists."""
+        if self.pending_verifications >= self.max_pending_verifications:
+            raise ServiceUnavailable("overloaded")
+        queue = self._queues.get(key_id)
+        if queue is None:
+            queue = self._queues[key_id] = _KeyQueue(anyio.Lock())
+        elif queue.users > self.per_key_pending:
+            raise ServiceUnavailable("overloaded")
+        queue.users += 1
+        self.pending_verifications += 1
+        try:
+            async with queue.lock:
+                yield
+        finally:
+            self.pending_verifications -= 1
+            queue.users -= 1
+            if not queue.users:
+                del self._queues[key_id]
 
     def _timed_verify(self, secret_hash: str, secret: str) -> tuple[bool, str | None, float]:
         """Verify in the worker thread, timing the work alone (not the wait for a thread)."""
@@ -245,15 +319,19 @@ class Verifier:
             self.counters.stale_served += 1
             return entry
         try:
-            record = await self.store.get(entry.key_id)
+            for _ in range(_SETTLE_ATTEMPTS):
+                epoch = self.cache.epoch
+                record = await self.store.get(entry.key_id)
+                if not self.cache.changed_since(entry.key_id, epoch):
+                    break
         except StoreError as exc:
-            if servable:
+            if servable and not self.cache.changed_since(entry.key_id, epoch):
                 entry.refresh_failed_at = now
                 self.counters.stale_served += 1
                 return entry
             raise ServiceUnavailable("store_unavailable") from exc
         self.counters.state_refreshes += 1
-        fresh = self._apply(entry, record)
+        fresh = self._apply(entry, record, epoch)
         if fresh is None:
             raise InvalidToken("revoked")
         return fresh
@@ -266,10 +344,11 @@ class Verifier:
         stale = self.cache.checked_before(self.monotonic() - self.cache_ttl / 2)
         if not stale:
             return 0
+        epoch = self.cache.epoch
         records = await self.store.get_many([e.key_id for e in stale])
         self.counters.state_refreshes += len(stale)
         for entry in stale:
-            self._apply(entry, records.get(entry.key_id))
+            self._apply(entry, records.get(entry.key_id), epoch)
         return len(stale)
 
     def evict_idle(self) -> int:
@@ -319,13 +398,17 @@ class Verifier:
         expires = record.expires_at.timestamp() if record.expires_at is not None else None
         return CachedKey(APIKeyUser.from_record(record), expires, self.monotonic())
 
-    def _apply(self, entry: CachedKey, record: KeyRecord | None) -> CachedKey | None:
-        """Fold freshly read state into the cache; ``None`` when the key is gone."""
+    def _apply(self, entry: CachedKey, record: KeyRecord | None, epoch: int) -> CachedKey | None:
+        """Fold state read at ``epoch`` into the cache; ``None`` when the key is gone.
+
+        A key evicted since ``epoch`` keeps what the eviction left (nothing, or state
+        read after it): the record in hand may predate the change.
+        """
         if record is None or record.revoked_at is not None:
             self.cache.evict(entry.key_id)
             return None
         fresh = self._entry(record)
-        self.cache.replace_state(fresh)
+        self.cache.replace_state(fresh, epoch=epoch)
         return fresh
 
     def _get_limiter(self) -> anyio.CapacityLimiter:
