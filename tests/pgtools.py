@@ -1,9 +1,13 @@
-"""Helpers the Postgres tests share: URL splitting and a statement counter kept by Postgres."""
+"""Helpers the Postgres tests share: URL splitting, a statement counter kept by Postgres,
+and a wait for middlewares' LISTEN connections."""
 
 from __future__ import annotations
 
+import uuid
+from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+import anyio
 import asyncpg
 
 
@@ -35,3 +39,13 @@ async def update_statements(raw: asyncpg.Connection, schema: str) -> int:
     """UPDATE statements counted since ``count_update_statements``."""
     n: int = await raw.fetchval(f'SELECT n FROM "{schema}".update_statements')  # noqa: S608
     return n
+
+
+async def until_listening(raw: asyncpg.Connection, store: Any, *apps: Any) -> None:
+    """NOTIFY a made-up key id on ``store``'s channel until every app (an
+    ``APIKeyMiddleware``) counted it: from then on they listen."""
+    seen = [app.stats().revocation_events for app in apps]
+    with anyio.fail_after(5):
+        while any(app.stats().revocation_events == n for app, n in zip(apps, seen, strict=True)):
+            await raw.execute("SELECT pg_notify($1, $2)", store.channel, f"ping-{uuid.uuid4().hex}")
+            await anyio.sleep(0.02)

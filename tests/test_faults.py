@@ -36,6 +36,7 @@ from apps import client, protect
 from keystile import CHEAPEST_PARAMETERS, APIKeyMiddleware, CreatedKey, KeyManager
 from keystile.stores import store_from_url
 from keystile.tokens import generate_key
+from pgtools import until_listening
 from servers import uvicorn_server
 
 pytestmark = pytest.mark.anyio
@@ -132,6 +133,8 @@ async def test_flush_failing_repeatedly_then_succeeding_loses_no_touch(
     latest: dict[str, tuple[float, float]] = {}
     try:
         async with client(app) as c:
+            await timed_get(c, keys[0])  # starts the listener
+            await until_listening(raw, store, app)
             for key in keys:
                 latest[key.id] = await timed_get(c, key)
             await raw.execute(f"ALTER TABLE {table} RENAME TO keystile_keys_away")

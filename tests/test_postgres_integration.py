@@ -15,7 +15,6 @@ import random
 import statistics
 import sys
 import time
-import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -36,7 +35,7 @@ from keystile import CHEAPEST_PARAMETERS, APIKeyMiddleware, CreatedKey, KeyManag
 from keystile.stores.postgres import LISTENER_APPLICATION_NAME, PostgresKeyStore
 from keystile.tokens import generate_key
 from pgproxy import running_proxy
-from pgtools import count_update_statements, split_url, update_statements
+from pgtools import count_update_statements, split_url, until_listening, update_statements
 
 pytestmark = [pytest.mark.postgres, pytest.mark.anyio]
 
@@ -113,17 +112,6 @@ async def listener_pids(raw: asyncpg.Connection, store: PostgresKeyStore) -> lis
         store.application_name(LISTENER_APPLICATION_NAME),
     )
     return [row["pid"] for row in rows]
-
-
-async def until_listening(
-    raw: asyncpg.Connection, store: PostgresKeyStore, *apps: APIKeyMiddleware
-) -> None:
-    """NOTIFY a made-up key id until every app counted it: from then on they listen."""
-    seen = [app.stats().revocation_events for app in apps]
-    with anyio.fail_after(5):
-        while any(app.stats().revocation_events == n for app, n in zip(apps, seen, strict=True)):
-            await raw.execute("SELECT pg_notify($1, $2)", store.channel, f"ping-{uuid.uuid4().hex}")
-            await anyio.sleep(0.02)
 
 
 _REVOKER = """
@@ -257,13 +245,15 @@ async def test_revocation_in_another_process_reaches_two_middlewares_by_notify(
         client(first) as c1,
         client(second) as c2,
     ):
-        for c in (c1, c2):
-            for key in keys:
-                assert (await get(c, key)).status_code == 200
+        for c in (c1, c2):  # the first request starts each middleware's listener
+            assert (await get(c, keys[0])).status_code == 200
         await until_listening(raw, stores[0], first, second)
         with anyio.fail_after(5):
             while len(await listener_pids(raw, stores[0])) != 2:
                 await anyio.sleep(0.01)
+        for c in (c1, c2):
+            for key in keys:
+                assert (await get(c, key)).status_code == 200
         assert first.stats().cache_size == second.stats().cache_size == 20
         hits = second.stats().cache_hits
 
@@ -300,8 +290,9 @@ async def test_listener_reconnect_clears_the_cache_and_keeps_hearing_revocations
     store = PostgresKeyStore(postgres_database_url, listen_reconnect_max=0.5)
     async with middleware(store, cache_ttl=3600) as app, client(app) as c:
         assert (await get(c, first)).status_code == 200
-        assert (await get(c, second)).status_code == 200
         await until_listening(raw, store, app)
+        assert (await get(c, first)).status_code == 200
+        assert (await get(c, second)).status_code == 200
         [old] = await listener_pids(raw, store)
         resets = app.stats().cache_resets
         assert app.stats().cache_size == 2
@@ -337,8 +328,9 @@ async def test_outage_serves_cached_keys_refuses_misses_and_keeps_touches(
             listen_reconnect_max=0.2,
         )
         async with middleware(store, flush_interval=0.2) as app, client(app) as c:
-            await timed_get(c, cached)
+            await timed_get(c, cached)  # starts the listener
             await until_listening(raw, store, app)
+            await timed_get(c, cached)  # cached while the listener is up
 
             await proxy.cut()
 

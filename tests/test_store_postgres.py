@@ -260,6 +260,54 @@ async def test_listener_reconnects_after_its_backend_is_terminated(
 
 
 @pytest.mark.anyio
+async def test_first_listen_after_reads_resets_subscribers(
+    pg_store: PostgresKeyStore, raw: asyncpg.Connection
+) -> None:
+    """Keys read before the listener was up (as when Postgres was down at startup) are
+    reset by its first connect: a change notified meanwhile was heard by nobody."""
+    heard = Heard()
+    pg_store.subscribe(heard)
+    await pg_store.get("AbC123def456")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(pg_store.watch)
+        await until_listening(raw, pg_store, heard)
+        tg.cancel_scope.cancel()
+    assert heard.ids()[0] is None
+
+
+@pytest.mark.anyio
+async def test_revoke_unheard_before_the_first_listen_takes_effect(
+    postgres_database_url: str, raw: asyncpg.Connection
+) -> None:
+    """A key cached before LISTEN was up and revoked unheard is refused once LISTEN is up."""
+    from keystile import CHEAPEST_PARAMETERS, InvalidToken, KeyManager, SecretHasher, Verifier
+
+    async with KeyManager.from_url(postgres_database_url, argon2=CHEAPEST_PARAMETERS) as manager:
+        created = await manager.create(owner="acme", name="ci")
+    store = open_store(postgres_database_url)
+    verifier = Verifier(store, hasher=SecretHasher(CHEAPEST_PARAMETERS), cache_ttl=3600)
+    store.subscribe(verifier.on_change)
+    heard = Heard()
+    store.subscribe(heard)
+    try:
+        await verifier.verify(created.key.encode())  # cached; nobody listens yet
+        _, schema = split_url(postgres_database_url)
+        await raw.execute(
+            f'UPDATE "{schema}".keystile_keys SET revoked_at = now() WHERE id = $1',  # noqa: S608
+            created.id,
+        )
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(store.watch)
+            await until_listening(raw, store, heard)
+            with pytest.raises(InvalidToken) as refused:
+                await verifier.verify(created.key.encode())
+            tg.cancel_scope.cancel()
+        assert refused.value.reason == "revoked"
+    finally:
+        await store.close()
+
+
+@pytest.mark.anyio
 async def test_watch_closes_its_connection_when_cancelled(
     pg_store: PostgresKeyStore, raw: asyncpg.Connection
 ) -> None:

@@ -16,6 +16,7 @@ from keystile.tokens import (
     ParsedKey,
     generate_key,
     new_key_id,
+    normalize_key_id,
     parse_key,
     redact,
     validate_prefix,
@@ -301,3 +302,11 @@ def test_listed_invalid_prefixes(prefix: str) -> None:
     """Empty, uppercase, digit-first, punctuated, too long and non-ASCII prefixes are refused."""
     with pytest.raises(ConfigurationError):
         validate_prefix(prefix)
+
+
+def test_normalize_key_id_takes_the_id_out_of_a_whole_key() -> None:
+    """A whole key given where an id is expected yields its id, never its secret."""
+    key, parsed = generate_key("acme")
+    assert normalize_key_id(key) == parsed.key_id
+    assert normalize_key_id(f"  {redact(parsed.key_id, 'acme')} ") == parsed.key_id
+    assert normalize_key_id("not-an-id") == "not-an-id"

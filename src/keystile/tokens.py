@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 import secrets
 import zlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from .errors import ConfigurationError, InvalidToken
@@ -24,6 +25,7 @@ __all__ = [
     "MAX_TOKEN_LENGTH",
     "ParsedKey",
     "generate_key",
+    "key_matcher",
     "new_key_id",
     "normalize_key_id",
     "parse_key",
@@ -119,13 +121,35 @@ def parse_key(token: bytes | str) -> ParsedKey:
     return ParsedKey(prefix.decode("ascii"), key_id.decode("ascii"), secret.decode("ascii"))
 
 
+def key_matcher(prefixes: Iterable[str] = (DEFAULT_PREFIX,)) -> Callable[[bytes], bool]:
+    """A test of whether a presented token is meant as a keystile key.
+
+    True for the full key shape with any prefix, and for anything starting with one of
+    ``prefixes`` and ``_`` (a truncated or mistyped key). Such a token is verified and, if
+    not valid, refused; any other bearer token (a JWT, an OAuth access token) can be left
+    for the app's own authentication.
+    """
+    starts = tuple(f"{validate_prefix(p)}_".encode("ascii") for p in prefixes)
+    fullmatch = _KEY_RE.fullmatch
+
+    def is_key(token: bytes) -> bool:
+        return token.startswith(starts) or fullmatch(token) is not None
+
+    return is_key
+
+
 def normalize_key_id(text: str) -> str:
     """The key id in ``text``, which may be the id itself or its display form
     (``ks_AbC123def456`` or ``ks_AbC123def456…``, as ``redact`` and ``keystile list`` show it).
 
-    Anything else is returned stripped but unchanged, so it fails as an unknown id.
+    A whole key pasted by mistake gives its id, so its secret is never echoed back in a
+    "no such key" message. Anything else is returned stripped but unchanged, so it fails
+    as an unknown id.
     """
     stripped = text.strip()
+    whole = _KEY_RE.fullmatch(stripped.encode("utf-8", "replace"))
+    if whole is not None:
+        return whole.group(2).decode("ascii")
     match = _DISPLAY_RE.fullmatch(stripped)
     return match.group(1) if match is not None else stripped
 

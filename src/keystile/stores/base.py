@@ -127,7 +127,12 @@ class KeyStore(Protocol):
     ) -> KeyRecord | None:
         """Insert ``successor`` and give the old key ``expires_at = min(expires_at,
         grace_until)`` and ``replaced_by``, in one transaction. Returns the old key as
-        updated, or ``None`` (nothing written) if it is not an active key of ``owner``."""
+        updated, or ``None`` (nothing written) if it is not an active key of ``owner``
+        or already has a successor (``replaced_by`` set).
+
+        The check and the write are atomic: of two concurrent rotations of one key
+        exactly one succeeds, so a name never gets two successors (two live keys without
+        a grace expiry). The caller reads the key again to tell the two refusals apart."""
 
     async def reap(self, *, unused_since: datetime, at: datetime, dry_run: bool) -> list[KeyRecord]:
         """Revoke active keys last used (or, never used, created) before ``unused_since``,

@@ -83,8 +83,9 @@ class MemoryKeyStore:
     async def rotate(
         self, key_id: str, owner: str, successor: KeyRecord, *, grace_until: datetime
     ) -> KeyRecord | None:
+        # No await between this check and the writes: concurrent rotations serialise.
         old = self._rows.get(key_id)
-        if old is None or old.owner != owner or not old.is_active():
+        if old is None or old.owner != owner or old.replaced_by is not None or not old.is_active():
             return None
         expires = grace_until if old.expires_at is None else min(old.expires_at, grace_until)
         updated = dataclasses.replace(old, expires_at=expires, replaced_by=successor.id)

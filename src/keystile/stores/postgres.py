@@ -254,6 +254,10 @@ class PostgresKeyStore:
         self._lock_loop: asyncio.AbstractEventLoop | None = None
         self._migrated = False
         self._guard: asyncio.Task[None] | None = None
+        #: Whether this store's LISTEN connection is up, and whether keys were read while
+        #: it was not: their state may have changed unheard, so the next LISTEN must reset.
+        self._listening = False
+        self._read_unheard = False
 
     def __repr__(self) -> str:
         return f"PostgresKeyStore({self.display_url!r})"
@@ -488,6 +492,7 @@ class PostgresKeyStore:
             )
             return _record(row) if row is not None else None
 
+        self._read_unheard |= not self._listening
         return await self._idempotent("get", get)
 
     async def get_many(self, key_ids: Sequence[str]) -> dict[str, KeyRecord]:
@@ -502,6 +507,7 @@ class PostgresKeyStore:
             )
             return {row["id"]: _record(row) for row in rows}
 
+        self._read_unheard |= not self._listening
         return await self._idempotent("get_many", get_many)
 
     async def get_owned(self, key_id: str, owner: str) -> KeyRecord | None:
@@ -589,11 +595,14 @@ class PostgresKeyStore:
         self, key_id: str, owner: str, successor: KeyRecord, *, grace_until: datetime
     ) -> KeyRecord | None:
         async with self._connection("rotate") as conn, conn.transaction():
-            # LEAST ignores NULL: a key without expiry gets exactly grace_until.
+            # LEAST ignores NULL: a key without expiry gets exactly grace_until. A
+            # concurrent rotation of the same key waits for this row lock, then READ
+            # COMMITTED re-checks the WHERE on the committed row: replaced_by is set by
+            # then, so it updates nothing and only one successor is ever inserted.
             row = await conn.fetchrow(
                 f"UPDATE {self._keys} SET replaced_by = $1,"  # noqa: S608
                 " expires_at = LEAST(expires_at, $2)"
-                " WHERE id = $3 AND owner = $4 AND revoked_at IS NULL"
+                " WHERE id = $3 AND owner = $4 AND revoked_at IS NULL AND replaced_by IS NULL"
                 " AND (expires_at IS NULL OR expires_at > $5)"
                 f" RETURNING {_COLUMNS}",
                 successor.id,
@@ -678,9 +687,11 @@ class PostgresKeyStore:
         but for cancellation; while the database is unreachable it keeps retrying with
         capped exponential backoff, logging once per failure streak. After every
         reconnect it publishes ``None``: notifications sent while it was away are lost,
-        so every cached key must be re-checked."""
+        so every cached key must be re-checked. It does so after the first connect too
+        when keys were read before it (for example while the database was down at
+        startup and came back before the listener did): their state may have changed
+        while nobody listened."""
         backoff = LISTEN_RECONNECT_MIN
-        first_attempt = True
         failing = False
         while True:
             conn: Any = None
@@ -691,16 +702,16 @@ class PostgresKeyStore:
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda _conn, lost=lost: lost.set())
                 await conn.add_listener(self.channel, self._on_notification)
-                if not first_attempt:
+                self._listening = True
+                if self._read_unheard:
+                    self._read_unheard = False
                     self._bus.publish(None)
                 if failing:
                     logger.info("listener reconnected to %s", self.display_url)
                 failing = False
-                first_attempt = False
                 backoff = LISTEN_RECONNECT_MIN
                 await self._hold(conn, lost)
             except Exception as exc:  # anything but cancellation: log, back off, retry
-                first_attempt = False
                 if not failing:
                     failing = True
                     logger.warning(
@@ -710,6 +721,9 @@ class PostgresKeyStore:
                         self.listen_reconnect_max,
                     )
             finally:
+                if self._listening:
+                    self._listening = False
+                    self._read_unheard = True
                 if conn is not None:
                     await self._close_connection(conn)
             await asyncio.sleep(backoff)

@@ -137,6 +137,9 @@ class SQLiteKeyStore:
         )
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.Lock()
+        #: The change log's position when this store connected: ``watch`` relays every
+        #: change after it, so none made between the first read and the watch is missed.
+        self._seq_at_open = 0
 
     # -- plumbing -------------------------------------------------------------------
 
@@ -154,6 +157,9 @@ class SQLiteKeyStore:
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA busy_timeout=10000")
             self._migrate(conn)
+            self._seq_at_open = conn.execute(
+                "SELECT COALESCE(MAX(seq), 0) FROM keystile_changes"
+            ).fetchone()[0]
             self._conn = conn
         return self._conn
 
@@ -329,7 +335,7 @@ class SQLiteKeyStore:
                 cursor = conn.execute(
                     "UPDATE keystile_keys SET replaced_by = ?,"
                     " expires_at = MIN(COALESCE(expires_at, ?), ?)"
-                    " WHERE id = ? AND owner = ? AND revoked_at IS NULL"
+                    " WHERE id = ? AND owner = ? AND revoked_at IS NULL AND replaced_by IS NULL"
                     " AND (expires_at IS NULL OR expires_at > ?)",
                     (
                         successor.id,
@@ -404,7 +410,8 @@ class SQLiteKeyStore:
         return self._bus.subscribe(listener)
 
     async def watch(self) -> None:
-        """Poll the change log for changes other processes made; evict what changed."""
+        """Poll the change log for changes other processes made since this store
+        connected (keys may have been verified before the watch began); evict them."""
 
         def since(conn: sqlite3.Connection, seq: int) -> list[tuple[int, str]]:
             rows = conn.execute(
@@ -412,11 +419,7 @@ class SQLiteKeyStore:
             )
             return [(row[0], row[1]) for row in rows]
 
-        seen: int = await self._run(
-            lambda conn: conn.execute(
-                "SELECT COALESCE(MAX(seq), 0) FROM keystile_changes"
-            ).fetchone()[0]
-        )
+        seen: int = await self._run(lambda conn: self._seq_at_open)
         while True:
             await anyio.sleep(self.poll_interval)
             try:
