@@ -23,6 +23,8 @@ from keystile import (
     InsufficientScope,
     KeyManager,
     MemoryKeyStore,
+    StoreError,
+    revoke_presented,
 )
 from keystile.fastapi import (
     APIKey,
@@ -555,3 +557,95 @@ async def test_fastapi_example_end_to_end() -> None:
         assert (await c.post("/logout", headers=auth)).json() == {"revoked": True}
         assert (await c.get("/whoami", headers=auth)).status_code == 401
     await installed_middleware(app).aclose()
+
+
+# -- the implicit "authenticated" scope ---------------------------------------------------
+
+
+def authenticated_app() -> FastAPI:
+    app = FastAPI()
+
+    @app.get("/authenticated", dependencies=[Depends(require_scopes("authenticated"))])
+    async def authenticated(request: Request) -> dict[str, Any]:
+        return {"scopes": request.auth.scopes}
+
+    @app.get("/authenticated-and-admin")
+    async def authenticated_and_admin(
+        key: Annotated[APIKey, Security(current_key, scopes=["authenticated", "admin"])],
+    ) -> str:
+        return key.key_id
+
+    return app
+
+
+async def test_require_scopes_authenticated_admits_any_key(
+    protect: Callable[..., APIKeyMiddleware], manager: KeyManager
+) -> None:
+    """require_scopes("authenticated") agrees with request.auth.scopes: any valid key, even
+    one granted no scope, passes."""
+    unscoped = await manager.create(owner="acme", name="plain")
+    with TestClient(protect(authenticated_app())) as c:
+        r = c.get("/authenticated", headers=bearer(unscoped))
+    assert r.status_code == 200
+    assert r.json() == {"scopes": ["authenticated"]}
+
+
+async def test_authenticated_does_not_excuse_other_scopes(
+    protect: Callable[..., APIKeyMiddleware], reader: CreatedKey
+) -> None:
+    """ "authenticated" is implicit, other scopes are still required and named when missing."""
+    with TestClient(protect(authenticated_app())) as c:
+        r = c.get("/authenticated-and-admin", headers=bearer(reader))
+    assert r.status_code == 403
+    assert r.json()["detail"]["missing_scopes"] == ["admin"]
+
+
+async def test_require_scopes_authenticated_without_key_is_401(
+    protect: Callable[..., APIKeyMiddleware],
+) -> None:
+    """Without a key (required=False), require_scopes("authenticated") still answers 401."""
+    with TestClient(protect(authenticated_app(), required=False)) as c:
+        r = c.get("/authenticated")
+    assert r.status_code == 401
+
+
+# -- KeystileHTTPException lives in keystile.responses ---------------------------------
+
+
+def test_keystile_http_exception_is_the_responses_one() -> None:
+    """keystile.fastapi re-exports the one Starlette-level KeystileHTTPException."""
+    from starlette.exceptions import HTTPException
+
+    import keystile.responses
+
+    assert KeystileHTTPException is keystile.responses.KeystileHTTPException
+    assert issubclass(KeystileHTTPException, HTTPException)
+
+
+class RevokeFailingStore(MemoryKeyStore):
+    """A memory store whose revoke fails as an unreachable database would."""
+
+    async def revoke(self, key_id: str, owner: str, *, at: Any) -> bool:
+        raise StoreError("revoke failed (connection refused)")
+
+
+async def test_fastapi_logout_during_outage_is_503() -> None:
+    """In a FastAPI app, a logout the store cannot record is a 503 whose detail is the
+    middleware's body, like every other keystile refusal in FastAPI."""
+    store = RevokeFailingStore()
+    created = await KeyManager(store, argon2=CHEAPEST_PARAMETERS).create(owner="a", name="s")
+    inner = FastAPI()
+
+    @inner.post("/logout")
+    async def logout(request: Request) -> dict[str, bool]:
+        return {"revoked": await revoke_presented(request)}
+
+    app = APIKeyMiddleware(inner, store=store, argon2=CHEAPEST_PARAMETERS)
+    async with client(app) as c:
+        r = await c.post("/logout", headers=bearer(created))
+    await app.aclose()
+    assert r.status_code == 503
+    assert r.headers["retry-after"] == "1"
+    detail = r.json()["detail"]
+    assert detail["error"] == "temporarily_unavailable"
+    assert "logout could not be recorded" in detail["detail"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
 import anyio
 import pytest
@@ -241,3 +242,129 @@ async def test_middleware_reaps_on_a_schedule(database_url: str) -> None:
                 await anyio.sleep(0.02)
     await app.aclose()
     await manager.close()
+
+
+# -- metadata every store can hold ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("metadata", "message"),
+    [
+        ({"a": "x\x00y"}, "NUL"),
+        ({"a\x00": "x"}, "NUL"),
+        ({"a": {"b": ["ok", "x\x00"]}}, "NUL"),
+        ({"a": {"b\x00": 1}}, "NUL"),
+        ({"a": "\ud800"}, "lone surrogate"),
+        ({"a": float("nan")}, "JSON"),
+        ({"a": float("inf")}, "JSON"),
+        ({1: "x"}, "keys must be strings"),
+        ({"a": {2: "x"}}, "keys must be strings"),
+        ({"a": {1, 2}}, "JSON"),
+        ({"a": b"bytes"}, "JSON"),
+        ({"a": object()}, "JSON"),
+    ],
+    ids=[
+        "nul-value",
+        "nul-key",
+        "nul-nested-value",
+        "nul-nested-key",
+        "lone-surrogate",
+        "nan",
+        "infinity",
+        "int-key",
+        "nested-int-key",
+        "set",
+        "bytes",
+        "object",
+    ],
+)
+async def test_metadata_every_store_can_hold(
+    manager: KeyManager, metadata: dict[Any, Any], message: str
+) -> None:
+    """Metadata Postgres would refuse is refused on every store, with nothing stored."""
+    with pytest.raises(KeyManagementError, match=message):
+        await manager.create(owner="acme", name="k", metadata=metadata)
+    assert await manager.list("acme") == []
+
+
+async def test_metadata_nul_refused(manager: KeyManager) -> None:
+    """create(metadata={"a": "x\\x00y"}) raises KeyManagementError and stores nothing."""
+    with pytest.raises(KeyManagementError, match=r"metadata\['a'\] contains a NUL"):
+        await manager.create(owner="acme", name="k", metadata={"a": "x\x00y"})
+    assert await manager.list("acme") == []
+
+
+async def test_metadata_that_contains_itself_refused(manager: KeyManager) -> None:
+    """A self-referencing mapping is refused with a clear error, not a RecursionError."""
+    looped: dict[str, Any] = {}
+    looped["self"] = looped
+    with pytest.raises(KeyManagementError, match="nested too deeply"):
+        await manager.create(owner="acme", name="k", metadata=looped)
+
+
+async def test_metadata_round_trips_the_same_on_every_store(manager: KeyManager) -> None:
+    """Valid metadata reads back as the same plain JSON on every store (tuples as lists)."""
+    metadata = {"team": "é✓", "n": 1, "x": 1.5, "ok": True, "none": None, "t": ("a", ["b"])}
+    created = await manager.create(owner="acme", name="k", metadata=metadata)
+    expected = {**metadata, "t": ["a", ["b"]]}
+    assert dict(created.record.metadata) == expected
+    assert dict((await manager.get(created.id, owner="acme")).metadata) == expected
+
+
+# -- key ids as shown -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("form", ["{id}", "ks_{id}", "ks_{id}…", "ks_{id}...", " ks_{id}… "])
+async def test_get_revoke_rotate_take_the_display_form(manager: KeyManager, form: str) -> None:
+    """get, rotate and revoke accept a key id or its display form (ks_<id>, ks_<id>…)."""
+    created = await manager.create(owner="acme", name="k")
+    shown = form.format(id=created.id)
+    assert (await manager.get(shown, owner="acme")).id == created.id
+    rotated = await manager.rotate(shown, owner="acme")
+    assert rotated.record.replaces == created.id
+    shown_new = form.format(id=rotated.id)
+    assert await manager.revoke(shown_new, owner="acme") is True
+    assert (await manager.get(rotated.id, owner="acme")).status() == "revoked"
+
+
+async def test_redacted_form_from_list_revokes(manager: KeyManager) -> None:
+    """The redacted form printed for a record revokes that key."""
+    created = await manager.create(owner="acme", name="k")
+    shown = created.record.to_public_dict()["redacted"]
+    assert await manager.revoke(shown, owner="acme") is True
+
+
+# -- expiry out of range ----------------------------------------------------------------
+
+
+async def test_expires_in_past_year_9999_refused(manager: KeyManager) -> None:
+    """expires_in=3 000 000 days raises KeyManagementError, not OverflowError."""
+    with pytest.raises(KeyManagementError, match="year 9999"):
+        await manager.create(owner="acme", name="k", expires_in=timedelta(days=3_000_000))
+    assert await manager.list("acme") == []
+
+
+async def test_default_expires_in_past_year_9999_refused(database_url: str) -> None:
+    """An out-of-range default_expires_in fails the same way, on create."""
+    async with KeyManager.from_url(
+        database_url, argon2=CHEAPEST_PARAMETERS, default_expires_in=timedelta(days=3_000_000)
+    ) as manager:
+        with pytest.raises(KeyManagementError, match="year 9999"):
+            await manager.create(owner="acme", name="k")
+
+
+async def test_rotation_grace_past_year_9999_refused(manager: KeyManager) -> None:
+    """A grace reaching past year 9999 raises KeyManagementError and writes nothing."""
+    created = await manager.create(owner="acme", name="k")
+    with pytest.raises(KeyManagementError, match="year 9999"):
+        await manager.rotate(created.id, owner="acme", grace=timedelta(days=3_000_000))
+    assert [r.id for r in await manager.list("acme")] == [created.id]
+
+
+async def test_expires_at_overflowing_utc_refused(manager: KeyManager) -> None:
+    """An expires_at that only overflows when converted to UTC is refused clearly."""
+    west = timezone(timedelta(hours=-5))
+    with pytest.raises(KeyManagementError, match="year 9999"):
+        await manager.create(
+            owner="acme", name="k", expires_at=datetime(9999, 12, 31, 23, 0, tzinfo=west)
+        )

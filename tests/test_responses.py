@@ -6,7 +6,10 @@ import json
 from typing import Any
 
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
 from starlette.responses import Response
+from starlette.testclient import TestClient
 
 from keystile.credentials import extract_credential
 from keystile.errors import (
@@ -17,7 +20,7 @@ from keystile.errors import (
     MissingCredentials,
     ServiceUnavailable,
 )
-from keystile.responses import error_response
+from keystile.responses import KeystileHTTPException, error_response
 
 GENERIC = "The API key is not valid."
 
@@ -187,3 +190,55 @@ def test_reason_code_is_not_in_body() -> None:
     response, _ = render(InvalidToken("wrong_secret"))
     assert b"wrong_secret" not in response.body
     assert "wrong_secret" not in response.headers["www-authenticate"]
+
+
+# -- KeystileHTTPException: the same responses, raised inside the app -------------------
+
+
+def raising_app(exc: AuthenticationError, app_class: type[Starlette] = Starlette) -> Starlette:
+    async def refuse(request: Request) -> Response:
+        raise KeystileHTTPException(exc, realm="api", header_name="x-api-key")
+
+    app = app_class()
+    app.add_route("/refuse", refuse)
+    return app
+
+
+@pytest.mark.parametrize("exc", EVERY_FAILURE, ids=FAILURE_IDS)
+def test_http_exception_in_starlette_sends_the_middleware_response(
+    exc: AuthenticationError,
+) -> None:
+    """Starlette's default handler answers a KeystileHTTPException with exactly the status,
+    headers and JSON body error_response builds."""
+    expected, _ = render(exc)
+    with TestClient(raising_app(exc)) as c:
+        r = c.get("/refuse")
+    assert r.status_code == expected.status_code
+    assert r.content == expected.body
+    assert r.headers["content-type"] == "application/json"
+    for name, value in expected.headers.items():
+        assert r.headers[name] == value
+
+
+@pytest.mark.parametrize("exc", EVERY_FAILURE, ids=FAILURE_IDS)
+def test_http_exception_in_fastapi_puts_the_body_under_detail(exc: AuthenticationError) -> None:
+    """FastAPI's default handler answers it with the same body under "detail"."""
+    from fastapi import FastAPI
+
+    expected, body = render(exc)
+    with TestClient(raising_app(exc, FastAPI)) as c:
+        r = c.get("/refuse")
+    assert r.status_code == expected.status_code
+    assert r.json() == {"detail": body}
+    for name in ("cache-control", "www-authenticate", "retry-after"):
+        assert r.headers.get(name) == expected.headers.get(name)
+
+
+def test_http_exception_carries_the_error() -> None:
+    """detail is the body as a mapping and auth_error the keystile exception behind it."""
+    exc = ServiceUnavailable("store_unavailable", "Try later.", retry_after=2)
+    raised = KeystileHTTPException(exc, realm="api", header_name="x-api-key")
+    assert raised.auth_error is exc
+    assert raised.status_code == 503
+    assert raised.detail == render(exc)[1]
+    assert raised.headers is not None and raised.headers["retry-after"] == "2"

@@ -168,6 +168,41 @@ async def test_rotate_refuses_other_owner_and_revoked(store: KeyStore) -> None:
     assert await store.get(orphan.id) is None
 
 
+async def test_rotate_refuses_a_key_already_rotated(store: KeyStore) -> None:
+    """A key that already has a successor is not rotated again; nothing is written."""
+    old = record()
+    await store.insert(old)
+    grace = utcnow().replace(microsecond=0) + timedelta(hours=1)
+    first = record()
+    assert await store.rotate(old.id, "acme", first, grace_until=grace) is not None
+    second = record()
+    assert await store.rotate(old.id, "acme", second, grace_until=grace) is None
+    assert await store.get(second.id) is None
+    old_now = await store.get(old.id)
+    assert old_now is not None and old_now.replaced_by == first.id
+
+
+async def test_concurrent_rotations_one_successor(store: KeyStore) -> None:
+    """Of concurrent rotations of one key exactly one succeeds; the rest write nothing."""
+    old = record()
+    await store.insert(old)
+    grace = utcnow() + timedelta(hours=1)
+    successors = [record() for _ in range(4)]
+    results: dict[str, KeyRecord | None] = {}
+
+    async def rotate(successor: KeyRecord) -> None:
+        results[successor.id] = await store.rotate(old.id, "acme", successor, grace_until=grace)
+
+    async with anyio.create_task_group() as tg:
+        for successor in successors:
+            tg.start_soon(rotate, successor)
+    winners = [key_id for key_id, updated in results.items() if updated is not None]
+    assert len(winners) == 1
+    stored = {r.id: r for r in await store.list_keys("acme")}
+    assert set(stored) == {old.id, winners[0]}
+    assert stored[old.id].replaced_by == winners[0]
+
+
 async def test_reap_revokes_unused_and_expired(store: KeyStore) -> None:
     """reap takes keys unused since the bound (by last use, else creation) and expired ones."""
     now = utcnow().replace(microsecond=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from datetime import timedelta
 
@@ -22,6 +23,7 @@ from keystile import (
     StoreError,
     Verifier,
 )
+from keystile.stores.base import utcnow
 from keystile.tokens import generate_key
 
 pytestmark = pytest.mark.anyio
@@ -250,29 +252,53 @@ async def test_on_change_none_clears_everything(store: CountingStore, key: Creat
 async def test_revoked_during_verification_is_not_cached(
     store: CountingStore, key: CreatedKey
 ) -> None:
-    """An eviction that lands while argon2 runs keeps the stale state out of the cache."""
+    """A revocation committed while argon2 runs refuses that verification and caches nothing."""
+
+    class RevokingHasher(SecretHasher):
+        __slots__ = ()
+
+        def verify(self, secret_hash: str, secret: str) -> tuple[bool, str | None]:
+            result = super().verify(secret_hash, secret)
+            # Another process commits a revoke, and its NOTIFY evicts the key here.
+            record = store._rows[key.id]
+            store._rows[key.id] = dataclasses.replace(record, revoked_at=utcnow())
+            v.cache.evict(key.id)
+            return result
+
+    v = Verifier(store, hasher=RevokingHasher(CHEAPEST_PARAMETERS))
+    with pytest.raises(InvalidToken) as refused:
+        await v.verify(key.key.encode())
+    assert refused.value.reason == "revoked"
+    assert len(v.cache) == 0
+
+
+async def test_eviction_during_verification_rereads_and_caches_fresh_state(
+    store: CountingStore, key: CreatedKey
+) -> None:
+    """An eviction while argon2 runs makes the verifier read the key again before caching."""
 
     class EvictingHasher(SecretHasher):
         __slots__ = ()
 
         def verify(self, secret_hash: str, secret: str) -> tuple[bool, str | None]:
             result = super().verify(secret_hash, secret)
-            v.cache.evict(key.id)  # as a NOTIFY arriving mid-verification would
+            v.cache.evict(key.id)
             return result
 
     v = Verifier(store, hasher=EvictingHasher(CHEAPEST_PARAMETERS))
     await v.verify(key.key.encode())
-    assert len(v.cache) == 0
+    assert store.gets == 2
+    assert len(v.cache) == 1
 
 
 async def test_old_hash_parameters_upgraded_on_verify(store: CountingStore) -> None:
-    """A key hashed with other argon2 parameters is rehashed on its next successful verify."""
-    old = Argon2Parameters(time_cost=2, memory_cost=16, parallelism=1, salt_len=8)
+    """A key hashed with weaker argon2 parameters is rehashed on its next successful verify."""
+    old = Argon2Parameters(time_cost=1, memory_cost=8, parallelism=1, hash_len=16, salt_len=8)
     created = await KeyManager(store, argon2=old).create(owner="acme", name="old")
-    v = verifier(store)
+    v = Verifier(store, hasher=SecretHasher(Argon2Parameters(time_cost=2, memory_cost=16)))
     await v.verify(created.key.encode())
     stored = await store.get(created.id)
-    assert stored is not None and "m=8,t=1" in stored.secret_hash
+    assert stored is not None and "m=16,t=2" in stored.secret_hash
 
 
 async def test_expired_key_rejected_on_miss(store: CountingStore) -> None:

@@ -13,7 +13,8 @@
     ├── KeyManagementError          a refused key-management operation (CLI exit code 1)
     │   ├── InvalidKeyName
     │   ├── DuplicateKeyName
-    │   └── KeyNotFound
+    │   ├── KeyNotFound
+    │   └── KeyAlreadyRotated       the key already has a successor
     └── ConfigurationError          bad options, bad database URL, missing extra
 
 ``AuthenticationError.reason`` is a stable machine code used for counters and logs;
@@ -35,6 +36,7 @@ __all__ = [
     "InvalidKeyName",
     "InvalidRequest",
     "InvalidToken",
+    "KeyAlreadyRotated",
     "KeyManagementError",
     "KeyNotFound",
     "KeystileError",
@@ -117,9 +119,16 @@ class ServiceUnavailable(AuthenticationError):
     error = None
     default_description = "The API key could not be checked right now; retry shortly."
 
-    def __init__(self, reason: str, *, retry_after: int = 1, source: str | None = None):
+    def __init__(
+        self,
+        reason: str,
+        description: str | None = None,
+        *,
+        retry_after: int = 1,
+        source: str | None = None,
+    ) -> None:
         self.retry_after = retry_after
-        super().__init__(reason, source=source)
+        super().__init__(reason, description, source=source)
 
 
 class StoreError(KeystileError):
@@ -140,6 +149,18 @@ class DuplicateKeyName(KeyManagementError):
 
 class KeyNotFound(KeyManagementError, LookupError):
     pass
+
+
+class KeyAlreadyRotated(KeyManagementError):
+    """The key already has a successor (``replaced_by``): rotating it again would leave
+    two live keys with one name. Rotate the successor instead."""
+
+    def __init__(self, key_id: str, successor: str) -> None:
+        self.key_id = key_id
+        self.successor = successor
+        super().__init__(
+            f"key {key_id!r} was already rotated to {successor!r}; rotate {successor!r} instead"
+        )
 
 
 class ConfigurationError(KeystileError, ValueError):

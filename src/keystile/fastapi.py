@@ -23,23 +23,25 @@ header scheme, listed on every operation as alternatives, so Swagger UI's *Autho
 button works with either. Their values are ignored (the middleware strips the credential
 headers before the app sees them).
 
-Refusals are ``HTTPException`` subclasses (:class:`KeystileHTTPException`) whose status,
+Refusals are :class:`KeystileHTTPException` (defined in :mod:`keystile.responses`, a
+Starlette ``HTTPException``, which FastAPI's default handler answers) whose status,
 ``WWW-Authenticate`` and ``Cache-Control`` headers and body come from
 :func:`keystile.responses.error_response`, the same as the middleware's own refusals;
-FastAPI's default handler puts the body under ``"detail"``. On a WebSocket the handshake
-is closed with 1008 and the error code, as the middleware does.
+FastAPI's default handler puts the body under ``"detail"``. ``revoke_presented`` raises
+the same class when a logout cannot be recorded, so one exception handler reshapes
+both. On a WebSocket the handshake is closed with 1008 and the error code, as the
+middleware does.
 
 FastAPI is an optional extra: ``pip install "keystile[fastapi]"``.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 try:
-    from fastapi import Depends, HTTPException, Security, WebSocketException
+    from fastapi import Depends, Security, WebSocketException
     from fastapi.security import (
         APIKeyHeader,
         HTTPAuthorizationCredentials,
@@ -56,7 +58,7 @@ from starlette.requests import HTTPConnection
 from .errors import AuthenticationError, InsufficientScope, MissingCredentials
 from .middleware import DEFAULT_HEADER_NAME, APIKeyMiddleware
 from .principal import APIKeyUser
-from .responses import WEBSOCKET_POLICY_VIOLATION, error_code, error_response
+from .responses import WEBSOCKET_POLICY_VIOLATION, KeystileHTTPException, error_code
 
 __all__ = [
     "DEFAULT_BEARER_SCHEME_NAME",
@@ -77,29 +79,13 @@ APIKey = APIKeyUser
 DEFAULT_BEARER_SCHEME_NAME = "bearerAuth"
 DEFAULT_HEADER_SCHEME_NAME = "apiKeyHeader"
 
+#: The scope every verified key holds without being granted it: ``request.auth.scopes``
+#: lists it, as Starlette's own backends do, so ``require_scopes("authenticated")``
+#: agrees with ``@requires("authenticated")``.
+_IMPLICIT_SCOPE = "authenticated"
+
 KeyDependency = Callable[..., Awaitable[APIKeyUser]]
 OptionalKeyDependency = Callable[..., Awaitable[APIKeyUser | None]]
-
-
-class KeystileHTTPException(HTTPException):
-    """A refusal raised by a keystile dependency: 401 (no key) or 403 (missing scope).
-
-    ``detail`` is the JSON body the middleware would send for the same error, built by
-    :func:`keystile.responses.error_response`, and ``auth_error`` the keystile exception
-    behind it (``MissingCredentials`` or ``InsufficientScope``), for an exception handler
-    that wants another shape.
-    """
-
-    def __init__(self, auth_error: AuthenticationError, *, realm: str, header_name: str) -> None:
-        response = error_response(auth_error, realm=realm, header_name=header_name)
-        headers = {
-            name: value
-            for name, value in response.headers.items()
-            if name not in ("content-length", "content-type")
-        }
-        body = json.loads(bytes(response.body))
-        super().__init__(response.status_code, detail=body, headers=headers)
-        self.auth_error = auth_error
 
 
 def _middleware(conn: HTTPConnection) -> APIKeyMiddleware:
@@ -134,7 +120,9 @@ def _refuse(conn: HTTPConnection, auth_error: AuthenticationError) -> Exception:
 
 def _check_scopes(conn: HTTPConnection, key: APIKeyUser, security_scopes: SecurityScopes) -> None:
     required = tuple(dict.fromkeys(security_scopes.scopes))
-    missing = tuple(scope for scope in required if scope not in key.scopes)
+    missing = tuple(
+        scope for scope in required if scope not in key.scopes and scope != _IMPLICIT_SCOPE
+    )
     if missing:
         raise _refuse(conn, InsufficientScope(required, missing))
 

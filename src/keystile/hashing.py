@@ -11,6 +11,14 @@ has to make a dump of *weak* imported secrets expensive to attack while keeping 
 starts (active keys x verify cost) and miss floods cheap. The argon2-cffi default
 (t=3, m=64 MiB, p=4) takes over 100 ms here, which would make every cache miss and
 every cold start 25 times slower.
+
+Why upgrades only ever go up: a stored hash is re-hashed on a successful verify only when
+the configured parameters are at least as strong as the hash's in every dimension and
+stronger in one (see :meth:`SecretHasher.verify`). argon2's ``check_needs_rehash`` asks
+"different?", not "weaker?": one process started with test parameters (or an older,
+cheaper configuration still running during a deploy) would otherwise rewrite every key
+it verified to its own cheaper hash, and processes disagreeing on the parameters would
+rewrite the same key back and forth.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from dataclasses import dataclass
 
 import argon2
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+from argon2.low_level import ARGON2_VERSION
 
 __all__ = ["CHEAPEST_PARAMETERS", "DEFAULT_PARAMETERS", "Argon2Parameters", "SecretHasher"]
 
@@ -37,22 +46,28 @@ DEFAULT_PARAMETERS = Argon2Parameters()
 #: For tests only: the cheapest parameters argon2 accepts.
 CHEAPEST_PARAMETERS = Argon2Parameters(time_cost=1, memory_cost=8, parallelism=1, salt_len=8)
 
+#: The variants ranked as password hashes: argon2id resists both the side channels
+#: argon2d is open to and the time-memory trade-offs argon2i is open to.
+_TYPE_STRENGTH = {argon2.Type.D: 0, argon2.Type.I: 0, argon2.Type.ID: 1}
+
 
 class SecretHasher:
     """Hash and verify key secrets with argon2id. Blocking: call it from a worker thread."""
 
-    __slots__ = ("_hasher", "parameters")
+    __slots__ = ("_current", "_hasher", "parameters")
 
     def __init__(self, parameters: Argon2Parameters = DEFAULT_PARAMETERS) -> None:
         self.parameters = parameters
-        self._hasher = argon2.PasswordHasher(
+        self._current = argon2.Parameters(
+            type=argon2.Type.ID,
+            version=ARGON2_VERSION,
+            salt_len=parameters.salt_len,
+            hash_len=parameters.hash_len,
             time_cost=parameters.time_cost,
             memory_cost=parameters.memory_cost,
             parallelism=parameters.parallelism,
-            hash_len=parameters.hash_len,
-            salt_len=parameters.salt_len,
-            type=argon2.Type.ID,
         )
+        self._hasher = argon2.PasswordHasher.from_parameters(self._current)
 
     def hash(self, secret: str) -> str:
         return self._hasher.hash(secret)
@@ -61,13 +76,37 @@ class SecretHasher:
         """Return ``(matched, upgraded_hash)``.
 
         ``upgraded_hash`` is a fresh hash at the current parameters when the secret
-        matched a hash made with other parameters (``check_needs_rehash``), else ``None``.
+        matched a hash they would strengthen (:meth:`upgrades`), else ``None``: a hasher
+        configured with weaker parameters never rewrites a stronger stored hash.
         A corrupt stored hash counts as a mismatch: it can never authenticate.
         """
         try:
             self._hasher.verify(secret_hash, secret)
         except (VerifyMismatchError, VerificationError, InvalidHashError, UnicodeError):
             return False, None
-        if self._hasher.check_needs_rehash(secret_hash):
+        if self.upgrades(secret_hash):
             return True, self._hasher.hash(secret)
         return True, None
+
+    def upgrades(self, secret_hash: str) -> bool:
+        """Whether re-hashing ``secret_hash`` at this hasher's parameters strengthens it.
+
+        True only when no dimension goes down (time and memory cost, hash and salt
+        length, the variant with argon2id above argon2i/argon2d, the argon2 version) and
+        at least one goes up. Parallelism counts neither way: it spreads the same work
+        over lanes rather than adding any. A hash that cannot be parsed is left alone.
+        """
+        try:
+            stored = argon2.extract_parameters(secret_hash)
+        except InvalidHashError:
+            return False
+        current = self._current
+        pairs = [
+            (current.time_cost, stored.time_cost),
+            (current.memory_cost, stored.memory_cost),
+            (current.hash_len, stored.hash_len),
+            (current.salt_len, stored.salt_len),
+            (_TYPE_STRENGTH[current.type], _TYPE_STRENGTH[stored.type]),
+            (current.version, stored.version),
+        ]
+        return all(new >= old for new, old in pairs) and any(new > old for new, old in pairs)

@@ -3,15 +3,21 @@
 The rules users learned the hard way live here, so every caller gets them:
 
 * names are trimmed, 1-64 printable characters;
+* metadata is a JSON object that every store can hold (no NUL, no lone surrogate, no
+  NaN), checked here so a key accepted on SQLite is never refused by Postgres;
 * one active key per ``(owner, name)``: creating a second fails unless ``replace=True``,
   which revokes the old key(s) and mints the new one in one transaction;
 * everything is owner-scoped: a key id of another owner behaves as an unknown id;
+* a key is rotated at most once: its successor keeps its prefix and its lifetime;
+* key ids may be given as shown (``ks_AbC123def456…``);
 * the plaintext key is returned exactly once, by ``create`` and ``rotate``.
 """
 
 from __future__ import annotations
 
 import builtins
+import logging
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -20,23 +26,38 @@ from types import TracebackType
 from typing import Any
 
 import anyio.to_thread
+from starlette.exceptions import WebSocketException
 from starlette.requests import HTTPConnection
 
 from .config import resolve_database_url
-from .errors import InvalidKeyName, KeyManagementError, KeyNotFound
+from .errors import (
+    InvalidKeyName,
+    KeyAlreadyRotated,
+    KeyManagementError,
+    KeyNotFound,
+    ServiceUnavailable,
+    StoreError,
+)
 from .hashing import DEFAULT_PARAMETERS, Argon2Parameters, SecretHasher
 from .principal import APIKeyUser
+from .responses import WEBSOCKET_TRY_AGAIN_LATER, KeystileHTTPException
 from .stores import store_from_url
 from .stores.base import KeyRecord, KeyStore, utcnow
-from .tokens import DEFAULT_PREFIX, generate_key, redact, validate_prefix
+from .tokens import DEFAULT_PREFIX, generate_key, normalize_key_id, redact, validate_prefix
 
 __all__ = ["DEFAULT_ROTATION_GRACE", "CreatedKey", "KeyManager", "revoke_presented"]
+
+logger = logging.getLogger("keystile")
 
 MAX_NAME_LENGTH = 64
 MAX_OWNER_LENGTH = 255
 #: How long the old key keeps working after ``rotate``.
 DEFAULT_ROTATION_GRACE = timedelta(hours=1)
 _SCOPE_RE = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")  # RFC 6749 scope-token
+LOGOUT_UNAVAILABLE = (
+    "The logout could not be recorded because the key store is unavailable; the key still"
+    " works. Retry shortly."
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +106,71 @@ def validate_scopes(scopes: Iterable[str]) -> tuple[str, ...]:
         if scope not in result:
             result.append(scope)
     return tuple(result)
+
+
+def validate_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A plain JSON copy of ``metadata`` (mappings become dicts, tuples lists), or
+    ``KeyManagementError`` naming the first offending place.
+
+    One rule for every store, so a key accepted by SQLite or the memory store is never
+    refused by Postgres: a mapping with string keys, every value JSON (strings, finite
+    numbers, booleans, ``None``, lists, mappings), and no string, key or value, holding
+    a NUL character or a lone surrogate (``jsonb`` rejects both, as it rejects NaN).
+    """
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, Mapping):
+        raise KeyManagementError(
+            f"metadata must be a mapping of strings to JSON values, not {type(metadata).__name__}"
+        )
+    try:
+        result: dict[str, Any] = _json_copy(metadata, "metadata")
+    except RecursionError:
+        raise KeyManagementError(
+            "metadata is nested too deeply (or contains itself) to be stored as JSON"
+        ) from None
+    return result
+
+
+def _json_copy(value: Any, where: str) -> Any:
+    if isinstance(value, str):
+        return _check_text(value, where)
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise KeyManagementError(f"{where} is {value}, which JSON cannot hold")
+        return float(value)
+    if isinstance(value, Mapping):
+        copy: dict[str, Any] = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise KeyManagementError(
+                    f"metadata keys must be strings; {where} has the key {key!r}"
+                )
+            copy[_check_text(key, f"a key of {where}")] = _json_copy(item, f"{where}[{key!r}]")
+        return copy
+    if isinstance(value, (list, tuple)):
+        return [_json_copy(item, f"{where}[{i}]") for i, item in enumerate(value)]
+    raise KeyManagementError(
+        f"metadata must be JSON; {where} is a {type(value).__name__}, which JSON cannot hold"
+    )
+
+
+def _check_text(text: str, where: str) -> str:
+    if "\x00" in text:
+        raise KeyManagementError(
+            f"{where} contains a NUL character (\\x00), which PostgreSQL cannot store"
+        )
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise KeyManagementError(
+            f"{where} is not valid Unicode (it holds a lone surrogate)"
+        ) from None
+    return str(text)
 
 
 class KeyManager:
@@ -149,8 +235,9 @@ class KeyManager:
         record, plaintext = await self._mint(
             owner=validate_owner(owner),
             name=validate_name(name),
+            prefix=self.prefix,
             scopes=validate_scopes(scopes),
-            metadata=dict(metadata or {}),
+            metadata=validate_metadata(metadata),
             expires_at=expires_at,
             now=now,
         )
@@ -163,37 +250,53 @@ class KeyManager:
         return await self.store.list_keys(owner)
 
     async def get(self, key_id: str, *, owner: str) -> KeyRecord:
+        """``owner``'s key by its id or display form (``ks_AbC123def456…``)."""
+        key_id = normalize_key_id(key_id)
         record = await self.store.get_owned(key_id, owner)
         if record is None:
             raise KeyNotFound(f"no key {key_id!r} for owner {owner!r}")
         return record
 
     async def revoke(self, key_id: str, *, owner: str) -> bool:
-        """Revoke ``owner``'s key; ``True`` if it was active, ``False`` if there was nothing
-        to revoke (already revoked, or no such key of that owner). Idempotent."""
-        return await self.store.revoke(key_id, owner, at=utcnow())
+        """Revoke ``owner``'s key (by id or display form); ``True`` if it was active,
+        ``False`` if there was nothing to revoke (already revoked, or no such key of that
+        owner). Idempotent."""
+        return await self.store.revoke(normalize_key_id(key_id), owner, at=utcnow())
 
     async def rotate(
         self, key_id: str, *, owner: str, grace: timedelta = DEFAULT_ROTATION_GRACE
     ) -> CreatedKey:
-        """Mint a successor with the same owner, name, scopes and metadata; the old key
-        keeps working for ``grace`` and then expires. Returns the new plaintext once."""
+        """Mint a successor with the same owner, name, prefix, scopes and metadata; the old
+        key keeps working for ``grace`` and then expires. Returns the new plaintext once.
+
+        The successor lives as long as the old key was meant to (``expires_at -
+        created_at``, counted from now), or ``default_expires_in`` if the old key had no
+        expiry. A key is rotated once: rotating it again, even concurrently, raises
+        ``KeyAlreadyRotated`` (rotate its successor instead); a revoked or expired key
+        raises ``KeyNotFound``.
+        """
         if grace < timedelta(0):
             raise KeyManagementError("grace must not be negative")
         old = await self.get(key_id, owner=owner)
+        self._check_rotatable(old, owner)
         now = utcnow()
+        grace_until = _later(now, grace, "grace")
         successor, plaintext = await self._mint(
             owner=old.owner,
             name=old.name,
+            prefix=old.prefix,
             scopes=old.scopes,
-            metadata=dict(old.metadata),
-            expires_at=self._expiry(now, None, None),
+            metadata=validate_metadata(old.metadata),
+            expires_at=self._successor_expiry(old, now),
             now=now,
             replaces=old.id,
         )
-        updated = await self.store.rotate(key_id, owner, successor, grace_until=now + grace)
+        updated = await self.store.rotate(old.id, owner, successor, grace_until=grace_until)
         if updated is None:
-            raise KeyNotFound(f"key {key_id!r} of owner {owner!r} is not active; nothing to rotate")
+            # Changed since it was read (a concurrent rotation, revoke or expiry):
+            # read it again to say which.
+            self._check_rotatable(await self.store.get_owned(old.id, owner) or old, owner)
+            raise KeyNotFound(f"key {old.id!r} of owner {owner!r} is not active; nothing to rotate")
         stored = await self.store.get(successor.id)
         return CreatedKey(plaintext, stored or successor)
 
@@ -213,26 +316,46 @@ class KeyManager:
         if expires_at is not None:
             if expires_at.tzinfo is None:
                 raise KeyManagementError("expires_at must be timezone-aware")
-            return expires_at.astimezone(timezone.utc)
+            try:
+                return expires_at.astimezone(timezone.utc)
+            except OverflowError:
+                raise KeyManagementError(
+                    "expires_at is past the last representable date (year 9999)"
+                ) from None
         delta = expires_in if expires_in is not None else self.default_expires_in
         if delta is None:
             return None
         if delta <= timedelta(0):
             raise KeyManagementError("expires_in must be positive")
-        return now + delta
+        return _later(now, delta, "expires_in")
+
+    def _successor_expiry(self, old: KeyRecord, now: datetime) -> datetime | None:
+        if old.expires_at is not None and old.expires_at > old.created_at:
+            return _later(now, old.expires_at - old.created_at, "the key's lifetime")
+        return self._expiry(now, None, None)
+
+    @staticmethod
+    def _check_rotatable(record: KeyRecord, owner: str) -> None:
+        if record.replaced_by is not None:
+            raise KeyAlreadyRotated(record.id, record.replaced_by)
+        if not record.is_active():
+            raise KeyNotFound(
+                f"key {record.id!r} of owner {owner!r} is not active; nothing to rotate"
+            )
 
     async def _mint(
         self,
         *,
         owner: str,
         name: str,
+        prefix: str,
         scopes: tuple[str, ...],
         metadata: dict[str, Any],
         expires_at: datetime | None,
         now: datetime,
         replaces: str | None = None,
     ) -> tuple[KeyRecord, str]:
-        plaintext, parsed = generate_key(self.prefix)
+        plaintext, parsed = generate_key(prefix)
         secret_hash = await anyio.to_thread.run_sync(self.hasher.hash, parsed.secret)
         record = KeyRecord(
             id=parsed.key_id,
@@ -249,15 +372,45 @@ class KeyManager:
         return record, plaintext
 
 
+def _later(now: datetime, delta: timedelta, what: str) -> datetime:
+    try:
+        return now + delta
+    except OverflowError:
+        raise KeyManagementError(
+            f"{what} of {delta.days} days reaches past the last representable date"
+            " (year 9999); choose a shorter one, or no expiry"
+        ) from None
+
+
 async def revoke_presented(conn: HTTPConnection) -> bool:
-    """Revoke the key that authenticated this request (logout) and evict it at once.
+    """Revoke the key that authenticated this request (logout).
 
     Returns whether a key was revoked. Needs ``APIKeyMiddleware`` in front of the route.
+
+    The key leaves this process's cache first, so its next request here reaches the
+    store whatever happens next. If the store cannot record the revocation, the key
+    still works, and the client must be told: this raises
+    :class:`~keystile.responses.KeystileHTTPException`, answered like the middleware's
+    own 503 (``Retry-After``, error ``temporarily_unavailable``), or on a WebSocket
+    closes with 1013 (try again later).
     """
     user = conn.scope.get("user")
     middleware = conn.scope.get("keystile")
     if not isinstance(user, APIKeyUser) or middleware is None:
         return False
-    revoked: bool = await middleware.store.revoke(user.key_id, user.owner, at=utcnow())
+    middleware.evict(user.key_id)
+    try:
+        revoked: bool = await middleware.store.revoke(user.key_id, user.owner, at=utcnow())
+    except StoreError as exc:
+        logger.warning("keystile: could not record the logout of key %s: %s", user.redacted, exc)
+        if conn.scope["type"] == "websocket":
+            raise WebSocketException(
+                WEBSOCKET_TRY_AGAIN_LATER, reason="temporarily_unavailable"
+            ) from exc
+        error = ServiceUnavailable("store_unavailable", LOGOUT_UNAVAILABLE)
+        raise KeystileHTTPException(
+            error, realm=middleware.realm, header_name=middleware.header_name
+        ) from exc
+    # A request that raced the revocation may have cached the key again meanwhile.
     middleware.evict(user.key_id)
     return revoked

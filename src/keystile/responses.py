@@ -8,17 +8,27 @@
 
 The JSON body says how to send a key, naming both header forms, and for a presented
 key where it was read from, never its value.
+
+Inside the app, the same responses travel as :class:`KeystileHTTPException` (a refusal
+by a FastAPI dependency, a logout that could not be recorded), so routes refuse exactly
+as the middleware does.
 """
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
+from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response
 
 from .errors import AuthenticationError, InsufficientScope, ServiceUnavailable
 
-__all__ = ["error_code", "error_response", "www_authenticate"]
+__all__ = ["KeystileHTTPException", "error_code", "error_response", "www_authenticate"]
 
 WEBSOCKET_POLICY_VIOLATION = 1008
+#: "Try Again Later" (IANA WebSocket close codes): a WebSocket's 503.
+WEBSOCKET_TRY_AGAIN_LATER = 1013
 
 
 def _quote(value: str) -> str:
@@ -64,3 +74,42 @@ def error_response(exc: AuthenticationError, *, realm: str, header_name: str) ->
     if challenge is not None:
         headers["WWW-Authenticate"] = challenge
     return JSONResponse(body, status_code=exc.status_code, headers=headers)
+
+
+class _JSONBody(dict[str, Any]):
+    """An ``HTTPException.detail`` that every stock handler renders as the JSON body.
+
+    FastAPI's handler serialises it like any mapping, under ``"detail"``. Starlette's
+    default handler passes ``detail`` to ``PlainTextResponse``, which renders content by
+    calling ``encode(charset)``: this one returns the middleware's exact body bytes (the
+    exception's headers carry the JSON content type).
+    """
+
+    __slots__ = ("_raw",)
+
+    def __init__(self, raw: bytes) -> None:
+        super().__init__(json.loads(raw))
+        self._raw = raw
+
+    def encode(self, encoding: str = "utf-8") -> bytes:
+        return self._raw
+
+
+class KeystileHTTPException(HTTPException):
+    """An ``AuthenticationError`` raised inside the app, answered as the middleware would.
+
+    Status, headers (``WWW-Authenticate``, ``Retry-After``, ``Cache-Control``) and body
+    come from :func:`error_response`. Starlette's default handler sends that body as is;
+    FastAPI's puts it under ``"detail"``, as for its own ``HTTPException``. ``detail``
+    is the body as a mapping and ``auth_error`` the keystile exception behind it, for an
+    exception handler that wants another shape.
+    """
+
+    def __init__(self, auth_error: AuthenticationError, *, realm: str, header_name: str) -> None:
+        response = error_response(auth_error, realm=realm, header_name=header_name)
+        headers = {
+            name: value for name, value in response.headers.items() if name != "content-length"
+        }
+        detail: Any = _JSONBody(bytes(response.body))
+        super().__init__(response.status_code, detail=detail, headers=headers)
+        self.auth_error = auth_error
