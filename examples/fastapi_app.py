@@ -7,7 +7,8 @@ From the repository root, either::
 
 then ``curl -H "Authorization: Bearer $KEY" http://127.0.0.1:8000/whoami``, or open
 http://127.0.0.1:8000/docs and paste the key under *Authorize*. The database is
-``KEYSTILE_DATABASE_URL``, else ``sqlite:///keystile-example.db``.
+``KEYSTILE_DATABASE_URL``, else ``sqlite:///keystile.db``, the ``keystile`` CLI's default, so
+keys made with ``keystile create`` work here.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pydantic import BaseModel
 from keystile import APIKeyMiddleware, KeyManager, revoke_presented
 from keystile.fastapi import APIKey, CurrentKey, require_scopes
 
-DATABASE_URL = os.environ.get("KEYSTILE_DATABASE_URL", "sqlite:///keystile-example.db")
+DATABASE_URL = os.environ.get("KEYSTILE_DATABASE_URL", "sqlite:///keystile.db")
 DEMO_OWNER, DEMO_NAME = "demo", "demo"
 DEMO_SCOPES = ["items:read", "items:write", "admin"]
 
@@ -91,7 +92,7 @@ if __name__ == "__main__":
 
     demo_key = asyncio.run(ensure_demo_key(DATABASE_URL))
     if demo_key is None:
-        print(f"Using the demo key printed on the first run ({DATABASE_URL}).")
+        print(f"Using the demo key printed when it was made ({DATABASE_URL}).")
     else:
         print(f"Demo key (shown once, scopes {' '.join(DEMO_SCOPES)}):\n\n    {demo_key}\n")
     uvicorn.run(app, host="127.0.0.1", port=8000)

@@ -7,7 +7,8 @@ The same shape as ``fastapi_app.py``, with Starlette's own ``request.user``,
     uvicorn examples.starlette_app:app   # serves keys made with the keystile CLI
 
 then ``curl -H "Authorization: Bearer $KEY" http://127.0.0.1:8000/whoami``. The database
-is ``KEYSTILE_DATABASE_URL``, else ``sqlite:///keystile-example.db``.
+is ``KEYSTILE_DATABASE_URL``, else ``sqlite:///keystile.db``, the ``keystile`` CLI's default,
+so keys made with ``keystile create`` work here.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from starlette.routing import Route
 
 from keystile import APIKeyMiddleware, KeyManager, revoke_presented
 
-DATABASE_URL = os.environ.get("KEYSTILE_DATABASE_URL", "sqlite:///keystile-example.db")
+DATABASE_URL = os.environ.get("KEYSTILE_DATABASE_URL", "sqlite:///keystile.db")
 DEMO_OWNER, DEMO_NAME = "demo", "demo"
 DEMO_SCOPES = ["items:read", "items:write", "admin"]
 
@@ -95,7 +96,7 @@ if __name__ == "__main__":
 
     demo_key = asyncio.run(ensure_demo_key(DATABASE_URL))
     if demo_key is None:
-        print(f"Using the demo key printed on the first run ({DATABASE_URL}).")
+        print(f"Using the demo key printed when it was made ({DATABASE_URL}).")
     else:
         print(f"Demo key (shown once, scopes {' '.join(DEMO_SCOPES)}):\n\n    {demo_key}\n")
     uvicorn.run(app, host="127.0.0.1", port=8000)
