@@ -204,3 +204,31 @@ async def test_custom_key_prefix_is_recognised(store: MemoryKeyStore) -> None:
     await middleware.aclose()
     assert r.status_code == 401
     assert jwt.status_code == 200
+
+
+# -- keys on exempt paths -----------------------------------------------------------------
+
+
+async def test_valid_key_on_exempt_path_is_seen_by_the_route(
+    app: APIKeyMiddleware, key: CreatedKey
+) -> None:
+    """A valid key sent to an exempt path is verified: the route sees it, without the header."""
+    async with client(app) as c:
+        r = await c.get("/public", headers={"Authorization": f"Bearer {key.key}"})
+    assert r.status_code == 200
+    assert r.json()["display_name"] == "apikey:ci"
+    assert "authorization" not in r.json()["headers"]
+
+
+@pytest.mark.parametrize("token", ["ks_garbage", "ks_AAAAAAAAAAAA_" + "B" * 49])
+async def test_invalid_key_on_exempt_path_goes_on_anonymous(
+    app: APIKeyMiddleware, token: str
+) -> None:
+    """An exempt path never refuses: an invalid key is dropped and counted."""
+    async with client(app) as c:
+        r = await c.get("/public", headers={"X-API-Key": token})
+        conflict = await c.get("/public", headers={"X-API-Key": token, "Authorization": "Bearer x"})
+    assert r.status_code == conflict.status_code == 200
+    assert r.json()["authenticated"] is False
+    assert "x-api-key" not in r.json()["headers"]
+    assert sum(app.stats().rejects.values()) == 2

@@ -3,7 +3,7 @@
 ::
 
     from keystile import APIKeyMiddleware
-    app.add_middleware(APIKeyMiddleware, database_url="sqlite:///keys.db")
+    app.add_middleware(APIKeyMiddleware, database_url="sqlite:///keystile.db")
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from .errors import (
     InvalidKeyName,
     InvalidRequest,
     InvalidToken,
+    KeyAlreadyRotated,
     KeyManagementError,
     KeyNotFound,
     KeystileError,
@@ -50,6 +51,7 @@ __all__ = [
     "InvalidKeyName",
     "InvalidRequest",
     "InvalidToken",
+    "KeyAlreadyRotated",
     "KeyManagementError",
     "KeyManager",
     "KeyNotFound",

@@ -18,13 +18,11 @@ answer carries the CORS preflight headers.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from datetime import timedelta
 from typing import Any
 
-import anyio
 from starlette.authentication import AuthCredentials, UnauthenticatedUser
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import HTTPConnection
@@ -33,12 +31,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .config import resolve_database_url
 from .credentials import check_single_token, split_credential, without_credentials
-from .errors import AuthenticationError, MissingCredentials, ServiceUnavailable, StoreError
+from .errors import AuthenticationError, MissingCredentials, ServiceUnavailable
 from .hashing import DEFAULT_PARAMETERS, Argon2Parameters, SecretHasher
 from .responses import WEBSOCKET_POLICY_VIOLATION, error_code, error_response
+from .runtime import KeystileRuntime, configuration_key
 from .stats import KeystileStats
 from .stores import store_from_url
-from .stores.base import KeyStore, utcnow
+from .stores.base import KeyStore
 from .tokens import DEFAULT_PREFIX, key_matcher
 from .usage import DEFAULT_FLUSH_INTERVAL, DEFAULT_FLUSH_MAX, UsageRecorder
 from .verifier import (
@@ -64,10 +63,6 @@ DEFAULT_HEADER_NAME = "X-API-Key"
 DEFAULT_REALM = "api"
 #: With ``reap_every``: keys unused for longer than this are revoked.
 DEFAULT_REAP_UNUSED_FOR = timedelta(days=90)
-#: Seconds the final flush and store close may take at shutdown.
-SHUTDOWN_TIMEOUT = 10.0
-#: Cap of the delay before a failed background duty (or store open) is retried, seconds.
-BACKGROUND_RETRY_MAX = 5.0
 #: The header a CORS preflight answer carries and no other response needs.
 _PREFLIGHT_ANSWER_HEADER = b"access-control-allow-methods"
 
@@ -155,26 +150,30 @@ class APIKeyMiddleware:
         reap_unused_for: timedelta = DEFAULT_REAP_UNUSED_FOR,
     ) -> None:
         self.app = app
-        self._owns_store = store is None
-        if store is None:
-            store = store_from_url(resolve_database_url(database_url))
-        self.store = store
-        self.verifier = Verifier(
-            self.store,
-            hasher=SecretHasher(argon2),
-            cache_ttl=cache_ttl,
-            cache_idle=cache_idle,
-            cache_max_size=cache_max_size,
-            negative_ttl=negative_ttl,
-            negative_max_size=negative_max_size,
-            stale_if_error=stale_if_error,
-            argon2_concurrency=argon2_concurrency,
-            max_pending_verifications=max_pending_verifications,
-            per_key_pending=per_key_pending,
+        runtime_options: dict[str, Any] = {
+            "store": store,
+            "database_url": None if store is not None else resolve_database_url(database_url),
+            "cache_ttl": cache_ttl,
+            "cache_idle": cache_idle,
+            "cache_max_size": cache_max_size,
+            "negative_ttl": negative_ttl,
+            "negative_max_size": negative_max_size,
+            "stale_if_error": stale_if_error,
+            "flush_interval": flush_interval,
+            "flush_max": flush_max,
+            "argon2": argon2,
+            "argon2_concurrency": argon2_concurrency,
+            "max_pending_verifications": max_pending_verifications,
+            "per_key_pending": per_key_pending,
+            "reap_every": reap_every,
+            "reap_unused_for": reap_unused_for,
+        }
+        self.runtime = KeystileRuntime.shared(
+            configuration_key(runtime_options), lambda: _build_runtime(**runtime_options)
         )
-        self.recorder = UsageRecorder(
-            self.store, flush_interval=flush_interval, flush_max=flush_max
-        )
+        self.store = self.runtime.store
+        self.verifier = self.runtime.verifier
+        self.recorder = self.runtime.recorder
         self.required = required
         self.header_name = header_name
         self.realm = realm
@@ -192,9 +191,6 @@ class APIKeyMiddleware:
         self._exempt_prefixes = tuple(p[:-1] for p in paths if p.endswith("*"))
         self._has_exemptions = bool(paths)
         self._cors_inside: bool | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._unsubscribe: Callable[[], None] | None = None
 
     # -- ASGI -----------------------------------------------------------------------
 
@@ -206,8 +202,8 @@ class APIKeyMiddleware:
         if kind not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        if self._loop is not asyncio.get_running_loop():
-            self._start_background()
+        if not self.runtime.running:
+            self.runtime.start()
         scope["keystile"] = self
         if self._has_exemptions and self._is_exempt(scope):
             await self._pass_exempt(scope, receive, send)
@@ -256,13 +252,32 @@ class APIKeyMiddleware:
         )
 
     async def _pass_exempt(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """A path that needs no key: the app runs anonymous, without keystile credentials
-        (a key sent there must not reach an access log), other credentials untouched."""
-        if self.strip_credentials:
-            stripped = without_credentials(scope["headers"], self._header, self._is_key)
-            if stripped is not None:
-                scope["headers"] = stripped
+        """A path that needs no key. A valid key sent there is still verified, so the route
+        sees it (``OptionalKey``, ``request.user``); a key that is not valid, or cannot be
+        checked now, is dropped and the request goes on anonymous (the refusal is counted).
+        keystile credentials never reach the app (nor its access log); others stay."""
         scope["user"], scope["auth"] = UnauthenticatedUser(), AuthCredentials()
+        try:
+            token, source, without = split_credential(scope["headers"], self._header, self._is_key)
+        except AuthenticationError as exc:
+            self.verifier.counters.rejects[exc.reason] += 1
+            token, without = None, without_credentials(scope["headers"], self._header, self._is_key)
+        if token is not None:
+            entry = self.verifier.hit(token)
+            if entry is None:
+                try:
+                    check_single_token(token, source)
+                    entry = await self.verifier.verify(token)
+                except AuthenticationError as exc:
+                    self.verifier.counters.rejects[exc.reason] += 1
+                except Exception:
+                    logger.exception("keystile: unexpected error while verifying a key")
+            if entry is not None:
+                scope["user"] = entry.user
+                scope["auth"] = AuthCredentials(entry.auth_scopes)
+                self.recorder.touch(entry.user.key_id, self.verifier.clock())
+        if self.strip_credentials and without is not None:
+            scope["headers"] = without
         await self.app(scope, receive, send)
 
     async def _pass_preflight(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -311,28 +326,7 @@ class APIKeyMiddleware:
 
     def stats(self) -> KeystileStats:
         """A snapshot of the counters (see ``docs/operations.md`` for how to read them)."""
-        c = self.verifier.counters
-        lookups = c.cache_hits + c.cache_misses
-        return KeystileStats(
-            cache_hits=c.cache_hits,
-            cache_misses=c.cache_misses,
-            hit_ratio=c.cache_hits / lookups if lookups else 0.0,
-            negative_hits=c.negative_hits,
-            argon2_verifications=c.argon2_verifications,
-            argon2_seconds=c.argon2_seconds,
-            argon2_in_flight=self.verifier.argon2_in_flight,
-            cache_size=len(self.verifier.cache),
-            cache_max_size=self.verifier.cache.max_size,
-            state_refreshes=c.state_refreshes,
-            stale_served=c.stale_served,
-            revocation_events=c.revocation_events,
-            cache_resets=c.cache_resets,
-            rejects=dict(c.rejects),
-            pending_touches=self.recorder.pending,
-            flushes=self.recorder.flushes,
-            flush_failures=self.recorder.flush_failures,
-            touches_written=self.recorder.touches_written,
-        )
+        return self.runtime.stats()
 
     def evict(self, key_id: str) -> None:
         """Drop a key from this process's cache at once."""
@@ -342,8 +336,10 @@ class APIKeyMiddleware:
         """Stop background work, write pending ``last_used_at`` and close the store.
 
         Called by the lifespan shutdown; call it yourself when running without lifespan.
+        Middlewares of the same configuration share this work: it starts again with the
+        next request any of them serves.
         """
-        await self._stop()
+        await self.runtime.stop()
 
     # -- background work ---------------------------------------------------------------
 
@@ -352,21 +348,19 @@ class APIKeyMiddleware:
 
         async def wrapped_receive() -> Message:
             message = await receive()
-            if message["type"] == "lifespan.startup" and self._loop is not (
-                asyncio.get_running_loop()
-            ):
-                self._start_background()
+            if message["type"] == "lifespan.startup":
+                self.runtime.start()
             return message
 
         async def wrapped_send(message: Message) -> None:
             nonlocal stopped
             if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
                 stopped = True
-                await self._stop()
+                await self.runtime.stop()
             await send(message)
 
         await self.app(scope, wrapped_receive, wrapped_send)
-        if not stopped and self._task is not None and not self._task.done():
+        if not stopped and self.runtime.is_background_alive:
             logger.warning(
                 "keystile: the application ended the lifespan protocol before shutdown; "
                 "background work (last_used_at writes, revocation listener, cache upkeep) "
@@ -374,119 +368,29 @@ class APIKeyMiddleware:
                 "last pending uses."
             )
 
-    def _start_background(self) -> None:
-        """(Re)start the background work on the running loop.
 
-        Synchronous, so the change listener is subscribed before this request (or any
-        other on this loop) can verify a key: a revocation is never missed in between.
-        Background work of another event loop (a test client's previous loop) died with
-        that loop; it starts afresh here.
-        """
-        loop = asyncio.get_running_loop()
-        self._loop = loop
-        if self._unsubscribe is not None:
-            self._unsubscribe()
-        self._unsubscribe = self.store.subscribe(self.verifier.on_change)
-        task = loop.create_task(self._run_background(), name="keystile background work")
-        task.add_done_callback(self._background_ended)
-        self._task = task
-
-    def _background_ended(self, task: asyncio.Task[None]) -> None:
-        if task is not self._task:
-            return
-        if not task.cancelled() and task.exception() is not None:
-            logger.error(
-                "keystile: background work stopped (%s); it restarts with the next request",
-                task.exception(),
-            )
-        self._loop = None
-
-    async def _run_background(self) -> None:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._supervise, "revocation listener", self._open_and_watch)
-            tg.start_soon(self._supervise, "last_used_at writer", self.recorder.run)
-            tg.start_soon(self._supervise, "cache upkeep", self._maintain_cache)
-            if self.reap_every:
-                tg.start_soon(self._supervise, "periodic reaper", self._reap_periodically)
-
-    @staticmethod
-    async def _supervise(name: str, duty: Callable[[], Awaitable[None]]) -> None:
-        """Run ``duty`` until it returns; if it fails, log it and run it again."""
-        delay = 0.5
-        while True:
-            try:
-                await duty()
-                return
-            except Exception as exc:
-                logger.error(
-                    "keystile: %s failed (%s: %s); restarting it in %.1fs",
-                    name,
-                    type(exc).__name__,
-                    exc,
-                    delay,
-                )
-            await anyio.sleep(delay)
-            delay = min(delay * 2, BACKGROUND_RETRY_MAX)
-
-    async def _open_and_watch(self) -> None:
-        delay = 0.1
-        while True:
-            try:
-                await self.store.open()
-                break
-            except StoreError as exc:
-                logger.warning("keystile: cannot open %s yet: %s", self.store.display_url, exc)
-                await anyio.sleep(delay)
-                delay = min(delay * 2, BACKGROUND_RETRY_MAX)
-        await self.store.watch()
-
-    async def _maintain_cache(self) -> None:
-        period = max(0.5, min(self.verifier.cache_ttl / 4, 30.0))
-        while True:
-            await anyio.sleep(period)
-            self.verifier.evict_idle()
-            try:
-                await self.verifier.refresh_stale()
-            except StoreError as exc:
-                logger.debug("keystile: state refresh deferred, store unavailable: %s", exc)
-
-    async def _reap_periodically(self) -> None:
-        assert self.reap_every is not None
-        while True:
-            await anyio.sleep(self.reap_every)
-            now = utcnow()
-            try:
-                reaped = await self.store.reap(
-                    unused_since=now - self.reap_unused_for, at=now, dry_run=False
-                )
-            except StoreError as exc:
-                logger.warning("keystile: periodic reap failed: %s", exc)
-                continue
-            if reaped:
-                logger.info(
-                    "keystile: reaped %d stale or expired keys: %s",
-                    len(reaped),
-                    ", ".join(r.id for r in reaped),
-                )
-
-    async def _stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None and not task.done() and self._loop is asyncio.get_running_loop():
-            task.cancel()
-            with anyio.CancelScope(shield=True):
-                await asyncio.wait({task})
-        if self._unsubscribe is not None:
-            self._unsubscribe()
-            self._unsubscribe = None
-        self._loop = None
-        with anyio.move_on_after(SHUTDOWN_TIMEOUT, shield=True):
-            try:
-                await self.recorder.flush()
-            except Exception as exc:
-                logger.error(
-                    "keystile: could not write last_used_at for %d keys at shutdown: %s",
-                    self.recorder.pending,
-                    exc,
-                )
-            if self._owns_store:
-                await self.store.close()
+def _build_runtime(
+    *,
+    store: KeyStore | None,
+    database_url: str | None,
+    argon2: Argon2Parameters,
+    flush_interval: float,
+    flush_max: int,
+    reap_every: float | None,
+    reap_unused_for: timedelta,
+    **verifier_options: Any,
+) -> KeystileRuntime:
+    owns_store = store is None
+    if store is None:
+        assert database_url is not None
+        store = store_from_url(database_url)
+    verifier = Verifier(store, hasher=SecretHasher(argon2), **verifier_options)
+    recorder = UsageRecorder(store, flush_interval=flush_interval, flush_max=flush_max)
+    return KeystileRuntime(
+        store,
+        verifier,
+        recorder,
+        owns_store=owns_store,
+        reap_every=reap_every,
+        reap_unused_for=reap_unused_for,
+    )

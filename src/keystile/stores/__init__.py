@@ -16,7 +16,7 @@ __all__ = ["KeyRecord", "KeyStore", "MemoryKeyStore", "SQLiteKeyStore", "store_f
 def store_from_url(url: str, **options: Any) -> KeyStore:
     """Build the store a URL names (not yet opened).
 
-    ``sqlite:///keys.db`` is relative to the working directory, ``sqlite:////abs/keys.db``
+    ``sqlite:///keystile.db`` is relative to the working directory, ``sqlite:////abs/keystile.db``
     absolute; ``postgresql://`` and ``postgres://`` take the usual libpq URL.
     """
     scheme = urlsplit(url).scheme.lower()

@@ -200,7 +200,9 @@ class LocalChangeBus:
         with self._lock:
             listeners = list(self._listeners.values())
         for listener, loop in listeners:
-            if loop is None or loop is current or loop.is_closed():
+            # A loop that no longer runs (closed, or left behind by its runner) would never
+            # deliver a queued revocation: call the listener here instead.
+            if loop is None or loop is current or not loop.is_running():
                 listener(key_id)
             else:
                 loop.call_soon_threadsafe(listener, key_id)

@@ -1,0 +1,252 @@
+"""KeystileRuntime: the store, verifier and usage recorder behind the middleware, and
+their background work.
+
+One runtime serves every ``APIKeyMiddleware`` built from the same configuration in a
+process. Frameworks that build a middleware per route (Litestar's ``DefineMiddleware``)
+then still get one cache, one connection pool, one usage recorder and one set of
+background tasks, so a key is proven with argon2 once per process, not once per route.
+
+The background work belongs to the runtime, not to the lifespan call that started it:
+an app that ends the lifespan protocol early does not stop it, and a duty that fails is
+logged and run again. It runs on one event loop; when that loop ends (a test client's
+loop per request) the next request starts it afresh on its own loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import weakref
+from collections.abc import Awaitable, Callable, Hashable
+from datetime import timedelta
+from typing import Any
+
+import anyio
+
+from .errors import StoreError
+from .stats import KeystileStats
+from .stores.base import KeyStore, utcnow
+from .usage import UsageRecorder
+from .verifier import Verifier
+
+__all__ = ["BACKGROUND_RETRY_MAX", "SHUTDOWN_TIMEOUT", "KeystileRuntime"]
+
+logger = logging.getLogger("keystile")
+
+#: Seconds the final flush and store close may take at shutdown.
+SHUTDOWN_TIMEOUT = 10.0
+#: Cap of the delay before a failed background duty (or store open) is retried, seconds.
+BACKGROUND_RETRY_MAX = 5.0
+
+
+class KeystileRuntime:
+    """Shared by the middlewares of one configuration: see the module docstring."""
+
+    _shared: weakref.WeakValueDictionary[Hashable, KeystileRuntime] = weakref.WeakValueDictionary()
+    _shared_lock = threading.Lock()
+
+    def __init__(
+        self,
+        store: KeyStore,
+        verifier: Verifier,
+        recorder: UsageRecorder,
+        *,
+        owns_store: bool,
+        reap_every: float | None = None,
+        reap_unused_for: timedelta = timedelta(days=90),
+    ) -> None:
+        self.store = store
+        self.verifier = verifier
+        self.recorder = recorder
+        self.owns_store = owns_store
+        self.reap_every = reap_every
+        self.reap_unused_for = reap_unused_for
+        #: True while background work runs: the one check the request path makes.
+        self.running = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._unsubscribe: Callable[[], None] | None = None
+
+    @classmethod
+    def shared(cls, key: Hashable, build: Callable[[], KeystileRuntime]) -> KeystileRuntime:
+        """The runtime for configuration ``key``, built on first use and kept while any
+        middleware holds it."""
+        with cls._shared_lock:
+            runtime = cls._shared.get(key)
+            if runtime is None:
+                runtime = cls._shared[key] = build()
+            return runtime
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def start(self) -> None:
+        """(Re)start the background work on the running loop.
+
+        Synchronous, so the change listener is subscribed before the request that calls
+        it (or any other on this loop) can verify a key: a revocation is never missed in
+        between. Background work of another, finished event loop is replaced.
+        """
+        loop = asyncio.get_running_loop()
+        if self.running and self._loop is loop:
+            return
+        self._loop = loop
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+        self._unsubscribe = self.store.subscribe(self.verifier.on_change)
+        task = loop.create_task(self._run_background(), name="keystile background work")
+        task.add_done_callback(self._background_ended)
+        self._task = task
+        self.running = True
+
+    @property
+    def is_background_alive(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def _background_ended(self, task: asyncio.Task[None]) -> None:
+        if task is not self._task:
+            return
+        if not task.cancelled() and task.exception() is not None:
+            logger.error(
+                "keystile: background work stopped (%s); it restarts with the next request",
+                task.exception(),
+            )
+        self.running = False
+
+    async def stop(self) -> None:
+        """Stop background work, write pending ``last_used_at`` and close an owned store."""
+        task, self._task = self._task, None
+        self.running = False
+        try:
+            current: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            current = None
+        if task is not None and not task.done() and self._loop is current:
+            task.cancel()
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait({task})
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        self._loop = None
+        with anyio.move_on_after(SHUTDOWN_TIMEOUT, shield=True):
+            try:
+                await self.recorder.flush()
+            except Exception as exc:
+                logger.error(
+                    "keystile: could not write last_used_at for %d keys at shutdown: %s",
+                    self.recorder.pending,
+                    exc,
+                )
+            if self.owns_store:
+                await self.store.close()
+
+    # -- operator API -----------------------------------------------------------------
+
+    def stats(self) -> KeystileStats:
+        c = self.verifier.counters
+        lookups = c.cache_hits + c.cache_misses
+        return KeystileStats(
+            cache_hits=c.cache_hits,
+            cache_misses=c.cache_misses,
+            hit_ratio=c.cache_hits / lookups if lookups else 0.0,
+            negative_hits=c.negative_hits,
+            argon2_verifications=c.argon2_verifications,
+            argon2_seconds=c.argon2_seconds,
+            argon2_in_flight=self.verifier.argon2_in_flight,
+            cache_size=len(self.verifier.cache),
+            cache_max_size=self.verifier.cache.max_size,
+            state_refreshes=c.state_refreshes,
+            stale_served=c.stale_served,
+            revocation_events=c.revocation_events,
+            cache_resets=c.cache_resets,
+            rejects=dict(c.rejects),
+            pending_touches=self.recorder.pending,
+            flushes=self.recorder.flushes,
+            flush_failures=self.recorder.flush_failures,
+            touches_written=self.recorder.touches_written,
+        )
+
+    # -- background duties --------------------------------------------------------------
+
+    async def _run_background(self) -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._supervise, "revocation listener", self._open_and_watch)
+            tg.start_soon(self._supervise, "last_used_at writer", self.recorder.run)
+            tg.start_soon(self._supervise, "cache upkeep", self._maintain_cache)
+            if self.reap_every:
+                tg.start_soon(self._supervise, "periodic reaper", self._reap_periodically)
+
+    @staticmethod
+    async def _supervise(name: str, duty: Callable[[], Awaitable[None]]) -> None:
+        """Run ``duty`` until it returns; if it fails, log it and run it again."""
+        delay = 0.5
+        while True:
+            try:
+                await duty()
+                return
+            except Exception as exc:
+                logger.error(
+                    "keystile: %s failed (%s: %s); restarting it in %.1fs",
+                    name,
+                    type(exc).__name__,
+                    exc,
+                    delay,
+                )
+            await anyio.sleep(delay)
+            delay = min(delay * 2, BACKGROUND_RETRY_MAX)
+
+    async def _open_and_watch(self) -> None:
+        delay = 0.1
+        while True:
+            try:
+                await self.store.open()
+                break
+            except StoreError as exc:
+                logger.warning("keystile: cannot open %s yet: %s", self.store.display_url, exc)
+                await anyio.sleep(delay)
+                delay = min(delay * 2, BACKGROUND_RETRY_MAX)
+        await self.store.watch()
+
+    async def _maintain_cache(self) -> None:
+        period = max(0.5, min(self.verifier.cache_ttl / 4, 30.0))
+        while True:
+            await anyio.sleep(period)
+            self.verifier.evict_idle()
+            try:
+                await self.verifier.refresh_stale()
+            except StoreError as exc:
+                logger.debug("keystile: state refresh deferred, store unavailable: %s", exc)
+
+    async def _reap_periodically(self) -> None:
+        assert self.reap_every is not None
+        while True:
+            await anyio.sleep(self.reap_every)
+            now = utcnow()
+            try:
+                reaped = await self.store.reap(
+                    unused_since=now - self.reap_unused_for, at=now, dry_run=False
+                )
+            except StoreError as exc:
+                logger.warning("keystile: periodic reap failed: %s", exc)
+                continue
+            if reaped:
+                logger.info(
+                    "keystile: reaped %d stale or expired keys: %s",
+                    len(reaped),
+                    ", ".join(r.id for r in reaped),
+                )
+
+
+def configuration_key(options: dict[str, Any]) -> Hashable:
+    """A key under which equal configurations share a runtime: hashable option values by
+    value, anything else (a store object, a callable) by identity."""
+
+    def part(value: Any) -> Hashable:
+        try:
+            hash(value)
+        except TypeError:
+            return ("id", id(value))
+        return ("value", type(value).__qualname__, value)
+
+    return tuple(sorted((name, part(value)) for name, value in options.items()))
