@@ -261,3 +261,17 @@ def test_oauth_docs_block_is_the_example() -> None:
         "docs/integration.md's OAuth block differs from examples/oauth_side_by_side.py; "
         "copy the example's code (from `from __future__` to `return app`) into the docs"
     )
+
+
+@pytest.mark.parametrize("reason", ["malformed", "expired", "revoked"])
+def test_readme_error_table_quotes_the_real_descriptions(reason: str) -> None:
+    """The README's error table gives each invalid-key row the description keystile sends."""
+    from keystile import InvalidToken
+
+    description = InvalidToken(reason).description
+    label = {"malformed": "malformed key", "expired": "expired key", "revoked": "revoked key"}
+    rows = [
+        line for line in README.read_text().splitlines() if line.startswith(f"| {label[reason]}")
+    ]
+    assert len(rows) == 1
+    assert f'error_description="{description}"' in rows[0]
