@@ -1,4 +1,4 @@
-"""Faults against real stores (issue #6, item 4).
+"""Faults against real stores.
 
 * SIGTERM to a real uvicorn with ``last_used_at`` touches pending: all are written
   (SQLite and Postgres);

@@ -1,4 +1,4 @@
-"""The fuzz target of ``tests/fuzz/fuzz_tokens.py`` under Hypothesis (issue #6, item 1).
+"""The fuzz target of ``tests/fuzz/fuzz_tokens.py`` under Hypothesis.
 
 A short run is part of the suite; the long run is marked ``slow`` and runs only when asked
 for: ``pytest -m slow`` (50 000 examples) or ``KEYSTILE_LONG_FUZZ=N pytest -m slow``.

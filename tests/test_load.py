@@ -1,4 +1,4 @@
-"""A bounded load test under a real uvicorn on 127.0.0.1 (issue #6, item 2).
+"""A bounded load test under a real uvicorn on 127.0.0.1.
 
 250 concurrent clients send a mix of valid, expired, revoked, unknown, wrong-secret,
 malformed, missing and conflicting credentials; every answer is checked against what

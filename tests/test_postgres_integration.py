@@ -1,4 +1,4 @@
-"""APIKeyMiddleware on a real PostgreSQL, through real ASGI requests (issue #3).
+"""APIKeyMiddleware on a real PostgreSQL, through real ASGI requests.
 
 Batched ``last_used_at`` writes counted by Postgres itself (a statement-level trigger),
 revocation reaching another middleware by NOTIFY from another OS process, the listener

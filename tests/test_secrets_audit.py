@@ -1,4 +1,4 @@
-"""Secrets audit (issue #6, item 6): a key's secret never leaves the request.
+"""Secrets audit: a key's secret never leaves the request.
 
 Over every store, with logging at DEBUG: keys are created, used, refused, rotated,
 revoked and reaped, through the middleware and the CLI, and every log record, exception

@@ -1,4 +1,4 @@
-"""Verifier: the pipeline of design §1 without ASGI."""
+"""Verifier: the request pipeline of ``docs/architecture.md`` without ASGI."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Verifier: presented token → cached principal, or one exception per failure reason.
 
-The pipeline (design §1)::
+The pipeline (``docs/architecture.md``, "The request path")::
 
     digest ─► constant-time cache scan ─► hit: expiry check, state refresh after cache_ttl
                                        └► miss: parse (malformed / bad checksum: no store
