@@ -22,7 +22,7 @@ from typing import Any
 from litestar import Litestar, Request, get, post
 
 from keystile import APIKeyUser, KeyManager
-from keystile.litestar import KeystilePlugin, requires_scopes
+from keystile.litestar import KeystilePlugin, require_scopes
 
 DATABASE_URL = os.environ.get("KEYSTILE_DATABASE_URL", "sqlite:///keystile.db")
 DEMO_OWNER, DEMO_NAME = "demo", "demo"
@@ -43,18 +43,18 @@ def create_app(database_url: str = DATABASE_URL, **options: Any) -> Litestar:
         key = request.user
         return {"id": key.key_id, "owner": key.owner, "name": key.name, "scopes": key.scopes}
 
-    @get("/items", guards=[requires_scopes("items:read")])
+    @get("/items", guards=[require_scopes("items:read")])
     async def list_items(request: KeyRequest) -> list[dict[str, str]]:
         return items.get(request.user.owner, [])
 
-    @post("/items", guards=[requires_scopes("items:write")])
+    @post("/items", guards=[require_scopes("items:write")])
     async def create_item(request: KeyRequest) -> dict[str, str]:
         body = await request.json()
         item = {"name": str(body["name"])}
         items.setdefault(request.user.owner, []).append(item)
         return item
 
-    @get("/stats", guards=[requires_scopes("admin")])
+    @get("/stats", guards=[require_scopes("admin")])
     async def stats(request: KeyRequest) -> dict[str, Any]:
         return request.scope["keystile"].stats().as_dict()
 

@@ -23,7 +23,7 @@ from litestar.testing import AsyncTestClient
 
 from apps import EXAMPLES, client
 from keystile import CHEAPEST_PARAMETERS, APIKeyMiddleware, APIKeyUser, KeyManager
-from keystile.litestar import KeystilePlugin, requires_scopes
+from keystile.litestar import KeystilePlugin, require_scopes
 from test_docs import INTEGRATION, block_under, mint
 
 pytestmark = pytest.mark.anyio
@@ -61,12 +61,12 @@ async def whoami(request: KeyRequest) -> dict[str, Any]:
     }
 
 
-@get("/items", guards=[requires_scopes("items:read")])
+@get("/items", guards=[require_scopes("items:read")])
 async def items() -> list[str]:
     return ["a", "b"]
 
 
-@get("/health", guards=[requires_scopes("items:read")])
+@get("/health", guards=[require_scopes("items:read")])
 async def guarded_health() -> str:
     return "ok"
 
@@ -149,7 +149,7 @@ async def test_request_user_is_the_verified_key(sqlite_database_url: str) -> Non
 
 
 async def test_guard_admits_a_key_with_the_scope(sqlite_database_url: str) -> None:
-    """requires_scopes lets a key holding the scope through to the handler."""
+    """require_scopes lets a key holding the scope through to the handler."""
     key = await make_key(sqlite_database_url, "items:read")
     app, plugin = plugin_app(sqlite_database_url)
     async with client(app) as c:
@@ -189,10 +189,10 @@ async def test_guard_answers_401_on_an_exempt_path_without_a_key(
     assert answer.headers["www-authenticate"] == 'Bearer realm="api"'
 
 
-def test_requires_scopes_needs_a_scope() -> None:
+def test_require_scopes_needs_a_scope() -> None:
     """A guard that requires nothing is a mistake, refused when the app is written."""
     with pytest.raises(ValueError, match="at least one scope"):
-        requires_scopes()
+        require_scopes()
 
 
 # -- the plugin: OpenAPI ----------------------------------------------------------------

@@ -3,9 +3,9 @@
 ::
 
     from litestar import Litestar, get
-    from keystile.litestar import KeystilePlugin, requires_scopes
+    from keystile.litestar import KeystilePlugin, require_scopes
 
-    @get("/items", guards=[requires_scopes("items:read")])
+    @get("/items", guards=[require_scopes("items:read")])
     async def items() -> list[str]: ...
 
     app = Litestar(
@@ -62,7 +62,7 @@ __all__ = [
     "DEFAULT_BEARER_SCHEME_NAME",
     "DEFAULT_HEADER_SCHEME_NAME",
     "KeystilePlugin",
-    "requires_scopes",
+    "require_scopes",
     "security_components",
     "security_requirements",
 ]
@@ -242,17 +242,17 @@ def _challenge_headers(exc: AuthenticationError, realm: str) -> dict[str, str]:
     return headers
 
 
-def requires_scopes(*scopes: str) -> Guard:
+def require_scopes(*scopes: str) -> Guard:
     """A Litestar guard: the verified key must hold every one of ``scopes``.
 
-    ``@get("/items", guards=[requires_scopes("items:read")])``. A request without a key
+    ``@get("/items", guards=[require_scopes("items:read")])``. A request without a key
     (``required=False``, or an exempt path) gets 401; a key missing a scope gets 403
     ``insufficient_scope`` with the RFC 6750 challenge, its body in Litestar's own shape
     (``detail``, and ``extra`` naming the required and missing scopes). "authenticated"
     is held by every key, as in ``request.auth.scopes``.
     """
     if not scopes:
-        raise ValueError("requires_scopes needs at least one scope")
+        raise ValueError("require_scopes needs at least one scope")
     required = tuple(dict.fromkeys(scopes))
 
     def guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
@@ -281,5 +281,5 @@ def requires_scopes(*scopes: str) -> Guard:
                 },
             )
 
-    guard.__qualname__ = f"requires_scopes({' '.join(required)})"
+    guard.__qualname__ = f"require_scopes({' '.join(required)})"
     return guard
