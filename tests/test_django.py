@@ -7,7 +7,6 @@ example, which configures Django its own way, runs in a subprocess.
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 import json
 import os
@@ -22,6 +21,7 @@ import pytest
 from apps import EXAMPLES, client
 from keystile import CHEAPEST_PARAMETERS, APIKeyMiddleware, KeyManager
 from keystile.django import KeystileUser, protect, require_scopes
+from lifespans import lifespan
 from test_docs import INTEGRATION, block_under
 
 pytestmark = pytest.mark.anyio
@@ -222,24 +222,11 @@ async def test_protect_flushes_last_used_at_at_shutdown(sqlite_database_url: str
         argon2=CHEAPEST_PARAMETERS,
         flush_interval=3600,
     )
-    inbox: asyncio.Queue[dict[str, str]] = asyncio.Queue()
-    outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-    lifespan = asyncio.ensure_future(
-        app({"type": "lifespan", "asgi": {"version": "3.0"}}, inbox.get, outbox.put)
-    )
-    await inbox.put({"type": "lifespan.startup"})
-    started = await outbox.get()
-    answered = await get(app, "/plain", key)
-    pending = app.stats().pending_touches
-    await inbox.put({"type": "lifespan.shutdown"})
-    stopped = await outbox.get()
-    await lifespan
+    async with lifespan(app):
+        answered = await get(app, "/plain", key)
+        pending = app.stats().pending_touches
     async with KeyManager.from_url(sqlite_database_url) as keys:
         record = (await keys.list("acme"))[0]
-    assert (started["type"], stopped["type"]) == (
-        "lifespan.startup.complete",
-        "lifespan.shutdown.complete",
-    )
     assert (answered.status_code, pending) == (200, 1)
     assert record.last_used_at is not None
 

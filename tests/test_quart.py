@@ -1,0 +1,113 @@
+"""Quart behind keystile: ``app.asgi_app = APIKeyMiddleware(app.asgi_app, ...)``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from quart import Quart
+from quart.testing.connections import WebsocketDisconnectError
+
+from apps import client, load_example
+from keystile import CHEAPEST_PARAMETERS, KeyManager
+from test_docs import INTEGRATION, block_under, mint, run_block
+
+pytestmark = pytest.mark.anyio
+
+
+async def make_key(database_url: str, *scopes: str) -> str:
+    async with KeyManager.from_url(database_url, argon2=CHEAPEST_PARAMETERS) as keys:
+        created = await keys.create(owner="acme", name="bot", scopes=list(scopes))
+    return created.key
+
+
+def example_app(database_url: str, **options: Any) -> Quart:
+    app: Quart = load_example("quart_app").create_app(
+        database_url, argon2=CHEAPEST_PARAMETERS, **options
+    )
+    return app
+
+
+async def test_handler_reads_the_key_from_request_scope(sqlite_database_url: str) -> None:
+    """A Quart handler finds the verified key in request.scope["user"] and its scopes."""
+    key = await make_key(sqlite_database_url, "items:read")
+    app = example_app(sqlite_database_url)
+    async with client(app) as c:
+        answer = await c.get("/whoami", headers={"Authorization": f"Bearer {key}"})
+    await app.asgi_app.aclose()
+    assert answer.json() == {"key": "apikey:bot", "scopes": ["authenticated", "items:read"]}
+
+
+async def test_request_without_a_key_is_refused_before_quart(sqlite_database_url: str) -> None:
+    """Without a key keystile answers its 401; an exempt path still answers without one."""
+    app = example_app(sqlite_database_url)
+    async with client(app) as c:
+        refused = await c.get("/whoami")
+        health = await c.get("/health")
+    await app.asgi_app.aclose()
+    assert (refused.status_code, refused.json()["error"]) == (401, "unauthorized")
+    assert (health.status_code, health.json()) == (200, {"status": "ok"})
+
+
+async def test_handler_checks_a_scope(sqlite_database_url: str) -> None:
+    """The example's scope check: a key without items:write gets 403, one with it 201."""
+    reader = await make_key(sqlite_database_url, "items:read")
+    async with KeyManager.from_url(sqlite_database_url, argon2=CHEAPEST_PARAMETERS) as keys:
+        writer = (await keys.create(owner="acme", name="w", scopes=["items:write"])).key
+    app = example_app(sqlite_database_url)
+    async with client(app) as c:
+        refused = await c.post("/items", json={"name": "tea"}, headers={"X-API-Key": reader})
+        created = await c.post("/items", json={"name": "tea"}, headers={"X-API-Key": writer})
+    await app.asgi_app.aclose()
+    assert refused.status_code == 403
+    assert (created.status_code, created.json()) == (201, {"created": "tea"})
+
+
+async def test_websocket_reads_the_key_from_its_scope(sqlite_database_url: str) -> None:
+    """A Quart WebSocket handler finds the key in websocket.scope["user"]."""
+    key = await make_key(sqlite_database_url)
+    app = example_app(sqlite_database_url)
+    async with (
+        app.test_app() as running,
+        running.test_client().websocket("/ws", headers={"X-API-Key": key}) as ws,
+    ):
+        message = await ws.receive_json()
+    assert message == {"key": "apikey:bot"}
+
+
+async def test_websocket_without_a_key_is_closed_1008(sqlite_database_url: str) -> None:
+    """A WebSocket handshake without a key is closed with 1008 before Quart accepts it."""
+    app = example_app(sqlite_database_url)
+    async with app.test_app() as running:
+        with pytest.raises(WebsocketDisconnectError) as closed:
+            async with running.test_client().websocket("/ws") as ws:
+                await ws.receive_json()
+    assert closed.value.args[0] == 1008
+
+
+async def test_quart_lifespan_flushes_last_used_at(sqlite_database_url: str) -> None:
+    """Quart passes the lifespan through the middleware: shutdown writes last_used_at."""
+    key = await make_key(sqlite_database_url)
+    app = example_app(sqlite_database_url, flush_interval=3600)
+    async with app.test_app() as running:  # lifespan startup ... shutdown
+        answer = await running.test_client().get("/whoami", headers={"X-API-Key": key})
+        pending = app.asgi_app.stats().pending_touches
+    async with KeyManager.from_url(sqlite_database_url) as keys:
+        record = (await keys.list("acme"))[0]
+    assert (answer.status_code, pending) == (200, 1)
+    assert record.last_used_at is not None
+
+
+async def test_docs_quart_block_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Quart section's app: the key in request.scope, 401 without one."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("KEYSTILE_DATABASE_URL", raising=False)
+    key = await mint(scopes=["items:read"])
+    app = run_block(block_under(INTEGRATION, "Quart"))["app"]
+    async with client(app) as c:
+        me = await c.get("/whoami", headers={"X-API-Key": key})
+        anonymous = await c.get("/whoami")
+    await app.asgi_app.aclose()
+    assert me.json() == {"key": "apikey:laptop", "scopes": ["authenticated", "items:read"]}
+    assert anonymous.status_code == 401
