@@ -42,7 +42,7 @@ try:
     from litestar.handlers.base import BaseRouteHandler
     from litestar.middleware import DefineMiddleware
     from litestar.openapi.spec import Components, SecurityRequirement, SecurityScheme
-    from litestar.plugins import InitPlugin, ReceiveRoutePlugin
+    from litestar.plugins.base import InitPlugin, ReceiveRoutePlugin
     from litestar.routes import BaseRoute, HTTPRoute
     from litestar.types import Guard
 except ImportError as exc:  # pragma: no cover - exercised by a test that hides litestar
