@@ -266,3 +266,70 @@ async def test_secret_hash_not_in_repr(store: KeyStore) -> None:
     """A record's repr never shows its hash."""
     r = record()
     assert r.secret_hash not in repr(r)
+
+
+# -- usage limits ---------------------------------------------------------------------
+
+
+def limited(**fields: object) -> KeyRecord:
+    """A record with a rate limit and a quota of 10 refilled hourly, its period from now."""
+    base: dict[str, object] = {
+        "rate_limit": "10/second",
+        "quota": 10,
+        "quota_remaining": 10,
+        "quota_refill": timedelta(hours=1),
+        "quota_reset_at": utcnow().replace(microsecond=0),
+    }
+    return record(**{**base, **fields})
+
+
+async def test_limit_fields_round_trip(store: KeyStore) -> None:
+    """rate_limit, quota, quota_remaining, quota_refill and quota_reset_at survive a round trip."""
+    r = limited()
+    await store.insert(r)
+    assert await store.get(r.id) == r
+
+
+async def test_update_changes_limits_owner_scoped_and_tells_listeners(store: KeyStore) -> None:
+    """update writes the given fields of the owner's key only and publishes its id."""
+    r = limited()
+    await store.insert(r)
+    heard: list[str | None] = []
+    unsubscribe = store.subscribe(heard.append)
+    try:
+        assert await store.update(r.id, "globex", {"rate_limit": "1/day"}, at=utcnow()) is None
+        updated = await store.update(
+            r.id, "acme", {"rate_limit": "100/minute", "quota": None}, at=utcnow()
+        )
+    finally:
+        unsubscribe()
+    assert updated is not None and updated.rate_limit == "100/minute" and updated.quota is None
+    assert updated.secret_hash == r.secret_hash and updated.scopes == r.scopes
+    assert await store.get(r.id) == updated
+    assert heard == [r.id]
+
+
+async def test_touch_many_takes_uses_from_the_quota(store: KeyStore) -> None:
+    """A batch takes uses from each remaining quota, never below 0, and says what is left."""
+    a, b, free = limited(name="a"), limited(name="b", quota_remaining=2), record(name="free")
+    for r in (a, b, free):
+        await store.insert(r)
+    now = utcnow()
+    states = await store.touch_many({a.id: now, b.id: now, free.id: now}, {a.id: 3, b.id: 5})
+    assert {k: s.remaining for k, s in states.items()} == {a.id: 7, b.id: 0}
+    assert (await store.get(a.id)).quota_remaining == 7  # type: ignore[union-attr]
+    assert (await store.get(b.id)).quota_remaining == 0  # type: ignore[union-attr]
+    assert (await store.get(free.id)).quota_remaining is None  # type: ignore[union-attr]
+    await store.touch_many({a.id: now})
+    assert (await store.get(a.id)).quota_remaining == 7  # type: ignore[union-attr]
+
+
+async def test_touch_many_refills_a_due_quota_first(store: KeyStore) -> None:
+    """Uses made after a refill fell due come out of a full quota; the period start advances."""
+    start = utcnow().replace(microsecond=0) - timedelta(hours=2, minutes=30)
+    r = limited(quota_remaining=0, quota_reset_at=start)
+    await store.insert(r)
+    states = await store.touch_many({r.id: utcnow()}, {r.id: 4})
+    got = await store.get(r.id)
+    assert got is not None and got.quota_remaining == 6 == states[r.id].remaining
+    assert got.quota_reset_at == start + timedelta(hours=2) == states[r.id].reset_at

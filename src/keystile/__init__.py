@@ -22,11 +22,15 @@ from .errors import (
     KeyNotFound,
     KeystileError,
     MissingCredentials,
+    QuotaExceeded,
+    RateLimited,
     ServiceUnavailable,
     StoreError,
+    TooManyRequests,
 )
 from .hashing import CHEAPEST_PARAMETERS, DEFAULT_PARAMETERS, Argon2Parameters, SecretHasher
-from .manager import CreatedKey, KeyManager, revoke_presented
+from .limits import LimitEnforcer, LimitPolicy, RateLimiter
+from .manager import UNCHANGED, CreatedKey, KeyManager, revoke_presented
 from .middleware import APIKeyMiddleware
 from .principal import APIKeyUser
 from .stats import KeystileStats
@@ -40,6 +44,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CHEAPEST_PARAMETERS",
     "DEFAULT_PARAMETERS",
+    "UNCHANGED",
     "APIKeyMiddleware",
     "APIKeyUser",
     "Argon2Parameters",
@@ -59,12 +64,18 @@ __all__ = [
     "KeyStore",
     "KeystileError",
     "KeystileStats",
+    "LimitEnforcer",
+    "LimitPolicy",
     "MemoryKeyStore",
     "MissingCredentials",
+    "QuotaExceeded",
+    "RateLimited",
+    "RateLimiter",
     "SQLiteKeyStore",
     "SecretHasher",
     "ServiceUnavailable",
     "StoreError",
+    "TooManyRequests",
     "UsageRecorder",
     "VerifiedKeyCache",
     "Verifier",

@@ -1,4 +1,4 @@
-"""The ``keystile`` command: mint, list, show, revoke, rotate and reap keys; run a demo.
+"""The ``keystile`` command: mint, list, show, update, revoke, rotate and reap keys; run a demo.
 
 Errors are one line on stderr and exit code 1, never a traceback. Only ``init``, ``create``
 and ``demo`` may create a missing SQLite database; the other commands refuse to run on one.
@@ -18,14 +18,15 @@ import urllib.request
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import anyio
 
 from .config import DATABASE_URL_ENV, DEFAULT_DATABASE_URL, resolve_database_url
-from .durations import parse_duration
+from .durations import format_duration, parse_duration
 from .errors import KeystileError
-from .manager import DEFAULT_ROTATION_GRACE, CreatedKey, KeyManager
+from .limits import normalize_rate_limit
+from .manager import DEFAULT_ROTATION_GRACE, UNCHANGED, CreatedKey, KeyManager
 from .stores import SQLiteKeyStore, store_from_url
 from .stores.base import KeyRecord, KeyStore, utcnow
 from .tokens import normalize_key_id
@@ -52,7 +53,9 @@ EPILOG = """\
 examples:
   keystile init
   keystile create --owner acme --name "ci deploy" --scope items:read --expires-in 90d
+  keystile create --owner acme --name ci --rate-limit 10/second --quota 1000 --quota-refill 1d
   keystile list --owner acme
+  keystile update KEY_ID --owner acme --rate-limit 100/minute
   keystile rotate KEY_ID --owner acme --grace 1h
   keystile revoke KEY_ID --owner acme
   keystile reap --unused-for 90d --dry-run
@@ -74,6 +77,37 @@ def _duration(text: str) -> timedelta:
         return parse_duration(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _rate_limit(text: str) -> str:
+    try:
+        normal = normalize_rate_limit(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    assert normal is not None
+    return normal
+
+
+def _quota(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid quota {text!r}: a whole number of uses"
+        ) from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"invalid quota {text!r}: at least 0")
+    return value
+
+
+def _add_limit_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--rate-limit", type=_rate_limit, metavar="N/UNIT", help="e.g. 10/second, 100/minute, 5/day"
+    )
+    p.add_argument("--quota", type=_quota, metavar="N", help="uses allowed (in each refill period)")
+    p.add_argument(
+        "--quota-refill", type=_duration, metavar="DURATION", help="refill the quota every, e.g. 1d"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--metadata", action="append", default=[], metavar="KEY=VALUE", help="(repeatable)"
     )
+    _add_limit_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = command("list", "list an owner's keys", "keystile list --owner acme --json")
@@ -126,6 +161,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("show", "show one key of an owner", "keystile show KEY_ID --owner acme")
     p.add_argument("key_id", metavar="KEY_ID", type=normalize_key_id)
     p.add_argument("--owner", required=True)
+    p.add_argument("--json", action="store_true")
+
+    p = command(
+        "update",
+        "change a key's usage limits; the secret stays, running apps apply it at once",
+        "keystile update KEY_ID --owner acme --rate-limit 100/minute",
+    )
+    p.add_argument("key_id", metavar="KEY_ID", type=normalize_key_id)
+    p.add_argument("--owner", required=True)
+    _add_limit_options(p)
+    p.add_argument("--no-rate-limit", action="store_true", help="remove the key's rate limit")
+    p.add_argument("--no-quota", action="store_true", help="remove the key's quota")
     p.add_argument("--json", action="store_true")
 
     p = command(
@@ -205,6 +252,28 @@ def _table(records: Sequence[KeyRecord]) -> None:
         _out("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
 
 
+def _limits_text(record: KeyRecord) -> str:
+    """``rate limit 10/second; quota 998 of 1000 left, refilled every 1d (next …)``."""
+    parts = [f"rate limit {record.rate_limit or '-'}"]
+    if record.quota is None:
+        parts.append("quota -")
+    else:
+        quota = f"quota {record.quota_left()} of {record.quota} left"
+        if record.quota_refill is not None:
+            refill = record.next_refill()
+            quota += f", refilled every {format_duration(record.quota_refill)}"
+            quota += f" (next {refill:%Y-%m-%d %H:%M} UTC)" if refill else ""
+        parts.append(quota)
+    return "; ".join(parts)
+
+
+def _show(record: KeyRecord) -> None:
+    for field, value in record.to_public_dict().items():
+        if field == "quota_refill" and value is not None:
+            value = format_duration(timedelta(seconds=value))
+        _out(f"{field:17} {value if value not in (None, [], {}) else '-'}")
+
+
 def _print_created(created: CreatedKey, as_json: bool, verb: str) -> None:
     record = created.record
     if as_json:
@@ -215,6 +284,8 @@ def _print_created(created: CreatedKey, as_json: bool, verb: str) -> None:
         f"{verb} key {record.id} ({record.name!r}) for owner {record.owner!r}; "
         f"scopes: {', '.join(record.scopes) or '-'}; expires: {expires}"
     )
+    if record.rate_limit is not None or record.quota is not None:
+        _err(f"Limits: {_limits_text(record)}")
     _err("The key is shown only this once; store it now:")
     _out(created.key)
 
@@ -255,6 +326,27 @@ def _metadata(pairs: Sequence[str]) -> dict[str, str]:
     return result
 
 
+def _limit_changes(args: argparse.Namespace) -> dict[str, Any]:
+    """``KeyManager.update`` arguments from the ``update`` options; one line if none."""
+    if args.no_rate_limit and args.rate_limit is not None:
+        raise CommandError("give --rate-limit or --no-rate-limit, not both")
+    if args.no_quota and (args.quota is not None or args.quota_refill is not None):
+        raise CommandError("give --quota/--quota-refill or --no-quota, not both")
+    changes: dict[str, Any] = {}
+    if args.rate_limit is not None or args.no_rate_limit:
+        changes["rate_limit"] = args.rate_limit
+    if args.quota is not None or args.no_quota:
+        changes["quota"] = args.quota
+    if args.quota_refill is not None:
+        changes["quota_refill"] = args.quota_refill
+    if not changes:
+        raise CommandError(
+            "nothing to update: give --rate-limit, --no-rate-limit, --quota, --quota-refill"
+            " or --no-quota"
+        )
+    return {name: changes.get(name, UNCHANGED) for name in ("rate_limit", "quota", "quota_refill")}
+
+
 def _run_command(args: argparse.Namespace, url: str) -> int:
     command: str = args.command
 
@@ -269,6 +361,9 @@ def _run_command(args: argparse.Namespace, url: str) -> int:
                 metadata=_metadata(args.metadata),
                 expires_in=args.expires_in,
                 replace=args.replace,
+                rate_limit=args.rate_limit,
+                quota=args.quota,
+                quota_refill=args.quota_refill,
             )
             _print_created(created, args.json, "Created")
         elif command == "list":
@@ -284,8 +379,13 @@ def _run_command(args: argparse.Namespace, url: str) -> int:
             if args.json:
                 _out(json.dumps(record.to_public_dict(), indent=2))
             else:
-                for field, value in record.to_public_dict().items():
-                    _out(f"{field:13} {value if value not in (None, [], {}) else '-'}")
+                _show(record)
+        elif command == "update":
+            record = await manager.update(args.key_id, owner=args.owner, **_limit_changes(args))
+            if args.json:
+                _out(json.dumps(record.to_public_dict(), indent=2))
+            else:
+                _err(f"updated key {record.id}: {_limits_text(record)}")
         elif command == "revoke":
             await manager.get(args.key_id, owner=args.owner)  # KeyNotFound: not that owner's
             if await manager.revoke(args.key_id, owner=args.owner):

@@ -8,7 +8,10 @@
     │   ├── InvalidRequest          400 ``invalid_request``: conflicting or empty credentials
     │   ├── InvalidToken            401 ``invalid_token``: any key that is not valid
     │   ├── InsufficientScope       403 ``insufficient_scope``
-    │   └── ServiceUnavailable      503 with ``Retry-After``: store down or argon2 guard saturated
+    │   ├── ServiceUnavailable      503 with ``Retry-After``: store down or argon2 guard saturated
+    │   └── TooManyRequests         429: a verified key is over its usage limits
+    │       ├── RateLimited         ``rate_limited``, with ``Retry-After`` and ``RateLimit`` fields
+    │       └── QuotaExceeded       ``quota_exceeded``, ``Retry-After`` only when a refill is due
     ├── StoreError                  the key store could not be reached or failed
     ├── KeyManagementError          a refused key-management operation (CLI exit code 1)
     │   ├── InvalidKeyName
@@ -41,8 +44,11 @@ __all__ = [
     "KeyNotFound",
     "KeystileError",
     "MissingCredentials",
+    "QuotaExceeded",
+    "RateLimited",
     "ServiceUnavailable",
     "StoreError",
+    "TooManyRequests",
 ]
 
 
@@ -129,6 +135,78 @@ class ServiceUnavailable(AuthenticationError):
     ) -> None:
         self.retry_after = retry_after
         super().__init__(reason, description, source=source)
+
+
+class TooManyRequests(AuthenticationError):
+    """A verified key is over one of its usage limits: 429.
+
+    Only ever raised after the key was verified, so it tells nothing to a caller who
+    does not hold the secret. ``retry_after`` is in whole seconds (at least 1), or
+    ``None`` when waiting will not help (a quota without refill).
+    """
+
+    status_code = 429
+    error: ClassVar[str | None] = "rate_limited"
+    default_description = "Too many requests for this API key."
+
+    def __init__(
+        self,
+        reason: str,
+        description: str | None = None,
+        *,
+        retry_after: int | None = None,
+        headers: tuple[tuple[str, str], ...] = (),
+        source: str | None = None,
+    ) -> None:
+        self.retry_after = retry_after
+        #: Extra response fields (``RateLimit-Policy``, ``RateLimit``), already formatted.
+        self.headers = headers
+        super().__init__(reason, description, source=source)
+
+
+class RateLimited(TooManyRequests):
+    """The key's rate limit (``limit``, e.g. ``10/second``) is used up for now."""
+
+    error = "rate_limited"
+
+    def __init__(
+        self,
+        limit: str,
+        *,
+        retry_after: int,
+        headers: tuple[tuple[str, str], ...] = (),
+        source: str | None = None,
+    ) -> None:
+        self.limit = limit
+        super().__init__(
+            "rate_limited",
+            f"Rate limit of {limit} exceeded; retry after {retry_after} s.",
+            retry_after=retry_after,
+            headers=headers,
+            source=source,
+        )
+
+
+class QuotaExceeded(TooManyRequests):
+    """The key's quota (``quota`` uses, refilled every ``refill`` if set) is used up."""
+
+    error = "quota_exceeded"
+
+    def __init__(
+        self,
+        quota: int,
+        *,
+        retry_after: int | None = None,
+        source: str | None = None,
+    ) -> None:
+        self.quota = quota
+        when = f"it refills in {retry_after} s" if retry_after is not None else "it does not refill"
+        super().__init__(
+            "quota_exceeded",
+            f"Quota of {quota} requests used up; {when}.",
+            retry_after=retry_after,
+            source=source,
+        )
 
 
 class StoreError(KeystileError):

@@ -10,12 +10,16 @@ The rules users learned the hard way live here, so every caller gets them:
 * everything is owner-scoped: a key id of another owner behaves as an unknown id;
 * a key is rotated at most once: its successor keeps its prefix and its lifetime;
 * key ids may be given as shown (``ks_AbC123def456…``);
+* usage limits live with the key: ``rate_limit`` (``10/second``…), ``quota`` uses,
+  refilled every ``quota_refill``; ``update`` changes them on a live key, and every
+  running process hears of it as of a revocation;
 * the plaintext key is returned exactly once, by ``create`` and ``rotate``.
 """
 
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import logging
 import math
 import re
@@ -23,13 +27,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from types import TracebackType
-from typing import Any
+from typing import Any, Final
 
 import anyio.to_thread
 from starlette.exceptions import WebSocketException
 from starlette.requests import HTTPConnection
 
 from .config import resolve_database_url
+from .durations import parse_duration
 from .errors import (
     InvalidKeyName,
     KeyAlreadyRotated,
@@ -39,13 +44,20 @@ from .errors import (
     StoreError,
 )
 from .hashing import DEFAULT_PARAMETERS, Argon2Parameters, SecretHasher
+from .limits import normalize_rate_limit, quota_changes
 from .principal import APIKeyUser
 from .responses import WEBSOCKET_TRY_AGAIN_LATER, KeystileHTTPException
 from .stores import store_from_url
 from .stores.base import KeyRecord, KeyStore, utcnow
 from .tokens import DEFAULT_PREFIX, generate_key, normalize_key_id, redact, validate_prefix
 
-__all__ = ["DEFAULT_ROTATION_GRACE", "CreatedKey", "KeyManager", "revoke_presented"]
+__all__ = [
+    "DEFAULT_ROTATION_GRACE",
+    "UNCHANGED",
+    "CreatedKey",
+    "KeyManager",
+    "revoke_presented",
+]
 
 logger = logging.getLogger("keystile")
 
@@ -58,6 +70,19 @@ LOGOUT_UNAVAILABLE = (
     "The logout could not be recorded because the key store is unavailable; the key still"
     " works. Retry shortly."
 )
+
+
+class _Unchanged:
+    """The type of ``UNCHANGED``."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "UNCHANGED"
+
+
+#: ``KeyManager.update``'s default: leave this field as it is (``None`` clears it).
+UNCHANGED: Final = _Unchanged()
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +131,36 @@ def validate_scopes(scopes: Iterable[str]) -> tuple[str, ...]:
         if scope not in result:
             result.append(scope)
     return tuple(result)
+
+
+def validate_rate_limit(rate_limit: str | None) -> str | None:
+    """The stored form of a rate limit (``10/s`` → ``10/second``), or ``KeyManagementError``."""
+    try:
+        return normalize_rate_limit(rate_limit)
+    except ValueError as exc:
+        raise KeyManagementError(str(exc)) from None
+
+
+def validate_quota(quota: int | None) -> int | None:
+    if quota is None:
+        return None
+    if isinstance(quota, bool) or not isinstance(quota, int) or not 0 <= quota < 2**62:
+        raise KeyManagementError(f"quota must be a whole number of uses >= 0, got {quota!r}")
+    return quota
+
+
+def validate_refill(refill: timedelta | str | None) -> timedelta | None:
+    """A refill period from a ``timedelta`` or a duration such as ``"1d"``; at least 1 s."""
+    if refill is None:
+        return None
+    if isinstance(refill, str):
+        try:
+            refill = parse_duration(refill)
+        except ValueError as exc:
+            raise KeyManagementError(f"quota_refill: {exc}") from None
+    if not isinstance(refill, timedelta) or refill < timedelta(seconds=1):
+        raise KeyManagementError("quota_refill must be a duration of at least 1 second")
+    return refill
 
 
 def validate_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -225,13 +280,21 @@ class KeyManager:
         expires_at: datetime | None = None,
         expires_in: timedelta | None = None,
         replace: bool = False,
+        rate_limit: str | None = None,
+        quota: int | None = None,
+        quota_refill: timedelta | str | None = None,
     ) -> CreatedKey:
         """Mint a key. Raises ``DuplicateKeyName`` if ``(owner, name)`` already has an
-        active key, unless ``replace=True`` (then the old key is revoked atomically)."""
+        active key, unless ``replace=True`` (then the old key is revoked atomically).
+
+        ``rate_limit`` (``"10/second"``, ``"100/minute"``, ``"1000/hour"``, ``"N/day"``)
+        and ``quota`` (uses, refilled every ``quota_refill``, e.g. ``"1d"``) are the key's
+        usage limits, enforced by the middleware after the key is verified."""
         if expires_at is not None and expires_in is not None:
             raise KeyManagementError("give expires_at or expires_in, not both")
         now = utcnow()
         expires_at = self._expiry(now, expires_at, expires_in)
+        limits = self._limits(rate_limit, quota, quota_refill, now)
         record, plaintext = await self._mint(
             owner=validate_owner(owner),
             name=validate_name(name),
@@ -241,6 +304,7 @@ class KeyManager:
             expires_at=expires_at,
             now=now,
         )
+        record = dataclasses.replace(record, **limits)
         await self.store.insert(record, replace=replace)
         stored = await self.store.get(record.id)
         return CreatedKey(plaintext, stored or record)
@@ -262,6 +326,52 @@ class KeyManager:
         ``False`` if there was nothing to revoke (already revoked, or no such key of that
         owner). Idempotent."""
         return await self.store.revoke(normalize_key_id(key_id), owner, at=utcnow())
+
+    async def update(
+        self,
+        key_id: str,
+        *,
+        owner: str,
+        rate_limit: str | _Unchanged | None = UNCHANGED,
+        quota: int | _Unchanged | None = UNCHANGED,
+        quota_refill: timedelta | str | _Unchanged | None = UNCHANGED,
+    ) -> KeyRecord:
+        """Change ``owner``'s key (by id or display form) without changing its secret;
+        returns it as updated. Every running middleware hears of the change as of a
+        revocation (at once in this process, by NOTIFY on Postgres, by the change log on
+        SQLite) and applies it to the key's next request.
+
+        Each field is left as it is unless given; ``None`` clears it. A new ``quota``
+        starts full (its period, for ``quota_refill``, starts now); ``quota=None`` removes
+        the quota and its refill. Raises ``KeyNotFound`` for an unknown id or another
+        owner's key."""
+        key_id = normalize_key_id(key_id)
+        changes: dict[str, Any] = {}
+        if not isinstance(rate_limit, _Unchanged):
+            changes["rate_limit"] = validate_rate_limit(rate_limit)
+        if not isinstance(quota, _Unchanged) or not isinstance(quota_refill, _Unchanged):
+            current = await self.get(key_id, owner=owner)
+            now = utcnow()
+            new_quota = current.quota if isinstance(quota, _Unchanged) else validate_quota(quota)
+            refill = (
+                current.quota_refill
+                if isinstance(quota_refill, _Unchanged)
+                else validate_refill(quota_refill)
+            )
+            if refill is not None and new_quota is None:
+                if not isinstance(quota_refill, _Unchanged):
+                    raise KeyManagementError("quota_refill needs a quota")
+                refill = None
+            if isinstance(quota, _Unchanged):
+                changes["quota_refill"] = refill
+                if refill is not None and current.quota_reset_at is None:
+                    changes["quota_reset_at"] = now
+            else:
+                changes.update(quota_changes(new_quota, refill, now))
+        updated = await self.store.update(key_id, owner, changes, at=utcnow())
+        if updated is None:
+            raise KeyNotFound(f"no key {key_id!r} for owner {owner!r}")
+        return updated
 
     async def rotate(
         self, key_id: str, *, owner: str, grace: timedelta = DEFAULT_ROTATION_GRACE
@@ -290,6 +400,15 @@ class KeyManager:
             expires_at=self._successor_expiry(old, now),
             now=now,
             replaces=old.id,
+        )
+        # The successor keeps the key's plan and what is left of its quota.
+        successor = dataclasses.replace(
+            successor,
+            rate_limit=old.rate_limit,
+            quota=old.quota,
+            quota_remaining=old.quota_left(now),
+            quota_refill=old.quota_refill,
+            quota_reset_at=old.quota_reset_at,
         )
         updated = await self.store.rotate(old.id, owner, successor, grace_until=grace_until)
         if updated is None:
@@ -333,6 +452,22 @@ class KeyManager:
         if old.expires_at is not None and old.expires_at > old.created_at:
             return _later(now, old.expires_at - old.created_at, "the key's lifetime")
         return self._expiry(now, None, None)
+
+    @staticmethod
+    def _limits(
+        rate_limit: str | None,
+        quota: int | None,
+        quota_refill: timedelta | str | None,
+        now: datetime,
+    ) -> dict[str, Any]:
+        refill = validate_refill(quota_refill)
+        quota = validate_quota(quota)
+        if refill is not None and quota is None:
+            raise KeyManagementError("quota_refill needs a quota")
+        return {
+            "rate_limit": validate_rate_limit(rate_limit),
+            **(quota_changes(quota, refill, now) if quota is not None else {}),
+        }
 
     @staticmethod
     def _check_rotatable(record: KeyRecord, owner: str) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 
 from starlette.authentication import BaseUser
 
+from .limits import LimitPolicy
 from .stores.base import KeyRecord
 from .tokens import redact
 
@@ -35,7 +36,7 @@ class APIKeyUser(BaseUser):
     requests are granted.
     """
 
-    __slots__ = ("expires_at", "key_id", "metadata", "name", "owner", "prefix", "scopes")
+    __slots__ = ("expires_at", "key_id", "limits", "metadata", "name", "owner", "prefix", "scopes")
 
     def __init__(
         self,
@@ -47,6 +48,7 @@ class APIKeyUser(BaseUser):
         metadata: Mapping[str, Any] | None = None,
         prefix: str = "ks",
         expires_at: datetime | None = None,
+        limits: LimitPolicy | None = None,
     ) -> None:
         init = object.__setattr__
         init(self, "key_id", key_id)
@@ -56,6 +58,7 @@ class APIKeyUser(BaseUser):
         init(self, "metadata", _frozen(dict(metadata or {})))
         init(self, "prefix", prefix)
         init(self, "expires_at", expires_at)
+        init(self, "limits", limits)
 
     key_id: str
     owner: str
@@ -64,6 +67,9 @@ class APIKeyUser(BaseUser):
     metadata: Mapping[str, Any]
     prefix: str
     expires_at: datetime | None
+    #: The key's rate limit and quota, precomputed from its record (``None``: no limit of
+    #: its own), so the request path pays one attribute check for an unlimited key.
+    limits: LimitPolicy | None
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(f"APIKeyUser is immutable: cannot set {name!r}")
@@ -81,6 +87,7 @@ class APIKeyUser(BaseUser):
             metadata=record.metadata,
             prefix=record.prefix,
             expires_at=record.expires_at,
+            limits=LimitPolicy.from_record(record),
         )
 
     @property

@@ -4,7 +4,10 @@
 * a key that is not valid: 401 ``error="invalid_token"``;
 * a malformed request: 400 ``error="invalid_request"``;
 * a missing scope: 403 ``error="insufficient_scope"`` with ``scope="…"``;
-* the store down or the argon2 guard full: 503 with ``Retry-After``.
+* the store down or the argon2 guard full: 503 with ``Retry-After``;
+* a verified key over its limits: 429 ``rate_limited`` (with ``Retry-After`` and the IETF
+  ``RateLimit-Policy``/``RateLimit`` fields) or ``quota_exceeded`` (``Retry-After`` only
+  when a refill is due). No challenge: the key is valid, so retrying it is right.
 
 The JSON body says how to send a key, naming both header forms, and for a presented
 key where it was read from, never its value.
@@ -22,7 +25,14 @@ from typing import Any
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response
 
-from .errors import AuthenticationError, InsufficientScope, ServiceUnavailable
+from .errors import (
+    AuthenticationError,
+    InsufficientScope,
+    QuotaExceeded,
+    RateLimited,
+    ServiceUnavailable,
+    TooManyRequests,
+)
 
 __all__ = ["KeystileHTTPException", "error_code", "error_response", "www_authenticate"]
 
@@ -36,7 +46,7 @@ def _quote(value: str) -> str:
 
 
 def www_authenticate(exc: AuthenticationError, realm: str) -> str | None:
-    if isinstance(exc, ServiceUnavailable):
+    if isinstance(exc, (ServiceUnavailable, TooManyRequests)):
         return None
     params = [f"realm={_quote(realm)}"]
     if exc.error is not None:
@@ -68,6 +78,15 @@ def error_response(exc: AuthenticationError, *, realm: str, header_name: str) ->
     elif isinstance(exc, ServiceUnavailable):
         body["retry_after"] = exc.retry_after
         headers["Retry-After"] = str(exc.retry_after)
+    elif isinstance(exc, TooManyRequests):
+        if isinstance(exc, RateLimited):
+            body["limit"] = exc.limit
+        elif isinstance(exc, QuotaExceeded):
+            body["quota"] = exc.quota
+        if exc.retry_after is not None:
+            body["retry_after"] = exc.retry_after
+            headers["Retry-After"] = str(exc.retry_after)
+        headers.update(exc.headers)
     else:
         body["hint"] = f"Send the key as 'Authorization: Bearer <key>' or '{header_name}: <key>'."
     challenge = www_authenticate(exc, realm)

@@ -165,6 +165,9 @@ class KeystileRuntime:
             flushes=self.recorder.flushes,
             flush_failures=self.recorder.flush_failures,
             touches_written=self.recorder.touches_written,
+            rate_limited=c.rate_limited,
+            quota_exceeded=c.quota_exceeded,
+            rate_limit_errors=c.rate_limit_errors,
         )
 
     # -- background duties --------------------------------------------------------------

@@ -22,6 +22,11 @@ class Counters:
     stale_served: int = 0
     revocation_events: int = 0
     cache_resets: int = 0
+    #: Requests refused by a key's rate limit or quota, and limiter decisions made
+    #: without the shared limiter (Redis unreachable; see ``rate_limit_on_error``).
+    rate_limited: int = 0
+    quota_exceeded: int = 0
+    rate_limit_errors: int = 0
     rejects: Counter[str] = field(default_factory=Counter)
 
 
@@ -52,6 +57,9 @@ class KeystileStats:
     flushes: int
     flush_failures: int
     touches_written: int
+    rate_limited: int = 0
+    quota_exceeded: int = 0
+    rate_limit_errors: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

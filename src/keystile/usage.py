@@ -5,24 +5,35 @@ the batch every ``flush_interval`` seconds, or as soon as ``flush_max`` keys are
 pending, in one statement (Postgres) or one transaction (SQLite), and once more on
 shutdown. A failed flush keeps its batch, merged with newer touches, and retries with
 capped exponential backoff; memory is bounded by the number of distinct keys touched.
+
+It also carries quota uses: ``count_use`` is another dict write, and the same statement
+that writes ``last_used_at`` takes each key's uses from its remaining quota and returns
+what is left, which listeners (the limit enforcer) learn after every flush: that is how
+a process hears of the uses of every other process.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import time
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 
 import anyio
 
-from .stores.base import KeyStore
+from .stores.base import KeyStore, QuotaState
 
 __all__ = [
     "DEFAULT_FLUSH_INTERVAL",
     "DEFAULT_FLUSH_MAX",
     "DEFAULT_FLUSH_TIMEOUT",
+    "QuotaListener",
     "UsageRecorder",
 ]
+
+#: Called after each flush that wrote uses with the quota state the store returned.
+QuotaListener = Callable[[Mapping[str, QuotaState]], None]
 
 logger = logging.getLogger("keystile.usage")
 
@@ -60,6 +71,10 @@ class UsageRecorder:
         #: The batch a flush is writing right now: still pending until it lands.
         self._in_flight: dict[str, float] = {}
         self._wakeup: anyio.Event | None = None
+        #: Quota uses counted and not yet written, and those a flush is writing.
+        self._uses: dict[str, int] = {}
+        self._uses_in_flight: dict[str, int] = {}
+        self._quota_listeners: list[QuotaListener] = []
 
     @property
     def pending(self) -> int:
@@ -75,27 +90,60 @@ class UsageRecorder:
         if len(self._pending) >= self.flush_max and self._wakeup is not None:
             self._wakeup.set()
 
+    def count_use(self, key_id: str) -> None:
+        """Count one quota use of ``key_id``, taken from the store's remaining count by the
+        next flush. No I/O."""
+        self._uses[key_id] = self._uses.get(key_id, 0) + 1
+
+    def unwritten_uses(self, key_id: str) -> int:
+        """Uses of ``key_id`` counted here and not yet in the store (a flush under way
+        included): what a process must still subtract from the remaining count it read."""
+        return self._uses.get(key_id, 0) + self._uses_in_flight.get(key_id, 0)
+
+    def on_quota(self, listener: QuotaListener) -> Callable[[], None]:
+        """Call ``listener`` after every flush with the quota state of the keys written."""
+        self._quota_listeners.append(listener)
+        return lambda: self._quota_listeners.remove(listener)
+
     async def flush(self) -> int:
         """Write everything pending now; on failure the batch is kept and the error raised."""
-        if not self._pending:
+        if not self._pending and not self._uses:
             return 0
         batch, self._pending = self._pending, {}
+        uses, self._uses = self._uses, {}
+        if uses:
+            now = time.time()
+            batch.update({k: now for k in uses.keys() - batch.keys()})
         self._in_flight = batch
+        self._uses_in_flight = uses
         touches = {k: datetime.fromtimestamp(at, timezone.utc) for k, at in batch.items()}
         try:
             with anyio.fail_after(self.flush_timeout):
-                await self.store.touch_many(touches)
+                if uses:
+                    quotas = await self.store.touch_many(touches, uses)
+                else:
+                    quotas = await self.store.touch_many(touches)
         except BaseException as exc:
             self._in_flight = {}
+            self._uses_in_flight = {}
             if isinstance(exc, Exception):
                 self.flush_failures += 1
             for key_id, at in batch.items():
                 if at > self._pending.get(key_id, -math.inf):
                     self._pending[key_id] = at
+            for key_id, n in uses.items():
+                self._uses[key_id] = self._uses.get(key_id, 0) + n
             raise
         self._in_flight = {}
+        self._uses_in_flight = {}
         self.flushes += 1
         self.touches_written += len(batch)
+        if quotas:
+            for listener in list(self._quota_listeners):
+                try:
+                    listener(quotas)
+                except Exception:
+                    logger.exception("keystile: a quota listener failed")
         return len(batch)
 
     async def run(self) -> None:

@@ -11,17 +11,34 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol, runtime_checkable
 
 __all__ = [
+    "LIMIT_FIELDS",
     "ChangeListener",
     "KeyRecord",
     "KeyStore",
     "LocalChangeBus",
+    "QuotaState",
+    "apply_uses",
     "utcnow",
 ]
+
+#: The fields ``KeyStore.update`` may change today (the usage limits).
+LIMIT_FIELDS = frozenset(
+    {"rate_limit", "quota", "quota_remaining", "quota_refill", "quota_reset_at"}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaState:
+    """A key's quota as a batched usage write left it: what ``touch_many`` returns."""
+
+    remaining: int
+    reset_at: datetime | None
+
 
 #: Called with a key id whose state changed, or with ``None`` when changes may have
 #: been missed (a listener reconnected) and every cached key must be re-checked.
@@ -30,6 +47,23 @@ ChangeListener = Callable[[str | None], None]
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def apply_uses(record: KeyRecord, at: datetime, uses: int) -> KeyRecord:
+    """``record`` after ``uses`` counted at ``at``: a refill due by ``at`` first (the
+    remaining count back to ``quota``, ``quota_reset_at`` to the period's start), then the
+    uses taken, never below 0. The memory store's version of the SQL the others run."""
+    if record.quota is None:
+        return record
+    remaining = record.quota_remaining if record.quota_remaining is not None else record.quota
+    reset_at = record.quota_reset_at
+    if record.quota_refill is not None and reset_at is not None:
+        period = record.quota_refill.total_seconds()
+        elapsed = (at - reset_at).total_seconds()
+        if period > 0 and elapsed >= period:
+            reset_at = reset_at + int(elapsed // period) * record.quota_refill
+            remaining = record.quota
+    return replace(record, quota_remaining=max(remaining - uses, 0), quota_reset_at=reset_at)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +85,18 @@ class KeyRecord:
     replaces: str | None = None
     #: The key that replaced this one.
     replaced_by: str | None = None
+    #: Requests per period, normalised (``10/second``, ``100/minute``, ``1000/hour``,
+    #: ``5/day``), or ``None``: no limit of its own (the middleware's default applies).
+    rate_limit: str | None = None
+    #: Uses allowed in all (or per ``quota_refill`` period), or ``None``: unlimited.
+    quota: int | None = None
+    #: Uses left as of the last batched usage write (``None`` without a quota).
+    quota_remaining: int | None = None
+    #: How often ``quota_remaining`` is set back to ``quota``; ``None``: never.
+    quota_refill: timedelta | None = None
+    #: When ``quota_remaining`` was last set to ``quota`` (created, updated or refilled):
+    #: refills fall at this time plus whole multiples of ``quota_refill``.
+    quota_reset_at: datetime | None = None
 
     def status(self, now: datetime | None = None) -> str:
         """``active``, ``expired`` or ``revoked``."""
@@ -62,6 +108,30 @@ class KeyRecord:
 
     def is_active(self, now: datetime | None = None) -> bool:
         return self.status(now) == "active"
+
+    def quota_left(self, now: datetime | None = None) -> int | None:
+        """Uses left now: ``quota_remaining``, or the full ``quota`` when a refill fell
+        due since the last usage write (the store applies it with the next one)."""
+        if self.quota is None:
+            return None
+        if (
+            self.quota_refill is not None
+            and self.quota_reset_at is not None
+            and (now or utcnow()) >= self.quota_reset_at + self.quota_refill
+        ):
+            return self.quota
+        return self.quota_remaining if self.quota_remaining is not None else self.quota
+
+    def next_refill(self, now: datetime | None = None) -> datetime | None:
+        """When the quota is next set back to full, or ``None`` if it never is."""
+        if self.quota is None or self.quota_refill is None or self.quota_reset_at is None:
+            return None
+        period = self.quota_refill.total_seconds()
+        if period <= 0:
+            return None
+        elapsed = ((now or utcnow()) - self.quota_reset_at).total_seconds()
+        periods = max(0, int(elapsed // period)) + 1
+        return self.quota_reset_at + periods * self.quota_refill
 
     def to_public_dict(self, now: datetime | None = None) -> dict[str, Any]:
         """Every field but the hash, JSON-ready (timestamps as ISO 8601)."""
@@ -84,6 +154,13 @@ class KeyRecord:
             "revoked_at": iso(self.revoked_at),
             "replaces": self.replaces,
             "replaced_by": self.replaced_by,
+            "rate_limit": self.rate_limit,
+            "quota": self.quota,
+            "quota_remaining": self.quota_left(now),
+            "quota_refill": (
+                self.quota_refill.total_seconds() if self.quota_refill is not None else None
+            ),
+            "quota_next_refill": iso(self.next_refill(now)),
         }
 
 
@@ -138,9 +215,26 @@ class KeyStore(Protocol):
         """Revoke active keys last used (or, never used, created) before ``unused_since``,
         and expired keys not yet revoked. Returns them as they were before."""
 
-    async def touch_many(self, touches: Mapping[str, datetime]) -> None:
+    async def touch_many(
+        self, touches: Mapping[str, datetime], uses: Mapping[str, int] | None = None
+    ) -> dict[str, QuotaState]:
         """Write ``last_used_at`` for many keys in one statement/transaction, never
-        moving a timestamp backwards."""
+        moving a timestamp backwards, and take ``uses[key_id]`` from the remaining quota
+        of keys that have one (never below 0; a refill due by the key's ``touches`` time
+        first sets it back to ``quota``, and ``quota_reset_at`` to the period's start).
+
+        Returns the quota state after the write of every touched key that has a quota,
+        so each process learns what the others used."""
+
+    async def update(
+        self, key_id: str, owner: str, changes: Mapping[str, Any], *, at: datetime
+    ) -> KeyRecord | None:
+        """Change fields of ``owner``'s key in one transaction, without touching its
+        secret, and tell every process (bus, NOTIFY, change log) as a revoke does.
+
+        ``changes`` maps ``KeyRecord`` field names (today: ``LIMIT_FIELDS``) to new
+        values, already validated. Returns the key as updated, or ``None`` if ``owner``
+        has no such key (nothing written)."""
 
     async def update_hash(self, key_id: str, secret_hash: str) -> None: ...
 

@@ -10,9 +10,10 @@ import dataclasses
 import itertools
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
+from typing import Any
 
 from ..errors import DuplicateKeyName
-from .base import ChangeListener, KeyRecord, LocalChangeBus, utcnow
+from .base import ChangeListener, KeyRecord, LocalChangeBus, QuotaState, apply_uses, utcnow
 
 __all__ = ["MemoryKeyStore"]
 
@@ -110,11 +111,33 @@ class MemoryKeyStore:
                 self._bus.publish(r.id)
         return sorted(stale, key=lambda r: (r.created_at, r.id))
 
-    async def touch_many(self, touches: Mapping[str, datetime]) -> None:
+    async def touch_many(
+        self, touches: Mapping[str, datetime], uses: Mapping[str, int] | None = None
+    ) -> dict[str, QuotaState]:
+        quotas: dict[str, QuotaState] = {}
         for key_id, at in touches.items():
             record = self._rows.get(key_id)
-            if record is not None and (record.last_used_at is None or record.last_used_at < at):
-                self._rows[key_id] = dataclasses.replace(record, last_used_at=at)
+            if record is None:
+                continue
+            if record.last_used_at is None or record.last_used_at < at:
+                record = dataclasses.replace(record, last_used_at=at)
+            if record.quota is not None:
+                record = apply_uses(record, at, (uses or {}).get(key_id, 0))
+                assert record.quota_remaining is not None
+                quotas[key_id] = QuotaState(record.quota_remaining, record.quota_reset_at)
+            self._rows[key_id] = record
+        return quotas
+
+    async def update(
+        self, key_id: str, owner: str, changes: Mapping[str, Any], *, at: datetime
+    ) -> KeyRecord | None:
+        record = self._rows.get(key_id)
+        if record is None or record.owner != owner:
+            return None
+        updated = dataclasses.replace(record, **changes)
+        self._rows[key_id] = updated
+        self._bus.publish(key_id)
+        return updated
 
     async def update_hash(self, key_id: str, secret_hash: str) -> None:
         record = self._rows.get(key_id)

@@ -40,7 +40,7 @@ import anyio
 import asyncpg
 
 from ..errors import ConfigurationError, DuplicateKeyName, StoreError
-from .base import ChangeListener, KeyRecord, LocalChangeBus, utcnow
+from .base import ChangeListener, KeyRecord, LocalChangeBus, QuotaState, utcnow
 
 __all__ = [
     "DEFAULT_COMMAND_TIMEOUT",
@@ -99,7 +99,8 @@ _CONNECTION_LOST: tuple[type[BaseException], ...] = (
 
 _COLUMNS = (
     "id, owner, name, prefix, secret_hash, scopes, metadata, created_at, expires_at,"
-    " last_used_at, revoked_at, replaces, replaced_by"
+    " last_used_at, revoked_at, replaces, replaced_by, rate_limit, quota, quota_remaining,"
+    " quota_refill, quota_reset_at"
 )
 
 #: Migration scripts, applied in order, each once; ``{schema}`` is the quoted schema.
@@ -123,7 +124,44 @@ _MIGRATIONS: list[str] = [
     );
     CREATE INDEX keystile_keys_owner_name ON {schema}.keystile_keys (owner, name);
     """,
+    """
+    ALTER TABLE {schema}.keystile_keys
+        ADD COLUMN rate_limit text,
+        ADD COLUMN quota bigint,
+        ADD COLUMN quota_remaining bigint,
+        ADD COLUMN quota_refill interval,
+        ADD COLUMN quota_reset_at timestamptz;
+    """,
 ]
+
+#: The fields ``update`` may change, with the SQL type of their parameter.
+_UPDATABLE: dict[str, str] = {
+    "rate_limit": "text",
+    "quota": "bigint",
+    "quota_remaining": "bigint",
+    "quota_refill": "interval",
+    "quota_reset_at": "timestamptz",
+}
+
+#: A refill is due by the use time ``t.at``.
+_REFILL_DUE = (
+    "k.quota IS NOT NULL AND k.quota_refill > interval '0' AND k.quota_reset_at IS NOT NULL"
+    " AND t.at >= k.quota_reset_at + k.quota_refill"
+)
+#: One statement per batch: ``last_used_at`` never backwards (GREATEST ignores NULL); a
+#: refill due by the use time resets the quota to full at the period's start; then the
+#: batch's uses are taken, never below 0. Right-hand sides read the row before the UPDATE.
+_TOUCH_SQL = (
+    "UPDATE {keys} AS k SET last_used_at = GREATEST(k.last_used_at, t.at),"  # noqa: S608
+    f" quota_reset_at = CASE WHEN {_REFILL_DUE} THEN k.quota_reset_at + k.quota_refill"
+    " * floor(extract(epoch from (t.at - k.quota_reset_at))"
+    " / extract(epoch from k.quota_refill)) ELSE k.quota_reset_at END,"
+    " quota_remaining = CASE WHEN k.quota IS NULL THEN k.quota_remaining"
+    f" WHEN {_REFILL_DUE} THEN GREATEST(k.quota - t.n, 0)"
+    " ELSE GREATEST(COALESCE(k.quota_remaining, k.quota) - t.n, 0) END"
+    " FROM unnest($1::text[], $2::timestamptz[], $3::bigint[]) AS t(id, at, n)"
+    " WHERE k.id = t.id RETURNING k.id, k.quota, k.quota_remaining, k.quota_reset_at"
+)
 
 
 def _validate_schema(schema: str) -> str:
@@ -162,6 +200,11 @@ def _record(row: Mapping[str, Any]) -> KeyRecord:
         revoked_at=row["revoked_at"],
         replaces=row["replaces"],
         replaced_by=row["replaced_by"],
+        rate_limit=row["rate_limit"],
+        quota=row["quota"],
+        quota_remaining=row["quota_remaining"],
+        quota_refill=row["quota_refill"],
+        quota_reset_at=row["quota_reset_at"],
     )
 
 
@@ -180,6 +223,11 @@ def _row_args(r: KeyRecord) -> tuple[Any, ...]:
         r.revoked_at,
         r.replaces,
         r.replaced_by,
+        r.rate_limit,
+        r.quota,
+        r.quota_remaining,
+        r.quota_refill,
+        r.quota_reset_at,
     )
 
 
@@ -447,7 +495,8 @@ class PostgresKeyStore:
     async def _insert_row(self, conn: Any, record: KeyRecord) -> None:
         await conn.execute(
             f"INSERT INTO {self._keys} ({_COLUMNS}) VALUES"  # noqa: S608
-            " ($1, $2, $3, $4, $5, $6::text[], $7::jsonb, $8, $9, $10, $11, $12, $13)",
+            " ($1, $2, $3, $4, $5, $6::text[], $7::jsonb, $8, $9, $10, $11, $12, $13,"
+            " $14, $15, $16, $17, $18)",
             *_row_args(record),
         )
 
@@ -647,25 +696,58 @@ class PostgresKeyStore:
                 self._bus.publish(record.id)
         return stale
 
-    async def touch_many(self, touches: Mapping[str, datetime]) -> None:
+    async def touch_many(
+        self, touches: Mapping[str, datetime], uses: Mapping[str, int] | None = None
+    ) -> dict[str, QuotaState]:
         if not touches:
-            return
+            return {}
         ids = list(touches)
         ats = [touches[k] for k in ids]
+        counts = [(uses or {}).get(k, 0) for k in ids]
+        sql = _TOUCH_SQL.format(keys=self._keys)
 
-        async def touch(conn: Any) -> None:
-            # One statement for the whole batch; GREATEST ignores NULL, so a never-used
-            # key gets the timestamp and an older one never moves it backwards.
-            await conn.execute(
-                f"UPDATE {self._keys} AS k"  # noqa: S608
-                " SET last_used_at = GREATEST(k.last_used_at, t.at)"
-                " FROM unnest($1::text[], $2::timestamptz[]) AS t(id, at)"
-                " WHERE k.id = t.id",
-                ids,
-                ats,
+        async def touch(conn: Any) -> dict[str, QuotaState]:
+            rows = await conn.fetch(sql, ids, ats, counts)
+            return {
+                row["id"]: QuotaState(row["quota_remaining"], row["quota_reset_at"])
+                for row in rows
+                if row["quota"] is not None
+            }
+
+        if any(counts):
+            # Taking uses is not idempotent: a retry after a lost commit acknowledgement
+            # would take them twice. The recorder keeps a failed batch and retries it.
+            async with self._connection("touch_many") as conn:
+                return await touch(conn)
+        return await self._idempotent("touch_many", touch)
+
+    async def update(
+        self, key_id: str, owner: str, changes: Mapping[str, Any], *, at: datetime
+    ) -> KeyRecord | None:
+        unknown = set(changes) - set(_UPDATABLE)
+        if unknown:
+            raise ValueError(f"update cannot change {', '.join(sorted(unknown))}")
+        fields = list(changes)
+        if not fields:
+            return await self.get_owned(key_id, owner)
+        assignments = ", ".join(
+            f"{name} = ${i}::{_UPDATABLE[name]}" for i, name in enumerate(fields, start=1)
+        )
+        n = len(fields)
+        async with self._connection("update") as conn, conn.transaction():
+            row = await conn.fetchrow(
+                f"UPDATE {self._keys} SET {assignments}"  # noqa: S608
+                f" WHERE id = ${n + 1} AND owner = ${n + 2} RETURNING {_COLUMNS}",
+                *(changes[name] for name in fields),
+                key_id,
+                owner,
             )
-
-        await self._idempotent("touch_many", touch)
+            if row is not None:
+                await self._notify(conn, [key_id])
+        if row is None:
+            return None
+        self._bus.publish(key_id)
+        return _record(row)
 
     async def update_hash(self, key_id: str, secret_hash: str) -> None:
         async def update(conn: Any) -> None:

@@ -24,7 +24,7 @@ import anyio
 import anyio.to_thread
 
 from ..errors import DuplicateKeyName, StoreError
-from .base import ChangeListener, KeyRecord, LocalChangeBus, utcnow
+from .base import ChangeListener, KeyRecord, LocalChangeBus, QuotaState, utcnow
 
 __all__ = ["SQLiteKeyStore"]
 
@@ -59,11 +59,46 @@ _MIGRATIONS: list[str] = [
         at REAL NOT NULL
     );
     """,
+    """
+    ALTER TABLE keystile_keys ADD COLUMN rate_limit TEXT;
+    ALTER TABLE keystile_keys ADD COLUMN quota INTEGER;
+    ALTER TABLE keystile_keys ADD COLUMN quota_remaining INTEGER;
+    ALTER TABLE keystile_keys ADD COLUMN quota_refill REAL;
+    ALTER TABLE keystile_keys ADD COLUMN quota_reset_at REAL;
+    """,
 ]
 
 _COLUMNS = (
     "id, owner, name, prefix, secret_hash, scopes, metadata, created_at, expires_at,"
-    " last_used_at, revoked_at, replaces, replaced_by"
+    " last_used_at, revoked_at, replaces, replaced_by, rate_limit, quota, quota_remaining,"
+    " quota_refill, quota_reset_at"
+)
+
+#: How ``update`` writes each field it may change: the column's value for a new value.
+_UPDATABLE: dict[str, Callable[[Any], Any]] = {
+    "rate_limit": lambda v: v,
+    "quota": lambda v: v,
+    "quota_remaining": lambda v: v,
+    "quota_refill": lambda v: v.total_seconds() if v is not None else None,
+    "quota_reset_at": lambda v: _ts(v),
+}
+
+#: One batched usage write per key: ``last_used_at`` never backwards; a refill due by the
+#: use time resets the quota to full (at the period's start); then the uses are taken.
+#: Every right-hand side reads the row as it was before this UPDATE.
+_REFILL_DUE = (
+    "quota IS NOT NULL AND quota_refill > 0 AND quota_reset_at IS NOT NULL"
+    " AND :at - quota_reset_at >= quota_refill"
+)
+_TOUCH_SQL = (
+    "UPDATE keystile_keys SET last_used_at = MAX(COALESCE(last_used_at, :at), :at),"  # noqa: S608
+    f" quota_reset_at = CASE WHEN {_REFILL_DUE} THEN quota_reset_at"
+    " + quota_refill * CAST((:at - quota_reset_at) / quota_refill AS INTEGER)"
+    " ELSE quota_reset_at END,"
+    " quota_remaining = CASE WHEN quota IS NULL THEN quota_remaining"
+    f" WHEN {_REFILL_DUE} THEN MAX(quota - :n, 0)"
+    " ELSE MAX(COALESCE(quota_remaining, quota) - :n, 0) END"
+    " WHERE id = :id"
 )
 
 
@@ -92,12 +127,19 @@ def _record(row: sqlite3.Row) -> KeyRecord:
         revoked_at=_dt(row["revoked_at"]),
         replaces=row["replaces"],
         replaced_by=row["replaced_by"],
+        rate_limit=row["rate_limit"],
+        quota=row["quota"],
+        quota_remaining=row["quota_remaining"],
+        quota_refill=(
+            timedelta(seconds=row["quota_refill"]) if row["quota_refill"] is not None else None
+        ),
+        quota_reset_at=_dt(row["quota_reset_at"]),
     )
 
 
 def _insert_row(conn: sqlite3.Connection, r: KeyRecord) -> None:
     conn.execute(
-        f"INSERT INTO keystile_keys ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",  # noqa: S608
+        f"INSERT INTO keystile_keys ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",  # noqa: S608
         (
             r.id,
             r.owner,
@@ -112,6 +154,11 @@ def _insert_row(conn: sqlite3.Connection, r: KeyRecord) -> None:
             _ts(r.revoked_at),
             r.replaces,
             r.replaced_by,
+            r.rate_limit,
+            r.quota,
+            r.quota_remaining,
+            _UPDATABLE["quota_refill"](r.quota_refill),
+            _ts(r.quota_reset_at),
         ),
     )
 
@@ -386,18 +433,64 @@ class SQLiteKeyStore:
                 self._bus.publish(record.id)
         return stale
 
-    async def touch_many(self, touches: Mapping[str, datetime]) -> None:
-        rows = [(at.timestamp(), at.timestamp(), key_id) for key_id, at in touches.items()]
+    async def touch_many(
+        self, touches: Mapping[str, datetime], uses: Mapping[str, int] | None = None
+    ) -> dict[str, QuotaState]:
+        counts = uses or {}
+        rows = [
+            {"at": at.timestamp(), "n": counts.get(key_id, 0), "id": key_id}
+            for key_id, at in touches.items()
+        ]
+        ids = list(touches)
 
-        def touch(conn: sqlite3.Connection) -> None:
+        def touch(conn: sqlite3.Connection) -> dict[str, QuotaState]:
             with self._transaction(conn):
-                conn.executemany(
-                    "UPDATE keystile_keys SET last_used_at = MAX(COALESCE(last_used_at, ?), ?)"
-                    " WHERE id = ?",
-                    rows,
-                )
+                conn.executemany(_TOUCH_SQL, rows)
+                quotas: dict[str, QuotaState] = {}
+                for start in range(0, len(ids), 500):
+                    chunk = ids[start : start + 500]
+                    marks = ",".join("?" * len(chunk))
+                    for row in conn.execute(
+                        "SELECT id, quota_remaining, quota_reset_at FROM keystile_keys"  # noqa: S608
+                        f" WHERE id IN ({marks}) AND quota IS NOT NULL",
+                        chunk,
+                    ):
+                        quotas[row[0]] = QuotaState(row[1], _dt(row[2]))
+                return quotas
 
-        await self._run(touch)
+        return await self._run(touch)
+
+    async def update(
+        self, key_id: str, owner: str, changes: Mapping[str, Any], *, at: datetime
+    ) -> KeyRecord | None:
+        unknown = set(changes) - set(_UPDATABLE)
+        if unknown:
+            raise ValueError(f"update cannot change {', '.join(sorted(unknown))}")
+        fields = list(changes)
+
+        def update(conn: sqlite3.Connection) -> KeyRecord | None:
+            with self._transaction(conn):
+                if fields:
+                    assignments = ", ".join(f"{name} = ?" for name in fields)
+                    conn.execute(
+                        f"UPDATE keystile_keys SET {assignments}"  # noqa: S608
+                        " WHERE id = ? AND owner = ?",
+                        [_UPDATABLE[name](changes[name]) for name in fields] + [key_id, owner],
+                    )
+                row = conn.execute(
+                    f"SELECT {_COLUMNS} FROM keystile_keys WHERE id = ? AND owner = ?",  # noqa: S608
+                    (key_id, owner),
+                ).fetchone()
+                if row is None:
+                    return None
+                if fields:
+                    _log_changes(conn, [key_id], at.timestamp())
+                return _record(row)
+
+        updated = await self._run(update)
+        if updated is not None and fields:
+            self._bus.publish(key_id)
+        return updated
 
     async def update_hash(self, key_id: str, secret_hash: str) -> None:
         await self._run(
