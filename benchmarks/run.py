@@ -5,7 +5,8 @@
         --json benchmarks/results/latest.json --plot docs/benchmark-latency.png
 
 Sections (``--only`` picks some): ``hit`` (cache-hit verification vs cached keys, with
-two references), ``overhead`` (bare vs protected route, direct ASGI), ``server`` (the same
+two references), ``overhead`` (bare vs protected route, direct ASGI), ``dependencies``
+(keystile's FastAPI dependencies vs FastAPI's cheapest one), ``server`` (the same
 under uvicorn with wrk or a Python client), ``miss`` (argon2 cost, miss latency on SQLite
 and Postgres, cold start), ``last-used`` (batched last_used_at vs one UPDATE per request,
 Postgres), ``peers`` (keyshield and fastapi-keygate). The Postgres parts are skipped, with
@@ -35,7 +36,7 @@ sys.path.insert(0, str(BENCH_DIR))
 
 from common import Target, load_average, print_table, wait_for_quiet  # noqa: E402
 
-SECTIONS = ("hit", "overhead", "server", "miss", "last-used", "peers")
+SECTIONS = ("hit", "overhead", "dependencies", "server", "miss", "last-used", "peers")
 DEFAULT_RESULTS = BENCH_DIR / "results"
 
 
@@ -75,6 +76,7 @@ def _settings(quick: bool) -> dict[str, Any]:
             "hit_budget": 0.25,
             "overhead_sizes": [10, 1_000, 10_000],
             "overhead_budget": 4.0,
+            "dependencies_budget": 4.0,
             "server_keys": [1_000],
             "server_duration": 2.0,
             "server_rounds": 2,
@@ -93,6 +95,7 @@ def _settings(quick: bool) -> dict[str, Any]:
         "hit_budget": 1.0,
         "overhead_sizes": [10, 1_000, 10_000],
         "overhead_budget": 15.0,
+        "dependencies_budget": 20.0,
         "server_keys": [10, 1_000, 10_000],
         "server_duration": 4.0,
         "server_rounds": 4,
@@ -190,6 +193,12 @@ def main(argv: list[str] | None = None) -> int:
         results["overhead"], t = run_overhead(
             settings["overhead_sizes"], settings["overhead_budget"]
         )
+        targets += t
+    if "dependencies" in sections:
+        from dependencies import run_dependencies
+
+        section("dependencies")
+        results["dependencies"], t = run_dependencies(1_000, settings["dependencies_budget"])
         targets += t
     if "server" in sections:
         from server import run_server

@@ -1,4 +1,4 @@
-"""A FastAPI app behind keystile: public, authenticated and scoped routes, logout, stats.
+"""A FastAPI app protected in one line: public, authenticated and scoped routes, logout, stats.
 
 From the repository root, either::
 
@@ -6,7 +6,8 @@ From the repository root, either::
     uvicorn examples.fastapi_app:app   # serves keys made with the keystile CLI
 
 then ``curl -H "Authorization: Bearer $KEY" http://127.0.0.1:8000/whoami``, or open
-http://127.0.0.1:8000/docs and paste the key under *Authorize*. The database is
+http://127.0.0.1:8000/docs, paste the key under *Authorize* (either field) and try any
+route: ``protect()`` leaves the docs open and declares the key on every other route. The database is
 ``KEYSTILE_DATABASE_URL``, else ``sqlite:///keystile.db``, the ``keystile`` CLI's default, so
 keys made with ``keystile create`` work here.
 """
@@ -20,8 +21,8 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Request
 from pydantic import BaseModel
 
-from keystile import APIKeyMiddleware, KeyManager, revoke_presented
-from keystile.fastapi import APIKey, CurrentKey, require_scopes
+from keystile import KeyManager, revoke_presented
+from keystile.fastapi import APIKey, CurrentKey, OptionalKey, protect, require_scopes
 
 DATABASE_URL = os.environ.get("KEYSTILE_DATABASE_URL", "sqlite:///keystile.db")
 DEMO_OWNER, DEMO_NAME = "demo", "demo"
@@ -34,17 +35,14 @@ class Item(BaseModel):
 
 def create_app(database_url: str = DATABASE_URL, **options: Any) -> FastAPI:
     app = FastAPI(title="keystile FastAPI example")
-    app.add_middleware(
-        APIKeyMiddleware,
-        database_url=database_url,
-        exempt_paths=["/public", "/docs", "/openapi.json"],
-        **options,
-    )
+    protect(app, database_url=database_url, exempt_paths=["/public"], **options)
     items: dict[str, list[Item]] = {}
 
     @app.get("/public")
-    async def public() -> dict[str, str]:
-        return {"hello": "world", "try": "GET /whoami with 'Authorization: Bearer <key>'"}
+    async def public(key: OptionalKey) -> dict[str, str]:
+        """No key needed; a valid key sent here is recognised all the same."""
+        hello = key.display_name if key else "world"
+        return {"hello": hello, "try": "GET /whoami with 'Authorization: Bearer <key>'"}
 
     @app.get("/whoami")
     async def whoami(key: CurrentKey) -> dict[str, Any]:

@@ -44,6 +44,7 @@ EXEMPT = ["/public", "/docs", "/openapi.json"]
 token_security = KeystileSecurity(
     header_name="X-Token", bearer_scheme_name="token", header_scheme_name="xToken"
 )
+declaring_security = KeystileSecurity()
 
 
 def key_body(key: APIKey) -> dict[str, Any]:
@@ -207,56 +208,41 @@ def test_require_scopes_needs_a_scope() -> None:
         require_scopes()
 
 
-# -- OpenAPI ----------------------------------------------------------------------------
+# -- OpenAPI: protect() documents the API (tests/test_fastapi_protect.py) -------------------
 
 
 def openapi() -> dict[str, Any]:
     return build_app().openapi()
 
 
-def test_openapi_declares_bearer_and_header_schemes() -> None:
-    """components.securitySchemes holds an HTTP bearer scheme and an X-API-Key header."""
-    schemes = openapi()["components"]["securitySchemes"]
-    assert schemes["bearerAuth"]["type"] == "http"
-    assert schemes["bearerAuth"]["scheme"] == "bearer"
-    assert schemes["apiKeyHeader"]["type"] == "apiKey"
-    assert schemes["apiKeyHeader"]["in"] == "header"
+def test_dependencies_alone_declare_no_security() -> None:
+    """Without protect(), the module-level dependencies add nothing to OpenAPI: they are
+    plain functions, and the schemes are protect()'s (or KeystileSecurity's) to declare."""
+    document = openapi()
+    assert "securitySchemes" not in document.get("components", {})
+    assert "security" not in document["paths"]["/whoami"]["get"]
+
+
+def test_keystile_security_declares_both_schemes() -> None:
+    """KeystileSecurity's dependencies declare the bearer and header schemes themselves."""
+    app = FastAPI()
+
+    @app.get("/me")
+    async def me(key: Annotated[APIKey, Depends(declaring_security.current_key)]) -> str:
+        return key.key_id
+
+    document = app.openapi()
+    schemes = document["components"]["securitySchemes"]
+    assert schemes["bearerAuth"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "An API key as a bearer token: `Authorization: Bearer <key>`.",
+    }
     assert schemes["apiKeyHeader"]["name"] == "X-API-Key"
-
-
-def test_openapi_lists_the_schemes_as_alternatives() -> None:
-    """An authenticated operation lists each scheme in its own requirement (either works)."""
-    operation = openapi()["paths"]["/whoami"]["get"]
-    assert operation["security"] == [{"bearerAuth": []}, {"apiKeyHeader": []}]
-
-
-def test_openapi_requirements_carry_the_route_scopes() -> None:
-    """A scoped operation names its scopes in both requirements."""
-    paths = openapi()["paths"]
-    expected = [{"bearerAuth": ["items:read"]}, {"apiKeyHeader": ["items:read"]}]
-    assert paths["/items"]["get"]["security"] == expected
-    expected = [{"bearerAuth": ["items:write"]}, {"apiKeyHeader": ["items:write"]}]
-    assert paths["/items"]["post"]["security"] == expected
-
-
-def test_openapi_router_scopes_add_to_route_scopes() -> None:
-    """A router's scopes and a route's own scopes are listed together."""
-    operation = openapi()["paths"]["/admin/items"]["delete"]
-    assert operation["security"] == [
-        {"bearerAuth": ["admin", "items:write"]},
-        {"apiKeyHeader": ["admin", "items:write"]},
+    assert document["paths"]["/me"]["get"]["security"] == [
+        {"bearerAuth": []},
+        {"apiKeyHeader": []},
     ]
-
-
-def test_openapi_route_without_dependency_has_no_security() -> None:
-    """A route that uses no keystile dependency declares no security requirement."""
-    app = build_app()
-
-    @app.get("/health")
-    async def health() -> str:
-        return "ok"
-
-    assert "security" not in app.openapi()["paths"]["/health"]["get"]
 
 
 def test_openapi_custom_header_name() -> None:
@@ -272,6 +258,32 @@ def test_openapi_custom_header_name() -> None:
     assert document["paths"]["/me"]["get"]["security"] == [{"token": ["me"]}, {"xToken": ["me"]}]
 
 
+async def test_keystile_security_dependencies_read_the_key(
+    protect: Callable[..., APIKeyMiddleware], reader: CreatedKey
+) -> None:
+    """KeystileSecurity's dependencies give the verified key and check scopes like the
+    module-level ones."""
+    inner = FastAPI()
+
+    @inner.get("/me")
+    async def me(key: Annotated[APIKey, Depends(token_security.current_key)]) -> str:
+        return key.key_id
+
+    @inner.get("/maybe")
+    async def maybe(key: Annotated[APIKey | None, Depends(token_security.optional_key)]) -> str:
+        return key.key_id if key else "-"
+
+    @inner.get("/me-admin", dependencies=[Depends(token_security.require_scopes("admin"))])
+    async def me_admin() -> str:
+        return "admin"
+
+    async with client(protect(inner, required=False)) as c:
+        assert (await c.get("/me", headers=bearer(reader))).json() == reader.id
+        assert (await c.get("/maybe")).json() == "-"
+        assert (await c.get("/me")).status_code == 401
+        assert (await c.get("/me-admin", headers=bearer(reader))).status_code == 403
+
+
 async def test_swagger_ui_loads_through_exempt_paths(app: APIKeyMiddleware) -> None:
     """With /docs and /openapi.json exempt, Swagger UI and its document load without a key."""
     async with client(app) as c:
@@ -279,7 +291,7 @@ async def test_swagger_ui_loads_through_exempt_paths(app: APIKeyMiddleware) -> N
         document = await c.get("/openapi.json")
     assert docs.status_code == 200
     assert document.status_code == 200
-    assert "bearerAuth" in document.json()["components"]["securitySchemes"]
+    assert "/whoami" in document.json()["paths"]
 
 
 # -- current_key ------------------------------------------------------------------------
@@ -440,6 +452,26 @@ async def test_router_and_route_scopes_are_both_required(
     assert purge.json()["detail"]["missing_scopes"] == ["items:write"]
 
 
+async def test_security_scopes_around_require_scopes_are_checked(
+    protect: Callable[..., APIKeyMiddleware], reader: CreatedKey, writer: CreatedKey
+) -> None:
+    """Scopes an enclosing Security(...) declares are required on top of require_scopes'."""
+    inner = FastAPI()
+
+    @inner.get("/x")
+    async def x(
+        key: Annotated[APIKey, Security(require_scopes("items:read"), scopes=["items:write"])],
+    ) -> str:
+        return key.key_id
+
+    async with client(protect(inner)) as c:
+        refused = await c.get("/x", headers=bearer(reader))
+        admitted = await c.get("/x", headers=bearer(writer))
+    assert refused.status_code == 403
+    assert refused.json()["detail"]["missing_scopes"] == ["items:write"]
+    assert admitted.status_code == 200
+
+
 async def test_require_scopes_without_principal_is_401(anonymous_app: APIKeyMiddleware) -> None:
     """Reached anonymously, a scoped route answers 401 (authenticate first), not 403."""
     async with client(anonymous_app) as c:
@@ -494,10 +526,46 @@ async def test_optional_key_is_the_key_when_present(
 
 
 async def test_optional_key_on_exempt_path_is_none(app: APIKeyMiddleware) -> None:
-    """On an exempt path optional_key gives None."""
+    """On an exempt path without a key optional_key gives None."""
     async with client(app) as c:
         r = await c.get("/public")
     assert r.json() == {"key": None}
+
+
+async def test_optional_key_on_exempt_path_is_the_key_when_valid(
+    app: APIKeyMiddleware, reader: CreatedKey
+) -> None:
+    """A valid key sent to an exempt path is verified, and optional_key there gives it."""
+    async with client(app) as c:
+        by_bearer = await c.get("/public", headers=bearer(reader))
+        by_header = await c.get("/public", headers={"X-API-Key": reader.key})
+    assert by_bearer.json() == {"key": reader.id}
+    assert by_header.json() == {"key": reader.id}
+
+
+async def test_optional_key_on_exempt_path_drops_an_invalid_key(
+    app: APIKeyMiddleware, reader: CreatedKey, manager: KeyManager
+) -> None:
+    """An invalid key sent to an exempt path is dropped: the request goes on anonymous
+    (200, optional_key gives None) and the refusal is counted."""
+    await manager.revoke(reader.id, owner="acme")
+    async with client(app) as c:
+        garbage = await c.get("/public", headers={"Authorization": "Bearer ks_garbage"})
+        revoked = await c.get("/public", headers=bearer(reader))
+    assert (garbage.status_code, garbage.json()) == (200, {"key": None})
+    assert (revoked.status_code, revoked.json()) == (200, {"key": None})
+    assert sum(app.stats().rejects.values()) == 2
+
+
+async def test_current_key_on_exempt_path_with_a_valid_key(
+    protect: Callable[..., APIKeyMiddleware], reader: CreatedKey
+) -> None:
+    """On an exempt path, current_key gives a valid key that was sent."""
+    app = protect(exempt_paths=["/whoami"])
+    async with client(app) as c:
+        r = await c.get("/whoami", headers=bearer(reader))
+    assert r.status_code == 200
+    assert r.json()["id"] == reader.id
 
 
 async def test_optional_key_checks_scopes_of_a_present_key(
@@ -531,7 +599,8 @@ async def test_dependencies_never_verify_a_second_time(
 
 
 async def test_fastapi_example_end_to_end() -> None:
-    """The example app: public, whoami, scoped items, admin stats, logout, Swagger UI."""
+    """The example app: public, whoami, scoped items, admin stats, logout, Swagger UI and
+    the OpenAPI security protect() declares."""
     example = load_example("fastapi_app")
     database_url = f"memory://fastapi-example-{uuid.uuid4().hex}"
     app = example.create_app(database_url, argon2=CHEAPEST_PARAMETERS)
@@ -541,9 +610,15 @@ async def test_fastapi_example_end_to_end() -> None:
     reader = (await manager.create(owner="demo", name="reader", scopes=["items:read"])).key
     auth = {"Authorization": f"Bearer {key}"}
     async with client(app) as c:
-        assert (await c.get("/public")).status_code == 200
+        assert (await c.get("/public")).json()["hello"] == "world"
+        assert (await c.get("/public", headers=auth)).json()["hello"] == "apikey:demo"
         assert (await c.get("/docs")).status_code == 200
-        assert (await c.get("/openapi.json")).status_code == 200
+        document = (await c.get("/openapi.json")).json()
+        assert document["paths"]["/public"]["get"]["security"] == []
+        assert document["paths"]["/stats"]["get"]["security"] == [
+            {"bearerAuth": ["admin"]},
+            {"apiKeyHeader": ["admin"]},
+        ]
         assert (await c.get("/whoami")).status_code == 401
         whoami = await c.get("/whoami", headers=auth)
         assert whoami.json()["owner"] == "demo"

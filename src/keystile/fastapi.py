@@ -1,13 +1,12 @@
-"""FastAPI dependencies over the principal ``APIKeyMiddleware`` already verified.
+"""FastAPI in one line: ``protect(app)``, and dependencies that read the verified key.
 
 ::
 
     from fastapi import Depends, FastAPI
-    from keystile import APIKeyMiddleware
-    from keystile.fastapi import CurrentKey, require_scopes
+    from keystile.fastapi import CurrentKey, protect, require_scopes
 
     app = FastAPI()
-    app.add_middleware(APIKeyMiddleware, exempt_paths=["/docs", "/openapi.json"])
+    protect(app, database_url="sqlite:///keystile.db")
 
     @app.get("/whoami")
     async def whoami(key: CurrentKey) -> dict[str, str]:
@@ -16,12 +15,21 @@
     @app.post("/items", dependencies=[Depends(require_scopes("items:write"))])
     async def create_item() -> None: ...
 
-The middleware is the only verifier: these dependencies read ``scope["user"]``, never
-the key itself, so a request costs one verification however many dependencies it uses.
-They also declare two OpenAPI security schemes, a bearer scheme and an ``X-API-Key``
-header scheme, listed on every operation as alternatives, so Swagger UI's *Authorize*
-button works with either. Their values are ignored (the middleware strips the credential
-headers before the app sees them).
+:func:`protect` adds ``APIKeyMiddleware``, exempts the docs (Swagger UI, ReDoc, the
+OpenAPI document), and documents the API's security in OpenAPI, once, when the document
+is generated: two security schemes (a bearer scheme and an API-key header scheme)
+listed as alternatives on every operation the middleware protects, and the 401 (and 403
+where scopes are required) those operations can answer. Swagger UI's *Authorize* then
+works on every protected route, with either scheme, and no route needs a dependency for
+it.
+
+The middleware is the only verifier: the dependencies read ``scope["user"]``, never the
+key, so a request costs one verification however many dependencies it uses, and each
+dependency costs what FastAPI's cheapest dependency costs. They declare nothing in
+OpenAPI themselves (that is :func:`protect`'s job, paid once instead of on every
+request); :class:`KeystileSecurity` gives dependencies that also declare the schemes,
+for apps that add the middleware themselves, at the price of FastAPI's security classes
+running on every request.
 
 Refusals are :class:`KeystileHTTPException` (defined in :mod:`keystile.responses`, a
 Starlette ``HTTPException``, which FastAPI's default handler answers) whose status,
@@ -37,11 +45,14 @@ FastAPI is an optional extra: ``pip install "keystile[fastapi]"``.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import Annotated
+import inspect
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Annotated, Any
 
 try:
-    from fastapi import Depends, Security, WebSocketException
+    from fastapi import Depends, FastAPI, Security, WebSocketException
+    from fastapi import routing as fastapi_routing
+    from fastapi.routing import APIRoute
     from fastapi.security import (
         APIKeyHeader,
         HTTPAuthorizationCredentials,
@@ -70,6 +81,7 @@ __all__ = [
     "OptionalKey",
     "current_key",
     "optional_key",
+    "protect",
     "require_scopes",
 ]
 
@@ -87,6 +99,13 @@ _IMPLICIT_SCOPE = "authenticated"
 KeyDependency = Callable[..., Awaitable[APIKeyUser]]
 OptionalKeyDependency = Callable[..., Awaitable[APIKeyUser | None]]
 
+#: Set on every keystile dependency: ``(needs a key, the scopes it requires)``. OpenAPI
+#: generation reads it to tell which operations need a key and which scopes.
+_MARK = "__keystile_dependency__"
+
+
+# -- the dependencies ----------------------------------------------------------------------
+
 
 def _middleware(conn: HTTPConnection) -> APIKeyMiddleware:
     middleware = conn.scope.get("keystile")
@@ -95,15 +114,10 @@ def _middleware(conn: HTTPConnection) -> APIKeyMiddleware:
         # misassembled, not the client.
         raise RuntimeError(
             "keystile.fastapi dependencies read the key APIKeyMiddleware verified, but the "
-            "middleware is not in front of this route: app.add_middleware(APIKeyMiddleware, ...)"
+            "middleware is not in front of this route: keystile.fastapi.protect(app, ...) "
+            "or app.add_middleware(APIKeyMiddleware, ...)"
         )
     return middleware
-
-
-def _principal(conn: HTTPConnection) -> APIKeyUser | None:
-    _middleware(conn)
-    user = conn.scope.get("user")
-    return user if isinstance(user, APIKeyUser) else None
 
 
 def _refuse(conn: HTTPConnection, auth_error: AuthenticationError) -> Exception:
@@ -118,21 +132,93 @@ def _refuse(conn: HTTPConnection, auth_error: AuthenticationError) -> Exception:
     )
 
 
-def _check_scopes(conn: HTTPConnection, key: APIKeyUser, security_scopes: SecurityScopes) -> None:
-    required = tuple(dict.fromkeys(security_scopes.scopes))
-    missing = tuple(
-        scope for scope in required if scope not in key.scopes and scope != _IMPLICIT_SCOPE
-    )
+def _missing(required: Iterable[str], held: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(s for s in required if s not in held and s != _IMPLICIT_SCOPE)
+
+
+def _check_scopes(conn: HTTPConnection, key: APIKeyUser, scopes: list[str]) -> None:
+    missing = _missing(scopes, key.scopes)
     if missing:
-        raise _refuse(conn, InsufficientScope(required, missing))
+        raise _refuse(conn, InsufficientScope(tuple(dict.fromkeys(scopes)), missing))
+
+
+# The dependencies take only what FastAPI hands over without work of its own (the
+# connection, and the scopes of an enclosing ``Security(...)``), so each costs what
+# FastAPI's cheapest dependency costs; the key was verified before FastAPI ran.
+
+
+async def current_key(conn: HTTPConnection, security_scopes: SecurityScopes) -> APIKeyUser:
+    """The verified key; 401 without one, 403 if it lacks a scope declared with
+    ``Security(current_key, scopes=[...])``."""
+    key = conn.scope.get("user")
+    if not isinstance(key, APIKeyUser):
+        raise _refuse(conn, MissingCredentials())
+    if security_scopes.scopes:
+        _check_scopes(conn, key, security_scopes.scopes)
+    return key
+
+
+async def optional_key(conn: HTTPConnection, security_scopes: SecurityScopes) -> APIKeyUser | None:
+    """The verified key, or ``None`` for an anonymous request (``required=False``, or an
+    exempt path without a valid key). A key that is present must still hold any scopes
+    declared with ``Security(optional_key, scopes=[...])``."""
+    key = conn.scope.get("user")
+    if not isinstance(key, APIKeyUser):
+        if "keystile" not in conn.scope:
+            _middleware(conn)
+        return None
+    if security_scopes.scopes:
+        _check_scopes(conn, key, security_scopes.scopes)
+    return key
+
+
+setattr(current_key, _MARK, (True, ()))
+setattr(optional_key, _MARK, (False, ()))
+
+
+def require_scopes(*scopes: str) -> KeyDependency:
+    """A dependency that returns the key if it holds every one of ``scopes``.
+
+    401 when the route is reached without a key (``required=False``, or an exempt
+    path); 403 ``insufficient_scope`` naming the missing scopes otherwise. Use it per
+    route (``dependencies=[Depends(require_scopes("items:write"))]``), as a parameter
+    (``key: APIKey = Depends(require_scopes("admin"))``) or per router; each use is
+    checked, so a router's scopes and a route's add up. ``"authenticated"`` is held by
+    every verified key.
+    """
+    if not scopes:
+        raise ValueError("require_scopes needs at least one scope; use current_key")
+    required = tuple(dict.fromkeys(scopes))
+
+    async def dependency(conn: HTTPConnection, security_scopes: SecurityScopes) -> APIKeyUser:
+        key = conn.scope.get("user")
+        if not isinstance(key, APIKeyUser):
+            raise _refuse(conn, MissingCredentials())
+        held = key.scopes
+        for scope in required:
+            if scope not in held and scope != _IMPLICIT_SCOPE:
+                raise _refuse(conn, InsufficientScope(required, _missing(required, held)))
+        if security_scopes.scopes:  # an enclosing Security(..., scopes=[...])
+            _check_scopes(conn, key, [*security_scopes.scopes, *required])
+        return key
+
+    dependency.__name__ = "require_scopes"
+    dependency.__qualname__ = f"require_scopes({' '.join(required)})"
+    setattr(dependency, _MARK, (True, required))
+    return dependency
+
+
+#: ``async def route(key: CurrentKey)``: the same as ``key: APIKey = Depends(current_key)``.
+CurrentKey = Annotated[APIKeyUser, Depends(current_key)]
+#: ``async def route(key: OptionalKey)``: the key, or ``None`` when anonymous.
+OptionalKey = Annotated[APIKeyUser | None, Depends(optional_key)]
 
 
 class KeystileSecurity:
-    """The dependencies for one header name and pair of OpenAPI scheme names.
+    """Dependencies that also declare the two security schemes on the operations using them.
 
-    The module-level ``current_key``, ``optional_key`` and ``require_scopes`` come from
-    ``KeystileSecurity()``; build your own when the middleware uses another
-    ``header_name`` so OpenAPI (and Swagger UI) name the right header::
+    For apps that add ``APIKeyMiddleware`` themselves instead of calling :func:`protect`
+    and still want Swagger UI's *Authorize* on the routes that read the key::
 
         security = KeystileSecurity(header_name="X-Token")
         app.add_middleware(APIKeyMiddleware, header_name="X-Token")
@@ -140,9 +226,10 @@ class KeystileSecurity:
         @app.get("/me")
         async def me(key: APIKey = Depends(security.current_key)) -> str: ...
 
-    Every dependency accepts FastAPI scopes: ``Security(current_key, scopes=["admin"])``
-    is the same as ``Depends(require_scopes("admin"))``, and scopes declared by
-    enclosing ``Security(...)`` dependencies or routers add up.
+    The schemes are FastAPI security classes run as sub-dependencies, so FastAPI runs
+    them on every request (about 50 µs on a small route); their values are ignored.
+    :func:`protect` declares the same schemes once, in the OpenAPI document, and its
+    dependencies cost nothing of the kind. Scopes work as with the module-level ones.
     """
 
     def __init__(
@@ -164,78 +251,298 @@ class KeystileSecurity:
             description=f"An API key in the `{header_name}` header.",
             auto_error=False,
         )
-        self.optional_key: OptionalKeyDependency = self._optional_key_dependency()
-        self.current_key: KeyDependency = self._current_key_dependency()
-
-    def require_scopes(self, *scopes: str) -> KeyDependency:
-        """A dependency that returns the key if it holds every one of ``scopes``.
-
-        401 when the route is reached without a key (``required=False``, or an exempt
-        path); 403 ``insufficient_scope`` naming the missing scopes otherwise. Use it per
-        route (``dependencies=[Depends(require_scopes("items:write"))]``), as a parameter
-        (``key: APIKey = Depends(require_scopes("admin"))``) or per router.
-        """
-        if not scopes:
-            raise ValueError("require_scopes needs at least one scope; use current_key")
-        scoped_key = Security(self.current_key, scopes=list(scopes))
-
-        async def require_scopes(key: APIKeyUser = scoped_key) -> APIKeyUser:
-            return key
-
-        require_scopes.__qualname__ = f"require_scopes({' '.join(scopes)})"
-        return require_scopes
-
-    def _optional_key_dependency(self) -> OptionalKeyDependency:
-        # The schemes are sub-dependencies only so OpenAPI lists them; their values are
-        # ignored (and ``None`` once the middleware strips the credential headers).
         bearer_scheme, header_scheme = Depends(self.bearer), Depends(self.api_key_header)
 
-        async def optional_key(
-            conn: HTTPConnection,
-            security_scopes: SecurityScopes,
-            bearer: HTTPAuthorizationCredentials | None = bearer_scheme,
-            api_key_header: str | None = header_scheme,
-        ) -> APIKeyUser | None:
-            """The verified key, or ``None`` for an anonymous request (``required=False``).
-
-            A key that is present must still hold any scopes the route declares.
-            """
-            key = _principal(conn)
-            if key is not None:
-                _check_scopes(conn, key, security_scopes)
-            return key
-
-        return optional_key
-
-    def _current_key_dependency(self) -> KeyDependency:
-        bearer_scheme, header_scheme = Depends(self.bearer), Depends(self.api_key_header)
-
-        async def current_key(
+        async def declared_current_key(
             conn: HTTPConnection,
             security_scopes: SecurityScopes,
             bearer: HTTPAuthorizationCredentials | None = bearer_scheme,
             api_key_header: str | None = header_scheme,
         ) -> APIKeyUser:
-            """The verified key; 401 without one, 403 if it lacks a declared scope."""
-            key = _principal(conn)
-            if key is None:
-                raise _refuse(conn, MissingCredentials())
-            _check_scopes(conn, key, security_scopes)
+            return await current_key(conn, security_scopes)
+
+        async def declared_optional_key(
+            conn: HTTPConnection,
+            security_scopes: SecurityScopes,
+            bearer: HTTPAuthorizationCredentials | None = bearer_scheme,
+            api_key_header: str | None = header_scheme,
+        ) -> APIKeyUser | None:
+            return await optional_key(conn, security_scopes)
+
+        setattr(declared_current_key, _MARK, (True, ()))
+        setattr(declared_optional_key, _MARK, (False, ()))
+        self.current_key: KeyDependency = declared_current_key
+        self.optional_key: OptionalKeyDependency = declared_optional_key
+
+    def require_scopes(self, *scopes: str) -> KeyDependency:
+        """:func:`require_scopes`, with the schemes declared on the operation."""
+        if not scopes:
+            raise ValueError("require_scopes needs at least one scope; use current_key")
+        scoped_key = Security(self.current_key, scopes=list(scopes))
+
+        async def declared_require_scopes(key: APIKeyUser = scoped_key) -> APIKeyUser:
             return key
 
-        return current_key
+        declared_require_scopes.__qualname__ = f"require_scopes({' '.join(scopes)})"
+        return declared_require_scopes
 
 
-_default = KeystileSecurity()
+# -- protect(app) ---------------------------------------------------------------------------
 
-#: ``key: APIKey = Depends(current_key)``: the verified key; 401 without one.
-current_key: KeyDependency = _default.current_key
-#: ``key: APIKey | None = Depends(optional_key)``: the key, or ``None`` when anonymous.
-optional_key: OptionalKeyDependency = _default.optional_key
-#: ``Depends(require_scopes("items:write"))``: the key, 403 unless it holds the scopes.
-require_scopes = _default.require_scopes
+#: The JSON body of every keystile refusal (``keystile.responses.error_response``).
+ERROR_SCHEMA_NAME = "KeystileError"
+#: The same body as FastAPI's default handler sends a dependency's refusal: ``{"detail": ...}``.
+WRAPPED_ERROR_SCHEMA_NAME = "KeystileErrorDetail"
 
-#: ``async def route(key: CurrentKey)``: the same as ``key: APIKey = Depends(current_key)``.
-CurrentKey = Annotated[APIKeyUser, Depends(current_key)]
-#: ``async def route(key: OptionalKey)``: the key, or ``None`` when anonymous.
-OptionalKey = Annotated[APIKeyUser | None, Depends(optional_key)]
+_ERROR_SCHEMA: dict[str, Any] = {
+    "title": ERROR_SCHEMA_NAME,
+    "type": "object",
+    "description": "Why keystile refused the request (RFC 6750). Never contains the key.",
+    "properties": {
+        "error": {
+            "type": "string",
+            "description": "The error code: RFC 6750's `invalid_token`, `invalid_request` or "
+            "`insufficient_scope`; `unauthorized` when no key was sent; "
+            "`temporarily_unavailable` on a 503.",
+        },
+        "detail": {"type": "string", "description": "What went wrong, for a person."},
+        "hint": {"type": "string", "description": "How to send a key (400 and 401)."},
+        "credential_source": {
+            "type": "string",
+            "description": "Where the refused key was read from: `authorization` or the "
+            "API-key header's name.",
+        },
+        "required_scopes": {"type": "array", "items": {"type": "string"}},
+        "missing_scopes": {"type": "array", "items": {"type": "string"}},
+        "retry_after": {"type": "integer", "description": "Seconds to wait (503)."},
+    },
+    "required": ["error", "detail"],
+}
+_WRAPPED_ERROR_SCHEMA: dict[str, Any] = {
+    "title": WRAPPED_ERROR_SCHEMA_NAME,
+    "type": "object",
+    "properties": {"detail": {"$ref": f"#/components/schemas/{ERROR_SCHEMA_NAME}"}},
+    "required": ["detail"],
+}
+_HTTP_METHODS = frozenset(("get", "put", "post", "delete", "options", "head", "patch", "trace"))
+_MIDDLEWARE_OPTIONS = inspect.signature(APIKeyMiddleware).parameters
+
+
+def protect(app: FastAPI, *, exempt_docs: bool = True, **options: Any) -> None:
+    """Require a valid API key on every route of ``app``, and say so in its OpenAPI.
+
+    ``protect(app, database_url="sqlite:///keystile.db")`` takes the keyword options of
+    :class:`~keystile.APIKeyMiddleware` and:
+
+    * adds the middleware (``app.add_middleware``: add ``CORSMiddleware`` after it);
+    * with ``exempt_docs`` (the default), adds ``app.docs_url``, ``app.redoc_url``,
+      ``app.openapi_url`` and ``app.swagger_ui_oauth2_redirect_url`` (those that are not
+      ``None``) to ``exempt_paths``, so the docs load without a key;
+    * declares a bearer scheme and an API-key header scheme (``header_name``) in
+      ``components.securitySchemes``, lists both as alternatives on every operation the
+      middleware protects (with the scopes its keystile dependencies require) and
+      ``security: []`` on exempt ones, and documents each protected operation's 401,
+      and 403 where it requires scopes, with the error body as a schema.
+
+    The OpenAPI part wraps ``app.openapi``: it runs when the document is generated (routes
+    added after ``protect()`` are included), keeps FastAPI's caching in
+    ``app.openapi_schema``, and wraps a custom ``app.openapi`` assigned before
+    ``protect()`` (one assigned after replaces it). Exempt operations are those whose
+    route path the middleware exempts for every value of its path parameters.
+    """
+    unknown = sorted(name for name in options if name == "app" or name not in _MIDDLEWARE_OPTIONS)
+    if unknown:
+        raise TypeError(f"protect() got unknown APIKeyMiddleware options: {', '.join(unknown)}")
+    exempt = list(options.pop("exempt_paths", ()))
+    if exempt_docs:
+        docs = (app.docs_url, app.redoc_url, app.openapi_url, app.swagger_ui_oauth2_redirect_url)
+        exempt += [url for url in docs if url and url not in exempt]
+    app.add_middleware(APIKeyMiddleware, exempt_paths=exempt, **options)
+    _document(
+        app,
+        header_name=options.get("header_name", DEFAULT_HEADER_NAME),
+        required=options.get("required", True),
+        exempt_paths=exempt,
+        custom_errors=options.get("on_error") is not None,
+    )
+
+
+def _document(
+    app: FastAPI,
+    *,
+    header_name: str,
+    required: bool,
+    exempt_paths: list[str],
+    custom_errors: bool,
+) -> None:
+    generate = app.openapi
+    patched: list[dict[str, Any]] = []
+
+    def openapi() -> dict[str, Any]:
+        schema = generate()
+        if not patched or patched[0] is not schema:
+            _add_security(
+                app,
+                schema,
+                header_name=header_name,
+                required=required,
+                exempt_paths=exempt_paths,
+                custom_errors=custom_errors,
+            )
+            patched[:] = [schema]
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    app.openapi_schema = None  # a document generated before protect() lacks the security
+
+
+def _fully_exempt(path: str, exact: frozenset[str], prefixes: tuple[str, ...]) -> bool:
+    """Whether the middleware exempts every request path ``path`` (an OpenAPI route path,
+    maybe with ``{parameters}``) routes: the middleware's rules (an exact path, or a
+    ``prefix*``) applied to the part before the first parameter."""
+    brace = path.find("{")
+    if brace < 0:
+        return path in exact or path.startswith(prefixes)
+    return path[:brace].startswith(prefixes)
+
+
+def _api_routes(app: FastAPI) -> Iterable[Any]:
+    """The app's API routes as OpenAPI sees them: with an included router's prefix and
+    dependencies (recent FastAPI resolves included routers lazily, as route contexts;
+    earlier versions copy their routes into ``app.routes``)."""
+    iter_route_contexts = getattr(fastapi_routing, "iter_route_contexts", None)
+    if iter_route_contexts is None:  # pragma: no cover - FastAPI without route contexts
+        return [route for route in app.routes if isinstance(route, APIRoute)]
+    return [
+        context
+        for context in iter_route_contexts(app.routes)
+        if isinstance(context.original_route, APIRoute)
+    ]
+
+
+def _key_use(route: Any) -> tuple[bool, list[str]]:
+    """``(needs a key, scopes required)`` from the route's keystile dependencies, its
+    router's and those nested in its own dependencies."""
+    needs = False
+    scopes: list[str] = []
+    pending = list(route.dependant.dependencies)
+    while pending:
+        dependant = pending.pop(0)
+        pending[:0] = dependant.dependencies
+        mark = getattr(inspect.unwrap(dependant.call), _MARK, None) if dependant.call else None
+        if mark is None:
+            continue
+        needs = needs or mark[0]
+        declared = [
+            *mark[1],
+            *(dependant.parent_oauth_scopes or ()),
+            *(dependant.own_oauth_scopes or ()),
+        ]
+        scopes += [s for s in declared if s not in scopes]
+    return needs, scopes
+
+
+def _add_security(
+    app: FastAPI,
+    schema: dict[str, Any],
+    *,
+    header_name: str,
+    required: bool,
+    exempt_paths: list[str],
+    custom_errors: bool,
+) -> None:
+    bearer, header = DEFAULT_BEARER_SCHEME_NAME, DEFAULT_HEADER_SCHEME_NAME
+    components = schema.setdefault("components", {})
+    components.setdefault("securitySchemes", {}).update(
+        {
+            bearer: {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "An API key as a bearer token: `Authorization: Bearer <key>`.",
+            },
+            header: {
+                "type": "apiKey",
+                "in": "header",
+                "name": header_name,
+                "description": f"An API key in the `{header_name}` header.",
+            },
+        }
+    )
+    # The middleware's refusals have the body as is, unless on_error makes its own. A
+    # dependency's go through the app's handler: FastAPI's wraps the body in
+    # {"detail": ...}; a handler of the app's own for them is taken to send it as is.
+    middleware_body = [] if custom_errors else [ERROR_SCHEMA_NAME]
+    dependency_body = (
+        ERROR_SCHEMA_NAME
+        if KeystileHTTPException in app.exception_handlers
+        else WRAPPED_ERROR_SCHEMA_NAME
+    )
+    used: set[str] = set()
+    exact = frozenset(p for p in exempt_paths if not p.endswith("*"))
+    prefixes = tuple(p[:-1] for p in exempt_paths if p.endswith("*"))
+    routes = {
+        (route.path_format, method.lower()): route
+        for route in _api_routes(app)
+        for method in route.methods or ()
+    }
+    for path, item in (schema.get("paths") or {}).items():
+        exempt = _fully_exempt(path, exact, prefixes)
+        for method, operation in item.items():
+            if method not in _HTTP_METHODS or not isinstance(operation, dict):
+                continue
+            if exempt:
+                operation["security"] = []
+                continue
+            route = routes.get((path, method))
+            needs, scopes = _key_use(route) if route else (False, [])
+            others = [
+                requirement
+                for requirement in operation.get("security", ())
+                if requirement and not {bearer, header} & set(requirement)
+            ]
+            anonymous: list[dict[str, list[str]]] = [] if required or needs else [{}]
+            operation["security"] = [{bearer: scopes}, {header: list(scopes)}, *others]
+            operation["security"] += anonymous
+            # 401 from the middleware (no key, or one that is not valid) and, when
+            # required=False lets anonymous requests through, from a dependency.
+            unauthorized = middleware_body + ([dependency_body] if not required and needs else [])
+            refusals = {
+                "400": (
+                    "Two different keys, or a credential header that is not one key.",
+                    middleware_body,
+                ),
+                "401": ("No API key, or one that is not valid.", unauthorized),
+            }
+            if any(s != _IMPLICIT_SCOPE for s in scopes):
+                refusals["403"] = (
+                    f"The API key lacks a required scope ({' '.join(scopes)}).",
+                    [dependency_body],
+                )
+            responses = operation.setdefault("responses", {})
+            for status, (description, bodies) in refusals.items():
+                if status not in responses:
+                    responses[status] = _response(description, list(dict.fromkeys(bodies)))
+                    used.update(bodies)
+    if used:
+        schemas = components.setdefault("schemas", {})
+        schemas[ERROR_SCHEMA_NAME] = _ERROR_SCHEMA
+        if WRAPPED_ERROR_SCHEMA_NAME in used:
+            schemas[WRAPPED_ERROR_SCHEMA_NAME] = _WRAPPED_ERROR_SCHEMA
+
+
+def _response(description: str, bodies: list[str]) -> dict[str, Any]:
+    """A refusal in OpenAPI: its challenge header and, if known, its JSON body."""
+    response: dict[str, Any] = {
+        "description": description,
+        "headers": {
+            "WWW-Authenticate": {
+                "description": 'The RFC 6750 challenge: `Bearer realm="..."`.',
+                "schema": {"type": "string"},
+            }
+        },
+    }
+    if bodies:
+        refs = [{"$ref": f"#/components/schemas/{name}"} for name in bodies]
+        schema = refs[0] if len(refs) == 1 else {"anyOf": refs}
+        response["content"] = {"application/json": {"schema": schema}}
+    return response
