@@ -491,3 +491,74 @@ def test_output_to_a_closed_pipe_ends_quietly(
     else:
         _assert_quiet(stderr)
     assert process.returncode in statuses
+
+
+# -- usage limits -----------------------------------------------------------------------
+
+
+def test_create_with_limits_and_show_them(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """create with limits; show prints the limit, the quota and what is left."""
+    code, out, _ = run(
+        capsys, "--database-url", url, "create", "--owner", "acme", "--name", "ci",
+        "--rate-limit", "10/s", "--quota", "1000", "--quota-refill", "1d", "--json",
+    )  # fmt: skip
+    data = json.loads(out)
+    assert code == 0
+    assert (data["rate_limit"], data["quota"], data["quota_remaining"]) == ("10/second", 1000, 1000)
+    assert data["quota_refill"] == 86400
+    code, out, _ = run(capsys, "--database-url", url, "show", data["id"], "--owner", "acme")
+    assert code == 0
+    lines = dict(line.split(None, 1) for line in out.splitlines())
+    assert lines["rate_limit"] == "10/second"
+    assert (lines["quota"], lines["quota_remaining"], lines["quota_refill"]) == (
+        "1000",
+        "1000",
+        "1d",
+    )
+
+
+def test_update_changes_limits_of_a_display_form_id(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """update KEY_ID (display form too) changes the limits; --no-rate-limit/--no-quota clear."""
+    key_id = create_key(url, capsys)
+    shown = redact(key_id, "ks")
+    code, out, err = run(
+        capsys, "--database-url", url, "update", shown, "--owner", "acme",
+        "--rate-limit", "100/minute", "--quota", "5", "--json",
+    )  # fmt: skip
+    data = json.loads(out)
+    assert code == 0, err
+    assert (data["rate_limit"], data["quota"], data["quota_remaining"]) == ("100/minute", 5, 5)
+    code, out, err = run(
+        capsys, "--database-url", url, "update", key_id, "--owner", "acme",
+        "--no-rate-limit", "--no-quota",
+    )  # fmt: skip
+    assert code == 0 and "rate limit -" in err and "quota -" in err
+    _, out, _ = run(capsys, "--database-url", url, "show", key_id, "--owner", "acme", "--json")
+    assert (json.loads(out)["rate_limit"], json.loads(out)["quota"]) == (None, None)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("update", "{id}", "--owner", "acme"),
+        ("update", "{id}", "--owner", "globex", "--rate-limit", "1/second"),
+        ("update", "{id}", "--owner", "acme", "--rate-limit", "10/fortnight"),
+        ("update", "{id}", "--owner", "acme", "--quota", "-1"),
+        ("update", "{id}", "--owner", "acme", "--quota-refill", "1d"),
+        ("update", "{id}", "--owner", "acme", "--rate-limit", "1/s", "--no-rate-limit"),
+        ("create", "--owner", "acme", "--name", "x", "--quota-refill", "1h"),
+    ],
+)
+def test_limit_errors_are_one_line_exit_1(
+    url: str, capsys: pytest.CaptureFixture[str], argv: tuple[str, ...]
+) -> None:
+    """Bad limits, nothing to update, a refill without a quota, another owner: one line, exit 1."""
+    key_id = create_key(url, capsys)
+    try:
+        code, out, err = run(capsys, "--database-url", url, *(a.format(id=key_id) for a in argv))
+    except SystemExit as exc:  # argparse refuses a malformed option itself
+        code, (out, err) = int(str(exc.code)), capsys.readouterr()
+    assert code == 1 and out == ""
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
