@@ -1,23 +1,36 @@
-"""The verified-key cache: a constant-time scan checked against a plain reference oracle."""
+"""The verified-key cache: a constant-time scan checked against a plain reference oracle.
+
+Every test runs on both tables, the compiled one (``keystile._speedups.Table``) and the
+pure-Python one (``PyTable``), except the structural tests of the pure one's numpy scan.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
 import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import keystile.cache
-from keystile.cache import CachedKey, VerifiedKeyCache
+from hitpaths import HIT_PATHS, hit_path
+from keystile.cache import CachedKey, PyTable, VerifiedKeyCache
 from keystile.principal import APIKeyUser
 
 INITIAL_CAPACITY = 256
+
+
+@pytest.fixture(autouse=True, params=HIT_PATHS)
+def table(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every cache made in the test uses this table."""
+    with hit_path(request.param):
+        yield request.param
 
 
 def entry(key_id: str) -> CachedKey:
@@ -135,7 +148,9 @@ def _insert_allowed(oracle: Oracle, key_id: str, digest: bytes) -> bool:
     return sum(d[:8] == digest[:8] for d in others.values()) < 2
 
 
-@settings(max_examples=120, deadline=None)
+@settings(
+    max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(ops=operations, max_size=st.sampled_from([1, 3, 8, 300, 100_000]))
 def test_lookup_agrees_with_reference_oracle(ops: list[tuple[Any, ...]], max_size: int) -> None:
     """Under random inserts, evictions, clears and lookups the cache answers as the oracle does."""
@@ -447,24 +462,26 @@ class RecordingMask(bytearray):
         return (start or 0, len(self) if end is None else end)
 
 
-def _install_recording_mask(cache: VerifiedKeyCache) -> RecordingMask:
-    mask = RecordingMask(len(cache._mask_bytes))
+def _install_recording_mask(table: PyTable) -> RecordingMask:
+    mask = RecordingMask(len(table._mask_bytes))
     mask.calls = []
-    cache._mask_bytes = mask
-    cache._mask = np.frombuffer(mask, dtype=np.bool_)
-    cache._resize_views()
+    table._mask_bytes = mask
+    table._mask = np.frombuffer(mask, dtype=np.bool_)
+    table._resize_views()
     return mask
 
 
 @pytest.mark.parametrize("where", ["first", "middle", "last", "absent"])
 def test_scan_reads_every_entry_wherever_the_match_is(
-    where: str, monkeypatch: pytest.MonkeyPatch
+    where: str, table: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """One ``numpy.equal`` over all tags and both ``find`` and ``rfind`` over the whole mask."""
+    if table != "pure":
+        pytest.skip("the numpy scan of the pure-Python table (test_speedups.py: the C one)")
     size = INITIAL_CAPACITY + 44
     cache = VerifiedKeyCache()
     digests = fill(cache, size)
-    mask = _install_recording_mask(cache)
+    mask = _install_recording_mask(cache._table)
     probe = {
         "first": digests[0],
         "middle": digests[size // 2],
@@ -491,10 +508,14 @@ def test_scan_reads_every_entry_wherever_the_match_is(
 
 
 @pytest.mark.parametrize("where", ["first", "last", "absent"])
-def test_small_scan_compares_every_entry(where: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_small_scan_compares_every_entry(
+    where: str, table: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Below SMALL_SCAN_SIZE, compare_digest runs once per entry wherever the match is."""
     from keystile.cache import SMALL_SCAN_SIZE
 
+    if table != "pure":
+        pytest.skip("the small scan of the pure-Python table")
     cache = VerifiedKeyCache()
     digests = fill(cache, SMALL_SCAN_SIZE)
     probe = {"first": digests[0], "last": digests[-1], "absent": digest_of("absent")}[where]

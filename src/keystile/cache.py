@@ -5,21 +5,24 @@ cache, or the timing leaks which cached digest a guess is close to. So:
 
 * the presented token is reduced to a keyed digest (BLAKE2b, 32 bytes, with a random
   key made per process, so digests are useless outside it);
-* the first 8 bytes of every cached digest (its *tag*) sit in one contiguous
-  ``numpy.int64`` array, live entries packed in ``[0, size)``;
-* a lookup runs ``numpy.equal`` over **all** tags into a mask (below
-  ``SMALL_SCAN_SIZE`` entries, a plain ``compare_digest`` loop over every entry, which is
-  faster there and just as blind to the position), then ``find`` **and**
-  ``rfind`` on the mask's bytes: ``find`` stops at the first match and ``rfind`` at the
-  last, so together they read the whole mask wherever the match is (``find`` alone
-  would leak the position);
-* both candidates (or dummies) are then checked with ``hmac.compare_digest`` on the full
-  32-byte digest, so a tag collision can never authenticate. (A third live entry sharing
-  a 64-bit tag of a secretly keyed digest, between the first and the last, would only
-  ever be missed, never confused: it is re-verified on the miss path.)
+* the first 8 bytes of every cached digest (its *tag*) sit in one contiguous array,
+  live entries packed in ``[0, size)``;
+* a lookup compares the probe's tag with **all** tags and finds the first *and* the last
+  matching slot, reading the whole array wherever the match is;
+* both candidates (or dummies) are then compared on the full 32-byte digest in constant
+  time, so a tag collision can never authenticate. (A third live entry sharing a 64-bit
+  tag of a secretly keyed digest, between the first and the last, would only ever be
+  missed, never confused: it is re-verified on the miss path.)
 
-Inserts and evictions are O(1) amortised: arrays are preallocated and grown by
-doubling, and an evicted slot is filled by moving the last entry into it.
+The table holding tags, digests, last-use times and entries comes in two builds with one
+interface: ``keystile._speedups.Table`` (C: header walk, BLAKE2b and a branch-free
+AVX2/SSE2/scalar scan in one call, see ``_speedups.c``) and :class:`PyTable` below
+(``numpy.equal`` over the tags, ``find`` and ``rfind`` on the mask, ``hmac.compare_digest``;
+below ``SMALL_SCAN_SIZE`` entries a plain ``compare_digest`` loop). ``keystile._accel``
+picks one at import; the pure one is the fallback and the oracle of the tests.
+
+Inserts and evictions are O(1) amortised: arrays are grown by doubling, and an evicted
+slot is filled by moving the last entry into it.
 
 The cache knows nothing of stores: the verifier decides what goes in and when an
 entry's state must be re-read. It is not thread-safe; use it from one event loop.
@@ -27,19 +30,23 @@ entry's state must be re-read. It is not thread-safe; use it from one event loop
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import secrets
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from . import _accel
 from .principal import APIKeyUser
+from .tokens import MAX_TOKEN_LENGTH
 
-__all__ = ["CachedKey", "VerifiedKeyCache"]
+__all__ = ["CachedKey", "PyTable", "VerifiedKeyCache"]
 
 DIGEST_SIZE = 32
 _INITIAL_CAPACITY = 256
@@ -54,6 +61,12 @@ SMALL_SCAN_SIZE = 12
 _EVICTION_MEMORY = 4096
 
 
+@functools.lru_cache(maxsize=1024)
+def _auth_scopes(scopes: tuple[str, ...]) -> tuple[str, ...]:
+    """One shared tuple per distinct scope set (most keys share a few)."""
+    return ("authenticated", *scopes)
+
+
 @dataclass(slots=True, eq=False)
 class CachedKey:
     """A proven key and the state last read for it from the store."""
@@ -66,25 +79,26 @@ class CachedKey:
     #: Monotonic time a re-read last failed (store down); -inf if it never did.
     refresh_failed_at: float = float("-inf")
     #: The scopes of ``request.auth``: "authenticated" first, as Starlette's own
-    #: authentication backends set it, so ``@requires("authenticated")`` works. A tuple:
-    #: each request gets its own ``AuthCredentials`` list built from it.
+    #: authentication backends set it, so ``@requires("authenticated")`` works. A tuple
+    #: shared by every key with the same scopes: each request gets its own
+    #: ``AuthCredentials`` list built from it.
     auth_scopes: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.auth_scopes = ("authenticated", *self.user.scopes)
+        self.auth_scopes = _auth_scopes(self.user.scopes)
 
     @property
     def key_id(self) -> str:
         return self.user.key_id
 
 
-class VerifiedKeyCache:
+class PyTable:
+    """The pure-Python table: what ``keystile._speedups.Table`` does, with numpy."""
+
     __slots__ = (
         "_capacity",
-        "_cleared_at",
         "_digests",
         "_entries",
-        "_evicted",
         "_hasher",
         "_mask",
         "_mask_bytes",
@@ -92,29 +106,16 @@ class VerifiedKeyCache:
         "_probe",
         "_seen",
         "_size",
-        "_slot_of",
         "_tag_view",
         "_tags",
-        "epoch",
-        "max_size",
     )
 
-    def __init__(self, *, max_size: int = 100_000) -> None:
-        if max_size < 1:
-            raise ValueError("max_size must be at least 1")
-        self.max_size = max_size
-        self._hasher = hashlib.blake2b(key=secrets.token_bytes(32), digest_size=DIGEST_SIZE)
+    def __init__(self, key: bytes, max_token_length: int = MAX_TOKEN_LENGTH) -> None:
+        self._hasher = hashlib.blake2b(key=key, digest_size=DIGEST_SIZE)
         self._size = 0
         self._capacity = 0
         self._digests: list[bytes] = []
-        self._entries: list[CachedKey] = []
-        self._slot_of: dict[str, int] = {}
-        #: Bumped by every eviction, so a verification that read the store before an
-        #: eviction cannot put back the state the eviction removed (``changed_since``).
-        self.epoch = 0
-        #: The epoch of each key id's last eviction, and of the last clear.
-        self._evicted: dict[str, int] = {}
-        self._cleared_at = 0
+        self._entries: list[Any] = []
         self._tags: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)
         self._seen: npt.NDArray[np.float64] = np.zeros(0, dtype=np.float64)
         self._mask_bytes = bytearray()
@@ -122,19 +123,12 @@ class VerifiedKeyCache:
         self._probe: npt.NDArray[np.int64] = np.zeros((), dtype=np.int64)
         self._grow(_INITIAL_CAPACITY)
 
-    # -- the hot path ---------------------------------------------------------------
-
     def digest(self, token: bytes) -> bytes:
-        """The keyed digest of a presented token (the only form the cache ever holds)."""
         hasher = self._hasher.copy()
         hasher.update(token)
         return hasher.digest()
 
-    def lookup(self, digest: bytes, now: float) -> CachedKey | None:
-        """Find the entry for ``digest`` comparing every entry, with no early exit.
-
-        ``now`` (monotonic) marks the entry as used, for idle and size eviction.
-        """
+    def lookup(self, digest: bytes, now: float) -> Any:
         size = self._size
         if size <= SMALL_SCAN_SIZE:
             # Few entries: compare_digest against every one (no early exit) beats
@@ -167,6 +161,136 @@ class VerifiedKeyCache:
         self._seen[slot] = now
         return self._entries[slot]
 
+    def append(self, digest: bytes, entry: Any, now: float) -> int:
+        if self._size == self._capacity:
+            self._grow(self._capacity * 2)
+        slot = self._size
+        self._size += 1
+        self._entries.append(entry)
+        self._digests.append(digest)
+        self._tags[slot] = _tag(digest)[0]
+        self._seen[slot] = now
+        self._resize_views()
+        return slot
+
+    def put(self, slot: int, digest: bytes, entry: Any, now: float) -> None:
+        self._entries[slot] = entry
+        self._digests[slot] = digest
+        self._tags[slot] = _tag(digest)[0]
+        self._seen[slot] = now
+
+    def set_entry(self, slot: int, entry: Any) -> None:
+        self._entries[slot] = entry
+
+    def entry(self, slot: int) -> Any:
+        return self._entries[slot]
+
+    def digest_at(self, slot: int) -> bytes:
+        return self._digests[slot]
+
+    def remove(self, slot: int) -> Any:
+        """Remove ``slot``; the entry moved into it from the end, or ``None``."""
+        last = self._size - 1
+        moved = None
+        if slot != last:
+            moved = self._entries[slot] = self._entries[last]
+            self._digests[slot] = self._digests[last]
+            self._tags[slot] = self._tags[last]
+            self._seen[slot] = self._seen[last]
+        self._entries.pop()
+        self._digests.pop()
+        self._size = last
+        self._resize_views()
+        return moved
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._digests.clear()
+        self._size = 0
+        self._resize_views()
+
+    def oldest(self) -> int:
+        return int(np.argmin(self._seen[: self._size])) if self._size else -1
+
+    def idle(self, since: float) -> list[int]:
+        return [int(i) for i in np.flatnonzero(self._seen[: self._size] < since)]
+
+    def entries(self) -> list[Any]:
+        return list(self._entries)
+
+    def __len__(self) -> int:
+        return self._size
+
+    def _grow(self, capacity: int) -> None:
+        tags = np.zeros(capacity, dtype=np.int64)
+        seen = np.zeros(capacity, dtype=np.float64)
+        tags[: self._size] = self._tags[: self._size]
+        seen[: self._size] = self._seen[: self._size]
+        self._tags, self._seen = tags, seen
+        self._mask_bytes = bytearray(capacity)
+        self._mask = np.frombuffer(self._mask_bytes, dtype=np.bool_)
+        self._capacity = capacity
+        self._resize_views()
+
+    def _resize_views(self) -> None:
+        self._tag_view = self._tags[: self._size]
+        self._mask_view = self._mask[: self._size]
+
+
+class VerifiedKeyCache:
+    __slots__ = (
+        "_cleared_at",
+        "_evicted",
+        "_slot_of",
+        "_table",
+        "epoch",
+        "hit_request",
+        "max_size",
+    )
+
+    def __init__(
+        self, *, max_size: int = 100_000, compiled: bool | None = None, key: bytes | None = None
+    ) -> None:
+        """``compiled``: the C table (``True``), the pure-Python one (``False``), or the one
+        ``keystile._accel`` chose (``None``). ``key`` (tests only): the BLAKE2b key, else a
+        random one per cache."""
+        if max_size < 1:
+            raise ValueError("max_size must be at least 1")
+        if compiled is None:
+            compiled = _accel.Table is not None
+        elif compiled and _accel.Table is None:
+            raise RuntimeError("keystile._speedups is not available")
+        self.max_size = max_size
+        key = key if key is not None else secrets.token_bytes(32)
+        table: Any = (_accel.Table if compiled else PyTable)(key, MAX_TOKEN_LENGTH)
+        self._table = table
+        #: ``Table.hit``: the whole hit path in one C call, or ``None`` (pure Python).
+        self.hit_request: Any = table.hit if compiled else None
+        self._slot_of: dict[str, int] = {}
+        #: Bumped by every eviction, so a verification that read the store before an
+        #: eviction cannot put back the state the eviction removed (``changed_since``).
+        self.epoch = 0
+        #: The epoch of each key id's last eviction, and of the last clear.
+        self._evicted: dict[str, int] = {}
+        self._cleared_at = 0
+
+    @property
+    def compiled(self) -> bool:
+        return self.hit_request is not None
+
+    # -- the hot path ---------------------------------------------------------------
+
+    def digest(self, token: bytes) -> bytes:
+        """The keyed digest of a presented token (the only form the cache ever holds)."""
+        return self._table.digest(token)  # type: ignore[no-any-return]
+
+    def lookup(self, digest: bytes, now: float) -> CachedKey | None:
+        """Find the entry for ``digest`` comparing every entry, with no early exit.
+
+        ``now`` (monotonic) marks the entry as used, for idle and size eviction.
+        """
+        return self._table.lookup(digest, now)  # type: ignore[no-any-return]
+
     # -- maintenance (miss path and background) -------------------------------------
 
     def changed_since(self, key_id: str, epoch: int) -> bool:
@@ -184,26 +308,16 @@ class VerifiedKeyCache:
             return False
         slot = self._slot_of.get(entry.key_id)
         if slot is None:
-            if self._size >= self.max_size:
-                self._remove(int(np.argmin(self._seen[: self._size])))
-            if self._size == self._capacity:
-                self._grow(self._capacity * 2)
-            slot = self._size
-            self._size += 1
-            self._entries.append(entry)
-            self._digests.append(digest)
-            self._resize_views()
+            if len(self._table) >= self.max_size:
+                self._remove(self._table.oldest())
+            self._slot_of[entry.key_id] = self._table.append(digest, entry, now)
         else:
-            self._entries[slot] = entry
-            self._digests[slot] = digest
-        self._tags[slot] = _tag(digest)[0]
-        self._seen[slot] = now
-        self._slot_of[entry.key_id] = slot
+            self._table.put(slot, digest, entry, now)
         return True
 
     def get(self, key_id: str) -> CachedKey | None:
         slot = self._slot_of.get(key_id)
-        return self._entries[slot] if slot is not None else None
+        return self._table.entry(slot) if slot is not None else None
 
     def replace_state(self, entry: CachedKey, *, epoch: int) -> bool:
         """Swap in fresh state for a key already cached (its digest is unchanged); refused
@@ -211,7 +325,7 @@ class VerifiedKeyCache:
         slot = self._slot_of.get(entry.key_id)
         if slot is None or self.changed_since(entry.key_id, epoch):
             return False
-        self._entries[slot] = entry
+        self._table.set_entry(slot, entry)
         return True
 
     def evict(self, key_id: str) -> bool:
@@ -232,57 +346,29 @@ class VerifiedKeyCache:
         self._evicted.clear()
         self._cleared_at = self.epoch
         self._slot_of.clear()
-        self._entries.clear()
-        self._digests.clear()
-        self._size = 0
-        self._resize_views()
+        self._table.clear()
 
     def evict_idle(self, idle_since: float) -> int:
         """Drop entries not used since ``idle_since`` (monotonic); returns how many."""
-        idle = np.flatnonzero(self._seen[: self._size] < idle_since)
-        for slot in sorted(idle.tolist(), reverse=True):
+        idle = self._table.idle(idle_since)
+        for slot in reversed(idle):
             self._remove(slot)
         return len(idle)
 
     def checked_before(self, when: float) -> list[CachedKey]:
         """Entries whose state was last read before ``when`` (monotonic)."""
-        return [e for e in self._entries if e.checked_at < when]
+        return [e for e in self._table.entries() if e.checked_at < when]
 
     def __len__(self) -> int:
-        return self._size
+        return len(self._table)
 
     def __iter__(self) -> Iterator[CachedKey]:
-        return iter(list(self._entries))
+        return iter(self._table.entries())
 
     # -- internals --------------------------------------------------------------------
 
     def _remove(self, slot: int) -> None:
-        last = self._size - 1
-        removed = self._entries[slot]
-        del self._slot_of[removed.key_id]
-        if slot != last:
-            moved = self._entries[last]
-            self._entries[slot] = moved
-            self._digests[slot] = self._digests[last]
-            self._tags[slot] = self._tags[last]
-            self._seen[slot] = self._seen[last]
+        del self._slot_of[self._table.entry(slot).key_id]
+        moved = self._table.remove(slot)
+        if moved is not None:
             self._slot_of[moved.key_id] = slot
-        self._entries.pop()
-        self._digests.pop()
-        self._size = last
-        self._resize_views()
-
-    def _grow(self, capacity: int) -> None:
-        tags = np.zeros(capacity, dtype=np.int64)
-        seen = np.zeros(capacity, dtype=np.float64)
-        tags[: self._size] = self._tags[: self._size]
-        seen[: self._size] = self._seen[: self._size]
-        self._tags, self._seen = tags, seen
-        self._mask_bytes = bytearray(capacity)
-        self._mask = np.frombuffer(self._mask_bytes, dtype=np.bool_)
-        self._capacity = capacity
-        self._resize_views()
-
-    def _resize_views(self) -> None:
-        self._tag_view = self._tags[: self._size]
-        self._mask_view = self._mask[: self._size]

@@ -29,6 +29,7 @@ from starlette.requests import HTTPConnection
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .cache import CachedKey
 from .config import resolve_database_url
 from .credentials import check_single_token, split_credential, without_credentials
 from .errors import AuthenticationError, MissingCredentials, ServiceUnavailable
@@ -183,9 +184,14 @@ class APIKeyMiddleware:
         self.reap_every = reap_every
         self.reap_unused_for = reap_unused_for
         self._header = header_name.lower().encode("latin-1")
+        key_prefixes = tuple(key_prefixes)
         self._is_key = key_matcher(key_prefixes)
         #: With required=False a bearer token that is not keystile's is not a credential.
         self._bearer_filter = None if required else self._is_key
+        #: The compiled hit path (``None`` on the pure-Python path), and the bearer tokens
+        #: it may take as keys with required=False; it leaves any other token to Python.
+        self._hit_request = self.verifier.hit_request if self.verifier.cache.compiled else None
+        self._bearer_starts = None if required else tuple(f"{p}_".encode() for p in key_prefixes)
         paths = list(exempt_paths)
         self._exempt_exact = frozenset(p for p in paths if not p.endswith("*"))
         self._exempt_prefixes = tuple(p[:-1] for p in paths if p.endswith("*"))
@@ -208,36 +214,46 @@ class APIKeyMiddleware:
         if self._has_exemptions and self._is_exempt(scope):
             await self._pass_exempt(scope, receive, send)
             return
-        try:
-            token, source, without = split_credential(
-                scope["headers"], self._header, self._bearer_filter
-            )
-        except AuthenticationError as exc:
-            await self._deny(exc, scope, receive, send)
-            return
-        if token is None:
-            if not self.required:
-                scope["user"], scope["auth"] = UnauthenticatedUser(), AuthCredentials()
-                await self.app(scope, receive, send)
-            elif self.allow_preflight and is_preflight(scope):
-                await self._pass_preflight(scope, receive, send)
-            else:
-                await self._deny(MissingCredentials(), scope, receive, send)
-            return
-        entry = self.verifier.hit(token)
-        if entry is None:
+        found = (
+            self._hit_request(scope["headers"], self._header, self._bearer_starts)
+            if self._hit_request is not None
+            else None
+        )
+        entry: CachedKey | None
+        without: list[tuple[bytes, bytes]] | None
+        if found is not None:
+            entry, without = found
+        else:
             try:
-                check_single_token(token, source)
-                entry = await self.verifier.verify(token)
+                token, source, without = split_credential(
+                    scope["headers"], self._header, self._bearer_filter
+                )
             except AuthenticationError as exc:
-                exc.source = source
                 await self._deny(exc, scope, receive, send)
                 return
-            except Exception:
-                logger.exception("keystile: unexpected error while verifying a key; refusing")
-                error = ServiceUnavailable("internal_error", source=source)
-                await self._deny(error, scope, receive, send)
+            if token is None:
+                if not self.required:
+                    scope["user"], scope["auth"] = UnauthenticatedUser(), AuthCredentials()
+                    await self.app(scope, receive, send)
+                elif self.allow_preflight and is_preflight(scope):
+                    await self._pass_preflight(scope, receive, send)
+                else:
+                    await self._deny(MissingCredentials(), scope, receive, send)
                 return
+            entry = self.verifier.hit(token)
+            if entry is None:
+                try:
+                    check_single_token(token, source)
+                    entry = await self.verifier.verify(token)
+                except AuthenticationError as exc:
+                    exc.source = source
+                    await self._deny(exc, scope, receive, send)
+                    return
+                except Exception:
+                    logger.exception("keystile: unexpected error while verifying a key; refusing")
+                    error = ServiceUnavailable("internal_error", source=source)
+                    await self._deny(error, scope, receive, send)
+                    return
         scope["user"] = entry.user
         scope["auth"] = AuthCredentials(entry.auth_scopes)
         self.recorder.touch(entry.user.key_id, self.verifier.clock())

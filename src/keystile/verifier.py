@@ -205,6 +205,30 @@ class Verifier:
         self.counters.cache_hits += 1
         return entry
 
+    def hit_request(
+        self,
+        headers: list[tuple[bytes, bytes]],
+        header_name: bytes,
+        prefixes: tuple[bytes, ...] | None,
+    ) -> tuple[CachedKey, list[tuple[bytes, bytes]]] | None:
+        """The compiled hit path: the entry and the headers without the credential, if the
+        request is a plain hit on a cached, unexpired and fresh key; else ``None`` (then
+        the pure-Python path decides). Only with ``cache.compiled``."""
+        now = self.monotonic()
+        found: tuple[CachedKey, list[tuple[bytes, bytes]]] | None = self.cache.hit_request(
+            headers, header_name, prefixes, now
+        )
+        if found is None:
+            return None
+        entry = found[0]
+        expires_at = entry.expires_at  # _expired, inlined: this runs on every request
+        if now - entry.checked_at > self.cache_ttl or (
+            expires_at is not None and self.clock() >= expires_at
+        ):
+            return None
+        self.counters.cache_hits += 1
+        return found
+
     async def verify(self, token: bytes) -> CachedKey:
         """Return the cached principal for ``token`` or raise an ``AuthenticationError``."""
         if len(token) > MAX_TOKEN_LENGTH:
