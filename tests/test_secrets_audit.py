@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
 
@@ -165,7 +166,10 @@ async def test_lifecycle_through_the_middleware_leaks_no_secret(
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[str, str]:
-    assert cli(list(argv)) == 0
+    """The CLI as a user runs it: in a thread of its own, outside the test runner's event
+    loop context (the async Postgres fixture leaves it marked as running asyncio)."""
+    with ThreadPoolExecutor(1) as thread:
+        assert thread.submit(cli, list(argv)).result() == 0
     captured = capsys.readouterr()
     return captured.out, captured.err
 
