@@ -13,6 +13,7 @@ from typing import Any
 from common import fill_cache
 from fastapi import FastAPI
 from starlette.applications import Starlette
+from starlette.authentication import AuthCredentials
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
@@ -93,7 +94,7 @@ class FloorMiddleware:
             if entry is None:
                 raise RuntimeError("the floor middleware only measures hits")
             scope["user"] = entry.user
-            scope["auth"] = entry.auth
+            scope["auth"] = AuthCredentials(entry.auth_scopes)
         await self.app(scope, receive, send)
 
 

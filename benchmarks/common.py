@@ -61,7 +61,7 @@ def wait_for_quiet(threshold: float = 1.5, max_wait: float = 30.0) -> float:
 
 @dataclass
 class Target:
-    """One target of issue #5 next to its measured value."""
+    """One target next to its measured value."""
 
     section: str
     name: str

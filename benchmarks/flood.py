@@ -1,4 +1,4 @@
-"""Floods of bad keys must not starve valid cached requests (issue #6, item 3).
+"""Floods of bad keys must not starve valid cached requests.
 
 Drives ``APIKeyMiddleware`` in-process over raw ASGI (no HTTP client in the way), with
 the production argon2 parameters, on one event loop as one uvicorn worker would. Valid,

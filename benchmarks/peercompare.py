@@ -31,7 +31,7 @@ from keystile.fastapi import CurrentKey
 
 __all__ = ["DEFAULT_PEERS", "PEER_TARGET", "QUICK_PEERS", "run_peers"]
 
-#: Issue #5: keystile at least this many times faster per request, at 1 000 keys.
+#: keystile at least this many times faster per request, at 1 000 keys.
 PEER_TARGET = 20.0
 DEFAULT_PEERS = [
     "fastapi-bare",

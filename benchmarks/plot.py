@@ -49,7 +49,7 @@ def write_plot(path: pathlib.Path, results: dict[str, Any]) -> None:
                 "x",
                 color="k",
                 markersize=8,
-                label="issue #5 target (keystile)",
+                label="target (keystile)",
             )
         ax.set_xlabel("cached keys")
         ax.set_ylabel("µs per lookup (median; band: up to p99)")

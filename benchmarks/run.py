@@ -1,4 +1,4 @@
-"""keystile benchmarks: every number of issue #5 in one run, each next to its target.
+"""keystile benchmarks: every measured number in one run, each next to its target.
 
     python benchmarks/run.py --quick                       # under two minutes
     python benchmarks/run.py --postgres-url postgresql://postgres@127.0.0.1:5432/test \\
@@ -6,11 +6,14 @@
 
 Sections (``--only`` picks some): ``hit`` (cache-hit verification vs cached keys, with
 two references), ``overhead`` (bare vs protected route, direct ASGI), ``dependencies``
-(keystile's FastAPI dependencies vs FastAPI's cheapest one), ``server`` (the same
-under uvicorn with wrk or a Python client), ``miss`` (argon2 cost, miss latency on SQLite
-and Postgres, cold start), ``last-used`` (batched last_used_at vs one UPDATE per request,
-Postgres), ``peers`` (keyshield and fastapi-keygate). The Postgres parts are skipped, with
-a message, without ``--postgres-url`` (or ``KEYSTILE_BENCH_POSTGRES_URL``).
+(keystile's FastAPI dependencies vs FastAPI's cheapest one), ``instructions``
+(instructions keystile adds per request, callgrind), ``memory`` (RSS per cached key),
+``server`` (the same under uvicorn + httptools + uvloop, pinned, with an A/A control),
+``miss`` (argon2 cost, miss latency on SQLite and Postgres, cold start), ``cold`` (cold
+start under 1, 2 and 4 uvicorn workers), ``last-used`` (batched last_used_at vs one
+UPDATE per request, Postgres), ``peers`` (keyshield and fastapi-keygate). The Postgres
+parts are skipped, with a message, without ``--postgres-url`` (or
+``KEYSTILE_BENCH_POSTGRES_URL``).
 
 The machine these run on may be shared: every section records the load average, and
 ``--wait-quiet SECONDS`` waits up to that long for it to drop before each section.
@@ -36,13 +39,34 @@ sys.path.insert(0, str(BENCH_DIR))
 
 from common import Target, load_average, print_table, wait_for_quiet  # noqa: E402
 
-SECTIONS = ("hit", "overhead", "dependencies", "server", "miss", "last-used", "peers")
+SECTIONS = (
+    "hit",
+    "overhead",
+    "dependencies",
+    "instructions",
+    "memory",
+    "server",
+    "miss",
+    "cold",
+    "last-used",
+    "peers",
+)
 DEFAULT_RESULTS = BENCH_DIR / "results"
 
 
 def _versions() -> dict[str, str]:
     out = {}
-    for dist in ("keystile", "starlette", "fastapi", "numpy", "uvicorn", "argon2-cffi", "asyncpg"):
+    for dist in (
+        "keystile",
+        "starlette",
+        "fastapi",
+        "numpy",
+        "uvicorn",
+        "httptools",
+        "uvloop",
+        "argon2-cffi",
+        "asyncpg",
+    ):
         try:
             out[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
@@ -76,6 +100,9 @@ def _settings(quick: bool) -> dict[str, Any]:
             "hit_budget": 0.25,
             "overhead_sizes": [10, 1_000, 10_000],
             "overhead_budget": 4.0,
+            "instruction_sizes": [1_000],
+            "memory_keys": 100_000,
+            "cold_workers_keys": 500,
             "dependencies_budget": 4.0,
             "server_keys": [1_000],
             "server_duration": 2.0,
@@ -95,6 +122,9 @@ def _settings(quick: bool) -> dict[str, Any]:
         "hit_budget": 1.0,
         "overhead_sizes": [10, 1_000, 10_000],
         "overhead_budget": 15.0,
+        "instruction_sizes": [10, 1_000, 10_000],
+        "memory_keys": 100_000,
+        "cold_workers_keys": 10_000,
         "dependencies_budget": 20.0,
         "server_keys": [10, 1_000, 10_000],
         "server_duration": 4.0,
@@ -200,6 +230,18 @@ def main(argv: list[str] | None = None) -> int:
         section("dependencies")
         results["dependencies"], t = run_dependencies(1_000, settings["dependencies_budget"])
         targets += t
+    if "instructions" in sections:
+        from instructions import run_instructions
+
+        section("instructions")
+        results["instructions"], t = run_instructions(settings["instruction_sizes"])
+        targets += t
+    if "memory" in sections:
+        from memory import run_memory
+
+        section("memory")
+        results["memory"], t = run_memory(settings["memory_keys"])
+        targets += t
     if "server" in sections:
         from server import run_server
 
@@ -221,6 +263,12 @@ def main(argv: list[str] | None = None) -> int:
             miss_requests=settings["miss_requests"],
             argon2_samples=settings["argon2_samples"],
         )
+    if "cold" in sections:
+        from coldstart import run_coldstart
+
+        section("cold")
+        results["cold_workers"], t = run_coldstart(settings["cold_workers_keys"])
+        targets += t
     if "last-used" in sections:
         from usagewrites import run_usage_writes
 
@@ -249,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     results["meta"]["seconds"] = elapsed
     results["targets"] = [t.as_dict() for t in targets]
     print_table(
-        f"Targets of issue #5 ({results['meta']['mode']} run, {elapsed:.0f} s, "
+        f"Targets ({results['meta']['mode']} run, {elapsed:.0f} s, "
         f"load average {load_average():.2f})",
         ("target", "goal", "measured", "verdict", "note"),
         [t.row() for t in targets],

@@ -1,11 +1,19 @@
 """Overhead under a real server: uvicorn on 127.0.0.1, bare vs protected, same route.
 
-Both servers (one process each, started side by side) are driven in alternation by a
-closed-loop load generator with a fixed number of keep-alive connections: ``wrk`` when
-installed (``apt-get install wrk``), else a Python client (httpx, keep-alive, the same
-number of connections). Each run lasts a fixed time; the server's CPU time over the run
-(user + system, ``psutil``) divided by the requests it answered is its CPU per request.
-uvicorn runs with ``--no-access-log`` (access logging would dominate both arms).
+The servers (one process each, started side by side: two bare ones, the second an A/A
+control, and one per number of cached keys) are driven in alternation by a closed-loop
+load generator with a fixed number of keep-alive connections: ``wrk`` when installed
+(``apt-get install wrk``), else a Python client (httpx, keep-alive, the same number of
+connections). Each run lasts a fixed time; the server's CPU time over the run (user +
+system, ``psutil``) divided by the requests it answered is its CPU per request.
+
+uvicorn runs with ``--http httptools --loop uvloop`` (the ``bench`` extra installs both;
+the stack is named in every result) and ``--no-access-log`` (access logging would dominate
+both arms). With ``taskset`` and at least two CPUs, every server is pinned to the last CPU
+and the load generator to the first, so they never compete for one core; unpinned, an A/A
+run of bare against bare ranged 0.69-1.26x on the 2-core machine. The A/A ratio (the
+second bare server against the first) is reported beside every protected/bare ratio: a
+ratio closer to 1 than the A/A one is noise.
 """
 
 from __future__ import annotations
@@ -32,8 +40,21 @@ from common import Target, fmt_us, median, print_table
 __all__ = ["SERVER_CPU_TARGET", "run_server"]
 
 BENCH_DIR = pathlib.Path(__file__).resolve().parent
-#: Issue #5: server CPU per request, protected / bare, at 1 000 keys.
-SERVER_CPU_TARGET = (1_000, 1.2)
+#: Server CPU per request, protected / bare, at 1 000 keys (pinned, httptools + uvloop).
+SERVER_CPU_TARGET = (1_000, 1.12)
+#: The HTTP stack every server runs.
+STACK_OPTIONS = ("--http", "httptools", "--loop", "uvloop")
+STACK = "uvicorn + httptools + uvloop"
+#: With taskset and 2+ CPUs: servers on the last CPU, the load generator on the first.
+PINNED = shutil.which("taskset") is not None and (os.cpu_count() or 1) >= 2
+SERVER_CPU = (os.cpu_count() or 1) - 1
+CLIENT_CPU = 0
+#: The A/A control: a second bare server, measured like every other arm.
+CONTROL = "bare (A/A)"
+
+
+def _pin(cpu: int) -> list[str]:
+    return ["taskset", "-c", str(cpu)] if PINNED else []
 
 
 @dataclass
@@ -64,9 +85,9 @@ def _servers(framework: str, arms: dict[str, int]) -> Iterator[dict[str, Server]
     started: dict[str, Server] = {}
     with tempfile.TemporaryDirectory(prefix="keystile-bench-") as tmp:
         try:
-            for name, n_keys in arms.items():
+            for index, (name, n_keys) in enumerate(arms.items()):
                 port = _free_port()
-                token_file = pathlib.Path(tmp) / f"{name}.token"
+                token_file = pathlib.Path(tmp) / f"arm{index}.token"
                 env = {
                     **os.environ,
                     "KEYSTILE_BENCH_FRAMEWORK": framework,
@@ -74,6 +95,7 @@ def _servers(framework: str, arms: dict[str, int]) -> Iterator[dict[str, Server]
                     "KEYSTILE_BENCH_TOKEN_FILE": str(token_file),
                 }
                 cmd = [
+                    *_pin(SERVER_CPU),
                     sys.executable,
                     "-m",
                     "uvicorn",
@@ -88,6 +110,7 @@ def _servers(framework: str, arms: dict[str, int]) -> Iterator[dict[str, Server]
                     "--log-level",
                     "warning",
                     "--no-access-log",
+                    *STACK_OPTIONS,
                 ]
                 process = subprocess.Popen(cmd, env=env)
                 server = Server(name, n_keys, port, process, "")
@@ -133,6 +156,7 @@ def _wait_ready(server: Server, token_file: pathlib.Path, timeout: float = 60.0)
 
 def _wrk(server: Server, connections: int, duration: float) -> dict[str, float]:
     cmd = [
+        *_pin(CLIENT_CPU),
         "wrk",
         "-t1",
         f"-c{connections}",
@@ -186,7 +210,14 @@ def _python_client(server: Server, connections: int, duration: float) -> dict[st
             "p50_us": median(latencies),
         }
 
-    return asyncio.run(drive())
+    if not PINNED:
+        return asyncio.run(drive())
+    affinity = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {CLIENT_CPU})
+    try:
+        return asyncio.run(drive())
+    finally:
+        os.sched_setaffinity(0, affinity)
 
 
 def run_server(
@@ -200,10 +231,15 @@ def run_server(
 ) -> tuple[dict[str, Any], list[Target]]:
     wrk = shutil.which("wrk") if use_wrk else None
     generator = "wrk -t1" if wrk else "python httpx client"
-    arms = {"bare": 0, **{f"{n}": n for n in n_keys}}
+    arms = {"bare": 0, CONTROL: 0, **{f"{n}": n for n in n_keys}}
+    pinning = (
+        f"servers on CPU {SERVER_CPU}, load generator on CPU {CLIENT_CPU}"
+        if PINNED
+        else "not pinned"
+    )
     print(
-        f"  uvicorn: {framework}, {list(arms)}, {generator}, {connections} connections, "
-        f"{rounds} x {duration:g}s each ...",
+        f"  uvicorn: {STACK}, {framework}, {list(arms)}, {generator}, {connections} "
+        f"connections, {rounds} x {duration:g}s each, {pinning} ...",
         flush=True,
     )
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in arms}
@@ -231,17 +267,27 @@ def run_server(
     for s in summary.values():
         s["cpu_ratio"] = s["cpu_us_per_request"] / bare["cpu_us_per_request"]
         s["rps_ratio"] = s["rps"] / bare["rps"]
+    control = summary[CONTROL]["cpu_ratio"]
     print_table(
-        f"uvicorn on 127.0.0.1 ({framework}, {generator}, {connections} connections, "
-        f"median of {rounds} runs of {duration:g}s)",
-        ("app", "requests/s", "vs bare", "server CPU µs/request", "vs bare", "p50 latency µs"),
+        f"{STACK} on 127.0.0.1 ({framework}, {generator}, {connections} connections, "
+        f"{pinning}, median of {rounds} runs of {duration:g}s)",
+        (
+            "app",
+            "requests/s",
+            "vs bare",
+            "server CPU µs/request",
+            "vs bare",
+            "A/A (bare vs bare)",
+            "p50 latency µs",
+        ),
         [
             (
-                "bare" if name == "bare" else f"keystile, {int(name):,} keys",
+                name if not name[0].isdigit() else f"keystile, {int(name):,} keys",
                 f"{s['rps']:,.0f}",
                 f"{s['rps_ratio']:.3f}x",
                 fmt_us(s["cpu_us_per_request"]),
                 f"{s['cpu_ratio']:.3f}x",
+                f"{control:.3f}x",
                 fmt_us(s["p50_us"]),
             )
             for name, s in summary.items()
@@ -257,9 +303,13 @@ def run_server(
                 summary[f"{n}"]["cpu_ratio"],
                 limit,
                 "x",
+                note=f"{STACK}, {pinning}; A/A control {control:.3f}x",
             )
         )
     return {
+        "stack": STACK,
+        "pinned": pinning,
+        "aa_control_cpu_ratio": control,
         "framework": framework,
         "generator": generator,
         "connections": connections,

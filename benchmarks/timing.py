@@ -1,6 +1,6 @@
 """Does a cache lookup's time leak where, or how nearly, a presented digest matches?
 
-(Issue #6, item 5.) ``VerifiedKeyCache.lookup`` is timed directly, with crafted digests:
+``VerifiedKeyCache.lookup`` is timed directly, with crafted digests:
 
 * **match position**: the digest of the first, middle or last cached entry, or of none,
   at 10 000 and 100 000 cached keys;

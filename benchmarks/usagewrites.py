@@ -32,7 +32,7 @@ from keystile.stores import store_from_url
 
 __all__ = ["LAST_USED_TARGET", "run_usage_writes"]
 
-#: Issue #5: naive / batched total database time, 10 000 requests over 100 keys.
+#: naive / batched total database time, 10 000 requests over 100 keys.
 LAST_USED_TARGET = 50.0
 
 

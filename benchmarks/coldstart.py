@@ -1,0 +1,216 @@
+"""Cold start under uvicorn workers: CPU seconds per key per worker, and the wall time to
+warm N keys with 1, 2 and 4 workers.
+
+A SQLite database holds N active keys at keystile's default argon2 parameters (one
+secret shared by all keys, so minting them costs one hash, not N; verifying each key
+still costs a full argon2 verification). ``uvicorn --workers W`` serves a Starlette route
+behind ``APIKeyMiddleware``; 64 concurrent clients (httpx, keep-alive) send each key's
+first request, retrying a 503 from the argon2 guard (counted). Measured: the wall time
+until every key has answered 200, and the CPU time of all worker processes over that
+window divided by N (each key is proven once, by the worker its first request reached).
+
+    python benchmarks/coldstart.py [KEYS]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from datetime import datetime, timezone
+from typing import Any
+
+import httpx
+import psutil
+
+BENCH_DIR = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR))
+
+from common import Target, print_table  # noqa: E402
+
+from keystile import DEFAULT_PARAMETERS, KeyRecord, SecretHasher  # noqa: E402
+from keystile.stores import store_from_url  # noqa: E402
+from keystile.tokens import CHECKSUM_LENGTH, _base62, new_key_id  # noqa: E402
+
+__all__ = ["run_coldstart"]
+
+CLIENTS = 64
+WORKERS = (1, 2, 4)
+APP = """
+import os
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+from keystile import APIKeyMiddleware
+
+async def ping(request):
+    return PlainTextResponse("pong")
+
+app = Starlette(routes=[Route("/ping", ping)])
+app.add_middleware(APIKeyMiddleware, database_url=os.environ["KEYSTILE_DATABASE_URL"])
+"""
+
+
+def _token(key_id: str, secret: str) -> str:
+    body = f"ks_{key_id}_{secret}"
+    return body + _base62(zlib.crc32(body.encode()), CHECKSUM_LENGTH)
+
+
+async def _fill(url: str, n: int) -> list[str]:
+    secret = "S" * 43
+    secret_hash = SecretHasher(DEFAULT_PARAMETERS).hash(secret)
+    store = store_from_url(url)
+    await store.open()
+    tokens = []
+    now = datetime.now(timezone.utc)
+    try:
+        for i in range(n):
+            key_id = new_key_id()
+            await store.insert(
+                KeyRecord(
+                    id=key_id,
+                    owner="bench",
+                    name=f"k{i}",
+                    prefix="ks",
+                    secret_hash=secret_hash,
+                    scopes=(),
+                    created_at=now,
+                )
+            )
+            tokens.append(_token(key_id, secret))
+    finally:
+        await store.close()
+    return tokens
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def _warm(url: str, tokens: list[str]) -> tuple[float, int]:
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    for t in tokens:
+        queue.put_nowait(t)
+    retried = 0
+    limits = httpx.Limits(max_connections=CLIENTS, max_keepalive_connections=CLIENTS)
+    async with httpx.AsyncClient(limits=limits, timeout=120) as client:
+
+        async def worker() -> None:
+            nonlocal retried
+            while not queue.empty():
+                token = queue.get_nowait()
+                while True:
+                    r = await client.get(url, headers={"Authorization": f"Bearer {token}"})
+                    if r.status_code == 200:
+                        break
+                    if r.status_code != 503:
+                        raise RuntimeError(f"cold start: a key answered {r.status_code}")
+                    retried += 1
+                    await asyncio.sleep(0.05)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(CLIENTS)))
+        return time.perf_counter() - t0, retried
+
+
+def _workers_cpu(master: psutil.Process) -> float:
+    """CPU of the uvicorn process and its workers (one worker: no child processes)."""
+    total = 0.0
+    for child in [master, *master.children(recursive=True)]:
+        try:
+            t = child.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += t.user + t.system
+    return total
+
+
+def _one(tmp: str, n: int, workers: int) -> dict[str, float]:
+    db = pathlib.Path(tmp) / f"cold-{workers}.db"
+    url = f"sqlite:///{db}"
+    tokens = asyncio.run(_fill(url, n))
+    (pathlib.Path(tmp) / "coldapp.py").write_text(APP)
+    port = _free_port()
+    env = {**os.environ, "KEYSTILE_DATABASE_URL": url}
+    cmd = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "coldapp:app",
+        "--app-dir",
+        tmp,
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+        "--log-level",
+        "warning",
+        "--no-access-log",
+    ]
+    process = subprocess.Popen(cmd, env=env)
+    try:
+        ping = f"http://127.0.0.1:{port}/ping"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(ping, timeout=2).status_code == 401:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.2)
+        time.sleep(1.0)  # every worker up
+        master = psutil.Process(process.pid)
+        before = _workers_cpu(master)
+        wall, retried = asyncio.run(_warm(ping, tokens))
+        cpu = _workers_cpu(master) - before
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    return {
+        "workers": workers,
+        "keys": n,
+        "wall_s": wall,
+        "worker_cpu_s": cpu,
+        "cpu_ms_per_key": cpu / n * 1e3,
+        "retried_503": retried,
+    }
+
+
+def run_coldstart(
+    n: int = 10_000, workers: tuple[int, ...] = WORKERS
+) -> tuple[dict[str, Any], list[Target]]:
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="keystile-cold-") as tmp:
+        for w in workers:
+            print(f"  cold start: {n:,} keys, {w} worker(s), {CLIENTS} clients ...", flush=True)
+            runs.append(_one(tmp, n, w))
+    print_table(
+        f"Cold start under uvicorn: {n:,} keys, first request of each, {CLIENTS} clients "
+        f"(SQLite, default argon2, {os.cpu_count()} CPUs)",
+        ("workers", "wall time to warm", "worker CPU", "CPU ms per key", "503 retried"),
+        [
+            (
+                str(r["workers"]),
+                f"{r['wall_s']:.1f} s",
+                f"{r['worker_cpu_s']:.1f} s",
+                f"{r['cpu_ms_per_key']:.2f}",
+                str(r["retried_503"]),
+            )
+            for r in runs
+        ],
+    )
+    return {"keys": n, "clients": CLIENTS, "runs": runs}, []
+
+
+if __name__ == "__main__":
+    run_coldstart(int(sys.argv[1]) if len(sys.argv) > 1 else 10_000)
