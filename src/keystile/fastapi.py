@@ -18,8 +18,8 @@
 :func:`protect` adds ``APIKeyMiddleware``, exempts the docs (Swagger UI, ReDoc, the
 OpenAPI document), and documents the API's security in OpenAPI, once, when the document
 is generated: two security schemes (a bearer scheme and an API-key header scheme)
-listed as alternatives on every operation the middleware protects, and the 401 (and 403
-where scopes are required) those operations can answer. Swagger UI's *Authorize* then
+listed as alternatives on every operation the middleware protects, and the 400 and 401
+(and 403 where scopes are required) those operations can answer. Swagger UI's *Authorize* then
 works on every protected route, with either scheme, and no route needs a dependency for
 it.
 
@@ -341,8 +341,8 @@ def protect(app: FastAPI, *, exempt_docs: bool = True, **options: Any) -> None:
     * declares a bearer scheme and an API-key header scheme (``header_name``) in
       ``components.securitySchemes``, lists both as alternatives on every operation the
       middleware protects (with the scopes its keystile dependencies require) and
-      ``security: []`` on exempt ones, and documents each protected operation's 401,
-      and 403 where it requires scopes, with the error body as a schema.
+      ``security: []`` on exempt ones, and documents each protected operation's 400 and
+      401, and 403 where it requires scopes, with the error body as a schema.
 
     The OpenAPI part wraps ``app.openapi``: it runs when the document is generated (routes
     added after ``protect()`` are included), keeps FastAPI's caching in
