@@ -33,34 +33,10 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
 
-from keystile import CHEAPEST_PARAMETERS, APIKeyMiddleware, APIKeyUser, KeyManager
-from keystile.limits import LimitEnforcer, MemoryRateLimiter, parse_rate_limit, send_with_headers
-from keystile.responses import error_response
+from keystile import CHEAPEST_PARAMETERS, APIKeyMiddleware, KeyManager
+from keystile.limits import MemoryRateLimiter, parse_rate_limit
 from keystile.stores import store_from_url
-
-
-class Enforce:
-    """The limit check APIKeyMiddleware makes right after it verified a key."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-        self.enforcer: LimitEnforcer | None = None
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        enforcer = self.enforcer
-        user = scope.get("user")
-        if enforcer is not None and isinstance(user, APIKeyUser) and user.limits is not None:
-            refusal = await enforcer.acheck(user) if enforcer.is_async else enforcer.check(user)
-            if refusal is not None:
-                await error_response(refusal, realm="api", header_name="X-API-Key")(
-                    scope, receive, send
-                )
-                return
-            if enforcer.headers:
-                send = send_with_headers(send, enforcer.success_headers(user))
-        await self.app(scope, receive, send)
 
 
 async def ok(request: Any) -> PlainTextResponse:
@@ -71,14 +47,14 @@ def bare() -> Starlette:
     return Starlette(routes=[Route("/", ok)])
 
 
-def build(
-    database_url: str, storage: str, *, wrap: bool = True, **options: Any
-) -> APIKeyMiddleware:
-    inner: Any = Enforce(bare()) if wrap else bare()
-    mw = APIKeyMiddleware(inner, database_url=database_url, argon2=CHEAPEST_PARAMETERS, **options)
-    if wrap:
-        inner.enforcer = LimitEnforcer.shared(mw.recorder, mw.verifier.counters, storage=storage)
-    return mw
+def build(database_url: str, storage: str, **options: Any) -> APIKeyMiddleware:
+    return APIKeyMiddleware(
+        bare(),
+        database_url=database_url,
+        argon2=CHEAPEST_PARAMETERS,
+        rate_limit_storage=storage,
+        **options,
+    )
 
 
 def server_app() -> APIKeyMiddleware:
@@ -143,12 +119,10 @@ async def in_process(rounds: int, calls: int, redis_url: str | None) -> None:
     [limited] = await mint_keys(url, 1, rate_limit="1000000000/second")
     [quota] = await mint_keys(url, 1, quota=10**12)
     variants: dict[str, tuple[Any, str]] = {}
-    plain = build(url, "memory://", wrap=False, flush_interval=3600)
-    wrapped = build(url, "memory://", flush_interval=3600)
-    variants["middleware alone, key without limit"] = (plain, free)
-    variants["key without limit"] = (wrapped, free)
-    variants["key with a rate limit (memory://)"] = (wrapped, limited)
-    variants["key with a quota (memory://)"] = (wrapped, quota)
+    app = build(url, "memory://", flush_interval=3600)
+    variants["key without limit"] = (app, free)
+    variants["key with a rate limit (memory://)"] = (app, limited)
+    variants["key with a quota (memory://)"] = (app, quota)
     if redis_url:
         redis_app = build(url, redis_url, flush_interval=3600)
         variants["key without limit, redis:// app"] = (redis_app, free)
@@ -161,12 +135,11 @@ async def in_process(rounds: int, calls: int, redis_url: str | None) -> None:
         for name, (app, key) in variants.items():
             samples[name].append(await time_calls(app, key, calls))
     base = statistics.median(samples["key without limit"])
-    alone = statistics.median(samples["middleware alone, key without limit"])
     print(f"\n1. Per request, direct ASGI, 1 000 cached keys ({rounds} rounds x {calls} calls)")
-    print(f"{'':44} {'median µs':>10} {'vs no limit':>12} {'vs mw alone':>12}")
+    print(f"{'':44} {'median µs':>10} {'vs no limit':>12}")
     for name, values in samples.items():
         m = statistics.median(values)
-        print(f"{name:44} {m:10.2f} {m / base:11.3f}x {m / alone:11.3f}x")
+        print(f"{name:44} {m:10.2f} {m / base:11.3f}x")
     for app in {id(a): a for a, _ in variants.values()}.values():
         await app.aclose()
 

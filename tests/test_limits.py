@@ -10,10 +10,9 @@ from typing import Any
 import anyio
 import httpx
 import pytest
-from starlette.types import Receive, Scope, Send
 
 from apps import client, inner_app
-from keystile import CHEAPEST_PARAMETERS, APIKeyMiddleware, APIKeyUser, KeyManager, KeyStore
+from keystile import CHEAPEST_PARAMETERS, APIKeyMiddleware, KeyManager, KeyStore
 from keystile.limits import (
     LimitEnforcer,
     MemoryRateLimiter,
@@ -21,69 +20,20 @@ from keystile.limits import (
     QuotaPolicy,
     normalize_rate_limit,
     parse_rate_limit,
-    send_with_headers,
 )
-from keystile.responses import error_response
 from keystile.stores import store_from_url
 
 pytestmark = pytest.mark.anyio
 
 
-# -- a tiny ASGI wrapper: what APIKeyMiddleware does right after it set scope["user"] -----
-
-
-class Enforce:
-    """Checks the limits of the key APIKeyMiddleware verified, before the app runs."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-        self.enforcer: LimitEnforcer | None = None
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        enforcer = self.enforcer
-        user = scope.get("user")
-        if (
-            enforcer is not None
-            and isinstance(user, APIKeyUser)
-            and (user.limits is not None or enforcer.limits_every_key)
-        ):
-            refusal = await enforcer.acheck(user)
-            if refusal is not None:
-                response = error_response(refusal, realm="api", header_name="X-API-Key")
-                await response(scope, receive, send)
-                return
-            if enforcer.headers:
-                send = send_with_headers(send, enforcer.success_headers(user))
-        await self.app(scope, receive, send)
-
-
-def limited_app(
-    store: KeyStore,
-    *,
-    rate_limit_storage: str = "memory://",
-    default_rate_limit: str | None = None,
-    rate_limit_on_error: str = "allow",
-    rate_limit_headers: bool = False,
-    **options: Any,
-) -> APIKeyMiddleware:
-    """The test app behind APIKeyMiddleware with limits enforced after verification."""
-    inner = Enforce(inner_app())
-    middleware = APIKeyMiddleware(inner, store=store, argon2=CHEAPEST_PARAMETERS, **options)
-    inner.enforcer = LimitEnforcer.shared(
-        middleware.recorder,
-        middleware.verifier.counters,
-        storage=rate_limit_storage,
-        default_rate_limit=default_rate_limit,
-        on_error=rate_limit_on_error,
-        headers=rate_limit_headers,
-    )
-    return middleware
+def limited_app(store: KeyStore, **options: Any) -> APIKeyMiddleware:
+    """The test app behind APIKeyMiddleware, limit options passed as a user would."""
+    return APIKeyMiddleware(inner_app(), store=store, argon2=CHEAPEST_PARAMETERS, **options)
 
 
 def enforcer_of(app: APIKeyMiddleware) -> LimitEnforcer:
-    node = app.app
-    assert isinstance(node, Enforce) and node.enforcer is not None
-    return node.enforcer
+    """The limits the middleware enforces."""
+    return app.limits
 
 
 async def mint(url: str, **options: Any) -> tuple[str, str]:

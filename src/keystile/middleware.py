@@ -34,6 +34,7 @@ from .config import resolve_database_url
 from .credentials import check_single_token, split_credential, without_credentials
 from .errors import AuthenticationError, MissingCredentials, ServiceUnavailable
 from .hashing import DEFAULT_PARAMETERS, Argon2Parameters, SecretHasher
+from .limits import DEFAULT_RATE_LIMIT_STORAGE, LimitEnforcer, OnError, send_with_headers
 from .responses import WEBSOCKET_POLICY_VIOLATION, error_code, error_response
 from .runtime import KeystileRuntime, configuration_key
 from .stats import KeystileStats
@@ -149,6 +150,10 @@ class APIKeyMiddleware:
         on_error: ErrorHandler | None = None,
         reap_every: float | None = None,
         reap_unused_for: timedelta = DEFAULT_REAP_UNUSED_FOR,
+        rate_limit_storage: str = DEFAULT_RATE_LIMIT_STORAGE,
+        default_rate_limit: str | None = None,
+        rate_limit_on_error: OnError = "allow",
+        rate_limit_headers: bool = False,
     ) -> None:
         self.app = app
         runtime_options: dict[str, Any] = {
@@ -197,6 +202,16 @@ class APIKeyMiddleware:
         self._exempt_prefixes = tuple(p[:-1] for p in paths if p.endswith("*"))
         self._has_exemptions = bool(paths)
         self._cors_inside: bool | None = None
+        #: Usage limits, checked after a key is verified (docs/operations.md, "Limits").
+        self.limits = LimitEnforcer.shared(
+            self.recorder,
+            self.verifier.counters,
+            storage=rate_limit_storage,
+            default_rate_limit=default_rate_limit,
+            on_error=rate_limit_on_error,
+            headers=rate_limit_headers,
+        )
+        self._limit_every_key = self.limits.limits_every_key
 
     # -- ASGI -----------------------------------------------------------------------
 
@@ -254,9 +269,17 @@ class APIKeyMiddleware:
                     error = ServiceUnavailable("internal_error", source=source)
                     await self._deny(error, scope, receive, send)
                     return
-        scope["user"] = entry.user
+        user = scope["user"] = entry.user
         scope["auth"] = AuthCredentials(entry.auth_scopes)
-        self.recorder.touch(entry.user.key_id, self.verifier.clock())
+        if user.limits is not None or self._limit_every_key:
+            limits = self.limits
+            refusal = await limits.acheck(user) if limits.is_async else limits.check(user)
+            if refusal is not None:
+                await self._deny(refusal, scope, receive, send)
+                return
+            if limits.headers:
+                send = send_with_headers(send, limits.success_headers(user))
+        self.recorder.touch(user.key_id, self.verifier.clock())
         if self.strip_credentials and without is not None:
             scope["headers"] = without
         await self.app(scope, receive, send)
@@ -289,9 +312,18 @@ class APIKeyMiddleware:
                 except Exception:
                     logger.exception("keystile: unexpected error while verifying a key")
             if entry is not None:
-                scope["user"] = entry.user
-                scope["auth"] = AuthCredentials(entry.auth_scopes)
-                self.recorder.touch(entry.user.key_id, self.verifier.clock())
+                user = entry.user
+                limits = self.limits
+                refusal = None
+                if user.limits is not None or self._limit_every_key:
+                    refusal = await limits.acheck(user) if limits.is_async else limits.check(user)
+                if refusal is not None:
+                    # An exempt path never refuses: over its limits, the key goes on unseen.
+                    self.verifier.counters.rejects[refusal.reason] += 1
+                else:
+                    scope["user"] = user
+                    scope["auth"] = AuthCredentials(entry.auth_scopes)
+                    self.recorder.touch(user.key_id, self.verifier.clock())
         if self.strip_credentials and without is not None:
             scope["headers"] = without
         await self.app(scope, receive, send)
