@@ -17,6 +17,7 @@ from .errors import (
     InvalidKeyName,
     InvalidRequest,
     InvalidToken,
+    IPNotAllowed,
     KeyAlreadyRotated,
     KeyManagementError,
     KeyNotFound,
@@ -32,9 +33,9 @@ from .hashing import CHEAPEST_PARAMETERS, DEFAULT_PARAMETERS, Argon2Parameters, 
 from .limits import LimitEnforcer, LimitPolicy, RateLimiter
 from .manager import UNCHANGED, CreatedKey, KeyManager, revoke_presented
 from .middleware import APIKeyMiddleware
-from .principal import APIKeyUser
+from .principal import APIKeyUser, IPAllowlist
 from .stats import KeystileStats
-from .stores import KeyRecord, KeyStore, MemoryKeyStore, SQLiteKeyStore, store_from_url
+from .stores import KeyEvent, KeyRecord, KeyStore, MemoryKeyStore, SQLiteKeyStore, store_from_url
 from .tokens import generate_key, parse_key, redact
 from .usage import UsageRecorder
 from .verifier import Verifier
@@ -52,11 +53,14 @@ __all__ = [
     "ConfigurationError",
     "CreatedKey",
     "DuplicateKeyName",
+    "IPAllowlist",
+    "IPNotAllowed",
     "InsufficientScope",
     "InvalidKeyName",
     "InvalidRequest",
     "InvalidToken",
     "KeyAlreadyRotated",
+    "KeyEvent",
     "KeyManagementError",
     "KeyManager",
     "KeyNotFound",

@@ -1,4 +1,5 @@
-"""The ``keystile`` command: mint, list, show, update, revoke, rotate and reap keys; run a demo.
+"""The ``keystile`` command: mint, list, show, update, disable, enable, revoke, rotate and
+reap keys; read the audit log; run a demo.
 
 Errors are one line on stderr and exit code 1, never a traceback. Only ``init``, ``create``
 and ``demo`` may create a missing SQLite database; the other commands refuse to run on one.
@@ -7,6 +8,7 @@ and ``demo`` may create a missing SQLite database; the other commands refuse to 
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import os
 import socket
@@ -26,9 +28,9 @@ from .config import DATABASE_URL_ENV, DEFAULT_DATABASE_URL, resolve_database_url
 from .durations import format_duration, parse_duration
 from .errors import KeystileError
 from .limits import normalize_rate_limit
-from .manager import DEFAULT_ROTATION_GRACE, UNCHANGED, CreatedKey, KeyManager
+from .manager import DEFAULT_ROTATION_GRACE, UNCHANGED, CreatedKey, KeyManager, validate_actor
 from .stores import SQLiteKeyStore, store_from_url
-from .stores.base import KeyRecord, KeyStore, utcnow
+from .stores.base import KeyEvent, KeyRecord, KeyStore, utcnow
 from .tokens import normalize_key_id
 
 __all__ = ["main"]
@@ -55,7 +57,12 @@ examples:
   keystile create --owner acme --name "ci deploy" --scope items:read --expires-in 90d
   keystile create --owner acme --name ci --rate-limit 10/second --quota 1000 --quota-refill 1d
   keystile list --owner acme
+  keystile list --all
+  keystile update KEY_ID --owner acme --scope items:read --ip-allow 10.0.0.0/8
   keystile update KEY_ID --owner acme --rate-limit 100/minute
+  keystile disable KEY_ID --owner acme
+  keystile enable KEY_ID --owner acme
+  keystile events --owner acme --since 7d --json
   keystile rotate KEY_ID --owner acme --grace 1h
   keystile revoke KEY_ID --owner acme
   keystile reap --unused-for 90d --dry-run
@@ -98,6 +105,31 @@ def _quota(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"invalid quota {text!r}: at least 0")
     return value
+
+
+def default_actor() -> str:
+    """``cli:<user>@<host>``: who the audit log names when ``--actor`` is not given."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid()) if hasattr(os, "getuid") else "unknown"
+    actor = f"cli:{user}@{socket.gethostname()}"[:255]
+    return actor if actor.isprintable() else "cli"
+
+
+def _actor(text: str) -> str:
+    try:
+        return validate_actor(text)
+    except KeystileError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_actor_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--actor",
+        type=_actor,
+        help="who the audit log names for this change (default: cli:<user>@<host>)",
+    )
 
 
 def _add_limit_options(p: argparse.ArgumentParser) -> None:
@@ -151,11 +183,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--metadata", action="append", default=[], metavar="KEY=VALUE", help="(repeatable)"
     )
+    p.add_argument(
+        "--ip-allow",
+        action="append",
+        default=[],
+        dest="ip_allow",
+        metavar="CIDR",
+        help="an IPv4/IPv6 network the key may be used from (repeatable)",
+    )
     _add_limit_options(p)
+    _add_actor_option(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
-    p = command("list", "list an owner's keys", "keystile list --owner acme --json")
-    p.add_argument("--owner", required=True)
+    p = command("list", "list an owner's keys, or every key", "keystile list --owner acme --json")
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--owner")
+    who.add_argument("--all", action="store_true", help="every owner's keys (for operators)")
     p.add_argument("--json", action="store_true", help="all fields but the hash, as JSON")
 
     p = command("show", "show one key of an owner", "keystile show KEY_ID --owner acme")
@@ -165,21 +208,75 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command(
         "update",
-        "change a key's usage limits; the secret stays, running apps apply it at once",
-        "keystile update KEY_ID --owner acme --rate-limit 100/minute",
+        "change a key; the secret stays, running apps apply the change at once",
+        "keystile update KEY_ID --owner acme --scope items:read --ip-allow 10.0.0.0/8",
     )
     p.add_argument("key_id", metavar="KEY_ID", type=normalize_key_id)
     p.add_argument("--owner", required=True)
+    p.add_argument(
+        "--scope",
+        action="append",
+        dest="scopes",
+        help="the key's scopes become those given (repeatable)",
+    )
+    p.add_argument("--no-scopes", action="store_true", help="remove every scope")
+    p.add_argument("--name", help="rename (1-64 printable characters, unique per owner)")
+    p.add_argument(
+        "--metadata",
+        action="append",
+        metavar="KEY=VALUE",
+        help="the key's metadata becomes the pairs given (repeatable)",
+    )
+    p.add_argument("--no-metadata", action="store_true", help="remove the metadata")
+    p.add_argument("--expires-in", type=_duration, help="a new expiry from now, e.g. 30d")
+    p.add_argument("--no-expiry", action="store_true", help="remove the expiry")
+    p.add_argument(
+        "--ip-allow",
+        action="append",
+        dest="ip_allow",
+        metavar="CIDR",
+        help="the allowlist becomes the networks given (repeatable)",
+    )
+    p.add_argument("--no-ip-allow", action="store_true", help="remove the IP allowlist")
     _add_limit_options(p)
     p.add_argument("--no-rate-limit", action="store_true", help="remove the key's rate limit")
     p.add_argument("--no-quota", action="store_true", help="remove the key's quota")
+    _add_actor_option(p)
     p.add_argument("--json", action="store_true")
+
+    for verb, what in (
+        ("disable", "switch a key off (reversible with enable); running apps refuse it at once"),
+        ("enable", "switch a disabled key back on"),
+    ):
+        p = command(verb, what, f"keystile {verb} KEY_ID --owner acme")
+        p.add_argument("key_id", metavar="KEY_ID", type=normalize_key_id)
+        p.add_argument("--owner", required=True)
+        _add_actor_option(p)
+        p.add_argument("--json", action="store_true")
+
+    p = command(
+        "events",
+        "the audit log: every change to a key, oldest first (--json: one object per line)",
+        "keystile events --owner acme --since 7d --json",
+    )
+    p.add_argument("--owner", help="only this owner's keys (default: every owner)")
+    p.add_argument("--key", type=normalize_key_id, metavar="KEY_ID", help="only this key")
+    p.add_argument("--since", type=_duration, metavar="DURATION", help="e.g. 7d, 1h")
+    p.add_argument("--limit", type=_quota, metavar="N", help="only the newest N events")
+    p.add_argument("--json", action="store_true", help="JSON lines, for a SIEM")
+    p.add_argument(
+        "--prune-older-than",
+        type=_duration,
+        metavar="DURATION",
+        help="delete events older than this (e.g. 365d) instead of listing",
+    )
 
     p = command(
         "revoke", "revoke a key of an owner (idempotent)", "keystile revoke KEY_ID --owner acme"
     )
     p.add_argument("key_id", metavar="KEY_ID", type=normalize_key_id)
     p.add_argument("--owner", required=True)
+    _add_actor_option(p)
 
     p = command(
         "rotate",
@@ -189,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("key_id", metavar="KEY_ID", type=normalize_key_id)
     p.add_argument("--owner", required=True)
     p.add_argument("--grace", type=_duration, default=DEFAULT_ROTATION_GRACE, help="default: 1h")
+    _add_actor_option(p)
     p.add_argument("--json", action="store_true")
 
     p = command(
@@ -198,6 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--unused-for", type=_duration, default=timedelta(days=90), help="default: 90d")
     p.add_argument("--dry-run", action="store_true", help="list what would be revoked")
+    p.add_argument(
+        "--include-disabled", action="store_true", help="reap disabled keys too (default: never)"
+    )
+    _add_actor_option(p)
     p.add_argument("--json", action="store_true")
 
     p = command(
@@ -231,11 +333,23 @@ def _when(record: KeyRecord, field: str) -> str:
     return value.strftime("%Y-%m-%d %H:%M") if value is not None else "-"
 
 
-def _table(records: Sequence[KeyRecord]) -> None:
+def _table(records: Sequence[KeyRecord], *, owners: bool = False) -> None:
     now = utcnow()
-    header = ("ID", "NAME", "STATUS", "SCOPES", "CREATED", "EXPIRES", "LAST USED", "REPLACED BY")
+    header: tuple[str, ...] = (
+        "ID",
+        "NAME",
+        "STATUS",
+        "SCOPES",
+        "CREATED",
+        "EXPIRES",
+        "LAST USED",
+        "REPLACED BY",
+    )
+    if owners:
+        header = ("OWNER", *header)
     rows = [header] + [
         (
+            *((r.owner,) if owners else ()),
             r.id,
             r.name,
             r.status(now),
@@ -308,7 +422,7 @@ def _require_database(store: KeyStore, url: str) -> None:
 
 
 async def _with_manager(store: KeyStore, work: Callable[[KeyManager], Awaitable[T]]) -> T:
-    manager = KeyManager(store)
+    manager = KeyManager(store, actor=default_actor())
     await manager.open()
     try:
         return await work(manager)
@@ -326,8 +440,53 @@ def _metadata(pairs: Sequence[str]) -> dict[str, str]:
     return result
 
 
-def _limit_changes(args: argparse.Namespace) -> dict[str, Any]:
+def _events(events: Sequence[KeyEvent], as_json: bool) -> None:
+    if as_json:
+        for event in events:
+            _out(json.dumps(event.to_dict(), sort_keys=True))
+        return
+    for e in events:
+        detail = json.dumps(dict(e.detail), sort_keys=True) if e.detail else ""
+        line = f"{e.at:%Y-%m-%d %H:%M:%S}  {e.owner}  {e.key_id}  {e.action}  {e.actor}  {detail}"
+        _out(line.rstrip())
+
+
+def _pick(args: argparse.Namespace, value: str, clear: str, label: str) -> bool:
+    """Whether the option pair (``--x`` / ``--no-x``) was given; both: one line."""
+    given, cleared = getattr(args, value) is not None, getattr(args, clear)
+    if given and cleared:
+        raise CommandError(f"give --{label} or --no-{label}, not both")
+    return given or cleared
+
+
+def _update_changes(args: argparse.Namespace) -> dict[str, Any]:
     """``KeyManager.update`` arguments from the ``update`` options; one line if none."""
+    changes: dict[str, Any] = {}
+    if args.scopes is not None and args.no_scopes:
+        raise CommandError("give --scope or --no-scopes, not both")
+    if args.scopes is not None or args.no_scopes:
+        changes["scopes"] = args.scopes or []
+    if args.name is not None:
+        changes["name"] = args.name
+    if args.metadata is not None and args.no_metadata:
+        raise CommandError("give --metadata or --no-metadata, not both")
+    if args.metadata is not None or args.no_metadata:
+        changes["metadata"] = _metadata(args.metadata or [])
+    if _pick(args, "expires_in", "no_expiry", "expires-in"):
+        if args.no_expiry:
+            changes["expires_at"] = None
+        else:
+            changes["expires_in"] = args.expires_in
+    if _pick(args, "ip_allow", "no_ip_allow", "ip-allow"):
+        changes["ip_allowlist"] = args.ip_allow or []
+    limits = _limit_changes(args, required=not changes)
+    changes.update({k: v for k, v in limits.items() if v is not UNCHANGED})
+    return changes
+
+
+def _limit_changes(args: argparse.Namespace, *, required: bool = True) -> dict[str, Any]:
+    """``KeyManager.update`` limit arguments from the ``update`` options; one line if none
+    of the ``update`` options was given."""
     if args.no_rate_limit and args.rate_limit is not None:
         raise CommandError("give --rate-limit or --no-rate-limit, not both")
     if args.no_quota and (args.quota is not None or args.quota_refill is not None):
@@ -339,10 +498,11 @@ def _limit_changes(args: argparse.Namespace) -> dict[str, Any]:
         changes["quota"] = args.quota
     if args.quota_refill is not None:
         changes["quota_refill"] = args.quota_refill
-    if not changes:
+    if not changes and required:
         raise CommandError(
-            "nothing to update: give --rate-limit, --no-rate-limit, --quota, --quota-refill"
-            " or --no-quota"
+            "nothing to update: give --scope, --name, --metadata, --expires-in, --no-expiry,"
+            " --ip-allow, --no-ip-allow, --rate-limit, --quota, --quota-refill or a --no-…"
+            " option"
         )
     return {name: changes.get(name, UNCHANGED) for name in ("rate_limit", "quota", "quota_refill")}
 
@@ -351,6 +511,8 @@ def _run_command(args: argparse.Namespace, url: str) -> int:
     command: str = args.command
 
     async def work(manager: KeyManager) -> int:
+        if getattr(args, "actor", None) is not None:
+            manager.actor = args.actor
         if command == "init":
             _err(f"keystile: {manager.store.display_url} is ready")
         elif command == "create":
@@ -364,16 +526,17 @@ def _run_command(args: argparse.Namespace, url: str) -> int:
                 rate_limit=args.rate_limit,
                 quota=args.quota,
                 quota_refill=args.quota_refill,
+                ip_allowlist=args.ip_allow,
             )
             _print_created(created, args.json, "Created")
         elif command == "list":
-            records = await manager.list(args.owner)
+            records = await (manager.list_all() if args.all else manager.list(args.owner))
             if args.json:
                 _out(json.dumps([r.to_public_dict() for r in records], indent=2))
             elif records:
-                _table(records)
+                _table(records, owners=args.all)
             else:
-                _err(f"no keys for owner {args.owner!r}")
+                _err("no keys" if args.all else f"no keys for owner {args.owner!r}")
         elif command == "show":
             record = await manager.get(args.key_id, owner=args.owner)
             if args.json:
@@ -381,11 +544,35 @@ def _run_command(args: argparse.Namespace, url: str) -> int:
             else:
                 _show(record)
         elif command == "update":
-            record = await manager.update(args.key_id, owner=args.owner, **_limit_changes(args))
+            record = await manager.update(args.key_id, owner=args.owner, **_update_changes(args))
             if args.json:
                 _out(json.dumps(record.to_public_dict(), indent=2))
             else:
-                _err(f"updated key {record.id}: {_limits_text(record)}")
+                _err(
+                    f"updated key {record.id} ({record.name!r}): scopes"
+                    f" {', '.join(record.scopes) or '-'}; expires"
+                    f" {record.expires_at.isoformat() if record.expires_at else 'never'};"
+                    f" IP allowlist {', '.join(record.ip_allowlist) or '-'};"
+                    f" {_limits_text(record)}"
+                )
+        elif command in ("disable", "enable"):
+            switch = manager.disable if command == "disable" else manager.enable
+            record = await switch(args.key_id, owner=args.owner)
+            if args.json:
+                _out(json.dumps(record.to_public_dict(), indent=2))
+            else:
+                _err(f"key {record.id} is {record.status()}")
+        elif command == "events":
+            if args.prune_older_than is not None:
+                pruned = await manager.prune_events(older_than=args.prune_older_than)
+                _err(
+                    f"pruned {pruned} event(s) older than {format_duration(args.prune_older_than)}"
+                )
+            else:
+                events = await manager.events(
+                    owner=args.owner, key_id=args.key, since=args.since, limit=args.limit or None
+                )
+                _events(events, args.json)
         elif command == "revoke":
             await manager.get(args.key_id, owner=args.owner)  # KeyNotFound: not that owner's
             if await manager.revoke(args.key_id, owner=args.owner):
@@ -398,7 +585,11 @@ def _run_command(args: argparse.Namespace, url: str) -> int:
             if not args.json:
                 _err(f"The old key {args.key_id} keeps working until the grace period ends.")
         elif command == "reap":
-            records = await manager.reap(unused_for=args.unused_for, dry_run=args.dry_run)
+            records = await manager.reap(
+                unused_for=args.unused_for,
+                dry_run=args.dry_run,
+                include_disabled=args.include_disabled,
+            )
             if args.json:
                 _out(json.dumps([r.to_public_dict() for r in records], indent=2))
             else:

@@ -8,6 +8,7 @@
     │   ├── InvalidRequest          400 ``invalid_request``: conflicting or empty credentials
     │   ├── InvalidToken            401 ``invalid_token``: any key that is not valid
     │   ├── InsufficientScope       403 ``insufficient_scope``
+    │   ├── IPNotAllowed            403 ``ip_not_allowed``: client outside the key's allowlist
     │   ├── ServiceUnavailable      503 with ``Retry-After``: store down or argon2 guard saturated
     │   └── TooManyRequests         429: a verified key is over its usage limits
     │       ├── RateLimited         ``rate_limited``, with ``Retry-After`` and ``RateLimit`` fields
@@ -22,9 +23,9 @@
 
 ``AuthenticationError.reason`` is a stable machine code used for counters and logs;
 ``description`` is the only text that reaches a client. For ``InvalidToken`` every
-reason except ``expired`` and ``revoked`` shares one description, so a caller who does
-not hold the secret cannot tell an unknown key from a wrong secret; ``expired`` and
-``revoked`` are only raised after the secret has been proven.
+reason except ``expired``, ``revoked`` and ``disabled`` shares one description, so a
+caller who does not hold the secret cannot tell an unknown key from a wrong secret;
+those three are only raised after the secret has been proven.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ __all__ = [
     "AuthenticationError",
     "ConfigurationError",
     "DuplicateKeyName",
+    "IPNotAllowed",
     "InsufficientScope",
     "InvalidKeyName",
     "InvalidRequest",
@@ -89,7 +91,8 @@ class InvalidToken(AuthenticationError):
     """A presented key that is not valid.
 
     Reasons: ``malformed``, ``bad_checksum``, ``unknown``, ``wrong_secret`` (all with the
-    same public description), ``expired`` and ``revoked`` (secret proven first).
+    same public description), ``expired``, ``revoked`` and ``disabled`` (secret proven
+    first).
     """
 
     status_code = 401
@@ -97,12 +100,13 @@ class InvalidToken(AuthenticationError):
     default_description = "The API key is not valid."
 
     #: Reasons whose description may differ, because the caller proved the secret.
-    DISCLOSABLE: ClassVar[frozenset[str]] = frozenset({"expired", "revoked"})
+    DISCLOSABLE: ClassVar[frozenset[str]] = frozenset({"expired", "revoked", "disabled"})
 
     def __init__(self, reason: str, *, source: str | None = None) -> None:
         description = {
             "expired": "The API key has expired.",
             "revoked": "The API key has been revoked.",
+            "disabled": "The API key has been disabled.",
         }.get(reason)
         super().__init__(reason, description, source=source)
 
@@ -116,6 +120,19 @@ class InsufficientScope(AuthenticationError):
         self.required = required
         self.missing = missing
         super().__init__("insufficient_scope", f"Missing scope: {' '.join(missing)}.")
+
+
+class IPNotAllowed(AuthenticationError):
+    """A verified key used from a client address outside its IP allowlist (or from no
+    known address). Only raised after the key was verified, so it tells nothing to a
+    caller who does not hold the secret."""
+
+    status_code = 403
+    error = "ip_not_allowed"
+    default_description = "The API key may not be used from this address."
+
+    def __init__(self, *, source: str | None = None) -> None:
+        super().__init__("ip_not_allowed", source=source)
 
 
 class ServiceUnavailable(AuthenticationError):

@@ -11,8 +11,12 @@ The rules users learned the hard way live here, so every caller gets them:
 * a key is rotated at most once: its successor keeps its prefix and its lifetime;
 * key ids may be given as shown (``ks_AbC123def456…``);
 * usage limits live with the key: ``rate_limit`` (``10/second``…), ``quota`` uses,
-  refilled every ``quota_refill``; ``update`` changes them on a live key, and every
-  running process hears of it as of a revocation;
+  refilled every ``quota_refill``;
+* ``update`` changes a live key (scopes, name, metadata, expiry, IP allowlist, limits)
+  without changing its secret, and every running process hears of it as of a
+  revocation; ``disable`` and ``enable`` switch a key off and on again;
+* every change is recorded, in its own transaction, as an audit event naming its actor
+  (``KeyManager(actor=...)``, or ``actor=`` per call); ``events`` reads them back;
 * the plaintext key is returned exactly once, by ``create`` and ``rotate``.
 """
 
@@ -45,10 +49,10 @@ from .errors import (
 )
 from .hashing import DEFAULT_PARAMETERS, Argon2Parameters, SecretHasher
 from .limits import normalize_rate_limit, quota_changes
-from .principal import APIKeyUser
+from .principal import APIKeyUser, normalize_cidrs
 from .responses import WEBSOCKET_TRY_AGAIN_LATER, KeystileHTTPException
 from .stores import store_from_url
-from .stores.base import KeyRecord, KeyStore, utcnow
+from .stores.base import SYSTEM_ACTOR, KeyEvent, KeyRecord, KeyStore, utcnow
 from .tokens import DEFAULT_PREFIX, generate_key, normalize_key_id, redact, validate_prefix
 
 __all__ = [
@@ -163,6 +167,24 @@ def validate_refill(refill: timedelta | str | None) -> timedelta | None:
     return refill
 
 
+def validate_ip_allowlist(cidrs: Iterable[str] | None) -> tuple[str, ...]:
+    """IPv4/IPv6 CIDRs as stored (normalised, host bits zero), or ``KeyManagementError``.
+    ``None`` or empty: no allowlist (any address)."""
+    if cidrs is None:
+        return ()
+    try:
+        return normalize_cidrs(cidrs)
+    except ValueError as exc:
+        raise KeyManagementError(f"ip_allowlist: {exc}") from None
+
+
+def validate_actor(actor: str) -> str:
+    """An audit actor: 1-255 printable characters (``alice@example.com``, ``cli:ops@host``)."""
+    if not isinstance(actor, str) or not 1 <= len(actor) <= 255 or not actor.isprintable():
+        raise KeyManagementError("actor must be 1-255 printable characters")
+    return actor
+
+
 def validate_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
     """A plain JSON copy of ``metadata`` (mappings become dicts, tuples lists), or
     ``KeyManagementError`` naming the first offending place.
@@ -238,11 +260,14 @@ class KeyManager:
         prefix: str = DEFAULT_PREFIX,
         argon2: Argon2Parameters = DEFAULT_PARAMETERS,
         default_expires_in: timedelta | None = None,
+        actor: str = SYSTEM_ACTOR,
     ) -> None:
         self.store = store
         self.prefix = validate_prefix(prefix)
         self.hasher = SecretHasher(argon2)
         self.default_expires_in = default_expires_in
+        #: Who changes are attributed to in the audit log unless a call names someone.
+        self.actor = validate_actor(actor)
 
     @classmethod
     def from_url(cls, database_url: str | None = None, **options: Any) -> KeyManager:
@@ -283,18 +308,24 @@ class KeyManager:
         rate_limit: str | None = None,
         quota: int | None = None,
         quota_refill: timedelta | str | None = None,
+        ip_allowlist: Iterable[str] | None = None,
+        actor: str | None = None,
     ) -> CreatedKey:
         """Mint a key. Raises ``DuplicateKeyName`` if ``(owner, name)`` already has an
-        active key, unless ``replace=True`` (then the old key is revoked atomically).
+        active (or disabled) key, unless ``replace=True`` (then the old key is revoked
+        atomically).
 
         ``rate_limit`` (``"10/second"``, ``"100/minute"``, ``"1000/hour"``, ``"N/day"``)
         and ``quota`` (uses, refilled every ``quota_refill``, e.g. ``"1d"``) are the key's
-        usage limits, enforced by the middleware after the key is verified."""
+        usage limits, enforced by the middleware after the key is verified;
+        ``ip_allowlist`` (CIDRs) the addresses it may be used from."""
         if expires_at is not None and expires_in is not None:
             raise KeyManagementError("give expires_at or expires_in, not both")
         now = utcnow()
         expires_at = self._expiry(now, expires_at, expires_in)
         limits = self._limits(rate_limit, quota, quota_refill, now)
+        allowlist = validate_ip_allowlist(ip_allowlist)
+        who = self._actor(actor)
         record, plaintext = await self._mint(
             owner=validate_owner(owner),
             name=validate_name(name),
@@ -304,14 +335,18 @@ class KeyManager:
             expires_at=expires_at,
             now=now,
         )
-        record = dataclasses.replace(record, **limits)
-        await self.store.insert(record, replace=replace)
+        record = dataclasses.replace(record, ip_allowlist=allowlist, **limits)
+        await self.store.insert(record, replace=replace, actor=who)
         stored = await self.store.get(record.id)
         return CreatedKey(plaintext, stored or record)
 
     async def list(self, owner: str) -> builtins.list[KeyRecord]:
         """Every key of ``owner``, oldest first, revoked and expired ones included."""
         return await self.store.list_keys(owner)
+
+    async def list_all(self) -> builtins.list[KeyRecord]:
+        """Every owner's keys (by owner, then oldest first): for operators."""
+        return await self.store.list_all()
 
     async def get(self, key_id: str, *, owner: str) -> KeyRecord:
         """``owner``'s key by its id or display form (``ks_AbC123def456…``)."""
@@ -321,32 +356,123 @@ class KeyManager:
             raise KeyNotFound(f"no key {key_id!r} for owner {owner!r}")
         return record
 
-    async def revoke(self, key_id: str, *, owner: str) -> bool:
+    async def revoke(self, key_id: str, *, owner: str, actor: str | None = None) -> bool:
         """Revoke ``owner``'s key (by id or display form); ``True`` if it was active,
         ``False`` if there was nothing to revoke (already revoked, or no such key of that
-        owner). Idempotent."""
-        return await self.store.revoke(normalize_key_id(key_id), owner, at=utcnow())
+        owner). Idempotent: only a revocation that happened is recorded."""
+        who = self._actor(actor)
+        return await self.store.revoke(normalize_key_id(key_id), owner, at=utcnow(), actor=who)
+
+    async def disable(self, key_id: str, *, owner: str, actor: str | None = None) -> KeyRecord:
+        """Switch ``owner``'s key off until ``enable``: its requests are refused with 401
+        ("The API key has been disabled.", told only to a caller who proved the secret),
+        in every process at once, as after a revocation. Unlike ``revoke`` it can be undone,
+        and the key keeps its name. Disabling a disabled key changes (and records) nothing."""
+        return await self._switch(key_id, owner, utcnow(), actor)
+
+    async def enable(self, key_id: str, *, owner: str, actor: str | None = None) -> KeyRecord:
+        """Switch a disabled key of ``owner`` back on; a no-op (nothing recorded) if it is
+        not disabled. A revoked or expired key stays refused."""
+        return await self._switch(key_id, owner, None, actor)
+
+    async def _switch(
+        self, key_id: str, owner: str, disabled_at: datetime | None, actor: str | None
+    ) -> KeyRecord:
+        who = self._actor(actor)
+        current = await self.get(key_id, owner=owner)
+        if (current.disabled_at is None) == (disabled_at is None):
+            return current
+        updated = await self.store.update(
+            current.id, owner, {"disabled_at": disabled_at}, at=utcnow(), actor=who
+        )
+        if updated is None:
+            raise KeyNotFound(f"no key {current.id!r} for owner {owner!r}")
+        return updated
+
+    async def events(
+        self,
+        *,
+        owner: str | None = None,
+        key_id: str | None = None,
+        since: timedelta | datetime | None = None,
+        limit: int | None = None,
+    ) -> builtins.list[KeyEvent]:
+        """The audit log, oldest first: every change to a key (``created``, ``replaced``,
+        ``rotated``, ``revoked``, ``reaped``, ``updated``, ``disabled``, ``enabled``,
+        ``logout``) with its time, actor and detail. Filtered by owner, key (id or display
+        form) and time (``since``: a moment, or a ``timedelta`` back from now); with
+        ``limit``, the newest ``limit`` events."""
+        if isinstance(since, timedelta):
+            since = utcnow() - since
+        elif since is not None and since.tzinfo is None:
+            raise KeyManagementError("since must be timezone-aware")
+        if limit is not None and limit < 1:
+            raise KeyManagementError("limit must be at least 1")
+        return await self.store.list_events(
+            owner=owner,
+            key_id=normalize_key_id(key_id) if key_id is not None else None,
+            since=since,
+            limit=limit,
+        )
+
+    async def prune_events(self, *, older_than: timedelta) -> int:
+        """Delete audit events older than ``older_than``; returns how many. Events are
+        kept until an operator prunes them."""
+        if older_than < timedelta(0):
+            raise KeyManagementError("older_than must not be negative")
+        return await self.store.prune_events(before=utcnow() - older_than)
 
     async def update(
         self,
         key_id: str,
         *,
         owner: str,
+        scopes: Iterable[str] | _Unchanged = UNCHANGED,
+        name: str | _Unchanged = UNCHANGED,
+        metadata: Mapping[str, Any] | _Unchanged | None = UNCHANGED,
+        expires_at: datetime | _Unchanged | None = UNCHANGED,
+        expires_in: timedelta | _Unchanged = UNCHANGED,
+        ip_allowlist: Iterable[str] | _Unchanged | None = UNCHANGED,
         rate_limit: str | _Unchanged | None = UNCHANGED,
         quota: int | _Unchanged | None = UNCHANGED,
         quota_refill: timedelta | str | _Unchanged | None = UNCHANGED,
+        actor: str | None = None,
     ) -> KeyRecord:
         """Change ``owner``'s key (by id or display form) without changing its secret;
         returns it as updated. Every running middleware hears of the change as of a
         revocation (at once in this process, by NOTIFY on Postgres, by the change log on
-        SQLite) and applies it to the key's next request.
+        SQLite) and applies it to the key's next request. The change and its ``updated``
+        audit event (the fields set and their new values) are one transaction.
 
-        Each field is left as it is unless given; ``None`` clears it. A new ``quota``
-        starts full (its period, for ``quota_refill``, starts now); ``quota=None`` removes
-        the quota and its refill. Raises ``KeyNotFound`` for an unknown id or another
-        owner's key."""
+        Each field is left as it is unless given. ``scopes`` and ``metadata`` replace the
+        key's own (``metadata=None``: empty); ``name`` keeps the no-sprawl rule (another
+        key of ``owner`` holding that name: ``DuplicateKeyName``); ``expires_at=None``
+        removes the expiry, ``expires_in`` sets it from now; ``ip_allowlist`` (IPv4/IPv6
+        CIDRs) replaces the allowlist, ``None`` or ``[]`` removes it. ``rate_limit=None``
+        clears it; a new ``quota`` starts full (its period, for ``quota_refill``, starts
+        now); ``quota=None`` removes the quota and its refill. Raises ``KeyNotFound`` for
+        an unknown id or another owner's key."""
         key_id = normalize_key_id(key_id)
+        who = self._actor(actor)
         changes: dict[str, Any] = {}
+        if not isinstance(scopes, _Unchanged):
+            changes["scopes"] = validate_scopes(scopes)
+        if not isinstance(name, _Unchanged):
+            changes["name"] = validate_name(name)
+        if not isinstance(metadata, _Unchanged):
+            changes["metadata"] = validate_metadata(metadata)
+        if not isinstance(expires_at, _Unchanged) and not isinstance(expires_in, _Unchanged):
+            raise KeyManagementError("give expires_at or expires_in, not both")
+        if not isinstance(expires_at, _Unchanged):
+            changes["expires_at"] = (
+                None if expires_at is None else self._expiry(utcnow(), expires_at, None)
+            )
+        if not isinstance(expires_in, _Unchanged):
+            if not isinstance(expires_in, timedelta):
+                raise KeyManagementError("expires_in must be a timedelta")
+            changes["expires_at"] = self._expiry(utcnow(), None, expires_in)
+        if not isinstance(ip_allowlist, _Unchanged):
+            changes["ip_allowlist"] = validate_ip_allowlist(ip_allowlist)
         if not isinstance(rate_limit, _Unchanged):
             changes["rate_limit"] = validate_rate_limit(rate_limit)
         if not isinstance(quota, _Unchanged) or not isinstance(quota_refill, _Unchanged):
@@ -368,13 +494,18 @@ class KeyManager:
                     changes["quota_reset_at"] = now
             else:
                 changes.update(quota_changes(new_quota, refill, now))
-        updated = await self.store.update(key_id, owner, changes, at=utcnow())
+        updated = await self.store.update(key_id, owner, changes, at=utcnow(), actor=who)
         if updated is None:
             raise KeyNotFound(f"no key {key_id!r} for owner {owner!r}")
         return updated
 
     async def rotate(
-        self, key_id: str, *, owner: str, grace: timedelta = DEFAULT_ROTATION_GRACE
+        self,
+        key_id: str,
+        *,
+        owner: str,
+        grace: timedelta = DEFAULT_ROTATION_GRACE,
+        actor: str | None = None,
     ) -> CreatedKey:
         """Mint a successor with the same owner, name, prefix, scopes and metadata; the old
         key keeps working for ``grace`` and then expires. Returns the new plaintext once.
@@ -382,11 +513,12 @@ class KeyManager:
         The successor lives as long as the old key was meant to (``expires_at -
         created_at``, counted from now), or ``default_expires_in`` if the old key had no
         expiry. A key is rotated once: rotating it again, even concurrently, raises
-        ``KeyAlreadyRotated`` (rotate its successor instead); a revoked or expired key
-        raises ``KeyNotFound``.
+        ``KeyAlreadyRotated`` (rotate its successor instead); a revoked, expired or
+        disabled key raises ``KeyNotFound``. The successor keeps the IP allowlist.
         """
         if grace < timedelta(0):
             raise KeyManagementError("grace must not be negative")
+        who = self._actor(actor)
         old = await self.get(key_id, owner=owner)
         self._check_rotatable(old, owner)
         now = utcnow()
@@ -409,8 +541,11 @@ class KeyManager:
             quota_remaining=old.quota_left(now),
             quota_refill=old.quota_refill,
             quota_reset_at=old.quota_reset_at,
+            ip_allowlist=old.ip_allowlist,
         )
-        updated = await self.store.rotate(old.id, owner, successor, grace_until=grace_until)
+        updated = await self.store.rotate(
+            old.id, owner, successor, grace_until=grace_until, actor=who
+        )
         if updated is None:
             # Changed since it was read (a concurrent rotation, revoke or expiry):
             # read it again to say which.
@@ -420,14 +555,31 @@ class KeyManager:
         return CreatedKey(plaintext, stored or successor)
 
     async def reap(
-        self, *, unused_for: timedelta = timedelta(days=90), dry_run: bool = False
+        self,
+        *,
+        unused_for: timedelta = timedelta(days=90),
+        dry_run: bool = False,
+        include_disabled: bool = False,
+        actor: str | None = None,
     ) -> builtins.list[KeyRecord]:
         """Revoke keys unused (by ``last_used_at``, else ``created_at``) for longer than
-        ``unused_for``, and expired keys. Returns them; ``dry_run`` changes nothing."""
+        ``unused_for``, and expired keys. Returns them; ``dry_run`` changes nothing.
+
+        Disabled keys are left alone (an operator switched them off on purpose, and
+        they are unused for that reason) unless ``include_disabled``."""
         now = utcnow()
-        return await self.store.reap(unused_since=now - unused_for, at=now, dry_run=dry_run)
+        return await self.store.reap(
+            unused_since=now - unused_for,
+            at=now,
+            dry_run=dry_run,
+            include_disabled=include_disabled,
+            actor=self._actor(actor),
+        )
 
     # -- helpers ---------------------------------------------------------------------
+
+    def _actor(self, actor: str | None) -> str:
+        return self.actor if actor is None else validate_actor(actor)
 
     def _expiry(
         self, now: datetime, expires_at: datetime | None, expires_in: timedelta | None
@@ -521,6 +673,7 @@ async def revoke_presented(conn: HTTPConnection) -> bool:
     """Revoke the key that authenticated this request (logout).
 
     Returns whether a key was revoked. Needs ``APIKeyMiddleware`` in front of the route.
+    The audit log records it as ``logout`` by ``apikey:<name>`` (the key itself).
 
     The key leaves this process's cache first, so its next request here reaches the
     store whatever happens next. If the store cannot record the revocation, the key
@@ -535,7 +688,9 @@ async def revoke_presented(conn: HTTPConnection) -> bool:
         return False
     middleware.evict(user.key_id)
     try:
-        revoked: bool = await middleware.store.revoke(user.key_id, user.owner, at=utcnow())
+        revoked: bool = await middleware.store.revoke(
+            user.key_id, user.owner, at=utcnow(), actor=user.display_name, action="logout"
+        )
     except StoreError as exc:
         logger.warning("keystile: could not record the logout of key %s: %s", user.redacted, exc)
         if conn.scope["type"] == "websocket":

@@ -32,7 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .cache import CachedKey
 from .config import resolve_database_url
 from .credentials import check_single_token, split_credential, without_credentials
-from .errors import AuthenticationError, MissingCredentials, ServiceUnavailable
+from .errors import AuthenticationError, IPNotAllowed, MissingCredentials, ServiceUnavailable
 from .hashing import DEFAULT_PARAMETERS, Argon2Parameters, SecretHasher
 from .limits import DEFAULT_RATE_LIMIT_STORAGE, LimitEnforcer, OnError, send_with_headers
 from .responses import WEBSOCKET_POLICY_VIOLATION, error_code, error_response
@@ -271,6 +271,13 @@ class APIKeyMiddleware:
                     return
         user = scope["user"] = entry.user
         scope["auth"] = AuthCredentials(entry.auth_scopes)
+        # The key's IP allowlist, parsed when it was cached: no store access here, and
+        # a key without one pays this attribute check alone. scope["client"] is what the
+        # server says (behind a proxy, its proxy-header handling); never X-Forwarded-For.
+        allowlist = user.ip_allowlist
+        if allowlist is not None and not allowlist.allows(scope.get("client")):
+            await self._deny(IPNotAllowed(), scope, receive, send)
+            return
         if user.limits is not None or self._limit_every_key:
             limits = self.limits
             refusal = await limits.acheck(user) if limits.is_async else limits.check(user)
@@ -314,11 +321,15 @@ class APIKeyMiddleware:
             if entry is not None:
                 user = entry.user
                 limits = self.limits
-                refusal = None
-                if user.limits is not None or self._limit_every_key:
+                refusal: AuthenticationError | None = None
+                allowlist = user.ip_allowlist
+                if allowlist is not None and not allowlist.allows(scope.get("client")):
+                    refusal = IPNotAllowed()
+                elif user.limits is not None or self._limit_every_key:
                     refusal = await limits.acheck(user) if limits.is_async else limits.check(user)
                 if refusal is not None:
-                    # An exempt path never refuses: over its limits, the key goes on unseen.
+                    # An exempt path never refuses: over its limits, or from outside its
+                    # IP allowlist, the key goes on unseen.
                     self.verifier.counters.rejects[refusal.reason] += 1
                 else:
                     scope["user"] = user

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import ipaddress
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 from types import MappingProxyType
 from typing import Any
@@ -13,7 +14,82 @@ from .limits import LimitPolicy
 from .stores.base import KeyRecord
 from .tokens import redact
 
-__all__ = ["APIKeyUser"]
+__all__ = ["APIKeyUser", "IPAllowlist", "normalize_cidrs"]
+
+_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def normalize_cidrs(cidrs: Iterable[str]) -> tuple[str, ...]:
+    """``cidrs`` as stored: each an IPv4 or IPv6 network (a bare address is a /32 or
+    /128), normalised, duplicates dropped; ``ValueError`` naming the first bad one.
+
+    Host bits must be zero (``10.0.0.0/8``, not ``10.1.2.3/8``): an allowlist that
+    silently widened what the operator typed would be a worse surprise than an error."""
+    if isinstance(cidrs, str):
+        raise ValueError("an IP allowlist is a list of CIDRs, not one string")
+    result: list[str] = []
+    for cidr in cidrs:
+        if not isinstance(cidr, str):
+            raise ValueError(f"invalid CIDR {cidr!r}: give a string such as '10.0.0.0/8'")
+        try:
+            network = ipaddress.ip_network(cidr.strip(), strict=True)
+        except ValueError as exc:
+            raise ValueError(f"invalid CIDR {cidr!r}: {exc}") from None
+        text = str(network)
+        if text not in result:
+            result.append(text)
+    return tuple(result)
+
+
+class IPAllowlist:
+    """A key's IP allowlist, parsed once when the key is cached, checked on every request.
+
+    ``allows`` remembers its decision per client host (at most ``MEMO_SIZE`` hosts, then
+    it starts over), so a client's repeated requests cost one dict lookup; a new host
+    costs one ``ipaddress`` parse. The decision depends on the allowlist alone, so one
+    instance is safely shared by every request made with the key. An IPv4-mapped IPv6
+    address (``::ffff:10.1.2.3``) is checked as the IPv4 address it carries.
+    """
+
+    __slots__ = ("_seen", "_v4", "_v6", "cidrs")
+
+    MEMO_SIZE = 4096
+
+    def __init__(self, cidrs: Iterable[str]) -> None:
+        self.cidrs = normalize_cidrs(cidrs)
+        networks: list[_Network] = [ipaddress.ip_network(c) for c in self.cidrs]
+        self._v4 = tuple(n for n in networks if n.version == 4)
+        self._v6 = tuple(n for n in networks if n.version == 6)
+        self._seen: dict[str, bool] = {}
+
+    def allows(self, client: Any) -> bool:
+        """Whether ``client`` (ASGI ``scope["client"]``: ``(host, port)`` or ``None``) is
+        inside the allowlist. No client, or a host that is not an IP address: refused."""
+        if client is None:
+            return False
+        host = client[0]
+        decision = self._seen.get(host) if isinstance(host, str) else False
+        if decision is None:
+            decision = self._decide(host)
+            if len(self._seen) >= self.MEMO_SIZE:
+                self._seen.clear()
+            self._seen[host] = decision
+        return decision
+
+    def _decide(self, host: str) -> bool:
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address):
+            mapped = address.ipv4_mapped
+            if mapped is not None and any(mapped in n for n in self._v4):
+                return True
+            return any(address in n for n in self._v6)
+        return any(address in n for n in self._v4)
+
+    def __repr__(self) -> str:
+        return f"IPAllowlist({list(self.cidrs)!r})"
 
 
 def _frozen(value: Any) -> Any:
@@ -36,7 +112,17 @@ class APIKeyUser(BaseUser):
     requests are granted.
     """
 
-    __slots__ = ("expires_at", "key_id", "limits", "metadata", "name", "owner", "prefix", "scopes")
+    __slots__ = (
+        "expires_at",
+        "ip_allowlist",
+        "key_id",
+        "limits",
+        "metadata",
+        "name",
+        "owner",
+        "prefix",
+        "scopes",
+    )
 
     def __init__(
         self,
@@ -49,7 +135,10 @@ class APIKeyUser(BaseUser):
         prefix: str = "ks",
         expires_at: datetime | None = None,
         limits: LimitPolicy | None = None,
+        ip_allowlist: IPAllowlist | Iterable[str] | None = None,
     ) -> None:
+        if ip_allowlist is not None and not isinstance(ip_allowlist, IPAllowlist):
+            ip_allowlist = IPAllowlist(ip_allowlist)
         init = object.__setattr__
         init(self, "key_id", key_id)
         init(self, "owner", owner)
@@ -59,6 +148,7 @@ class APIKeyUser(BaseUser):
         init(self, "prefix", prefix)
         init(self, "expires_at", expires_at)
         init(self, "limits", limits)
+        init(self, "ip_allowlist", ip_allowlist if ip_allowlist and ip_allowlist.cidrs else None)
 
     key_id: str
     owner: str
@@ -70,6 +160,9 @@ class APIKeyUser(BaseUser):
     #: The key's rate limit and quota, precomputed from its record (``None``: no limit of
     #: its own), so the request path pays one attribute check for an unlimited key.
     limits: LimitPolicy | None
+    #: The key's IP allowlist, parsed, or ``None`` (any address): the request path pays
+    #: one attribute check for a key without one.
+    ip_allowlist: IPAllowlist | None
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(f"APIKeyUser is immutable: cannot set {name!r}")
@@ -88,6 +181,7 @@ class APIKeyUser(BaseUser):
             prefix=record.prefix,
             expires_at=record.expires_at,
             limits=LimitPolicy.from_record(record),
+            ip_allowlist=IPAllowlist(record.ip_allowlist) if record.ip_allowlist else None,
         )
 
     @property

@@ -4,6 +4,8 @@
 * a key that is not valid: 401 ``error="invalid_token"``;
 * a malformed request: 400 ``error="invalid_request"``;
 * a missing scope: 403 ``error="insufficient_scope"`` with ``scope="…"``;
+* a verified key used from outside its IP allowlist: 403 ``ip_not_allowed``, no challenge
+  (the key is valid; another key would not help);
 * the store down or the argon2 guard full: 503 with ``Retry-After``;
 * a verified key over its limits: 429 ``rate_limited`` (with ``Retry-After`` and the IETF
   ``RateLimit-Policy``/``RateLimit`` fields) or ``quota_exceeded`` (``Retry-After`` only
@@ -28,6 +30,7 @@ from starlette.responses import JSONResponse, Response
 from .errors import (
     AuthenticationError,
     InsufficientScope,
+    IPNotAllowed,
     QuotaExceeded,
     RateLimited,
     ServiceUnavailable,
@@ -46,7 +49,7 @@ def _quote(value: str) -> str:
 
 
 def www_authenticate(exc: AuthenticationError, realm: str) -> str | None:
-    if isinstance(exc, (ServiceUnavailable, TooManyRequests)):
+    if isinstance(exc, (ServiceUnavailable, TooManyRequests, IPNotAllowed)):
         return None
     params = [f"realm={_quote(realm)}"]
     if exc.error is not None:
@@ -87,6 +90,8 @@ def error_response(exc: AuthenticationError, *, realm: str, header_name: str) ->
             body["retry_after"] = exc.retry_after
             headers["Retry-After"] = str(exc.retry_after)
         headers.update(exc.headers)
+    elif isinstance(exc, IPNotAllowed):
+        pass  # the key was sent right; the address is what is refused
     else:
         body["hint"] = f"Send the key as 'Authorization: Bearer <key>' or '{header_name}: <key>'."
     challenge = www_authenticate(exc, realm)

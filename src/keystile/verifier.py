@@ -180,7 +180,9 @@ class Verifier:
         #: Wall clock (expiry) and monotonic clock (TTLs); tests may replace them.
         self.clock = clock
         self.monotonic = monotonic
-        self._negative: TTLCache[bytes, str] | None = (
+        #: Recently refused tokens: the reason, and for a reason decided by the key's state
+        #: (expired, disabled, revoked) its key id, so a change of that key forgets it.
+        self._negative: TTLCache[bytes, tuple[str, str | None]] | None = (
             TTLCache(maxsize=negative_max_size, ttl=negative_ttl, timer=lambda: self.monotonic())
             if negative_ttl > 0 and negative_max_size > 0
             else None
@@ -252,10 +254,10 @@ class Verifier:
     async def _verify_miss(self, token: bytes, digest: bytes) -> CachedKey:
         parsed = parse_key(token)
         if self._negative is not None:
-            reason = self._negative.get(digest)
-            if reason is not None:
+            remembered = self._negative.get(digest)
+            if remembered is not None:
                 self.counters.negative_hits += 1
-                raise InvalidToken(reason)
+                raise InvalidToken(remembered[0])
         return await self._flights.run(digest, lambda: self._prove(parsed, digest))
 
     async def _prove(self, parsed: ParsedKey, digest: bytes) -> CachedKey:
@@ -285,7 +287,7 @@ class Verifier:
             raise self._remember(digest, "unknown")
         status = settled.status(datetime.fromtimestamp(self.clock(), timezone.utc))
         if status != "active":
-            raise self._remember(digest, status)
+            raise self._remember(digest, status, settled.id)
         entry = self._entry(settled)
         if settled_epoch is not None:
             self.cache.insert(digest, entry, now=entry.checked_at, epoch=settled_epoch)
@@ -357,7 +359,8 @@ class Verifier:
         self.counters.state_refreshes += 1
         fresh = self._apply(entry, record, epoch)
         if fresh is None:
-            raise InvalidToken("revoked")
+            disabled = record is not None and record.revoked_at is None
+            raise InvalidToken("disabled" if disabled else "revoked")
         return fresh
 
     # -- background work ------------------------------------------------------------
@@ -379,13 +382,26 @@ class Verifier:
         return self.cache.evict_idle(self.monotonic() - self.cache_idle)
 
     def on_change(self, key_id: str | None) -> None:
-        """A store listener: evict a key whose state changed, or everything (``None``)."""
+        """A store listener: evict a key whose state changed, or everything (``None``).
+
+        Refusals remembered for that key's state (expired, disabled) are forgotten too:
+        an ``enable`` or a new expiry must take effect at once, not after ``negative_ttl``.
+        """
         if key_id is None:
             self.counters.cache_resets += 1
             self.cache.clear()
         else:
             self.counters.revocation_events += 1
             self.cache.evict(key_id)
+        negative = self._negative
+        if negative:
+            stale = [
+                digest
+                for digest, (_, owner_id) in list(negative.items())
+                if owner_id is not None and (key_id is None or owner_id == key_id)
+            ]
+            for digest in stale:
+                negative.pop(digest, None)
 
     # -- helpers --------------------------------------------------------------------
 
@@ -410,9 +426,9 @@ class Verifier:
         except StoreError as exc:
             logger.warning("keystile: could not upgrade the hash of key %s: %s", record.id, exc)
 
-    def _remember(self, digest: bytes, reason: str) -> InvalidToken:
+    def _remember(self, digest: bytes, reason: str, key_id: str | None = None) -> InvalidToken:
         if self._negative is not None:
-            self._negative[digest] = reason
+            self._negative[digest] = (reason, key_id)
         return InvalidToken(reason)
 
     def _expired(self, entry: CachedKey) -> bool:
@@ -428,7 +444,7 @@ class Verifier:
         A key evicted since ``epoch`` keeps what the eviction left (nothing, or state
         read after it): the record in hand may predate the change.
         """
-        if record is None or record.revoked_at is not None:
+        if record is None or record.revoked_at is not None or record.disabled_at is not None:
             self.cache.evict(entry.key_id)
             return None
         fresh = self._entry(record)

@@ -6,11 +6,18 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ..errors import ConfigurationError
-from .base import KeyRecord, KeyStore
+from .base import KeyEvent, KeyRecord, KeyStore
 from .memory import MemoryKeyStore
 from .sqlite import SQLiteKeyStore
 
-__all__ = ["KeyRecord", "KeyStore", "MemoryKeyStore", "SQLiteKeyStore", "store_from_url"]
+__all__ = [
+    "KeyEvent",
+    "KeyRecord",
+    "KeyStore",
+    "MemoryKeyStore",
+    "SQLiteKeyStore",
+    "store_from_url",
+]
 
 
 def store_from_url(url: str, **options: Any) -> KeyStore:

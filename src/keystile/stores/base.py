@@ -9,6 +9,7 @@ on SQLite) can evict them.
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -16,19 +17,49 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol, runtime_checkable
 
 __all__ = [
+    "EVENT_ACTIONS",
     "LIMIT_FIELDS",
+    "SYSTEM_ACTOR",
+    "UPDATABLE_FIELDS",
     "ChangeListener",
+    "KeyEvent",
     "KeyRecord",
     "KeyStore",
     "LocalChangeBus",
     "QuotaState",
     "apply_uses",
+    "created_detail",
+    "event_detail",
+    "reaped_detail",
+    "rotated_detail",
+    "update_action",
     "utcnow",
 ]
 
-#: The fields ``KeyStore.update`` may change today (the usage limits).
+#: The usage-limit fields of a key.
 LIMIT_FIELDS = frozenset(
     {"rate_limit", "quota", "quota_remaining", "quota_refill", "quota_reset_at"}
+)
+#: The fields ``KeyStore.update`` may change: everything but the id, the owner, the
+#: secret and the lifecycle links (revocation and rotation have calls of their own).
+UPDATABLE_FIELDS = LIMIT_FIELDS | frozenset(
+    {"name", "scopes", "metadata", "expires_at", "ip_allowlist", "disabled_at"}
+)
+#: Who a change is attributed to when the caller names nobody (the background reaper).
+SYSTEM_ACTOR = "system"
+#: What an audit event can record.
+EVENT_ACTIONS = frozenset(
+    {
+        "created",
+        "replaced",
+        "rotated",
+        "revoked",
+        "reaped",
+        "updated",
+        "disabled",
+        "enabled",
+        "logout",
+    }
 )
 
 
@@ -97,17 +128,32 @@ class KeyRecord:
     #: When ``quota_remaining`` was last set to ``quota`` (created, updated or refilled):
     #: refills fall at this time plus whole multiples of ``quota_refill``.
     quota_reset_at: datetime | None = None
+    #: When the key was disabled (``disable``), or ``None``. Unlike a revocation this is
+    #: reversible (``enable``); a disabled key keeps its name.
+    disabled_at: datetime | None = None
+    #: CIDRs (IPv4 and IPv6, normalised) the key may be used from; empty: anywhere.
+    ip_allowlist: tuple[str, ...] = ()
 
     def status(self, now: datetime | None = None) -> str:
-        """``active``, ``expired`` or ``revoked``."""
+        """``active``, ``disabled``, ``expired`` or ``revoked``."""
         if self.revoked_at is not None:
             return "revoked"
         if self.expires_at is not None and self.expires_at <= (now or utcnow()):
             return "expired"
+        if self.disabled_at is not None:
+            return "disabled"
         return "active"
 
     def is_active(self, now: datetime | None = None) -> bool:
         return self.status(now) == "active"
+
+    def holds_name(self, now: datetime | None = None) -> bool:
+        """Whether the key keeps its ``(owner, name)`` from other keys: neither revoked
+        nor expired. A disabled key holds its name, so enabling it can never make two
+        active keys of one name."""
+        return self.revoked_at is None and (
+            self.expires_at is None or self.expires_at > (now or utcnow())
+        )
 
     def quota_left(self, now: datetime | None = None) -> int | None:
         """Uses left now: ``quota_remaining``, or the full ``quota`` when a refill fell
@@ -161,7 +207,91 @@ class KeyRecord:
                 self.quota_refill.total_seconds() if self.quota_refill is not None else None
             ),
             "quota_next_refill": iso(self.next_refill(now)),
+            "disabled_at": iso(self.disabled_at),
+            "ip_allowlist": list(self.ip_allowlist),
         }
+
+
+@dataclass(frozen=True, slots=True)
+class KeyEvent:
+    """One audit-log entry: a change to a key, written in the change's own transaction.
+
+    ``detail`` is JSON (for ``updated``: the fields set and their new values); it never
+    holds a secret or a hash."""
+
+    at: datetime
+    key_id: str
+    owner: str
+    action: str
+    actor: str
+    detail: Mapping[str, Any] = field(default_factory=dict)
+    #: The store's sequence number: increasing in the order events were written.
+    id: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready, one line per event for a SIEM (``keystile events --json``)."""
+        return {
+            "id": self.id,
+            "at": self.at.isoformat(),
+            "key_id": self.key_id,
+            "owner": self.owner,
+            "action": self.action,
+            "actor": self.actor,
+            "detail": dict(self.detail),
+        }
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    if isinstance(value, (tuple, list)):
+        return [_json_value(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _json_value(v) for k, v in value.items()}
+    return value
+
+
+def event_detail(changes: Mapping[str, Any]) -> dict[str, Any]:
+    """An ``updated`` event's detail: each field set and its new value, as JSON. Never a
+    secret: ``update`` cannot change the hash (``UPDATABLE_FIELDS``)."""
+    detail = {name: _json_value(changes[name]) for name in sorted(changes)}
+    json.dumps(detail)  # fail before the write, not inside it
+    return detail
+
+
+def created_detail(record: KeyRecord, replaces: str | None) -> dict[str, Any]:
+    """A ``created`` event's detail: the new key's public fields."""
+    detail: dict[str, Any] = {
+        "name": record.name,
+        "scopes": list(record.scopes),
+        "expires_at": _json_value(record.expires_at),
+    }
+    if replaces is not None:
+        detail["replaces"] = replaces
+    return detail
+
+
+def rotated_detail(successor: str, expires_at: datetime | None) -> dict[str, Any]:
+    """A ``rotated`` event's detail: the successor and the old key's grace expiry."""
+    return {"replaced_by": successor, "expires_at": _json_value(expires_at)}
+
+
+def reaped_detail(record: KeyRecord, unused_since: datetime) -> dict[str, Any]:
+    """A ``reaped`` event's detail: why the key was reaped."""
+    last = record.last_used_at or record.created_at
+    return {
+        "why": "unused" if last < unused_since else "expired",
+        "last_used_at": _json_value(record.last_used_at),
+    }
+
+
+def update_action(changes: Mapping[str, Any]) -> str:
+    """``disabled``/``enabled`` for a change of ``disabled_at`` alone, else ``updated``."""
+    if set(changes) == {"disabled_at"}:
+        return "enabled" if changes["disabled_at"] is None else "disabled"
+    return "updated"
 
 
 @runtime_checkable
@@ -188,32 +318,63 @@ class KeyStore(Protocol):
 
     async def list_keys(self, owner: str) -> list[KeyRecord]: ...
 
-    async def insert(self, record: KeyRecord, *, replace: bool = False) -> list[str]:
-        """Insert a new key in one transaction.
+    async def list_all(self) -> list[KeyRecord]:
+        """Every owner's keys, by owner then age: for operators, never for a request."""
 
-        If ``(owner, name)`` already has an active key: raise ``DuplicateKeyName``, or
-        with ``replace=True`` revoke those keys (``replaced_by`` = the new id) and return
-        their ids. Two concurrent replaces leave exactly one active key.
+    async def insert(
+        self, record: KeyRecord, *, replace: bool = False, actor: str = SYSTEM_ACTOR
+    ) -> list[str]:
+        """Insert a new key in one transaction, with its ``created`` event.
+
+        If ``(owner, name)`` already has a key holding the name (``holds_name``): raise
+        ``DuplicateKeyName``, or with ``replace=True`` revoke those keys (``replaced_by`` =
+        the new id, a ``replaced`` event each) and return their ids. Two concurrent
+        replaces leave exactly one active key.
         """
 
-    async def revoke(self, key_id: str, owner: str, *, at: datetime) -> bool:
-        """Revoke an active key of ``owner``; ``False`` if there was nothing to revoke."""
+    async def revoke(
+        self,
+        key_id: str,
+        owner: str,
+        *,
+        at: datetime,
+        actor: str = SYSTEM_ACTOR,
+        action: str = "revoked",
+    ) -> bool:
+        """Revoke an unrevoked key of ``owner`` and record ``action`` (``revoked``, or
+        ``logout``) in the same transaction; ``False`` if there was nothing to revoke."""
 
     async def rotate(
-        self, key_id: str, owner: str, successor: KeyRecord, *, grace_until: datetime
+        self,
+        key_id: str,
+        owner: str,
+        successor: KeyRecord,
+        *,
+        grace_until: datetime,
+        actor: str = SYSTEM_ACTOR,
     ) -> KeyRecord | None:
         """Insert ``successor`` and give the old key ``expires_at = min(expires_at,
-        grace_until)`` and ``replaced_by``, in one transaction. Returns the old key as
-        updated, or ``None`` (nothing written) if it is not an active key of ``owner``
-        or already has a successor (``replaced_by`` set).
+        grace_until)`` and ``replaced_by``, in one transaction with a ``rotated`` event
+        (old key) and a ``created`` event (successor). Returns the old key as updated, or
+        ``None`` (nothing written) if it is not an active key of ``owner`` (disabled keys
+        are not) or already has a successor (``replaced_by`` set).
 
         The check and the write are atomic: of two concurrent rotations of one key
         exactly one succeeds, so a name never gets two successors (two live keys without
         a grace expiry). The caller reads the key again to tell the two refusals apart."""
 
-    async def reap(self, *, unused_since: datetime, at: datetime, dry_run: bool) -> list[KeyRecord]:
+    async def reap(
+        self,
+        *,
+        unused_since: datetime,
+        at: datetime,
+        dry_run: bool,
+        include_disabled: bool = False,
+        actor: str = SYSTEM_ACTOR,
+    ) -> list[KeyRecord]:
         """Revoke active keys last used (or, never used, created) before ``unused_since``,
-        and expired keys not yet revoked. Returns them as they were before."""
+        and expired keys not yet revoked, each with a ``reaped`` event. Disabled keys are
+        left alone unless ``include_disabled``. Returns them as they were before."""
 
     async def touch_many(
         self, touches: Mapping[str, datetime], uses: Mapping[str, int] | None = None
@@ -227,14 +388,38 @@ class KeyStore(Protocol):
         so each process learns what the others used."""
 
     async def update(
-        self, key_id: str, owner: str, changes: Mapping[str, Any], *, at: datetime
+        self,
+        key_id: str,
+        owner: str,
+        changes: Mapping[str, Any],
+        *,
+        at: datetime,
+        actor: str = SYSTEM_ACTOR,
     ) -> KeyRecord | None:
         """Change fields of ``owner``'s key in one transaction, without touching its
-        secret, and tell every process (bus, NOTIFY, change log) as a revoke does.
+        secret, record the event (``update_action``: ``updated``, ``disabled`` or
+        ``enabled``, detail ``event_detail(changes)``) and tell every process (bus,
+        NOTIFY, change log) as a revoke does.
 
-        ``changes`` maps ``KeyRecord`` field names (today: ``LIMIT_FIELDS``) to new
-        values, already validated. Returns the key as updated, or ``None`` if ``owner``
-        has no such key (nothing written)."""
+        ``changes`` maps ``UPDATABLE_FIELDS`` to new values, already validated. If the key
+        holds its name after the change and another key of ``owner`` holds that name,
+        raise ``DuplicateKeyName`` (decided atomically, as ``insert`` does) and write
+        nothing. Returns the key as updated, or ``None`` if ``owner`` has no such key
+        (nothing written). An empty ``changes`` writes nothing and returns the key."""
+
+    async def list_events(
+        self,
+        *,
+        owner: str | None = None,
+        key_id: str | None = None,
+        since: datetime | None = None,
+        limit: int | None = None,
+    ) -> list[KeyEvent]:
+        """Audit events, oldest first, filtered by owner, key and time (``at >= since``);
+        with ``limit``, the newest ``limit`` of them."""
+
+    async def prune_events(self, *, before: datetime) -> int:
+        """Delete audit events older than ``before``; returns how many."""
 
     async def update_hash(self, key_id: str, secret_hash: str) -> None: ...
 

@@ -2,6 +2,8 @@
 
 ``memory://`` alone is a fresh store; ``memory://NAME`` is shared by every store opened
 with that name in this process (so a ``KeyManager`` and a middleware can share one).
+Each change and its audit event are written with no ``await`` between them, so they
+happen together or not at all, as a transaction would make them.
 """
 
 from __future__ import annotations
@@ -13,25 +15,62 @@ from datetime import datetime
 from typing import Any
 
 from ..errors import DuplicateKeyName
-from .base import ChangeListener, KeyRecord, LocalChangeBus, QuotaState, apply_uses, utcnow
+from .base import (
+    SYSTEM_ACTOR,
+    UPDATABLE_FIELDS,
+    ChangeListener,
+    KeyEvent,
+    KeyRecord,
+    LocalChangeBus,
+    QuotaState,
+    apply_uses,
+    created_detail,
+    event_detail,
+    reaped_detail,
+    rotated_detail,
+    update_action,
+    utcnow,
+)
 
 __all__ = ["MemoryKeyStore"]
 
 _anonymous = itertools.count()
 
 
+def _duplicate(owner: str, name: str) -> DuplicateKeyName:
+    return DuplicateKeyName(
+        f"owner {owner!r} already has an active key named {name!r}; "
+        "pass replace=True (--replace) to revoke it and mint a new one"
+    )
+
+
 class MemoryKeyStore:
     _named: dict[str, dict[str, KeyRecord]] = {}
+    _named_events: dict[str, list[KeyEvent]] = {}
 
     def __init__(self, name: str | None = None) -> None:
         if name:
             self._rows = self._named.setdefault(name, {})
+            self._events = self._named_events.setdefault(name, [])
             identity = f"memory://{name}"
         else:
             self._rows = {}
+            self._events = []
             identity = f"memory://#{next(_anonymous)}"
         self.display_url = identity
         self._bus = LocalChangeBus.for_identity(identity)
+
+    def _log(
+        self,
+        record: KeyRecord,
+        action: str,
+        actor: str,
+        at: datetime,
+        detail: Mapping[str, Any] | None = None,
+    ) -> None:
+        seq = self._events[-1].id + 1 if self._events else 1
+        event = KeyEvent(at, record.id, record.owner, action, actor, dict(detail or {}), seq)
+        self._events.append(event)
 
     async def open(self) -> None:
         return None
@@ -53,36 +92,55 @@ class MemoryKeyStore:
         rows = [r for r in self._rows.values() if r.owner == owner]
         return sorted(rows, key=lambda r: (r.created_at, r.id))
 
-    async def insert(self, record: KeyRecord, *, replace: bool = False) -> list[str]:
+    async def list_all(self) -> list[KeyRecord]:
+        return sorted(self._rows.values(), key=lambda r: (r.owner, r.created_at, r.id))
+
+    async def insert(
+        self, record: KeyRecord, *, replace: bool = False, actor: str = SYSTEM_ACTOR
+    ) -> list[str]:
         now = utcnow()
         clash = [
             r
             for r in self._rows.values()
-            if r.owner == record.owner and r.name == record.name and r.is_active(now)
+            if r.owner == record.owner and r.name == record.name and r.holds_name(now)
         ]
         if clash and not replace:
-            raise DuplicateKeyName(
-                f"owner {record.owner!r} already has an active key named {record.name!r}; "
-                "pass replace=True (--replace) to revoke it and mint a new one"
-            )
+            raise _duplicate(record.owner, record.name)
         for old in clash:
             self._rows[old.id] = dataclasses.replace(old, revoked_at=now, replaced_by=record.id)
+            self._log(old, "replaced", actor, now, {"replaced_by": record.id})
         replaces = clash[-1].id if clash else record.replaces
         self._rows[record.id] = dataclasses.replace(record, replaces=replaces)
+        self._log(record, "created", actor, now, created_detail(record, replaces))
         for old in clash:
             self._bus.publish(old.id)
         return [old.id for old in clash]
 
-    async def revoke(self, key_id: str, owner: str, *, at: datetime) -> bool:
+    async def revoke(
+        self,
+        key_id: str,
+        owner: str,
+        *,
+        at: datetime,
+        actor: str = SYSTEM_ACTOR,
+        action: str = "revoked",
+    ) -> bool:
         record = self._rows.get(key_id)
         if record is None or record.owner != owner or record.revoked_at is not None:
             return False
         self._rows[key_id] = dataclasses.replace(record, revoked_at=at)
+        self._log(record, action, actor, at)
         self._bus.publish(key_id)
         return True
 
     async def rotate(
-        self, key_id: str, owner: str, successor: KeyRecord, *, grace_until: datetime
+        self,
+        key_id: str,
+        owner: str,
+        successor: KeyRecord,
+        *,
+        grace_until: datetime,
+        actor: str = SYSTEM_ACTOR,
     ) -> KeyRecord | None:
         # No await between this check and the writes: concurrent rotations serialise.
         old = self._rows.get(key_id)
@@ -92,14 +150,26 @@ class MemoryKeyStore:
         updated = dataclasses.replace(old, expires_at=expires, replaced_by=successor.id)
         self._rows[key_id] = updated
         self._rows[successor.id] = dataclasses.replace(successor, replaces=key_id)
+        now = utcnow()
+        self._log(old, "rotated", actor, now, rotated_detail(successor.id, expires))
+        self._log(successor, "created", actor, now, created_detail(successor, key_id))
         self._bus.publish(key_id)
         return updated
 
-    async def reap(self, *, unused_since: datetime, at: datetime, dry_run: bool) -> list[KeyRecord]:
+    async def reap(
+        self,
+        *,
+        unused_since: datetime,
+        at: datetime,
+        dry_run: bool,
+        include_disabled: bool = False,
+        actor: str = SYSTEM_ACTOR,
+    ) -> list[KeyRecord]:
         stale = [
             r
             for r in self._rows.values()
             if r.revoked_at is None
+            and (include_disabled or r.disabled_at is None)
             and (
                 (r.last_used_at or r.created_at) < unused_since
                 or (r.expires_at is not None and r.expires_at <= at)
@@ -108,6 +178,7 @@ class MemoryKeyStore:
         if not dry_run:
             for r in stale:
                 self._rows[r.id] = dataclasses.replace(r, revoked_at=at)
+                self._log(r, "reaped", actor, at, reaped_detail(r, unused_since))
                 self._bus.publish(r.id)
         return sorted(stale, key=lambda r: (r.created_at, r.id))
 
@@ -129,15 +200,61 @@ class MemoryKeyStore:
         return quotas
 
     async def update(
-        self, key_id: str, owner: str, changes: Mapping[str, Any], *, at: datetime
+        self,
+        key_id: str,
+        owner: str,
+        changes: Mapping[str, Any],
+        *,
+        at: datetime,
+        actor: str = SYSTEM_ACTOR,
     ) -> KeyRecord | None:
+        unknown = set(changes) - UPDATABLE_FIELDS
+        if unknown:
+            raise ValueError(f"update cannot change {', '.join(sorted(unknown))}")
+        detail = event_detail(changes)
         record = self._rows.get(key_id)
         if record is None or record.owner != owner:
             return None
+        if not changes:
+            return record
         updated = dataclasses.replace(record, **changes)
+        if ("name" in changes or "expires_at" in changes) and updated.holds_name(at):
+            for other in self._rows.values():
+                if (
+                    other.id != key_id
+                    and other.owner == owner
+                    and other.name == updated.name
+                    and other.holds_name(at)
+                ):
+                    raise _duplicate(owner, updated.name)
         self._rows[key_id] = updated
+        self._log(record, update_action(changes), actor, at, detail)
         self._bus.publish(key_id)
         return updated
+
+    async def list_events(
+        self,
+        *,
+        owner: str | None = None,
+        key_id: str | None = None,
+        since: datetime | None = None,
+        limit: int | None = None,
+    ) -> list[KeyEvent]:
+        events = [
+            e
+            for e in self._events
+            if (owner is None or e.owner == owner)
+            and (key_id is None or e.key_id == key_id)
+            and (since is None or e.at >= since)
+        ]
+        events.sort(key=lambda e: (e.at, e.id))
+        return events[-limit:] if limit is not None and limit > 0 else events
+
+    async def prune_events(self, *, before: datetime) -> int:
+        kept = [e for e in self._events if e.at >= before]
+        pruned = len(self._events) - len(kept)
+        self._events[:] = kept
+        return pruned
 
     async def update_hash(self, key_id: str, secret_hash: str) -> None:
         record = self._rows.get(key_id)

@@ -40,7 +40,21 @@ import anyio
 import asyncpg
 
 from ..errors import ConfigurationError, DuplicateKeyName, StoreError
-from .base import ChangeListener, KeyRecord, LocalChangeBus, QuotaState, utcnow
+from .base import (
+    SYSTEM_ACTOR,
+    UPDATABLE_FIELDS,
+    ChangeListener,
+    KeyEvent,
+    KeyRecord,
+    LocalChangeBus,
+    QuotaState,
+    created_detail,
+    event_detail,
+    reaped_detail,
+    rotated_detail,
+    update_action,
+    utcnow,
+)
 
 __all__ = [
     "DEFAULT_COMMAND_TIMEOUT",
@@ -100,8 +114,9 @@ _CONNECTION_LOST: tuple[type[BaseException], ...] = (
 _COLUMNS = (
     "id, owner, name, prefix, secret_hash, scopes, metadata, created_at, expires_at,"
     " last_used_at, revoked_at, replaces, replaced_by, rate_limit, quota, quota_remaining,"
-    " quota_refill, quota_reset_at"
+    " quota_refill, quota_reset_at, disabled_at, ip_allowlist"
 )
+_EVENT_COLUMNS = "id, at, key_id, owner, action, actor, detail"
 
 #: Migration scripts, applied in order, each once; ``{schema}`` is the quoted schema.
 #: Append new versions; never edit an applied one.
@@ -132,6 +147,23 @@ _MIGRATIONS: list[str] = [
         ADD COLUMN quota_refill interval,
         ADD COLUMN quota_reset_at timestamptz;
     """,
+    """
+    ALTER TABLE {schema}.keystile_keys
+        ADD COLUMN disabled_at timestamptz,
+        ADD COLUMN ip_allowlist text[] NOT NULL DEFAULT '{{}}';
+    CREATE TABLE {schema}.keystile_events (
+        id bigserial PRIMARY KEY,
+        at timestamptz NOT NULL,
+        key_id text NOT NULL,
+        owner text NOT NULL,
+        action text NOT NULL,
+        actor text NOT NULL,
+        detail jsonb NOT NULL DEFAULT '{{}}'
+    );
+    CREATE INDEX keystile_events_owner_at ON {schema}.keystile_events (owner, at);
+    CREATE INDEX keystile_events_key_at ON {schema}.keystile_events (key_id, at);
+    CREATE INDEX keystile_events_at ON {schema}.keystile_events (at);
+    """,
 ]
 
 #: The fields ``update`` may change, with the SQL type of their parameter.
@@ -141,7 +173,23 @@ _UPDATABLE: dict[str, str] = {
     "quota_remaining": "bigint",
     "quota_refill": "interval",
     "quota_reset_at": "timestamptz",
+    "name": "text",
+    "scopes": "text[]",
+    "metadata": "jsonb",
+    "expires_at": "timestamptz",
+    "ip_allowlist": "text[]",
+    "disabled_at": "timestamptz",
 }
+
+
+def _param(name: str, value: Any) -> Any:
+    """An ``update`` value as asyncpg takes it for the column's type."""
+    if name in ("scopes", "ip_allowlist"):
+        return list(value)
+    if name == "metadata":
+        return json.dumps(dict(value))
+    return value
+
 
 #: A refill is due by the use time ``t.at``.
 _REFILL_DUE = (
@@ -205,6 +253,20 @@ def _record(row: Mapping[str, Any]) -> KeyRecord:
         quota_remaining=row["quota_remaining"],
         quota_refill=row["quota_refill"],
         quota_reset_at=row["quota_reset_at"],
+        disabled_at=row["disabled_at"],
+        ip_allowlist=tuple(row["ip_allowlist"]),
+    )
+
+
+def _event(row: Mapping[str, Any]) -> KeyEvent:
+    return KeyEvent(
+        at=row["at"],
+        key_id=row["key_id"],
+        owner=row["owner"],
+        action=row["action"],
+        actor=row["actor"],
+        detail=json.loads(row["detail"]),
+        id=row["id"],
     )
 
 
@@ -228,6 +290,8 @@ def _row_args(r: KeyRecord) -> tuple[Any, ...]:
         r.quota_remaining,
         r.quota_refill,
         r.quota_reset_at,
+        r.disabled_at,
+        list(r.ip_allowlist),
     )
 
 
@@ -492,11 +556,28 @@ class PostgresKeyStore:
                 list(key_ids),
             )
 
+    async def _log_events(
+        self,
+        conn: Any,
+        at: datetime,
+        events: Sequence[tuple[str, str, str, Mapping[str, Any]]],
+        actor: str,
+    ) -> None:
+        """Append audit events ``(key_id, owner, action, detail)`` inside the caller's
+        transaction, so they commit (or roll back) with the change they record."""
+        if events:
+            await conn.executemany(
+                f"INSERT INTO {self._q}.keystile_events"  # noqa: S608
+                " (at, key_id, owner, action, actor, detail)"
+                " VALUES ($1, $2, $3, $4, $5, $6::jsonb)",
+                [(at, k, o, a, actor, json.dumps(dict(d))) for k, o, a, d in events],
+            )
+
     async def _insert_row(self, conn: Any, record: KeyRecord) -> None:
         await conn.execute(
             f"INSERT INTO {self._keys} ({_COLUMNS}) VALUES"  # noqa: S608
             " ($1, $2, $3, $4, $5, $6::text[], $7::jsonb, $8, $9, $10, $11, $12, $13,"
-            " $14, $15, $16, $17, $18)",
+            " $14, $15, $16, $17, $18, $19, $20::text[])",
             *_row_args(record),
         )
 
@@ -581,7 +662,18 @@ class PostgresKeyStore:
 
         return await self._idempotent("list_keys", list_keys)
 
-    async def insert(self, record: KeyRecord, *, replace: bool = False) -> list[str]:
+    async def list_all(self) -> list[KeyRecord]:
+        async def list_all(conn: Any) -> list[KeyRecord]:
+            rows = await conn.fetch(
+                f"SELECT {_COLUMNS} FROM {self._keys} ORDER BY owner, created_at, id"  # noqa: S608
+            )
+            return [_record(row) for row in rows]
+
+        return await self._idempotent("list_all", list_all)
+
+    async def insert(
+        self, record: KeyRecord, *, replace: bool = False, actor: str = SYSTEM_ACTOR
+    ) -> list[str]:
         async with self._connection("insert") as conn, conn.transaction():
             # The clash check and the insert must be one critical section per
             # (owner, name): a partial unique index cannot express "active", which
@@ -621,11 +713,22 @@ class PostgresKeyStore:
                 await self._notify(conn, clash)
             replaces = clash[-1] if clash else record.replaces
             await self._insert_row(conn, dataclasses.replace(record, replaces=replaces))
+            events = [(old, record.owner, "replaced", {"replaced_by": record.id}) for old in clash]
+            events.append((record.id, record.owner, "created", created_detail(record, replaces)))
+            await self._log_events(conn, now, events, actor)
         for key_id in clash:
             self._bus.publish(key_id)
         return clash
 
-    async def revoke(self, key_id: str, owner: str, *, at: datetime) -> bool:
+    async def revoke(
+        self,
+        key_id: str,
+        owner: str,
+        *,
+        at: datetime,
+        actor: str = SYSTEM_ACTOR,
+        action: str = "revoked",
+    ) -> bool:
         async with self._connection("revoke") as conn, conn.transaction():
             revoked = await conn.fetchval(
                 f"UPDATE {self._keys} SET revoked_at = $1"  # noqa: S608
@@ -636,12 +739,19 @@ class PostgresKeyStore:
             )
             if revoked is not None:
                 await self._notify(conn, [key_id])
+                await self._log_events(conn, at, [(key_id, owner, action, {})], actor)
         if revoked is not None:
             self._bus.publish(key_id)
         return revoked is not None
 
     async def rotate(
-        self, key_id: str, owner: str, successor: KeyRecord, *, grace_until: datetime
+        self,
+        key_id: str,
+        owner: str,
+        successor: KeyRecord,
+        *,
+        grace_until: datetime,
+        actor: str = SYSTEM_ACTOR,
     ) -> KeyRecord | None:
         async with self._connection("rotate") as conn, conn.transaction():
             # LEAST ignores NULL: a key without expiry gets exactly grace_until. A
@@ -652,7 +762,7 @@ class PostgresKeyStore:
                 f"UPDATE {self._keys} SET replaced_by = $1,"  # noqa: S608
                 " expires_at = LEAST(expires_at, $2)"
                 " WHERE id = $3 AND owner = $4 AND revoked_at IS NULL AND replaced_by IS NULL"
-                " AND (expires_at IS NULL OR expires_at > $5)"
+                " AND disabled_at IS NULL AND (expires_at IS NULL OR expires_at > $5)"
                 f" RETURNING {_COLUMNS}",
                 successor.id,
                 grace_until,
@@ -664,10 +774,24 @@ class PostgresKeyStore:
                 return None
             await self._insert_row(conn, dataclasses.replace(successor, replaces=key_id))
             await self._notify(conn, [key_id])
+            old = _record(row)
+            events = [
+                (key_id, owner, "rotated", rotated_detail(successor.id, old.expires_at)),
+                (successor.id, owner, "created", created_detail(successor, key_id)),
+            ]
+            await self._log_events(conn, utcnow(), events, actor)
         self._bus.publish(key_id)
-        return _record(row)
+        return old
 
-    async def reap(self, *, unused_since: datetime, at: datetime, dry_run: bool) -> list[KeyRecord]:
+    async def reap(
+        self,
+        *,
+        unused_since: datetime,
+        at: datetime,
+        dry_run: bool,
+        include_disabled: bool = False,
+        actor: str = SYSTEM_ACTOR,
+    ) -> list[KeyRecord]:
         # FOR UPDATE makes a key revoked concurrently drop out of the result (READ
         # COMMITTED re-checks the WHERE clause on locked rows) instead of being revoked
         # twice and reported as reaped.
@@ -675,11 +799,13 @@ class PostgresKeyStore:
         async with self._connection("reap") as conn, conn.transaction():
             rows = await conn.fetch(
                 f"SELECT {_COLUMNS} FROM {self._keys} WHERE revoked_at IS NULL"  # noqa: S608
+                " AND ($3 OR disabled_at IS NULL)"
                 " AND (COALESCE(last_used_at, created_at) < $1"
                 " OR (expires_at IS NOT NULL AND expires_at <= $2))"
                 f" ORDER BY created_at, id{lock}",
                 unused_since,
                 at,
+                include_disabled,
             )
             stale = [_record(row) for row in rows]
             if not dry_run and stale:
@@ -691,6 +817,8 @@ class PostgresKeyStore:
                     ids,
                 )
                 await self._notify(conn, ids)
+                events = [(r.id, r.owner, "reaped", reaped_detail(r, unused_since)) for r in stale]
+                await self._log_events(conn, at, events, actor)
         if not dry_run:
             for record in stale:
                 self._bus.publish(record.id)
@@ -722,32 +850,107 @@ class PostgresKeyStore:
         return await self._idempotent("touch_many", touch)
 
     async def update(
-        self, key_id: str, owner: str, changes: Mapping[str, Any], *, at: datetime
+        self,
+        key_id: str,
+        owner: str,
+        changes: Mapping[str, Any],
+        *,
+        at: datetime,
+        actor: str = SYSTEM_ACTOR,
     ) -> KeyRecord | None:
-        unknown = set(changes) - set(_UPDATABLE)
+        unknown = set(changes) - UPDATABLE_FIELDS
         if unknown:
             raise ValueError(f"update cannot change {', '.join(sorted(unknown))}")
         fields = list(changes)
         if not fields:
             return await self.get_owned(key_id, owner)
+        detail = event_detail(changes)
         assignments = ", ".join(
             f"{name} = ${i}::{_UPDATABLE[name]}" for i, name in enumerate(fields, start=1)
         )
         n = len(fields)
         async with self._connection("update") as conn, conn.transaction():
+            if "name" in changes or "expires_at" in changes:
+                # The name the key will hold: lock it as insert does, so a concurrent
+                # insert or update of that (owner, name) waits for this decision.
+                name = changes.get("name") or await conn.fetchval(
+                    f"SELECT name FROM {self._keys} WHERE id = $1 AND owner = $2",  # noqa: S608
+                    key_id,
+                    owner,
+                )
+                if name is not None:
+                    await conn.execute(
+                        "SELECT pg_advisory_xact_lock(hashtext($1), hashtext($2))",
+                        self.schema,
+                        f"{owner}\x1f{name}",
+                    )
             row = await conn.fetchrow(
                 f"UPDATE {self._keys} SET {assignments}"  # noqa: S608
                 f" WHERE id = ${n + 1} AND owner = ${n + 2} RETURNING {_COLUMNS}",
-                *(changes[name] for name in fields),
+                *(_param(name, changes[name]) for name in fields),
                 key_id,
                 owner,
             )
-            if row is not None:
-                await self._notify(conn, [key_id])
-        if row is None:
-            return None
+            if row is None:
+                return None
+            updated = _record(row)
+            if ("name" in changes or "expires_at" in changes) and updated.holds_name(at):
+                clash = await conn.fetchval(
+                    f"SELECT 1 FROM {self._keys} WHERE owner = $1 AND name = $2"  # noqa: S608
+                    " AND id <> $3 AND revoked_at IS NULL"
+                    " AND (expires_at IS NULL OR expires_at > $4)",
+                    owner,
+                    updated.name,
+                    key_id,
+                    at,
+                )
+                if clash is not None:
+                    raise DuplicateKeyName(
+                        f"owner {owner!r} already has an active key named {updated.name!r}"
+                    )
+            await self._notify(conn, [key_id])
+            await self._log_events(
+                conn, at, [(key_id, owner, update_action(changes), detail)], actor
+            )
         self._bus.publish(key_id)
-        return _record(row)
+        return updated
+
+    async def list_events(
+        self,
+        *,
+        owner: str | None = None,
+        key_id: str | None = None,
+        since: datetime | None = None,
+        limit: int | None = None,
+    ) -> list[KeyEvent]:
+        where: list[str] = []
+        params: list[Any] = []
+        for column, value in (("owner", owner), ("key_id", key_id), ("at", since)):
+            if value is not None:
+                params.append(value)
+                where.append(f"{column} {'>=' if column == 'at' else '='} ${len(params)}")
+        sql = f"SELECT {_EVENT_COLUMNS} FROM {self._q}.keystile_events"  # noqa: S608
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY at DESC, id DESC"
+        if limit is not None and limit > 0:
+            params.append(limit)
+            sql += f" LIMIT ${len(params)}"
+
+        async def list_events(conn: Any) -> list[KeyEvent]:
+            return [_event(row) for row in await conn.fetch(sql, *params)][::-1]
+
+        return await self._idempotent("list_events", list_events)
+
+    async def prune_events(self, *, before: datetime) -> int:
+        async def prune(conn: Any) -> int:
+            status: str = await conn.execute(
+                f"DELETE FROM {self._q}.keystile_events WHERE at < $1",  # noqa: S608
+                before,
+            )
+            return int(status.rsplit(" ", 1)[-1])
+
+        return await self._idempotent("prune_events", prune)
 
     async def update_hash(self, key_id: str, secret_hash: str) -> None:
         async def update(conn: Any) -> None:

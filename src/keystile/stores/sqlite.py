@@ -24,7 +24,21 @@ import anyio
 import anyio.to_thread
 
 from ..errors import DuplicateKeyName, StoreError
-from .base import ChangeListener, KeyRecord, LocalChangeBus, QuotaState, utcnow
+from .base import (
+    SYSTEM_ACTOR,
+    UPDATABLE_FIELDS,
+    ChangeListener,
+    KeyEvent,
+    KeyRecord,
+    LocalChangeBus,
+    QuotaState,
+    created_detail,
+    event_detail,
+    reaped_detail,
+    rotated_detail,
+    update_action,
+    utcnow,
+)
 
 __all__ = ["SQLiteKeyStore"]
 
@@ -66,13 +80,30 @@ _MIGRATIONS: list[str] = [
     ALTER TABLE keystile_keys ADD COLUMN quota_refill REAL;
     ALTER TABLE keystile_keys ADD COLUMN quota_reset_at REAL;
     """,
+    """
+    ALTER TABLE keystile_keys ADD COLUMN disabled_at REAL;
+    ALTER TABLE keystile_keys ADD COLUMN ip_allowlist TEXT NOT NULL DEFAULT '[]';
+    CREATE TABLE keystile_events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        at REAL NOT NULL,
+        key_id TEXT NOT NULL,
+        owner TEXT NOT NULL,
+        action TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        detail TEXT NOT NULL DEFAULT '{}'
+    );
+    CREATE INDEX keystile_events_owner_at ON keystile_events (owner, at);
+    CREATE INDEX keystile_events_key_at ON keystile_events (key_id, at);
+    CREATE INDEX keystile_events_at ON keystile_events (at);
+    """,
 ]
 
 _COLUMNS = (
     "id, owner, name, prefix, secret_hash, scopes, metadata, created_at, expires_at,"
     " last_used_at, revoked_at, replaces, replaced_by, rate_limit, quota, quota_remaining,"
-    " quota_refill, quota_reset_at"
+    " quota_refill, quota_reset_at, disabled_at, ip_allowlist"
 )
+_EVENT_COLUMNS = "seq, at, key_id, owner, action, actor, detail"
 
 #: How ``update`` writes each field it may change: the column's value for a new value.
 _UPDATABLE: dict[str, Callable[[Any], Any]] = {
@@ -81,6 +112,12 @@ _UPDATABLE: dict[str, Callable[[Any], Any]] = {
     "quota_remaining": lambda v: v,
     "quota_refill": lambda v: v.total_seconds() if v is not None else None,
     "quota_reset_at": lambda v: _ts(v),
+    "name": lambda v: v,
+    "scopes": lambda v: json.dumps(list(v)),
+    "metadata": lambda v: json.dumps(dict(v)),
+    "expires_at": lambda v: _ts(v),
+    "ip_allowlist": lambda v: json.dumps(list(v)),
+    "disabled_at": lambda v: _ts(v),
 }
 
 #: One batched usage write per key: ``last_used_at`` never backwards; a refill due by the
@@ -134,12 +171,28 @@ def _record(row: sqlite3.Row) -> KeyRecord:
             timedelta(seconds=row["quota_refill"]) if row["quota_refill"] is not None else None
         ),
         quota_reset_at=_dt(row["quota_reset_at"]),
+        disabled_at=_dt(row["disabled_at"]),
+        ip_allowlist=tuple(json.loads(row["ip_allowlist"])),
+    )
+
+
+def _event(row: sqlite3.Row) -> KeyEvent:
+    at = _dt(row["at"])
+    assert at is not None
+    return KeyEvent(
+        at=at,
+        key_id=row["key_id"],
+        owner=row["owner"],
+        action=row["action"],
+        actor=row["actor"],
+        detail=json.loads(row["detail"]),
+        id=row["seq"],
     )
 
 
 def _insert_row(conn: sqlite3.Connection, r: KeyRecord) -> None:
     conn.execute(
-        f"INSERT INTO keystile_keys ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",  # noqa: S608
+        f"INSERT INTO keystile_keys ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",  # noqa: S608
         (
             r.id,
             r.owner,
@@ -159,7 +212,26 @@ def _insert_row(conn: sqlite3.Connection, r: KeyRecord) -> None:
             r.quota_remaining,
             _UPDATABLE["quota_refill"](r.quota_refill),
             _ts(r.quota_reset_at),
+            _ts(r.disabled_at),
+            json.dumps(list(r.ip_allowlist)),
         ),
+    )
+
+
+def _log_event(
+    conn: sqlite3.Connection,
+    at: float,
+    key_id: str,
+    owner: str,
+    action: str,
+    actor: str,
+    detail: Mapping[str, Any] | None = None,
+) -> None:
+    """Append an audit event inside the caller's transaction: it commits with the change."""
+    conn.execute(
+        "INSERT INTO keystile_events (at, key_id, owner, action, actor, detail)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        (at, key_id, owner, action, actor, json.dumps(dict(detail or {}))),
     )
 
 
@@ -323,7 +395,18 @@ class SQLiteKeyStore:
 
         return await self._run(list_keys)
 
-    async def insert(self, record: KeyRecord, *, replace: bool = False) -> list[str]:
+    async def list_all(self) -> list[KeyRecord]:
+        def list_all(conn: sqlite3.Connection) -> list[KeyRecord]:
+            rows = conn.execute(
+                f"SELECT {_COLUMNS} FROM keystile_keys ORDER BY owner, created_at, id"  # noqa: S608
+            )
+            return [_record(row) for row in rows]
+
+        return await self._run(list_all)
+
+    async def insert(
+        self, record: KeyRecord, *, replace: bool = False, actor: str = SYSTEM_ACTOR
+    ) -> list[str]:
         def insert(conn: sqlite3.Connection) -> list[str]:
             with self._transaction(conn):
                 now = utcnow().timestamp()
@@ -347,8 +430,13 @@ class SQLiteKeyStore:
                     [(now, record.id, old) for old in clash],
                 )
                 _log_changes(conn, clash, now)
+                for old in clash:
+                    detail = {"replaced_by": record.id}
+                    _log_event(conn, now, old, record.owner, "replaced", actor, detail)
                 replaces = clash[-1] if clash else record.replaces
                 _insert_row(conn, _with(record, replaces=replaces))
+                detail = created_detail(record, replaces)
+                _log_event(conn, now, record.id, record.owner, "created", actor, detail)
                 return clash
 
         revoked = await self._run(insert)
@@ -356,7 +444,15 @@ class SQLiteKeyStore:
             self._bus.publish(key_id)
         return revoked
 
-    async def revoke(self, key_id: str, owner: str, *, at: datetime) -> bool:
+    async def revoke(
+        self,
+        key_id: str,
+        owner: str,
+        *,
+        at: datetime,
+        actor: str = SYSTEM_ACTOR,
+        action: str = "revoked",
+    ) -> bool:
         def revoke(conn: sqlite3.Connection) -> bool:
             with self._transaction(conn):
                 cursor = conn.execute(
@@ -366,6 +462,7 @@ class SQLiteKeyStore:
                 )
                 if cursor.rowcount:
                     _log_changes(conn, [key_id], at.timestamp())
+                    _log_event(conn, at.timestamp(), key_id, owner, action, actor)
                 return cursor.rowcount > 0
 
         revoked = await self._run(revoke)
@@ -374,7 +471,13 @@ class SQLiteKeyStore:
         return revoked
 
     async def rotate(
-        self, key_id: str, owner: str, successor: KeyRecord, *, grace_until: datetime
+        self,
+        key_id: str,
+        owner: str,
+        successor: KeyRecord,
+        *,
+        grace_until: datetime,
+        actor: str = SYSTEM_ACTOR,
     ) -> KeyRecord | None:
         def rotate(conn: sqlite3.Connection) -> KeyRecord | None:
             with self._transaction(conn):
@@ -383,7 +486,7 @@ class SQLiteKeyStore:
                     "UPDATE keystile_keys SET replaced_by = ?,"
                     " expires_at = MIN(COALESCE(expires_at, ?), ?)"
                     " WHERE id = ? AND owner = ? AND revoked_at IS NULL AND replaced_by IS NULL"
-                    " AND (expires_at IS NULL OR expires_at > ?)",
+                    " AND disabled_at IS NULL AND (expires_at IS NULL OR expires_at > ?)",
                     (
                         successor.id,
                         grace_until.timestamp(),
@@ -401,22 +504,36 @@ class SQLiteKeyStore:
                     f"SELECT {_COLUMNS} FROM keystile_keys WHERE id = ?",  # noqa: S608
                     (key_id,),
                 ).fetchone()
-                return _record(row)
+                old = _record(row)
+                detail = rotated_detail(successor.id, old.expires_at)
+                _log_event(conn, now, key_id, owner, "rotated", actor, detail)
+                detail = created_detail(successor, key_id)
+                _log_event(conn, now, successor.id, owner, "created", actor, detail)
+                return old
 
         updated = await self._run(rotate)
         if updated is not None:
             self._bus.publish(key_id)
         return updated
 
-    async def reap(self, *, unused_since: datetime, at: datetime, dry_run: bool) -> list[KeyRecord]:
+    async def reap(
+        self,
+        *,
+        unused_since: datetime,
+        at: datetime,
+        dry_run: bool,
+        include_disabled: bool = False,
+        actor: str = SYSTEM_ACTOR,
+    ) -> list[KeyRecord]:
         def reap(conn: sqlite3.Connection) -> list[KeyRecord]:
             with self._transaction(conn):
                 rows = conn.execute(
                     f"SELECT {_COLUMNS} FROM keystile_keys WHERE revoked_at IS NULL"  # noqa: S608
+                    " AND (? OR disabled_at IS NULL)"
                     " AND (COALESCE(last_used_at, created_at) < ?"
                     " OR (expires_at IS NOT NULL AND expires_at <= ?))"
                     " ORDER BY created_at, id",
-                    (unused_since.timestamp(), at.timestamp()),
+                    (include_disabled, unused_since.timestamp(), at.timestamp()),
                 ).fetchall()
                 stale = [_record(row) for row in rows]
                 if not dry_run and stale:
@@ -425,6 +542,9 @@ class SQLiteKeyStore:
                         [(at.timestamp(), r.id) for r in stale],
                     )
                     _log_changes(conn, [r.id for r in stale], at.timestamp())
+                    for r in stale:
+                        detail = reaped_detail(r, unused_since)
+                        _log_event(conn, at.timestamp(), r.id, r.owner, "reaped", actor, detail)
                 return stale
 
         stale = await self._run(reap)
@@ -461,14 +581,24 @@ class SQLiteKeyStore:
         return await self._run(touch)
 
     async def update(
-        self, key_id: str, owner: str, changes: Mapping[str, Any], *, at: datetime
+        self,
+        key_id: str,
+        owner: str,
+        changes: Mapping[str, Any],
+        *,
+        at: datetime,
+        actor: str = SYSTEM_ACTOR,
     ) -> KeyRecord | None:
-        unknown = set(changes) - set(_UPDATABLE)
+        unknown = set(changes) - UPDATABLE_FIELDS
         if unknown:
             raise ValueError(f"update cannot change {', '.join(sorted(unknown))}")
         fields = list(changes)
+        detail = event_detail(changes)
+        names_matter = "name" in changes or "expires_at" in changes
 
         def update(conn: sqlite3.Connection) -> KeyRecord | None:
+            # BEGIN IMMEDIATE takes the write lock first: the name check below and the
+            # write are one critical section, as in insert.
             with self._transaction(conn):
                 if fields:
                     assignments = ", ".join(f"{name} = ?" for name in fields)
@@ -483,14 +613,67 @@ class SQLiteKeyStore:
                 ).fetchone()
                 if row is None:
                     return None
-                if fields:
-                    _log_changes(conn, [key_id], at.timestamp())
-                return _record(row)
+                updated = _record(row)
+                if not fields:
+                    return updated
+                if names_matter and updated.holds_name(at):
+                    clash = conn.execute(
+                        "SELECT 1 FROM keystile_keys WHERE owner = ? AND name = ? AND id <> ?"
+                        " AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?)",
+                        (owner, updated.name, key_id, at.timestamp()),
+                    ).fetchone()
+                    if clash is not None:
+                        raise DuplicateKeyName(
+                            f"owner {owner!r} already has an active key named {updated.name!r}"
+                        )
+                _log_changes(conn, [key_id], at.timestamp())
+                action = update_action(changes)
+                _log_event(conn, at.timestamp(), key_id, owner, action, actor, detail)
+                return updated
 
         updated = await self._run(update)
         if updated is not None and fields:
             self._bus.publish(key_id)
         return updated
+
+    async def list_events(
+        self,
+        *,
+        owner: str | None = None,
+        key_id: str | None = None,
+        since: datetime | None = None,
+        limit: int | None = None,
+    ) -> list[KeyEvent]:
+        where: list[str] = []
+        params: list[Any] = []
+        for clause, value in (
+            ("owner = ?", owner),
+            ("key_id = ?", key_id),
+            ("at >= ?", _ts(since)),
+        ):
+            if value is not None:
+                where.append(clause)
+                params.append(value)
+        sql = f"SELECT {_EVENT_COLUMNS} FROM keystile_events"  # noqa: S608
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY at DESC, seq DESC"
+        if limit is not None and limit > 0:
+            sql += " LIMIT ?"
+            params.append(limit)
+
+        def list_events(conn: sqlite3.Connection) -> list[KeyEvent]:
+            return [_event(row) for row in conn.execute(sql, params)][::-1]
+
+        return await self._run(list_events)
+
+    async def prune_events(self, *, before: datetime) -> int:
+        def prune(conn: sqlite3.Connection) -> int:
+            with self._transaction(conn):
+                cursor = conn.execute("DELETE FROM keystile_events WHERE at < ?", (_ts(before),))
+                return cursor.rowcount
+
+        return await self._run(prune)
 
     async def update_hash(self, key_id: str, secret_hash: str) -> None:
         await self._run(
