@@ -26,9 +26,7 @@ def manager(store: KeyStore) -> KeyManager:
 
 
 async def mint(store: KeyStore, **options: Any) -> tuple[str, str]:
-    created = await manager(store).create(
-        owner="acme", name=f"k-{uuid.uuid4().hex[:8]}", **options
-    )
+    created = await manager(store).create(owner="acme", name=f"k-{uuid.uuid4().hex[:8]}", **options)
     return created.key, created.id
 
 
@@ -143,7 +141,7 @@ async def test_ip_allowlist_refuses_a_request_without_a_client_address(store: Ke
         async def receive() -> dict[str, Any]:
             return {"type": "http.request", "body": b"", "more_body": False}
 
-        async def send(message: dict[str, Any]) -> None:
+        async def send(message: dict[str, Any], sent: list[dict[str, Any]] = sent) -> None:
             sent.append(message)
 
         await app(scope, receive, send)
