@@ -562,3 +562,53 @@ def test_limit_errors_are_one_line_exit_1(
         code, (out, err) = int(str(exc.code)), capsys.readouterr()
     assert code == 1 and out == ""
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_update_disable_enable_and_list_all(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """update --scope/--ip-allow/--name, disable, enable and list --all, by display form too."""
+    _, out, _ = run(
+        capsys, "--database-url", url, "create", "--owner", "acme", "--name", "ci", "--json"
+    )
+    key_id = json.loads(out)["id"]
+    code, out, _ = run(
+        capsys, "--database-url", url, "update", f"ks_{key_id}…", "--owner", "acme",
+        "--scope", "items:read", "--scope", "reports:read", "--ip-allow", "10.0.0.0/8",
+        "--name", "deploy", "--metadata", "team=infra", "--expires-in", "30d", "--json",
+    )  # fmt: skip
+    data = json.loads(out)
+    assert code == 0 and data["scopes"] == ["items:read", "reports:read"]
+    assert (data["ip_allowlist"], data["name"], data["metadata"]) == (
+        ["10.0.0.0/8"], "deploy", {"team": "infra"},
+    )  # fmt: skip
+    code, out, _ = run(
+        capsys, "--database-url", url, "disable", key_id, "--owner", "acme", "--json"
+    )
+    assert code == 0 and json.loads(out)["status"] == "disabled"
+    code, out, _ = run(capsys, "--database-url", url, "list", "--owner", "acme")
+    assert "disabled" in out
+    code, out, _ = run(capsys, "--database-url", url, "enable", key_id, "--owner", "acme", "--json")
+    assert code == 0 and json.loads(out)["status"] == "active"
+    run(capsys, "--database-url", url, "create", "--owner", "globex", "--name", "g")
+    code, out, _ = run(capsys, "--database-url", url, "list", "--all", "--json")
+    assert code == 0 and sorted(k["owner"] for k in json.loads(out)) == ["acme", "globex"]
+    code, out, _ = run(
+        capsys, "--database-url", url, "update", key_id, "--owner", "acme", "--no-ip-allow",
+        "--no-expiry", "--json",
+    )  # fmt: skip
+    assert json.loads(out)["ip_allowlist"] == [] and json.loads(out)["expires_at"] is None
+
+
+def test_operation_errors_are_one_line_exit_1(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A bad CIDR, clashing flags, nothing to update or another owner: one line, exit 1."""
+    _, out, _ = run(
+        capsys, "--database-url", url, "create", "--owner", "acme", "--name", "ci", "--json"
+    )
+    key_id = json.loads(out)["id"]
+    for argv in (
+        ("update", key_id, "--owner", "acme", "--ip-allow", "10.1.2.3/8"),
+        ("update", key_id, "--owner", "acme", "--ip-allow", "10.0.0.0/8", "--no-ip-allow"),
+        ("update", key_id, "--owner", "acme"),
+        ("disable", key_id, "--owner", "globex"),
+    ):
+        code, out, err = run(capsys, "--database-url", url, *argv)
+        assert code == 1 and out == "" and err.count("\n") == 1, argv

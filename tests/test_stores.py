@@ -333,3 +333,75 @@ async def test_touch_many_refills_a_due_quota_first(store: KeyStore) -> None:
     got = await store.get(r.id)
     assert got is not None and got.quota_remaining == 6 == states[r.id].remaining
     assert got.quota_reset_at == start + timedelta(hours=2) == states[r.id].reset_at
+
+
+# -- key operations and the audit log --------------------------------------------------
+
+
+async def test_update_changes_any_updatable_field_and_records_it(store: KeyStore) -> None:
+    """scopes, name, metadata, expiry, allowlist and disabled_at round-trip, one event each."""
+    r = record()
+    await store.insert(r, actor="alice")
+    at = utcnow()
+    changes = {
+        "scopes": ("x",),
+        "name": "renamed",
+        "metadata": {"k": "v"},
+        "expires_at": at.replace(microsecond=0) + timedelta(days=1),
+        "ip_allowlist": ("10.0.0.0/8",),
+    }
+    updated = await store.update(r.id, "acme", changes, at=at, actor="bob")
+    assert updated is not None and await store.get(r.id) == updated
+    assert (updated.scopes, updated.name, updated.ip_allowlist) == (
+        ("x",),
+        "renamed",
+        ("10.0.0.0/8",),
+    )
+    disabled = await store.update(r.id, "acme", {"disabled_at": at}, at=at, actor="carol")
+    assert disabled is not None and disabled.status() == "disabled"
+    events = await store.list_events(key_id=r.id)
+    assert [(e.action, e.actor) for e in events] == [
+        ("created", "alice"),
+        ("updated", "bob"),
+        ("disabled", "carol"),
+    ]
+    assert events[1].detail["name"] == "renamed" and "secret_hash" not in events[1].detail
+
+
+async def test_update_refuses_a_held_name_and_writes_nothing(store: KeyStore) -> None:
+    """A rename onto another key's active name raises DuplicateKeyName; row and log unchanged."""
+    a, b = record(name="a"), record(name="b")
+    await store.insert(a)
+    await store.insert(b)
+    with pytest.raises(DuplicateKeyName):
+        await store.update(b.id, "acme", {"name": "a"}, at=utcnow())
+    assert (await store.get(b.id)) == b
+    assert [e.action for e in await store.list_events(key_id=b.id)] == ["created"]
+
+
+async def test_reap_leaves_disabled_keys_unless_included(store: KeyStore) -> None:
+    """reap skips a disabled key; include_disabled=True reaps it."""
+    r = record()
+    await store.insert(r)
+    await store.update(r.id, "acme", {"disabled_at": utcnow()}, at=utcnow())
+    later = utcnow() + timedelta(days=1)
+    assert await store.reap(unused_since=later, at=later, dry_run=False) == []
+    reaped = await store.reap(unused_since=later, at=later, dry_run=False, include_disabled=True)
+    assert [k.id for k in reaped] == [r.id]
+
+
+async def test_list_all_returns_every_owner(store: KeyStore) -> None:
+    """list_all returns every owner's keys, by owner."""
+    await store.insert(record(owner="globex"))
+    await store.insert(record(owner="acme"))
+    assert [k.owner for k in await store.list_all()] == ["acme", "globex"]
+
+
+async def test_rotating_a_disabled_key_is_refused(store: KeyStore) -> None:
+    """A disabled key cannot be rotated into an enabled successor."""
+    r = record()
+    await store.insert(r)
+    await store.update(r.id, "acme", {"disabled_at": utcnow()}, at=utcnow())
+    successor = record()
+    assert await store.rotate(r.id, "acme", successor, grace_until=utcnow()) is None
+    assert await store.get(successor.id) is None
