@@ -180,7 +180,11 @@ OTHER_PREFIX = generate_key(prefix="zz")[0].encode()
 
 
 def reference(
-    pure: VerifiedKeyCache, headers: Any, header: bytes, prefixes: tuple[bytes, ...] | None
+    pure: VerifiedKeyCache,
+    headers: Any,
+    header: bytes,
+    prefixes: tuple[bytes, ...] | None,
+    now: float,
 ) -> tuple[CachedKey, Headers] | str | None:
     """What the pure-Python path makes of the request: a hit, no hit, or "refused"."""
     is_ours = key_matcher(p.decode()[:-1] for p in prefixes) if prefixes is not None else None
@@ -190,7 +194,7 @@ def reference(
         return "refused"
     if token is None or len(token) > MAX_TOKEN_LENGTH:
         return None
-    found = pure.lookup(pure.digest(token), 0.0)
+    found = pure.lookup(pure.digest(token), now)
     if found is None:
         return None
     assert without is not None
@@ -219,10 +223,11 @@ def check_hit(
     headers: Any,
     header: bytes = b"x-api-key",
     prefixes: tuple[bytes, ...] | None = None,
+    now: float = 5.0,
 ) -> None:
     assert compiled.hit_request is not None
-    got = compiled.hit_request(headers, header, prefixes, 5.0)
-    want = reference(pure, headers, header, prefixes)
+    got = compiled.hit_request(headers, header, prefixes, now)
+    want = reference(pure, headers, header, prefixes, now)
     if got is not None:
         assert isinstance(want, tuple), (headers, want)
         assert got[0] is want[0]
@@ -426,7 +431,8 @@ def test_evictions_and_growth_agree(ops: list[tuple[Any, ...]], max_size: int) -
         elif kind == "hit":
             name = op[2]
             value = b"Bearer " + tokens[op[1]] if name == b"authorization" else tokens[op[1]]
-            check_hit(compiled, pure, [(b"host", b"h"), (name, value)])
+            now = float(next(clock))
+            check_hit(compiled, pure, [(b"host", b"h"), (name, value)], now=now)
         elif kind == "evict":
             assert compiled.evict(f"id{op[1]}") == pure.evict(f"id{op[1]}")
         elif kind == "evict_idle":

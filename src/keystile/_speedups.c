@@ -65,16 +65,26 @@ static inline uint64_t rotr64(uint64_t x, unsigned n) { return (x >> n) | (x << 
 
 static inline uint64_t load64_le(const uint8_t *p)
 {
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    uint64_t v;
+    memcpy(&v, p, 8);
+    return v;
+#else
     uint64_t v = 0;
     for (int i = 7; i >= 0; i--)
         v = (v << 8) | p[i];
     return v;
+#endif
 }
 
 static inline void store64_le(uint8_t *p, uint64_t v)
 {
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    memcpy(p, &v, 8);
+#else
     for (int i = 0; i < 8; i++)
         p[i] = (uint8_t)(v >> (8 * i));
+#endif
 }
 
 #define G(a, b, c, d, x, y)              \
@@ -102,6 +112,8 @@ static void blake2b_compress(uint64_t h[8], const uint8_t block[BLOCK_SIZE], uin
     v[12] ^= t; /* the counter's high word stays 0: inputs are far below 2^64 bytes */
     if (last)
         v[14] = ~v[14];
+    /* Fully unrolled, so the message schedule is constant indexes, not table loads. */
+#pragma GCC unroll 12
     for (int r = 0; r < 12; r++) {
         const uint8_t *s = blake2b_sigma[r];
         G(v[0], v[4], v[8], v[12], m[s[0]], m[s[1]]);
@@ -223,33 +235,48 @@ static inline __attribute__((always_inline)) void reduce_lanes(const uint64_t *f
 }
 
 #if KS_X86
-/* Two independent sets of accumulators, 8 tags per iteration: the blends of one set do
- * not wait for the other's. */
+/* 8 tags per iteration into two independent sets of accumulators (the blends of one set
+ * do not wait for the other's). The loop covers whole blocks of 8 and blends the block
+ * number; the one partial block left (possibly empty) is scanned after it, with lanes past
+ * n masked off by index, whatever n is. */
+#define KS_AVX2_BLOCK(t0, t1, v0, v1)                                                     \
+    do {                                                                                  \
+        __m256i m0 = _mm256_and_si256(_mm256_cmpeq_epi64((t0), p), (v0));                 \
+        __m256i m1 = _mm256_and_si256(_mm256_cmpeq_epi64((t1), p), (v1));                 \
+        /* f follows the block number until a lane has found: then it stays */           \
+        f0 = _mm256_blendv_epi8(block, f0, found0);                                       \
+        f1 = _mm256_blendv_epi8(block, f1, found1);                                       \
+        l0 = _mm256_blendv_epi8(l0, block, m0);                                           \
+        l1 = _mm256_blendv_epi8(l1, block, m1);                                           \
+        found0 = _mm256_or_si256(found0, m0);                                             \
+        found1 = _mm256_or_si256(found1, m1);                                             \
+    } while (0)
+
 __attribute__((target("avx2"))) KS_EXPORT void ks_scan_avx2(const uint64_t *tags, Py_ssize_t n,
                                                              uint64_t probe, int64_t *first,
                                                              int64_t *last)
 {
     const __m256i p = _mm256_set1_epi64x((long long)probe);
-    const __m256i limit = _mm256_set1_epi64x((long long)n);
-    const __m256i step = _mm256_set1_epi64x(8);
-    __m256i idx0 = _mm256_setr_epi64x(0, 1, 2, 3);
-    __m256i idx1 = _mm256_setr_epi64x(4, 5, 6, 7);
+    const __m256i all = _mm256_set1_epi64x(-1);
+    const __m256i one = _mm256_set1_epi64x(1);
+    __m256i block = _mm256_setzero_si256();
     __m256i found0 = _mm256_setzero_si256(), found1 = _mm256_setzero_si256();
     __m256i f0 = _mm256_setzero_si256(), f1 = _mm256_setzero_si256();
     __m256i l0 = _mm256_setzero_si256(), l1 = _mm256_setzero_si256();
-    for (Py_ssize_t i = 0; i < n; i += 8) {
-        __m256i t0 = _mm256_load_si256((const __m256i *)(tags + i));
-        __m256i t1 = _mm256_load_si256((const __m256i *)(tags + i + 4));
-        __m256i m0 = _mm256_and_si256(_mm256_cmpeq_epi64(t0, p), _mm256_cmpgt_epi64(limit, idx0));
-        __m256i m1 = _mm256_and_si256(_mm256_cmpeq_epi64(t1, p), _mm256_cmpgt_epi64(limit, idx1));
-        f0 = _mm256_blendv_epi8(f0, idx0, _mm256_andnot_si256(found0, m0));
-        f1 = _mm256_blendv_epi8(f1, idx1, _mm256_andnot_si256(found1, m1));
-        l0 = _mm256_blendv_epi8(l0, idx0, m0);
-        l1 = _mm256_blendv_epi8(l1, idx1, m1);
-        found0 = _mm256_or_si256(found0, m0);
-        found1 = _mm256_or_si256(found1, m1);
-        idx0 = _mm256_add_epi64(idx0, step);
-        idx1 = _mm256_add_epi64(idx1, step);
+    Py_ssize_t whole = n & ~(Py_ssize_t)7;
+    for (Py_ssize_t i = 0; i < whole; i += 8) {
+        KS_AVX2_BLOCK(_mm256_load_si256((const __m256i *)(tags + i)),
+                      _mm256_load_si256((const __m256i *)(tags + i + 4)), all, all);
+        block = _mm256_add_epi64(block, one);
+    }
+    {
+        /* the table keeps at least 8 readable tags past whole (capacity > n, a multiple
+         * of 8) */
+        const __m256i limit = _mm256_set1_epi64x((long long)(n - whole));
+        __m256i valid0 = _mm256_cmpgt_epi64(limit, _mm256_setr_epi64x(0, 1, 2, 3));
+        __m256i valid1 = _mm256_cmpgt_epi64(limit, _mm256_setr_epi64x(4, 5, 6, 7));
+        KS_AVX2_BLOCK(_mm256_load_si256((const __m256i *)(tags + whole)),
+                      _mm256_load_si256((const __m256i *)(tags + whole + 4)), valid0, valid1);
     }
     uint64_t fa[8], la[8], ma[8];
     _mm256_storeu_si256((__m256i *)fa, f0);
@@ -258,8 +285,14 @@ __attribute__((target("avx2"))) KS_EXPORT void ks_scan_avx2(const uint64_t *tags
     _mm256_storeu_si256((__m256i *)(la + 4), l1);
     _mm256_storeu_si256((__m256i *)ma, found0);
     _mm256_storeu_si256((__m256i *)(ma + 4), found1);
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; j++) { /* block number -> index */
+        fa[j] = fa[j] * 8 + (uint64_t)j;
+        la[j] = la[j] * 8 + (uint64_t)j;
+    }
     reduce_lanes(ma, fa, la, 8, first, last);
 }
+#undef KS_AVX2_BLOCK
 
 KS_EXPORT void ks_scan_sse2(const uint64_t *tags, Py_ssize_t n, uint64_t probe, int64_t *first,
                             int64_t *last)
@@ -331,8 +364,10 @@ static int table_grow(Table *self, Py_ssize_t capacity)
         PyErr_NoMemory();
         return -1;
     }
+    /* 8 tags of padding past capacity: the AVX2 scan reads the block after the last
+     * whole one even when the table is full (those lanes are masked off). */
     uint64_t *tags = NULL;
-    if (posix_memalign((void **)&tags, 32, (size_t)capacity * sizeof *tags) != 0) {
+    if (posix_memalign((void **)&tags, 32, (size_t)(capacity + 8) * sizeof *tags) != 0) {
         PyErr_NoMemory();
         return -1;
     }
@@ -361,7 +396,7 @@ static int table_grow(Table *self, Py_ssize_t capacity)
         memcpy(tags, self->tags, (size_t)self->size * sizeof *tags);
     /* Past size the tags are masked off by index and the digests never match (the
      * match is masked), but both are read: keep them defined. */
-    memset(tags + self->size, 0, (size_t)(capacity - self->size) * sizeof *tags);
+    memset(tags + self->size, 0, (size_t)(capacity + 8 - self->size) * sizeof *tags);
     memset(digests + self->size, 0, (size_t)(capacity - self->size) * DIGEST_SIZE);
     free(self->tags);
     self->tags = tags;
