@@ -700,7 +700,7 @@ def test_keystile_http_exception_is_the_responses_one() -> None:
 class RevokeFailingStore(MemoryKeyStore):
     """A memory store whose revoke fails as an unreachable database would."""
 
-    async def revoke(self, key_id: str, owner: str, *, at: Any) -> bool:
+    async def revoke(self, key_id: str, owner: str, *, at: Any, **audit: str) -> bool:
         raise StoreError("revoke failed (connection refused)")
 
 

@@ -41,7 +41,7 @@ pytestmark = pytest.mark.anyio
 class RevokeFailingMemoryStore(MemoryKeyStore):
     """A memory store whose revoke fails as an unreachable database would; reads work."""
 
-    async def revoke(self, key_id: str, owner: str, *, at: datetime) -> bool:
+    async def revoke(self, key_id: str, owner: str, *, at: datetime, **audit: str) -> bool:
         raise StoreError("memory://: revoke failed (connection refused)")
 
 
