@@ -241,7 +241,11 @@ async def test_middleware_reaps_on_a_schedule(database_url: str) -> None:
             while (await manager.get(created.id, owner="acme")).revoked_at is None:
                 await anyio.sleep(0.02)
     await app.aclose()
+    events = await manager.events(owner="acme", key_id=created.id)
     await manager.close()
+    assert [(e.action, e.actor) for e in events if e.action == "reaped"] == [
+        ("reaped", "keystile:reaper")
+    ]
 
 
 # -- metadata every store can hold ------------------------------------------------------

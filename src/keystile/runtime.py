@@ -38,6 +38,8 @@ logger = logging.getLogger("keystile")
 SHUTDOWN_TIMEOUT = 10.0
 #: Cap of the delay before a failed background duty (or store open) is retried, seconds.
 BACKGROUND_RETRY_MAX = 5.0
+#: The actor the audit log records for keys the periodic reaper revokes.
+REAPER_ACTOR = "keystile:reaper"
 
 
 class KeystileRuntime:
@@ -228,7 +230,10 @@ class KeystileRuntime:
             now = utcnow()
             try:
                 reaped = await self.store.reap(
-                    unused_since=now - self.reap_unused_for, at=now, dry_run=False
+                    unused_since=now - self.reap_unused_for,
+                    at=now,
+                    dry_run=False,
+                    actor=REAPER_ACTOR,
                 )
             except StoreError as exc:
                 logger.warning("keystile: periodic reap failed: %s", exc)
