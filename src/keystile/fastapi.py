@@ -512,6 +512,8 @@ def _add_security(
                     middleware_body,
                 ),
                 "401": ("No API key, or one that is not valid.", unauthorized),
+                "429": ("The key is over its rate limit or its quota.", middleware_body),
+                "503": ("The key could not be checked right now; retry shortly.", middleware_body),
             }
             if any(s != _IMPLICIT_SCOPE for s in scopes):
                 refusals["403"] = (
