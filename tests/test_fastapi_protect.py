@@ -248,6 +248,18 @@ async def test_requirements_carry_the_route_scopes(protected: Callable[..., Fast
     assert operation(document, "/admin/items", "delete")["security"] == both
 
 
+async def test_protected_operations_document_429_and_503(
+    protected: Callable[..., FastAPI],
+) -> None:
+    """Each protected operation documents the limits' 429 and the 503 of an unchecked key;
+    exempt ones document neither."""
+    document = protected(exempt_paths=["/public"]).openapi()
+    responses = operation(document, "/whoami")["responses"]
+    for status in ("429", "503"):
+        assert responses[status]["content"]["application/json"]["schema"] == ERROR_REF
+        assert status not in operation(document, "/public")["responses"]
+
+
 async def test_protected_operations_document_401(protected: Callable[..., FastAPI]) -> None:
     """Each protected operation documents the middleware's 401 and its JSON body."""
     document = protected().openapi()
