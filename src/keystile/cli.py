@@ -24,6 +24,7 @@ from typing import Any, NoReturn, TypeVar
 
 import anyio
 
+from . import usage_chart
 from .config import DATABASE_URL_ENV, DEFAULT_DATABASE_URL, resolve_database_url
 from .durations import format_duration, parse_duration
 from .errors import KeystileError
@@ -66,6 +67,8 @@ examples:
   keystile rotate KEY_ID --owner acme --grace 1h
   keystile revoke KEY_ID --owner acme
   keystile reap --unused-for 90d --dry-run
+  keystile usage KEY_ID --owner acme --since 7d --by hour
+  keystile usage --owner acme --since 1d --top 10
   keystile demo
 """
 
@@ -303,6 +306,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
 
     p = command(
+        "usage",
+        "a key's requests and refused attempts over time, or an owner's busiest keys",
+        "keystile usage KEY_ID --owner acme --since 7d --by hour",
+    )
+    p.add_argument("key_id", metavar="KEY_ID", nargs="?", type=normalize_key_id)
+    p.add_argument("--owner", required=True)
+    p.add_argument(
+        "--since", type=_duration, default=timedelta(days=1), help="e.g. 1h, 7d (default: 1d)"
+    )
+    p.add_argument(
+        "--by", choices=("minute", "hour", "day"), default="hour", help="period (default: hour)"
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--plot", metavar="FILE.png", help="also draw a chart to a PNG (matplotlib)")
+    p.add_argument("--top", type=_quota, metavar="N", help="the owner's N busiest keys instead")
+
+    p = command(
         "demo",
         "serve an example app on 127.0.0.1 with a fresh key and print curl lines",
         "keystile demo --port 8000",
@@ -507,6 +527,38 @@ def _limit_changes(args: argparse.Namespace, *, required: bool = True) -> dict[s
     return {name: changes.get(name, UNCHANGED) for name in ("rate_limit", "quota", "quota_refill")}
 
 
+async def _usage(manager: KeyManager, args: argparse.Namespace) -> None:
+    if args.top is not None:
+        if args.key_id is not None or args.plot:
+            raise CommandError("--top lists an owner's keys: give no KEY_ID and no --plot")
+        if args.top < 1:
+            raise CommandError("--top takes at least 1")
+        totals = await manager.top_keys(args.owner, since=args.since, limit=args.top)
+        if args.json:
+            for total in totals:
+                _out(json.dumps(total.to_dict(), sort_keys=True))
+        else:
+            usage_chart.top_table(totals, args.owner, format_duration(args.since), _out, _err)
+        return
+    if args.key_id is None:
+        raise CommandError("give a KEY_ID, or --top N for the owner's busiest keys")
+    if args.plot:
+        usage_chart.require_matplotlib()
+    buckets = await manager.usage(args.key_id, owner=args.owner, since=args.since, by=args.by)
+    if args.json:
+        for bucket in buckets:
+            _out(json.dumps(bucket.to_dict(), sort_keys=True))
+    else:
+        now = utcnow()
+        for line in usage_chart.bar_chart(buckets, since=now - args.since, until=now, by=args.by):
+            _out(line)
+    if args.plot:
+        usage_chart.plot_png(
+            buckets, args.plot, title=f"key {args.key_id}, per {args.by}", by=args.by
+        )
+        _err(f"wrote {args.plot}")
+
+
 def _run_command(args: argparse.Namespace, url: str) -> int:
     command: str = args.command
 
@@ -584,6 +636,8 @@ def _run_command(args: argparse.Namespace, url: str) -> int:
             _print_created(created, args.json, "Rotated to")
             if not args.json:
                 _err(f"The old key {args.key_id} keeps working until the grace period ends.")
+        elif command == "usage":
+            await _usage(manager, args)
         elif command == "reap":
             records = await manager.reap(
                 unused_for=args.unused_for,

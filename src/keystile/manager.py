@@ -31,7 +31,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from types import TracebackType
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import anyio.to_thread
 from starlette.exceptions import WebSocketException
@@ -52,7 +52,15 @@ from .limits import normalize_rate_limit, quota_changes
 from .principal import APIKeyUser, normalize_cidrs
 from .responses import WEBSOCKET_TRY_AGAIN_LATER, KeystileHTTPException
 from .stores import store_from_url
-from .stores.base import SYSTEM_ACTOR, KeyEvent, KeyRecord, KeyStore, utcnow
+from .stores.base import (
+    SYSTEM_ACTOR,
+    KeyEvent,
+    KeyRecord,
+    KeyStore,
+    UsageBucket,
+    UsageTotal,
+    utcnow,
+)
 from .tokens import DEFAULT_PREFIX, generate_key, normalize_key_id, redact, validate_prefix
 
 __all__ = [
@@ -67,6 +75,9 @@ logger = logging.getLogger("keystile")
 
 MAX_NAME_LENGTH = 64
 MAX_OWNER_LENGTH = 255
+#: ``KeyManager.usage``'s periods and their length in seconds.
+UsageGranularity = Literal["minute", "hour", "day"]
+USAGE_GRANULARITIES: dict[str, int] = {"minute": 60, "hour": 3600, "day": 86400}
 #: How long the old key keeps working after ``rotate``.
 DEFAULT_ROTATION_GRACE = timedelta(hours=1)
 _SCOPE_RE = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")  # RFC 6749 scope-token
@@ -422,6 +433,42 @@ class KeyManager:
             raise KeyManagementError("older_than must not be negative")
         return await self.store.prune_events(before=utcnow() - older_than)
 
+    async def usage(
+        self,
+        key_id: str,
+        *,
+        owner: str,
+        since: timedelta | datetime,
+        until: datetime | None = None,
+        by: UsageGranularity = "minute",
+    ) -> builtins.list[UsageBucket]:
+        """``owner``'s key's usage (by id or display form): per ``by`` period (``minute``,
+        ``hour`` or ``day``, UTC), the requests it authenticated and the attempts refused
+        against it (wrong secret, revoked, expired, disabled), oldest first, periods
+        without any omitted. ``since`` (a moment, or a ``timedelta`` back from now) is
+        rounded down to the start of its period, so the first bucket is whole; ``until``
+        is exclusive. Counts reach the store with each process's flush (``flush_interval``).
+        Another owner's key raises ``KeyNotFound``."""
+        seconds = USAGE_GRANULARITIES.get(by)
+        if seconds is None:
+            raise KeyManagementError(
+                f"by must be one of {', '.join(USAGE_GRANULARITIES)}, not {by!r}"
+            )
+        record = await self.get(key_id, owner=owner)
+        start = _period_start(_since(since), seconds)
+        return await self.store.usage(
+            record.id, owner, since=start, until=_until(until), bucket_seconds=seconds
+        )
+
+    async def top_keys(
+        self, owner: str, *, since: timedelta | datetime, limit: int = 10
+    ) -> builtins.list[UsageTotal]:
+        """``owner``'s ``limit`` busiest keys since ``since`` (most requests first), with
+        the attempts refused against each."""
+        if limit < 1:
+            raise KeyManagementError("limit must be at least 1")
+        return await self.store.top_usage(owner, since=_since(since), until=None, limit=limit)
+
     async def update(
         self,
         key_id: str,
@@ -657,6 +704,28 @@ class KeyManager:
             replaces=replaces,
         )
         return record, plaintext
+
+
+def _since(since: timedelta | datetime) -> datetime:
+    if isinstance(since, timedelta):
+        if since < timedelta(0):
+            raise KeyManagementError("since must not be negative")
+        return utcnow() - since
+    if since.tzinfo is None:
+        raise KeyManagementError("since must be timezone-aware")
+    return since
+
+
+def _until(until: datetime | None) -> datetime | None:
+    if until is not None and until.tzinfo is None:
+        raise KeyManagementError("until must be timezone-aware")
+    return until
+
+
+def _period_start(moment: datetime, seconds: int) -> datetime:
+    """The start of the UTC period of ``seconds`` that holds ``moment``."""
+    epoch = math.floor(moment.timestamp()) // seconds * seconds
+    return datetime.fromtimestamp(epoch, timezone.utc)
 
 
 def _later(now: datetime, delta: timedelta, what: str) -> datetime:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.authentication import AuthCredentials, UnauthenticatedUser
 from starlette.middleware.cors import CORSMiddleware
@@ -55,6 +55,9 @@ from .verifier import (
     Verifier,
 )
 
+if TYPE_CHECKING:
+    from .metrics import PrometheusMetrics
+
 __all__ = ["APIKeyMiddleware", "ErrorHandler"]
 
 logger = logging.getLogger("keystile")
@@ -65,6 +68,8 @@ DEFAULT_HEADER_NAME = "X-API-Key"
 DEFAULT_REALM = "api"
 #: With ``reap_every``: keys unused for longer than this are revoked.
 DEFAULT_REAP_UNUSED_FOR = timedelta(days=90)
+#: Per-key usage rows older than this are deleted in the background (``None``: kept).
+DEFAULT_USAGE_RETENTION = timedelta(days=90)
 #: The header a CORS preflight answer carries and no other response needs.
 _PREFLIGHT_ANSWER_HEADER = b"access-control-allow-methods"
 
@@ -154,6 +159,8 @@ class APIKeyMiddleware:
         default_rate_limit: str | None = None,
         rate_limit_on_error: OnError = "allow",
         rate_limit_headers: bool = False,
+        usage_retention: timedelta | None = DEFAULT_USAGE_RETENTION,
+        metrics: bool | PrometheusMetrics = False,
     ) -> None:
         self.app = app
         runtime_options: dict[str, Any] = {
@@ -173,6 +180,7 @@ class APIKeyMiddleware:
             "per_key_pending": per_key_pending,
             "reap_every": reap_every,
             "reap_unused_for": reap_unused_for,
+            "usage_retention": usage_retention,
         }
         self.runtime = KeystileRuntime.shared(
             configuration_key(runtime_options), lambda: _build_runtime(**runtime_options)
@@ -212,6 +220,12 @@ class APIKeyMiddleware:
             headers=rate_limit_headers,
         )
         self._limit_every_key = self.limits.limits_every_key
+        if metrics:
+            # Read at scrape time from the runtime's counters: the hit path pays nothing.
+            from .metrics import PrometheusMetrics
+
+            exporter = metrics if isinstance(metrics, PrometheusMetrics) else PrometheusMetrics()
+            exporter.install(self.runtime)
 
     # -- ASGI -----------------------------------------------------------------------
 
@@ -437,6 +451,7 @@ def _build_runtime(
     flush_max: int,
     reap_every: float | None,
     reap_unused_for: timedelta,
+    usage_retention: timedelta | None,
     **verifier_options: Any,
 ) -> KeystileRuntime:
     owns_store = store is None
@@ -452,4 +467,5 @@ def _build_runtime(
         owns_store=owns_store,
         reap_every=reap_every,
         reap_unused_for=reap_unused_for,
+        usage_retention=usage_retention,
     )

@@ -23,6 +23,7 @@ from datetime import timedelta
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 
 from .errors import StoreError
 from .stats import KeystileStats
@@ -30,7 +31,13 @@ from .stores.base import KeyStore, utcnow
 from .usage import UsageRecorder
 from .verifier import Verifier
 
-__all__ = ["BACKGROUND_RETRY_MAX", "SHUTDOWN_TIMEOUT", "KeystileRuntime"]
+__all__ = [
+    "BACKGROUND_RETRY_MAX",
+    "SHUTDOWN_TIMEOUT",
+    "USAGE_PRUNE_BATCH",
+    "USAGE_PRUNE_EVERY",
+    "KeystileRuntime",
+]
 
 logger = logging.getLogger("keystile")
 
@@ -38,6 +45,10 @@ logger = logging.getLogger("keystile")
 SHUTDOWN_TIMEOUT = 10.0
 #: Cap of the delay before a failed background duty (or store open) is retried, seconds.
 BACKGROUND_RETRY_MAX = 5.0
+#: Seconds between deletions of usage rows older than ``usage_retention``.
+USAGE_PRUNE_EVERY = 3600.0
+#: Usage rows deleted per statement: short transactions, never one long lock.
+USAGE_PRUNE_BATCH = 10_000
 #: The actor the audit log records for keys the periodic reaper revokes.
 REAPER_ACTOR = "keystile:reaper"
 
@@ -57,6 +68,8 @@ class KeystileRuntime:
         owns_store: bool,
         reap_every: float | None = None,
         reap_unused_for: timedelta = timedelta(days=90),
+        usage_retention: timedelta | None = timedelta(days=90),
+        usage_prune_every: float = USAGE_PRUNE_EVERY,
     ) -> None:
         self.store = store
         self.verifier = verifier
@@ -64,6 +77,13 @@ class KeystileRuntime:
         self.owns_store = owns_store
         self.reap_every = reap_every
         self.reap_unused_for = reap_unused_for
+        self.usage_retention = usage_retention
+        self.usage_prune_every = usage_prune_every
+        #: Rejected attempts against a key id are counted in its usage, per minute.
+        verifier.on_reject = self._count_reject
+        #: Duties others attach (the metrics snapshot writer), and calls made at ``stop``.
+        self.extra_duties: dict[str, Callable[[], Awaitable[None]]] = {}
+        self.stop_hooks: list[Callable[[], None]] = []
         #: True while background work runs: the one check the request path makes.
         self.running = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -142,6 +162,11 @@ class KeystileRuntime:
                 )
             if self.owns_store:
                 await self.store.close()
+        for hook in list(self.stop_hooks):
+            try:
+                hook()
+            except Exception:
+                logger.exception("keystile: a shutdown hook failed")
 
     # -- operator API -----------------------------------------------------------------
 
@@ -170,6 +195,10 @@ class KeystileRuntime:
             rate_limited=c.rate_limited,
             quota_exceeded=c.quota_exceeded,
             rate_limit_errors=c.rate_limit_errors,
+            argon2_buckets=tuple(c.argon2_buckets),
+            usage_pending=self.recorder.pending_usage,
+            usage_rows_written=self.recorder.usage_rows_written,
+            usage_dropped=self.recorder.usage_dropped,
         )
 
     # -- background duties --------------------------------------------------------------
@@ -181,6 +210,10 @@ class KeystileRuntime:
             tg.start_soon(self._supervise, "cache upkeep", self._maintain_cache)
             if self.reap_every:
                 tg.start_soon(self._supervise, "periodic reaper", self._reap_periodically)
+            if self.usage_retention is not None:
+                tg.start_soon(self._supervise, "usage retention", self._prune_usage_periodically)
+            for name, duty in list(self.extra_duties.items()):
+                tg.start_soon(self._supervise, name, duty)
 
     @staticmethod
     async def _supervise(name: str, duty: Callable[[], Awaitable[None]]) -> None:
@@ -222,6 +255,33 @@ class KeystileRuntime:
                 await self.verifier.refresh_stale()
             except StoreError as exc:
                 logger.debug("keystile: state refresh deferred, store unavailable: %s", exc)
+
+    def _count_reject(self, key_id: str) -> None:
+        self.recorder.reject(key_id, self.verifier.clock())
+
+    async def _prune_usage_periodically(self) -> None:
+        """Delete usage rows older than ``usage_retention``, in batches, now and then
+        every ``usage_prune_every`` seconds. Every process does it; the deletes are
+        idempotent, so the first to run does the work."""
+        assert self.usage_retention is not None
+        prune = getattr(self.store, "prune_usage", None)
+        if prune is None:  # a store of its own that keeps no usage
+            return
+        while True:
+            before = utcnow() - self.usage_retention
+            try:
+                total = 0
+                while True:
+                    deleted: int = await prune(before=before, limit=USAGE_PRUNE_BATCH)
+                    total += deleted
+                    if deleted < USAGE_PRUNE_BATCH:
+                        break
+                    await anyio.lowlevel.checkpoint()
+                if total:
+                    logger.info("keystile: deleted %d usage rows older than %s", total, before)
+            except StoreError as exc:
+                logger.warning("keystile: deleting old usage rows failed: %s", exc)
+            await anyio.sleep(self.usage_prune_every)
 
     async def _reap_periodically(self) -> None:
         assert self.reap_every is not None

@@ -6,7 +6,11 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["Counters", "KeystileStats"]
+__all__ = ["ARGON2_BUCKETS", "Counters", "KeystileStats"]
+
+#: Upper bounds (seconds) of the argon2 duration histogram: around the 10-100 ms a
+#: verification should cost, and far past it (a starved thread pool, a bad parameter set).
+ARGON2_BUCKETS: tuple[float, ...] = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 @dataclass(slots=True)
@@ -28,6 +32,9 @@ class Counters:
     quota_exceeded: int = 0
     rate_limit_errors: int = 0
     rejects: Counter[str] = field(default_factory=Counter)
+    #: argon2 verifications by duration: ``[i]`` counts those in ``ARGON2_BUCKETS[i-1],
+    #: ARGON2_BUCKETS[i]`` (the last, those above every bound). Bumped on the miss path.
+    argon2_buckets: list[int] = field(default_factory=lambda: [0] * (len(ARGON2_BUCKETS) + 1))
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +67,13 @@ class KeystileStats:
     rate_limited: int = 0
     quota_exceeded: int = 0
     rate_limit_errors: int = 0
+    #: argon2 verifications per duration bucket (``ARGON2_BUCKETS``, then above them).
+    argon2_buckets: tuple[int, ...] = ()
+    #: Per-key, per-minute usage rows waiting for the next flush, written, and dropped
+    #: because the store stayed unreachable past ``max_usage_rows``.
+    usage_pending: int = 0
+    usage_rows_written: int = 0
+    usage_dropped: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

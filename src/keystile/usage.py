@@ -10,6 +10,15 @@ It also carries quota uses: ``count_use`` is another dict write, and the same st
 that writes ``last_used_at`` takes each key's uses from its remaining quota and returns
 what is left, which listeners (the limit enforcer) learn after every flush: that is how
 a process hears of the uses of every other process.
+
+And it counts, per key and per minute, authenticated requests (``touch``: one more
+integer add in the same call) and attempts refused against a key id (``reject``: wrong
+secret, revoked, expired, disabled). The counts of the current minute are per-key
+integers; at each minute boundary, and at each flush, they are folded into
+``(key id, minute)`` rows that the same flush adds to the store's usage table in one
+statement (Postgres) or one transaction (SQLite). A failed write keeps its rows and
+retries with the touches; at most ``max_usage_rows`` rows wait, the oldest minutes
+dropped (and counted) past that, so a long outage cannot grow memory without bound.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import defaultdict
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 
@@ -28,6 +38,7 @@ __all__ = [
     "DEFAULT_FLUSH_INTERVAL",
     "DEFAULT_FLUSH_MAX",
     "DEFAULT_FLUSH_TIMEOUT",
+    "DEFAULT_MAX_USAGE_ROWS",
     "QuotaListener",
     "UsageRecorder",
 ]
@@ -45,6 +56,9 @@ DEFAULT_FLUSH_MAX = 1_000
 DEFAULT_FLUSH_TIMEOUT = 10.0
 #: Longest wait between retries while the store keeps failing.
 DEFAULT_MAX_BACKOFF = 60.0
+#: ``(key, minute)`` usage rows kept while the store is unreachable (about 100 bytes
+#: each); past this the oldest minutes are dropped and counted in ``usage_dropped``.
+DEFAULT_MAX_USAGE_ROWS = 100_000
 
 
 class UsageRecorder:
@@ -56,6 +70,8 @@ class UsageRecorder:
         flush_max: int = DEFAULT_FLUSH_MAX,
         flush_timeout: float = DEFAULT_FLUSH_TIMEOUT,
         max_backoff: float = DEFAULT_MAX_BACKOFF,
+        max_usage_rows: int = DEFAULT_MAX_USAGE_ROWS,
+        count_usage: bool = True,
     ) -> None:
         if flush_interval <= 0 or flush_max < 1:
             raise ValueError("flush_interval must be positive and flush_max at least 1")
@@ -75,6 +91,17 @@ class UsageRecorder:
         self._uses: dict[str, int] = {}
         self._uses_in_flight: dict[str, int] = {}
         self._quota_listeners: list[QuotaListener] = []
+        #: Per-key counts of the minute starting at ``_minute`` (epoch seconds), and the
+        #: folded ``(key id, minute) -> [requests, rejected]`` rows awaiting a flush.
+        self.max_usage_rows = max_usage_rows
+        self.usage_rows_written = 0
+        self.usage_dropped = 0
+        self._requests: defaultdict[str, int] = defaultdict(int)
+        self._rejected: defaultdict[str, int] = defaultdict(int)
+        self._minute = 0
+        self._minute_end = -math.inf
+        self._counts: dict[tuple[str, int], list[int]] = {}
+        self.count_usage = count_usage
 
     @property
     def pending(self) -> int:
@@ -83,12 +110,94 @@ class UsageRecorder:
             return len(self._pending)
         return len(self._pending.keys() | self._in_flight.keys())
 
+    @property
+    def count_usage(self) -> bool:
+        """Whether ``touch`` counts requests per key and minute (``reject`` always counts)."""
+        return "touch" not in self.__dict__
+
+    @count_usage.setter
+    def count_usage(self, on: bool) -> None:
+        # The switch costs the hit path nothing: an instance attribute shadows the method.
+        if on:
+            self.__dict__.pop("touch", None)
+        else:
+            self.__dict__["touch"] = self._touch_uncounted
+
+    @property
+    def pending_usage(self) -> int:
+        """Usage rows (key, minute) counted and not yet in the store."""
+        return len(self._counts) + len(self._requests.keys() | self._rejected.keys())
+
     def touch(self, key_id: str, at: float) -> None:
-        """Record a use of ``key_id`` at wall-clock epoch ``at``. No I/O."""
+        """Record a use of ``key_id`` at wall-clock epoch ``at``, and count the request in
+        its minute. No I/O."""
+        if at > self._pending.get(key_id, -math.inf):
+            self._pending[key_id] = at
+        if at >= self._minute_end:
+            self._start_minute(at)
+        self._requests[key_id] += 1
+        if len(self._pending) >= self.flush_max and self._wakeup is not None:
+            self._wakeup.set()
+
+    def _touch_uncounted(self, key_id: str, at: float) -> None:
+        """``touch`` with ``count_usage=False``: ``last_used_at`` alone."""
         if at > self._pending.get(key_id, -math.inf):
             self._pending[key_id] = at
         if len(self._pending) >= self.flush_max and self._wakeup is not None:
             self._wakeup.set()
+
+    def reject(self, key_id: str, at: float) -> None:
+        """Count an attempt refused against ``key_id`` (an existing key) at epoch ``at``."""
+        if at >= self._minute_end:
+            self._start_minute(at)
+        self._rejected[key_id] += 1
+
+    def _start_minute(self, at: float) -> None:
+        """Fold the ending minute's counts into rows and start counting the minute of ``at``."""
+        self._fold()
+        minute = int(at // 60) * 60
+        self._minute = minute
+        self._minute_end = minute + 60.0
+
+    def _fold(self) -> None:
+        minute, counts = self._minute, self._counts
+        if self._requests:
+            requests, self._requests = self._requests, defaultdict(int)
+            for key_id, n in requests.items():
+                row = counts.get((key_id, minute))
+                if row is None:
+                    counts[(key_id, minute)] = [n, 0]
+                else:
+                    row[0] += n
+        if self._rejected:
+            rejected, self._rejected = self._rejected, defaultdict(int)
+            for key_id, n in rejected.items():
+                row = counts.get((key_id, minute))
+                if row is None:
+                    counts[(key_id, minute)] = [0, n]
+                else:
+                    row[1] += n
+
+    def _restore_counts(self, rows: dict[tuple[str, int], list[int]]) -> None:
+        """Put back the rows of a failed write, newer counts merged in, within the bound."""
+        for key, (requests, rejected) in rows.items():
+            row = self._counts.get(key)
+            if row is None:
+                self._counts[key] = [requests, rejected]
+            else:
+                row[0] += requests
+                row[1] += rejected
+        excess = len(self._counts) - self.max_usage_rows
+        if excess > 0:
+            for key in sorted(self._counts, key=lambda k: k[1])[:excess]:
+                del self._counts[key]
+            if not self.usage_dropped:
+                logger.warning(
+                    "keystile: the store is unreachable and %d usage rows are waiting;"
+                    " dropping the oldest minutes",
+                    self.max_usage_rows,
+                )
+            self.usage_dropped += excess
 
     def count_use(self, key_id: str) -> None:
         """Count one quota use of ``key_id``, taken from the store's remaining count by the
@@ -107,6 +216,36 @@ class UsageRecorder:
 
     async def flush(self) -> int:
         """Write everything pending now; on failure the batch is kept and the error raised."""
+        self._fold()
+        counts, self._counts = self._counts, {}
+        try:
+            written = await self._flush_touches()
+        except BaseException:
+            self._restore_counts(counts)
+            raise
+        if counts:
+            await self._flush_counts(counts)
+        return written
+
+    async def _flush_counts(self, counts: dict[tuple[str, int], list[int]]) -> None:
+        add_usage = getattr(self.store, "add_usage", None)
+        if add_usage is None:  # a store of its own that keeps no usage
+            return
+        rows = {
+            (key_id, datetime.fromtimestamp(minute, timezone.utc)): (row[0], row[1])
+            for (key_id, minute), row in counts.items()
+        }
+        try:
+            with anyio.fail_after(self.flush_timeout):
+                await add_usage(rows)
+        except BaseException as exc:
+            if isinstance(exc, Exception):
+                self.flush_failures += 1
+            self._restore_counts(counts)
+            raise
+        self.usage_rows_written += len(rows)
+
+    async def _flush_touches(self) -> int:
         if not self._pending and not self._uses:
             return 0
         batch, self._pending = self._pending, {}

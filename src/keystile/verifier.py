@@ -31,6 +31,7 @@ import logging
 import math
 import os
 import time
+from bisect import bisect_left
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -44,7 +45,7 @@ from .cache import CachedKey, VerifiedKeyCache
 from .errors import AuthenticationError, InvalidToken, ServiceUnavailable, StoreError
 from .hashing import DEFAULT_PARAMETERS, SecretHasher
 from .principal import APIKeyUser
-from .stats import Counters
+from .stats import ARGON2_BUCKETS, Counters
 from .stores.base import KeyRecord, KeyStore
 from .tokens import MAX_TOKEN_LENGTH, ParsedKey, parse_key
 
@@ -192,6 +193,10 @@ class Verifier:
         self.slow_store_failure = SLOW_STORE_FAILURE
         self._store_down_until = -math.inf
         self._limiter: tuple[asyncio.AbstractEventLoop, anyio.CapacityLimiter] | None = None
+        #: Told the key id of every attempt refused against an existing key (wrong secret,
+        #: revoked, expired, disabled): the usage recorder counts them per key and minute.
+        #: Unknown ids and malformed keys are nobody's, so they are not reported.
+        self.on_reject: Callable[[str], None] | None = None
 
     # -- the request path -----------------------------------------------------------
 
@@ -243,12 +248,12 @@ class Verifier:
             return await self._verify_miss(token, digest)
         self.counters.cache_hits += 1
         if self._expired(entry):
-            raise InvalidToken("expired")
+            raise self._rejected(entry.key_id, "expired")
         if now - entry.checked_at > self.cache_ttl:
             stale = entry
             entry = await self._flights.run(b"refresh:" + digest, lambda: self._reload(stale))
             if self._expired(entry):
-                raise InvalidToken("expired")
+                raise self._rejected(entry.key_id, "expired")
         return entry
 
     async def _verify_miss(self, token: bytes, digest: bytes) -> CachedKey:
@@ -257,6 +262,8 @@ class Verifier:
             remembered = self._negative.get(digest)
             if remembered is not None:
                 self.counters.negative_hits += 1
+                if remembered[0] != "unknown":
+                    raise self._rejected(parsed.key_id, remembered[0])
                 raise InvalidToken(remembered[0])
         return await self._flights.run(digest, lambda: self._prove(parsed, digest))
 
@@ -278,7 +285,9 @@ class Verifier:
                 self.argon2_in_flight -= 1
         self.counters.argon2_verifications += 1
         self.counters.argon2_seconds += seconds
+        self.counters.argon2_buckets[bisect_left(ARGON2_BUCKETS, seconds)] += 1
         if not matched:
+            self._rejected(record.id, "wrong_secret")
             raise self._remember(digest, "wrong_secret")
         if upgraded is not None:
             await self._upgrade_hash(record, upgraded)
@@ -287,6 +296,7 @@ class Verifier:
             raise self._remember(digest, "unknown")
         status = settled.status(datetime.fromtimestamp(self.clock(), timezone.utc))
         if status != "active":
+            self._rejected(settled.id, status)
             raise self._remember(digest, status, settled.id)
         entry = self._entry(settled)
         if settled_epoch is not None:
@@ -360,7 +370,7 @@ class Verifier:
         fresh = self._apply(entry, record, epoch)
         if fresh is None:
             disabled = record is not None and record.revoked_at is None
-            raise InvalidToken("disabled" if disabled else "revoked")
+            raise self._rejected(entry.key_id, "disabled" if disabled else "revoked")
         return fresh
 
     # -- background work ------------------------------------------------------------
@@ -425,6 +435,13 @@ class Verifier:
             await self.store.update_hash(record.id, secret_hash)
         except StoreError as exc:
             logger.warning("keystile: could not upgrade the hash of key %s: %s", record.id, exc)
+
+    def _rejected(self, key_id: str, reason: str) -> InvalidToken:
+        """Report an attempt refused against ``key_id`` to ``on_reject``; the refusal."""
+        on_reject = self.on_reject
+        if on_reject is not None:
+            on_reject(key_id)
+        return InvalidToken(reason)
 
     def _remember(self, digest: bytes, reason: str, key_id: str | None = None) -> InvalidToken:
         if self._negative is not None:

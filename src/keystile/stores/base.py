@@ -27,6 +27,9 @@ __all__ = [
     "KeyStore",
     "LocalChangeBus",
     "QuotaState",
+    "UsageBucket",
+    "UsageCounts",
+    "UsageTotal",
     "apply_uses",
     "created_detail",
     "event_detail",
@@ -69,6 +72,47 @@ class QuotaState:
 
     remaining: int
     reset_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class UsageBucket:
+    """A key's use in one period starting at ``start`` (UTC): requests it authenticated,
+    and attempts refused against its id (wrong secret, revoked, expired, disabled)."""
+
+    start: datetime
+    requests: int
+    rejected: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (``keystile usage --json``)."""
+        return {
+            "start": self.start.isoformat(),
+            "requests": self.requests,
+            "rejected": self.rejected,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class UsageTotal:
+    """One key's use over a period: a row of ``KeyManager.top_keys``."""
+
+    key_id: str
+    name: str
+    requests: int
+    rejected: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "key_id": self.key_id,
+            "name": self.name,
+            "requests": self.requests,
+            "rejected": self.rejected,
+        }
+
+
+#: What a usage flush writes: ``(key_id, minute start) -> (requests, rejected)``, added to
+#: what the store already holds for that minute (other processes count the same minutes).
+UsageCounts = Mapping[tuple[str, datetime], tuple[int, int]]
 
 
 #: Called with a key id whose state changed, or with ``None`` when changes may have
@@ -386,6 +430,31 @@ class KeyStore(Protocol):
 
         Returns the quota state after the write of every touched key that has a quota,
         so each process learns what the others used."""
+
+    async def add_usage(self, counts: UsageCounts) -> None:
+        """Add per-minute request and rejection counts, in one statement (Postgres: an
+        upsert from ``unnest``) or one transaction, never one write per request."""
+
+    async def usage(
+        self,
+        key_id: str,
+        owner: str,
+        *,
+        since: datetime,
+        until: datetime | None,
+        bucket_seconds: int,
+    ) -> list[UsageBucket]:
+        """``owner``'s key's counts from ``since`` (inclusive) to ``until`` (exclusive),
+        summed into buckets of ``bucket_seconds`` aligned to the Unix epoch (UTC), oldest
+        first; only buckets with counts. Another owner's key reads as empty."""
+
+    async def top_usage(
+        self, owner: str, *, since: datetime, until: datetime | None, limit: int
+    ) -> list[UsageTotal]:
+        """``owner``'s ``limit`` busiest keys over the period, most requests first."""
+
+    async def prune_usage(self, *, before: datetime, limit: int) -> int:
+        """Delete at most ``limit`` usage rows of minutes before ``before``; how many."""
 
     async def update(
         self,

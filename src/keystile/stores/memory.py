@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 from ..errors import DuplicateKeyName
@@ -23,6 +23,9 @@ from .base import (
     KeyRecord,
     LocalChangeBus,
     QuotaState,
+    UsageBucket,
+    UsageCounts,
+    UsageTotal,
     apply_uses,
     created_detail,
     event_detail,
@@ -47,15 +50,18 @@ def _duplicate(owner: str, name: str) -> DuplicateKeyName:
 class MemoryKeyStore:
     _named: dict[str, dict[str, KeyRecord]] = {}
     _named_events: dict[str, list[KeyEvent]] = {}
+    _named_usage: dict[str, dict[tuple[str, datetime], list[int]]] = {}
 
     def __init__(self, name: str | None = None) -> None:
         if name:
             self._rows = self._named.setdefault(name, {})
             self._events = self._named_events.setdefault(name, [])
+            self._usage = self._named_usage.setdefault(name, {})
             identity = f"memory://{name}"
         else:
             self._rows = {}
             self._events = []
+            self._usage = {}
             identity = f"memory://#{next(_anonymous)}"
         self.display_url = identity
         self._bus = LocalChangeBus.for_identity(identity)
@@ -198,6 +204,66 @@ class MemoryKeyStore:
                 quotas[key_id] = QuotaState(record.quota_remaining, record.quota_reset_at)
             self._rows[key_id] = record
         return quotas
+
+    async def add_usage(self, counts: UsageCounts) -> None:
+        usage = self._usage
+        for key, (requests, rejected) in counts.items():
+            row = usage.get(key)
+            if row is None:
+                usage[key] = [requests, rejected]
+            else:
+                row[0] += requests
+                row[1] += rejected
+
+    async def usage(
+        self,
+        key_id: str,
+        owner: str,
+        *,
+        since: datetime,
+        until: datetime | None,
+        bucket_seconds: int,
+    ) -> list[UsageBucket]:
+        record = self._rows.get(key_id)
+        if record is None or record.owner != owner:
+            return []
+        sums: dict[int, list[int]] = {}
+        for (kid, minute), (requests, rejected) in self._usage.items():
+            if kid != key_id or minute < since or (until is not None and minute >= until):
+                continue
+            start = int(minute.timestamp()) // bucket_seconds * bucket_seconds
+            row = sums.setdefault(start, [0, 0])
+            row[0] += requests
+            row[1] += rejected
+        return [
+            UsageBucket(datetime.fromtimestamp(start, timezone.utc), requests, rejected)
+            for start, (requests, rejected) in sorted(sums.items())
+        ]
+
+    async def top_usage(
+        self, owner: str, *, since: datetime, until: datetime | None, limit: int
+    ) -> list[UsageTotal]:
+        sums: dict[str, list[int]] = {}
+        for (kid, minute), (requests, rejected) in self._usage.items():
+            record = self._rows.get(kid)
+            if record is None or record.owner != owner:
+                continue
+            if minute < since or (until is not None and minute >= until):
+                continue
+            row = sums.setdefault(kid, [0, 0])
+            row[0] += requests
+            row[1] += rejected
+        ranked = sorted(sums.items(), key=lambda item: (-item[1][0], -item[1][1], item[0]))
+        return [
+            UsageTotal(kid, self._rows[kid].name, requests, rejected)
+            for kid, (requests, rejected) in ranked[:limit]
+        ]
+
+    async def prune_usage(self, *, before: datetime, limit: int) -> int:
+        old = [key for key in self._usage if key[1] < before][:limit]
+        for key in old:
+            del self._usage[key]
+        return len(old)
 
     async def update(
         self,

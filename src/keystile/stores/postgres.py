@@ -48,6 +48,9 @@ from .base import (
     KeyRecord,
     LocalChangeBus,
     QuotaState,
+    UsageBucket,
+    UsageCounts,
+    UsageTotal,
     created_detail,
     event_detail,
     reaped_detail,
@@ -164,6 +167,16 @@ _MIGRATIONS: list[str] = [
     CREATE INDEX keystile_events_key_at ON {schema}.keystile_events (key_id, at);
     CREATE INDEX keystile_events_at ON {schema}.keystile_events (at);
     """,
+    """
+    CREATE TABLE {schema}.keystile_usage (
+        key_id text NOT NULL,
+        minute timestamptz NOT NULL,
+        requests bigint NOT NULL DEFAULT 0,
+        rejected bigint NOT NULL DEFAULT 0,
+        PRIMARY KEY (key_id, minute)
+    );
+    CREATE INDEX keystile_usage_minute ON {schema}.keystile_usage (minute);
+    """,
 ]
 
 #: The fields ``update`` may change, with the SQL type of their parameter.
@@ -209,6 +222,16 @@ _TOUCH_SQL = (
     " ELSE GREATEST(COALESCE(k.quota_remaining, k.quota) - t.n, 0) END"
     " FROM unnest($1::text[], $2::timestamptz[], $3::bigint[]) AS t(id, at, n)"
     " WHERE k.id = t.id RETURNING k.id, k.quota, k.quota_remaining, k.quota_reset_at"
+)
+
+
+#: One statement per usage flush: every (key, minute) row added to what other processes
+#: already wrote for it.
+_USAGE_UPSERT = (
+    "INSERT INTO {usage} AS u (key_id, minute, requests, rejected)"
+    " SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::bigint[], $4::bigint[])"
+    " ON CONFLICT (key_id, minute) DO UPDATE SET requests = u.requests + EXCLUDED.requests,"
+    " rejected = u.rejected + EXCLUDED.rejected"
 )
 
 
@@ -360,6 +383,7 @@ class PostgresKeyStore:
         q = f'"{self.schema}"'
         self._q = q
         self._keys = f"{q}.keystile_keys"
+        self._usage = f"{q}.keystile_usage"
         self._pool: asyncpg.Pool | None = None
         self._pool_loop: asyncio.AbstractEventLoop | None = None
         self._lock: asyncio.Lock | None = None
@@ -848,6 +872,74 @@ class PostgresKeyStore:
             async with self._connection("touch_many") as conn:
                 return await touch(conn)
         return await self._idempotent("touch_many", touch)
+
+    async def add_usage(self, counts: UsageCounts) -> None:
+        if not counts:
+            return
+        # Sorted, so two processes upserting the same rows lock them in the same order.
+        keys = sorted(counts)
+        args = (
+            [k for k, _ in keys],
+            [m for _, m in keys],
+            [counts[k][0] for k in keys],
+            [counts[k][1] for k in keys],
+        )
+        # Adding is not idempotent (a retry after a lost acknowledgement would count
+        # twice): no retry here; the recorder keeps a failed batch and tries again.
+        async with self._connection("add_usage") as conn:
+            await conn.execute(_USAGE_UPSERT.format(usage=self._usage), *args)
+
+    async def usage(
+        self,
+        key_id: str,
+        owner: str,
+        *,
+        since: datetime,
+        until: datetime | None,
+        bucket_seconds: int,
+    ) -> list[UsageBucket]:
+        sql = (
+            "SELECT to_timestamp(floor(extract(epoch FROM u.minute) / $5) * $5) AS start,"  # noqa: S608
+            " sum(u.requests)::bigint AS requests, sum(u.rejected)::bigint AS rejected"
+            f" FROM {self._usage} AS u JOIN {self._keys} AS k ON k.id = u.key_id"
+            " WHERE u.key_id = $1 AND k.owner = $2 AND u.minute >= $3"
+            " AND ($4::timestamptz IS NULL OR u.minute < $4) GROUP BY 1 ORDER BY 1"
+        )
+
+        async def usage(conn: Any) -> list[UsageBucket]:
+            rows = await conn.fetch(sql, key_id, owner, since, until, bucket_seconds)
+            return [UsageBucket(r["start"], r["requests"], r["rejected"]) for r in rows]
+
+        return await self._idempotent("usage", usage)
+
+    async def top_usage(
+        self, owner: str, *, since: datetime, until: datetime | None, limit: int
+    ) -> list[UsageTotal]:
+        sql = (
+            "SELECT u.key_id, k.name, sum(u.requests)::bigint AS requests,"  # noqa: S608
+            " sum(u.rejected)::bigint AS rejected"
+            f" FROM {self._usage} AS u JOIN {self._keys} AS k ON k.id = u.key_id"
+            " WHERE k.owner = $1 AND u.minute >= $2 AND ($3::timestamptz IS NULL OR u.minute < $3)"
+            " GROUP BY u.key_id, k.name ORDER BY requests DESC, rejected DESC, u.key_id LIMIT $4"
+        )
+
+        async def top(conn: Any) -> list[UsageTotal]:
+            rows = await conn.fetch(sql, owner, since, until, limit)
+            return [UsageTotal(r["key_id"], r["name"], r["requests"], r["rejected"]) for r in rows]
+
+        return await self._idempotent("top_usage", top)
+
+    async def prune_usage(self, *, before: datetime, limit: int) -> int:
+        sql = (
+            f"DELETE FROM {self._usage} WHERE ctid = ANY(ARRAY(SELECT ctid FROM"  # noqa: S608
+            f" {self._usage} WHERE minute < $1 LIMIT $2))"
+        )
+
+        async def prune(conn: Any) -> int:
+            status: str = await conn.execute(sql, before, limit)
+            return int(status.rsplit(" ", 1)[-1])
+
+        return await self._idempotent("prune_usage", prune)
 
     async def update(
         self,

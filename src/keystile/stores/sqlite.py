@@ -32,6 +32,9 @@ from .base import (
     KeyRecord,
     LocalChangeBus,
     QuotaState,
+    UsageBucket,
+    UsageCounts,
+    UsageTotal,
     created_detail,
     event_detail,
     reaped_detail,
@@ -96,7 +99,26 @@ _MIGRATIONS: list[str] = [
     CREATE INDEX keystile_events_key_at ON keystile_events (key_id, at);
     CREATE INDEX keystile_events_at ON keystile_events (at);
     """,
+    """
+    CREATE TABLE keystile_usage (
+        key_id TEXT NOT NULL,
+        minute INTEGER NOT NULL,
+        requests INTEGER NOT NULL DEFAULT 0,
+        rejected INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (key_id, minute)
+    );
+    CREATE INDEX keystile_usage_minute ON keystile_usage (minute);
+    """,
 ]
+
+#: One row per (key, minute), added to by every process's flush.
+_USAGE_UPSERT = (
+    "INSERT INTO keystile_usage (key_id, minute, requests, rejected) VALUES (?, ?, ?, ?)"
+    " ON CONFLICT (key_id, minute) DO UPDATE SET requests = requests + excluded.requests,"
+    " rejected = rejected + excluded.rejected"
+)
+#: Past any minute a store will hold: the open end of a period without ``until``.
+_NO_END = 2**62
 
 _COLUMNS = (
     "id, owner, name, prefix, secret_hash, scopes, metadata, created_at, expires_at,"
@@ -579,6 +601,87 @@ class SQLiteKeyStore:
                 return quotas
 
         return await self._run(touch)
+
+    async def add_usage(self, counts: UsageCounts) -> None:
+        rows = [
+            (key_id, int(minute.timestamp()), requests, rejected)
+            for (key_id, minute), (requests, rejected) in counts.items()
+        ]
+        if not rows:
+            return
+
+        def add(conn: sqlite3.Connection) -> None:
+            with self._transaction(conn):
+                conn.executemany(_USAGE_UPSERT, rows)
+
+        await self._run(add)
+
+    async def usage(
+        self,
+        key_id: str,
+        owner: str,
+        *,
+        since: datetime,
+        until: datetime | None,
+        bucket_seconds: int,
+    ) -> list[UsageBucket]:
+        params = (
+            bucket_seconds,
+            bucket_seconds,
+            key_id,
+            owner,
+            int(since.timestamp()),
+            int(until.timestamp()) if until is not None else _NO_END,
+        )
+
+        def usage(conn: sqlite3.Connection) -> list[UsageBucket]:
+            rows = conn.execute(
+                "SELECT (u.minute / ?) * ? AS start, SUM(u.requests), SUM(u.rejected)"
+                " FROM keystile_usage AS u JOIN keystile_keys AS k ON k.id = u.key_id"
+                " WHERE u.key_id = ? AND k.owner = ? AND u.minute >= ? AND u.minute < ?"
+                " GROUP BY start ORDER BY start",
+                params,
+            )
+            return [
+                UsageBucket(datetime.fromtimestamp(row[0], timezone.utc), row[1], row[2])
+                for row in rows
+            ]
+
+        return await self._run(usage)
+
+    async def top_usage(
+        self, owner: str, *, since: datetime, until: datetime | None, limit: int
+    ) -> list[UsageTotal]:
+        params = (
+            owner,
+            int(since.timestamp()),
+            int(until.timestamp()) if until is not None else _NO_END,
+            limit,
+        )
+
+        def top(conn: sqlite3.Connection) -> list[UsageTotal]:
+            rows = conn.execute(
+                "SELECT u.key_id, k.name, SUM(u.requests) AS r, SUM(u.rejected) AS j"
+                " FROM keystile_usage AS u JOIN keystile_keys AS k ON k.id = u.key_id"
+                " WHERE k.owner = ? AND u.minute >= ? AND u.minute < ?"
+                " GROUP BY u.key_id, k.name ORDER BY r DESC, j DESC, u.key_id LIMIT ?",
+                params,
+            )
+            return [UsageTotal(row[0], row[1], row[2], row[3]) for row in rows]
+
+        return await self._run(top)
+
+    async def prune_usage(self, *, before: datetime, limit: int) -> int:
+        def prune(conn: sqlite3.Connection) -> int:
+            with self._transaction(conn):
+                cursor = conn.execute(
+                    "DELETE FROM keystile_usage WHERE rowid IN (SELECT rowid FROM"
+                    " keystile_usage WHERE minute < ? LIMIT ?)",
+                    (int(before.timestamp()), limit),
+                )
+                return cursor.rowcount
+
+        return await self._run(prune)
 
     async def update(
         self,
