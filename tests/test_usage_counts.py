@@ -384,3 +384,46 @@ async def test_prune_usage_works_in_batches(store: KeyStore) -> None:
     assert await store.prune_usage(before=cut, limit=3) == 0
     rows = await KeyManager(store).usage(key_id, owner="acme", since=base, until=None)
     assert rows == [UsageBucket(cut, 1, 0)]
+
+
+@pytest.mark.postgres
+async def test_postgres_flush_is_one_statement_per_kind(postgres_database_url: str) -> None:
+    """A flush of 40 keys' requests and rejections is one UPDATE of keystile_keys and one
+    INSERT into keystile_usage, counted by statement-level triggers in Postgres."""
+    import asyncpg
+
+    from pgtools import count_update_statements, split_url, update_statements
+
+    store = store_from_url(postgres_database_url)
+    await store.open()
+    minted = [await mint(store) for _ in range(40)]
+    dsn, schema = split_url(postgres_database_url)
+    raw = await asyncpg.connect(dsn)
+    q = f'"{schema}"'
+    await count_update_statements(raw, schema)
+    await raw.execute(
+        f"""
+        CREATE TABLE {q}.usage_statements (n int NOT NULL);
+        INSERT INTO {q}.usage_statements VALUES (0);
+        CREATE FUNCTION {q}.count_usage() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN UPDATE {q}.usage_statements SET n = n + 1; RETURN NULL; END $$;
+        CREATE TRIGGER count_usage AFTER INSERT ON {q}.keystile_usage
+            FOR EACH STATEMENT EXECUTE FUNCTION {q}.count_usage();
+        """  # noqa: S608
+    )
+    app = protect(store, flush_interval=3600, flush_max=10_000)
+    async with client(app) as http:
+        for key, key_id in minted:
+            for presented in (key, key, wrong_secret(key_id)):
+                await http.get("/whoami", headers={"X-API-Key": presented})
+    assert await update_statements(raw, schema) == 0
+    await app.recorder.flush()
+    usage_inserts = await raw.fetchval(f"SELECT n FROM {q}.usage_statements")  # noqa: S608
+    assert (await update_statements(raw, schema), usage_inserts) == (1, 1)
+    row = await raw.fetchrow(
+        f"SELECT count(DISTINCT key_id), sum(requests), sum(rejected) FROM {q}.keystile_usage"  # noqa: S608
+    )
+    assert tuple(row) == (40, 80, 40)
+    await app.aclose()
+    await raw.close()
+    await store.close()
