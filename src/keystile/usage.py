@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import defaultdict
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 
@@ -96,8 +95,8 @@ class UsageRecorder:
         self.max_usage_rows = max_usage_rows
         self.usage_rows_written = 0
         self.usage_dropped = 0
-        self._requests: defaultdict[str, int] = defaultdict(int)
-        self._rejected: defaultdict[str, int] = defaultdict(int)
+        self._requests: dict[str, int] = {}
+        self._rejected: dict[str, int] = {}
         self._minute = 0
         self._minute_end = -math.inf
         self._counts: dict[tuple[str, int], list[int]] = {}
@@ -130,27 +129,37 @@ class UsageRecorder:
 
     def touch(self, key_id: str, at: float) -> None:
         """Record a use of ``key_id`` at wall-clock epoch ``at``, and count the request in
-        its minute. No I/O."""
-        if at > self._pending.get(key_id, -math.inf):
-            self._pending[key_id] = at
+        its minute. No I/O. Runs on every request: the pending count can only reach
+        ``flush_max`` when a key is added, so only then is it checked."""
+        pending = self._pending
+        last = pending.get(key_id)
+        if last is None:
+            pending[key_id] = at
+            if len(pending) >= self.flush_max and self._wakeup is not None:
+                self._wakeup.set()
+        elif at > last:
+            pending[key_id] = at
         if at >= self._minute_end:
             self._start_minute(at)
-        self._requests[key_id] += 1
-        if len(self._pending) >= self.flush_max and self._wakeup is not None:
-            self._wakeup.set()
+        requests = self._requests  # a plain dict: its item access is the specialised one
+        requests[key_id] = requests.get(key_id, 0) + 1
 
     def _touch_uncounted(self, key_id: str, at: float) -> None:
         """``touch`` with ``count_usage=False``: ``last_used_at`` alone."""
-        if at > self._pending.get(key_id, -math.inf):
-            self._pending[key_id] = at
-        if len(self._pending) >= self.flush_max and self._wakeup is not None:
-            self._wakeup.set()
+        pending = self._pending
+        last = pending.get(key_id)
+        if last is None:
+            pending[key_id] = at
+            if len(pending) >= self.flush_max and self._wakeup is not None:
+                self._wakeup.set()
+        elif at > last:
+            pending[key_id] = at
 
     def reject(self, key_id: str, at: float) -> None:
         """Count an attempt refused against ``key_id`` (an existing key) at epoch ``at``."""
         if at >= self._minute_end:
             self._start_minute(at)
-        self._rejected[key_id] += 1
+        self._rejected[key_id] = self._rejected.get(key_id, 0) + 1
 
     def _start_minute(self, at: float) -> None:
         """Fold the ending minute's counts into rows and start counting the minute of ``at``."""
@@ -162,7 +171,7 @@ class UsageRecorder:
     def _fold(self) -> None:
         minute, counts = self._minute, self._counts
         if self._requests:
-            requests, self._requests = self._requests, defaultdict(int)
+            requests, self._requests = self._requests, {}
             for key_id, n in requests.items():
                 row = counts.get((key_id, minute))
                 if row is None:
@@ -170,7 +179,7 @@ class UsageRecorder:
                 else:
                     row[0] += n
         if self._rejected:
-            rejected, self._rejected = self._rejected, defaultdict(int)
+            rejected, self._rejected = self._rejected, {}
             for key_id, n in rejected.items():
                 row = counts.get((key_id, minute))
                 if row is None:
