@@ -166,3 +166,27 @@ def test_credential_repr_hides_token() -> None:
     assert "x-api-key" in repr(credential)
     assert KEY.decode() not in repr(credential)
     assert KEY.decode() not in str(credential)
+
+
+@pytest.mark.parametrize(
+    ("headers", "named"),
+    [
+        (
+            [(b"authorization", b"Bearer one"), (b"x-api-key", b"two")],
+            ["Authorization", "x-api-key"],
+        ),
+        (
+            [(b"x-api-key", b"one"), (b"authorization", b"Bearer two")],
+            ["x-api-key", "Authorization"],
+        ),
+        ([(b"x-api-key", b"one"), (b"x-api-key", b"two")], ["x-api-key", "twice"]),
+        ([(b"authorization", b"Bearer one"), (b"authorization", b"Bearer two")], ["twice"]),
+    ],
+)
+def test_conflict_names_both_sources(headers: list[tuple[bytes, bytes]], named: list[str]) -> None:
+    """The 400 for two different keys says which headers carried them."""
+    with pytest.raises(InvalidRequest) as refused:
+        extract_credential(headers, b"x-api-key")
+    assert refused.value.reason == "conflicting_credentials"
+    for word in named:
+        assert word in refused.value.description

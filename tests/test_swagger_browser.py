@@ -262,11 +262,6 @@ def test_authorize_both_with_different_keys_is_400(
     assert outcome.body["error"] == "invalid_request"
 
 
-@pytest.mark.xfail(
-    reason="the 400 for two different keys does not name the two headers yet "
-    "(keystile/credentials.py _conflict)",
-    strict=False,
-)
 def test_different_keys_400_names_both_sources(
     browser: Any, server: str, keys: dict[str, str]
 ) -> None:

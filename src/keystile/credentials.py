@@ -100,10 +100,10 @@ def split_credential(
             )
         if token is None or where == "authorization":
             if token is not None and token != candidate:
-                raise _conflict()
+                raise _conflict(source, where)
             token, source = candidate, where
         elif token != candidate:
-            raise _conflict()
+            raise _conflict(source, where)
     if first < 0:
         return None, "", None
     if hits is None:
@@ -142,10 +142,14 @@ def check_single_token(token: bytes, source: str) -> None:
         )
 
 
-def _conflict() -> InvalidRequest:
-    return InvalidRequest(
-        "conflicting_credentials", "The request carries two different keys; send exactly one."
-    )
+def _conflict(first: str, second: str) -> InvalidRequest:
+    """Two different keys: the description names where each was read, so a client with
+    two credentials configured (Swagger UI's two Authorize fields) sees which disagree."""
+    if first == second:
+        where = f"The {_label(first)} header is sent twice with two different keys"
+    else:
+        where = f"The {_label(first)} and {_label(second)} headers carry two different keys"
+    return InvalidRequest("conflicting_credentials", f"{where}; send exactly one.")
 
 
 def _label(source: str) -> str:
