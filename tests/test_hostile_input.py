@@ -1,4 +1,4 @@
-"""Hostile header bytes through the real ASGI middleware (issue #6, item 1).
+"""Hostile header bytes through the real ASGI middleware.
 
 Hypothesis builds raw ASGI header lists, which no HTTP client would send: duplicated
 ``Authorization`` and ``X-API-Key`` headers, odd scheme casing, tabs, NUL and non-ASCII
@@ -8,8 +8,8 @@ ids, real ids with wrong secrets, the real keys themselves. The invariants:
 * never a 5xx and never an exception out of the middleware;
 * the app is reached exactly when the one presented credential is the valid key, and
   then as that key's principal, with the credential headers stripped from its scope;
-* the status and ``WWW-Authenticate`` are the RFC 6750 ones that ``expected`` (the
-  rules of design §5, written down independently of ``keystile.credentials``) names;
+* the status and ``WWW-Authenticate`` are the RFC 6750 ones that ``expected`` names (the
+  README's error table, written down independently of ``keystile.credentials``);
 * only a caller holding the expired or revoked key's secret is told "expired"/"revoked";
 * no secret or presented key-shaped token in any response or log record.
 """

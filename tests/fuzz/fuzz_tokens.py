@@ -1,4 +1,4 @@
-"""Fuzz target: the key parser and the credential header extraction (issue #6).
+"""Fuzz target: the key parser and the credential header extraction.
 
 ``check(data)`` holds the invariants for one input; atheris drives it coverage-guided::
 
