@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import defaultdict
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 
@@ -95,8 +96,8 @@ class UsageRecorder:
         self.max_usage_rows = max_usage_rows
         self.usage_rows_written = 0
         self.usage_dropped = 0
-        self._requests: dict[str, int] = {}
-        self._rejected: dict[str, int] = {}
+        self._requests: defaultdict[str, int] = defaultdict(int)
+        self._rejected: defaultdict[str, int] = defaultdict(int)
         self._minute = 0
         self._minute_end = -math.inf
         self._counts: dict[tuple[str, int], list[int]] = {}
@@ -141,8 +142,7 @@ class UsageRecorder:
             pending[key_id] = at
         if at >= self._minute_end:
             self._start_minute(at)
-        requests = self._requests  # a plain dict: its item access is the specialised one
-        requests[key_id] = requests.get(key_id, 0) + 1
+        self._requests[key_id] += 1
 
     def _touch_uncounted(self, key_id: str, at: float) -> None:
         """``touch`` with ``count_usage=False``: ``last_used_at`` alone."""
@@ -159,7 +159,7 @@ class UsageRecorder:
         """Count an attempt refused against ``key_id`` (an existing key) at epoch ``at``."""
         if at >= self._minute_end:
             self._start_minute(at)
-        self._rejected[key_id] = self._rejected.get(key_id, 0) + 1
+        self._rejected[key_id] += 1
 
     def _start_minute(self, at: float) -> None:
         """Fold the ending minute's counts into rows and start counting the minute of ``at``."""
@@ -171,7 +171,7 @@ class UsageRecorder:
     def _fold(self) -> None:
         minute, counts = self._minute, self._counts
         if self._requests:
-            requests, self._requests = self._requests, {}
+            requests, self._requests = self._requests, defaultdict(int)
             for key_id, n in requests.items():
                 row = counts.get((key_id, minute))
                 if row is None:
@@ -179,7 +179,7 @@ class UsageRecorder:
                 else:
                     row[0] += n
         if self._rejected:
-            rejected, self._rejected = self._rejected, {}
+            rejected, self._rejected = self._rejected, defaultdict(int)
             for key_id, n in rejected.items():
                 row = counts.get((key_id, minute))
                 if row is None:
