@@ -12,7 +12,7 @@
 
 Listener loss and reconnect, a Postgres outage through a cut TCP proxy (hits 200, misses
 503, touches kept) and the lifespan shutdown flush are in ``test_postgres_integration.py``
-(``test_listener_reconnect_clears_the_cache_and_keeps_hearing_revocations``,
+(``test_listener_reconnect_rereads_cached_state_and_keeps_hearing_revocations``,
 ``test_outage_serves_cached_keys_refuses_misses_and_keeps_touches``,
 ``test_shutdown_while_postgres_is_up_writes_every_pending_touch``).
 """

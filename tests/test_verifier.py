@@ -240,13 +240,33 @@ async def test_cache_max_size_is_honoured(store: CountingStore) -> None:
     assert len(v.cache) == 3
 
 
-async def test_on_change_none_clears_everything(store: CountingStore, key: CreatedKey) -> None:
-    """A gap in change events (listener reconnect) clears the cache."""
+async def test_on_change_none_rereads_every_key_without_argon2(
+    store: CountingStore, key: CreatedKey
+) -> None:
+    """A gap in change events (listener reconnect) makes every cached key's state stale:
+    the next use reads the store again, and argon2 does not run again."""
     v = verifier(store)
     await v.verify(key.key.encode())
+    reads = store.gets
     v.on_change(None)
-    assert len(v.cache) == 0
     assert v.counters.cache_resets == 1
+    assert v.hit(key.key.encode()) is None  # not served from the cache as it was
+    await v.verify(key.key.encode())
+    assert store.gets == reads + 1
+    assert v.counters.argon2_verifications == 1
+
+
+async def test_on_change_none_makes_a_revocation_missed_meanwhile_count(
+    store: CountingStore, key: CreatedKey
+) -> None:
+    """A key revoked while nobody listened is refused after the gap is reported."""
+    v = verifier(store)
+    await v.verify(key.key.encode())
+    store._rows[key.id] = dataclasses.replace(store._rows[key.id], revoked_at=utcnow())
+    v.on_change(None)
+    with pytest.raises(InvalidToken) as refused:
+        await v.verify(key.key.encode())
+    assert refused.value.reason == "revoked"
 
 
 async def test_revoked_during_verification_is_not_cached(

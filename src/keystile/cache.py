@@ -33,6 +33,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
+import math
 import secrets
 import struct
 from collections.abc import Iterator
@@ -347,6 +348,16 @@ class VerifiedKeyCache:
         self._cleared_at = self.epoch
         self._slot_of.clear()
         self._table.clear()
+
+    def invalidate(self) -> None:
+        """Make every cached key's state stale: each is read again from the store before
+        its next use (one batched read, no argon2: the secrets stay proven). Readers that
+        read any key's state before this see a change, as after ``clear``."""
+        self.epoch += 1
+        self._evicted.clear()
+        self._cleared_at = self.epoch
+        for entry in self._table.entries():
+            entry.checked_at = -math.inf
 
     def evict_idle(self, idle_since: float) -> int:
         """Drop entries not used since ``idle_since`` (monotonic); returns how many."""

@@ -392,14 +392,16 @@ class Verifier:
         return self.cache.evict_idle(self.monotonic() - self.cache_idle)
 
     def on_change(self, key_id: str | None) -> None:
-        """A store listener: evict a key whose state changed, or everything (``None``).
+        """A store listener: evict a key whose state changed; with ``None`` (changes may
+        have been missed) make every cached key's state stale, so it is read again before
+        its next use: a store read, not a second argon2 verification.
 
         Refusals remembered for that key's state (expired, disabled) are forgotten too:
         an ``enable`` or a new expiry must take effect at once, not after ``negative_ttl``.
         """
         if key_id is None:
             self.counters.cache_resets += 1
-            self.cache.clear()
+            self.cache.invalidate()
         else:
             self.counters.revocation_events += 1
             self.cache.evict(key_id)
