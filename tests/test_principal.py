@@ -91,3 +91,12 @@ def test_every_key_holds_the_authenticated_scope() -> None:
     user = APIKeyUser(key_id="AbC123def456", owner="acme", name="ci", scopes=("read",))
     assert user.has_scopes("authenticated", "read")
     assert not user.has_scopes("write")
+
+
+def test_cached_principals_share_what_they_can() -> None:
+    """Keys with the same scopes share one tuple, keys without metadata one empty mapping."""
+    first = APIKeyUser(key_id="AbC123def456", owner="acme", name="a", scopes=["read"])
+    second = APIKeyUser(key_id="AbC123def457", owner="acme", name="b", scopes=("read",))
+    assert first.scopes is second.scopes
+    assert first.metadata is second.metadata
+    assert dict(first.metadata) == {}

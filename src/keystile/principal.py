@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import sys
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 from types import MappingProxyType
@@ -92,6 +93,23 @@ class IPAllowlist:
         return f"IPAllowlist({list(self.cidrs)!r})"
 
 
+#: The metadata of every key that has none: one shared read-only mapping, not one each.
+_NO_METADATA: Mapping[str, Any] = MappingProxyType({})
+#: Scope tuples shared between keys with the same scopes (a cache holds many such keys).
+_SHARED_SCOPES: dict[tuple[str, ...], tuple[str, ...]] = {}
+_SHARED_SCOPES_MAX = 10_000
+
+
+def _shared_scopes(scopes: Iterable[str]) -> tuple[str, ...]:
+    value = tuple(scopes)
+    shared = _SHARED_SCOPES.get(value)
+    if shared is not None:
+        return shared
+    if len(_SHARED_SCOPES) < _SHARED_SCOPES_MAX:
+        _SHARED_SCOPES[value] = value
+    return value
+
+
 def _frozen(value: Any) -> Any:
     """``value`` with every dict made a read-only mapping and every list a tuple."""
     if isinstance(value, Mapping):
@@ -141,10 +159,10 @@ class APIKeyUser(BaseUser):
             ip_allowlist = IPAllowlist(ip_allowlist)
         init = object.__setattr__
         init(self, "key_id", key_id)
-        init(self, "owner", owner)
+        init(self, "owner", sys.intern(owner))
         init(self, "name", name)
-        init(self, "scopes", tuple(scopes))
-        init(self, "metadata", _frozen(dict(metadata or {})))
+        init(self, "scopes", _shared_scopes(scopes))
+        init(self, "metadata", _frozen(dict(metadata)) if metadata else _NO_METADATA)
         init(self, "prefix", prefix)
         init(self, "expires_at", expires_at)
         init(self, "limits", limits)

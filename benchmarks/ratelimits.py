@@ -1,7 +1,7 @@
 """What usage limits cost, and how far a quota can be overshot.
 
-    python benchmarks/limits.py                       # everything (about a minute)
-    python benchmarks/limits.py --redis-url redis://127.0.0.1:6379/0 --skip-overshoot
+    python benchmarks/ratelimits.py                       # everything (about a minute)
+    python benchmarks/ratelimits.py --redis-url redis://127.0.0.1:6379/0 --skip-overshoot
 
 1. In-process: a key with a rate limit vs a key without, direct ASGI calls into a bare
    Starlette route behind APIKeyMiddleware with 1 000 cached keys; interleaved rounds,
