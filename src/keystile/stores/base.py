@@ -31,6 +31,7 @@ __all__ = [
     "UsageCounts",
     "UsageTotal",
     "apply_uses",
+    "check_updatable",
     "created_detail",
     "event_detail",
     "reaped_detail",
@@ -295,6 +296,13 @@ def _json_value(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {str(k): _json_value(v) for k, v in value.items()}
     return value
+
+
+def check_updatable(changes: Mapping[str, Any]) -> None:
+    """Refuse a change to a field ``update`` may not touch (the secret, the owner, ids)."""
+    unknown = set(changes) - UPDATABLE_FIELDS
+    if unknown:
+        raise ValueError(f"update cannot change {', '.join(sorted(unknown))}")
 
 
 def event_detail(changes: Mapping[str, Any]) -> dict[str, Any]:

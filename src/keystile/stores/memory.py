@@ -17,7 +17,6 @@ from typing import Any
 from ..errors import DuplicateKeyName
 from .base import (
     SYSTEM_ACTOR,
-    UPDATABLE_FIELDS,
     ChangeListener,
     KeyEvent,
     KeyRecord,
@@ -27,6 +26,7 @@ from .base import (
     UsageCounts,
     UsageTotal,
     apply_uses,
+    check_updatable,
     created_detail,
     event_detail,
     reaped_detail,
@@ -274,9 +274,7 @@ class MemoryKeyStore:
         at: datetime,
         actor: str = SYSTEM_ACTOR,
     ) -> KeyRecord | None:
-        unknown = set(changes) - UPDATABLE_FIELDS
-        if unknown:
-            raise ValueError(f"update cannot change {', '.join(sorted(unknown))}")
+        check_updatable(changes)
         detail = event_detail(changes)
         record = self._rows.get(key_id)
         if record is None or record.owner != owner:

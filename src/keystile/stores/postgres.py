@@ -42,7 +42,6 @@ import asyncpg
 from ..errors import ConfigurationError, DuplicateKeyName, StoreError
 from .base import (
     SYSTEM_ACTOR,
-    UPDATABLE_FIELDS,
     ChangeListener,
     KeyEvent,
     KeyRecord,
@@ -51,6 +50,7 @@ from .base import (
     UsageBucket,
     UsageCounts,
     UsageTotal,
+    check_updatable,
     created_detail,
     event_detail,
     reaped_detail,
@@ -950,9 +950,7 @@ class PostgresKeyStore:
         at: datetime,
         actor: str = SYSTEM_ACTOR,
     ) -> KeyRecord | None:
-        unknown = set(changes) - UPDATABLE_FIELDS
-        if unknown:
-            raise ValueError(f"update cannot change {', '.join(sorted(unknown))}")
+        check_updatable(changes)
         fields = list(changes)
         if not fields:
             return await self.get_owned(key_id, owner)

@@ -26,7 +26,6 @@ import anyio.to_thread
 from ..errors import DuplicateKeyName, StoreError
 from .base import (
     SYSTEM_ACTOR,
-    UPDATABLE_FIELDS,
     ChangeListener,
     KeyEvent,
     KeyRecord,
@@ -35,6 +34,7 @@ from .base import (
     UsageBucket,
     UsageCounts,
     UsageTotal,
+    check_updatable,
     created_detail,
     event_detail,
     reaped_detail,
@@ -692,9 +692,7 @@ class SQLiteKeyStore:
         at: datetime,
         actor: str = SYSTEM_ACTOR,
     ) -> KeyRecord | None:
-        unknown = set(changes) - UPDATABLE_FIELDS
-        if unknown:
-            raise ValueError(f"update cannot change {', '.join(sorted(unknown))}")
+        check_updatable(changes)
         fields = list(changes)
         detail = event_detail(changes)
         names_matter = "name" in changes or "expires_at" in changes
