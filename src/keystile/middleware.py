@@ -35,6 +35,7 @@ from .credentials import check_single_token, split_credential, without_credentia
 from .errors import AuthenticationError, IPNotAllowed, MissingCredentials, ServiceUnavailable
 from .hashing import DEFAULT_PARAMETERS, Argon2Parameters, SecretHasher
 from .limits import DEFAULT_RATE_LIMIT_STORAGE, LimitEnforcer, OnError, send_with_headers
+from .principal import APIKeyUser
 from .responses import WEBSOCKET_POLICY_VIOLATION, error_code, error_response
 from .runtime import KeystileRuntime, configuration_key
 from .stats import KeystileStats
@@ -285,21 +286,15 @@ class APIKeyMiddleware:
                     return
         user = scope["user"] = entry.user
         scope["auth"] = AuthCredentials(entry.auth_scopes)
-        # The key's IP allowlist, parsed when it was cached: no store access here, and
-        # a key without one pays this attribute check alone. scope["client"] is what the
-        # server says (behind a proxy, its proxy-header handling); never X-Forwarded-For.
-        allowlist = user.ip_allowlist
-        if allowlist is not None and not allowlist.allows(scope.get("client")):
-            await self._deny(IPNotAllowed(), scope, receive, send)
-            return
-        if user.limits is not None or self._limit_every_key:
-            limits = self.limits
-            refusal = await limits.acheck(user) if limits.is_async else limits.check(user)
+        # A key without an IP allowlist or limits pays these attribute checks alone.
+        limited = user.limits is not None or self._limit_every_key
+        if limited or user.ip_allowlist is not None:
+            refusal = await self._refusal(user, scope)
             if refusal is not None:
                 await self._deny(refusal, scope, receive, send)
                 return
-            if limits.headers:
-                send = send_with_headers(send, limits.success_headers(user))
+            if limited and self.limits.headers:
+                send = send_with_headers(send, self.limits.success_headers(user))
         self.recorder.touch(user.key_id, self.verifier.clock())
         if self.strip_credentials and without is not None:
             scope["headers"] = without
@@ -334,13 +329,7 @@ class APIKeyMiddleware:
                     logger.exception("keystile: unexpected error while verifying a key")
             if entry is not None:
                 user = entry.user
-                limits = self.limits
-                refusal: AuthenticationError | None = None
-                allowlist = user.ip_allowlist
-                if allowlist is not None and not allowlist.allows(scope.get("client")):
-                    refusal = IPNotAllowed()
-                elif user.limits is not None or self._limit_every_key:
-                    refusal = await limits.acheck(user) if limits.is_async else limits.check(user)
+                refusal = await self._refusal(user, scope)
                 if refusal is not None:
                     # An exempt path never refuses: over its limits, or from outside its
                     # IP allowlist, the key goes on unseen.
@@ -352,6 +341,19 @@ class APIKeyMiddleware:
         if self.strip_credentials and without is not None:
             scope["headers"] = without
         await self.app(scope, receive, send)
+
+    async def _refusal(self, user: APIKeyUser, scope: Scope) -> AuthenticationError | None:
+        """What refuses a verified key here, if anything: a client outside the key's IP
+        allowlist (parsed when the key was cached; ``scope["client"]`` is what the server
+        says, behind a proxy its proxy-header handling, never ``X-Forwarded-For``), then
+        the key's rate limit or quota."""
+        allowlist = user.ip_allowlist
+        if allowlist is not None and not allowlist.allows(scope.get("client")):
+            return IPNotAllowed()
+        if user.limits is not None or self._limit_every_key:
+            limits = self.limits
+            return await limits.acheck(user) if limits.is_async else limits.check(user)
+        return None
 
     async def _pass_preflight(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Forward a keyless CORS preflight to the CORS responder inside, if there is one,
