@@ -127,6 +127,12 @@ def _actor(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _add_key_id(p: argparse.ArgumentParser) -> None:
+    """KEY_ID (the id or its display form, ``ks_<id>…``) and the ``--owner`` it must have."""
+    p.add_argument("key_id", metavar="KEY_ID", type=normalize_key_id)
+    p.add_argument("--owner", required=True)
+
+
 def _add_actor_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--actor",
@@ -205,8 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="all fields but the hash, as JSON")
 
     p = command("show", "show one key of an owner", "keystile show KEY_ID --owner acme")
-    p.add_argument("key_id", metavar="KEY_ID", type=normalize_key_id)
-    p.add_argument("--owner", required=True)
+    _add_key_id(p)
     p.add_argument("--json", action="store_true")
 
     p = command(
@@ -214,8 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
         "change a key; the secret stays, running apps apply the change at once",
         "keystile update KEY_ID --owner acme --scope items:read --ip-allow 10.0.0.0/8",
     )
-    p.add_argument("key_id", metavar="KEY_ID", type=normalize_key_id)
-    p.add_argument("--owner", required=True)
+    _add_key_id(p)
     p.add_argument(
         "--scope",
         action="append",
@@ -252,8 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("enable", "switch a disabled key back on"),
     ):
         p = command(verb, what, f"keystile {verb} KEY_ID --owner acme")
-        p.add_argument("key_id", metavar="KEY_ID", type=normalize_key_id)
-        p.add_argument("--owner", required=True)
+        _add_key_id(p)
         _add_actor_option(p)
         p.add_argument("--json", action="store_true")
 
@@ -277,8 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(
         "revoke", "revoke a key of an owner (idempotent)", "keystile revoke KEY_ID --owner acme"
     )
-    p.add_argument("key_id", metavar="KEY_ID", type=normalize_key_id)
-    p.add_argument("--owner", required=True)
+    _add_key_id(p)
     _add_actor_option(p)
 
     p = command(
@@ -286,8 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
         "mint a successor; the old key keeps working for the grace period",
         "keystile rotate KEY_ID --owner acme --grace 1h",
     )
-    p.add_argument("key_id", metavar="KEY_ID", type=normalize_key_id)
-    p.add_argument("--owner", required=True)
+    _add_key_id(p)
     p.add_argument("--grace", type=_duration, default=DEFAULT_ROTATION_GRACE, help="default: 1h")
     _add_actor_option(p)
     p.add_argument("--json", action="store_true")

@@ -97,7 +97,7 @@ COUNTERS: tuple[tuple[str, str, str], ...] = (
     (
         "cache_resets",
         "keystile_cache_resets",
-        "Whole-cache resets after changes may have been missed (listener reconnected).",
+        "Times every cached key's state was made stale: changes may have been missed.",
     ),
     ("flushes", "keystile_flushes", "Batched usage writes (last_used_at, quotas) that landed."),
     (
