@@ -11,7 +11,7 @@ from typing import Any
 
 from starlette.authentication import BaseUser
 
-from .limits import LimitPolicy
+from .limits.policy import LimitPolicy
 from .stores.base import KeyRecord
 from .tokens import redact
 

@@ -1,0 +1,274 @@
+"""The decision on a verified key's request: within its limits, or the refusal.
+
+:class:`LimitEnforcer` puts the parts together (the policy on the key, the in-process
+GCRA, Redis when configured, the quota book) and answers with ``None`` or the error to
+respond with. If Redis cannot be reached the decision follows ``on_error``: ``"allow"``
+(this process's own limiter decides, as with ``memory://``) or ``"deny"`` (503); one log
+line per outage, a counter per decision.
+
+The key is read through :class:`LimitedKey`, the two attributes used of
+``principal.APIKeyUser``, so that this package never imports the principal (which
+imports :mod:`keystile.limits.policy`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any, Literal, Protocol
+
+from starlette.types import Message, Send
+
+from ..errors import ConfigurationError, QuotaExceeded, RateLimited, ServiceUnavailable
+from ..stats import Counters
+from ..usage import UsageRecorder
+from .gcra import MemoryRateLimiter
+from .policy import (
+    DEFAULT_RATE_LIMIT_STORAGE,
+    POLICY_NAME,
+    LimitPolicy,
+    QuotaPolicy,
+    Rate,
+    parse_rate_limit,
+)
+from .quota import QuotaBook
+from .redis import RedisRateLimiter
+
+__all__ = ["REDIS_RETRY_INTERVAL", "LimitEnforcer", "LimitedKey", "OnError", "send_with_headers"]
+
+logger = logging.getLogger("keystile.limits")
+
+#: Seconds Redis is left alone after a failure (decisions follow ``on_error`` meanwhile).
+REDIS_RETRY_INTERVAL = 1.0
+
+OnError = Literal["allow", "deny"]
+
+
+class LimitedKey(Protocol):
+    """What the enforcer reads of a verified key (``APIKeyUser`` has this shape)."""
+
+    @property
+    def key_id(self) -> str: ...
+    @property
+    def limits(self) -> LimitPolicy | None: ...
+
+
+def _seconds(wait: float) -> int:
+    """``Retry-After``: whole seconds, rounded up, at least 1."""
+    return max(1, math.ceil(wait - 1e-9))
+
+
+class LimitEnforcer:
+    """Decides whether a verified key may make this request; built from the middleware's
+    options and shared by every middleware of one runtime with the same options.
+
+    ``check`` is the synchronous decision (``memory://``); ``acheck`` works for every
+    storage. Both return ``None`` (go on) or the refusal to answer with (an
+    ``AuthenticationError``: 429 ``RateLimited``/``QuotaExceeded``, or a 503 when Redis is
+    down and ``on_error="deny"``).
+    """
+
+    _shared: weakref.WeakKeyDictionary[UsageRecorder, dict[Any, LimitEnforcer]] = (
+        weakref.WeakKeyDictionary()
+    )
+
+    def __init__(
+        self,
+        *,
+        recorder: UsageRecorder,
+        counters: Counters,
+        storage: str | None = DEFAULT_RATE_LIMIT_STORAGE,
+        default_rate_limit: str | None = None,
+        on_error: OnError = "allow",
+        headers: bool = False,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if on_error not in ("allow", "deny"):
+            raise ConfigurationError(
+                f"rate_limit_on_error must be 'allow' or 'deny', not {on_error!r}"
+            )
+        try:
+            self.default_rate = (
+                parse_rate_limit(default_rate_limit) if default_rate_limit is not None else None
+            )
+        except ValueError as exc:
+            raise ConfigurationError(f"default_rate_limit: {exc}") from None
+        storage = storage or DEFAULT_RATE_LIMIT_STORAGE
+        scheme = storage.split(":", 1)[0].lower()
+        if scheme not in ("memory", "redis", "rediss", "unix"):
+            raise ConfigurationError(
+                f"rate_limit_storage must be memory:// or redis://…, not {storage!r}"
+            )
+        self.recorder = recorder
+        self.counters = counters
+        self.on_error = on_error
+        self.headers = headers
+        self.clock = clock
+        self.monotonic = monotonic
+        self.local = MemoryRateLimiter(monotonic)
+        self.quotas = QuotaBook.of(recorder)
+        self.redis = RedisRateLimiter(storage) if scheme != "memory" else None
+        #: Whether ``acheck`` must be awaited (Redis), or ``check`` decides alone.
+        self.is_async = self.redis is not None
+        #: Whether every key is limited (a default rate), not only keys with limits.
+        self.limits_every_key = self.default_rate is not None
+        self._redis_down_until = -math.inf
+        self._redis_failing = False
+
+    @classmethod
+    def shared(cls, recorder: UsageRecorder, counters: Counters, **options: Any) -> LimitEnforcer:
+        """The enforcer of these options on this runtime (its usage recorder), built once:
+        middlewares of one runtime then share the in-process limiter's slots."""
+        table = cls._shared.setdefault(recorder, {})
+        key = tuple(sorted(options.items()))
+        enforcer = table.get(key)
+        if enforcer is None:
+            enforcer = table[key] = cls(recorder=recorder, counters=counters, **options)
+        return enforcer
+
+    # -- decisions ------------------------------------------------------------------
+
+    def check(self, user: LimitedKey) -> RateLimited | QuotaExceeded | None:
+        """The in-process decision for ``user`` (``memory://``, or Redis's fallback)."""
+        policy = user.limits
+        if policy is None:
+            rate, quota = self.default_rate, None
+            if rate is None:
+                return None
+        else:
+            rate, quota = policy.rate or self.default_rate, policy.quota
+        key_id = user.key_id
+        if quota is not None:
+            wait = self.quotas.wait(key_id, quota, self.clock())
+            if wait is not None:
+                return self._quota_refusal(quota, wait)
+        if rate is not None:
+            wait = self.local.take(key_id, rate, self.monotonic())
+            if wait:
+                return self._rate_refusal(rate, wait)
+        if quota is not None:
+            self.quotas.use(key_id)
+        return None
+
+    async def acheck(
+        self, user: LimitedKey
+    ) -> RateLimited | QuotaExceeded | ServiceUnavailable | None:
+        """The decision for ``user`` with any storage."""
+        if self.redis is None:
+            return self.check(user)
+        policy = user.limits
+        rate = self.default_rate if policy is None else (policy.rate or self.default_rate)
+        quota = None if policy is None else policy.quota
+        if rate is None and quota is None:
+            return None
+        if self.monotonic() < self._redis_down_until:
+            return self._fallback(user)
+        key_id = user.key_id
+        now = self.clock()
+        counter = None
+        if quota is not None:
+            start, initial = self.quotas.period(key_id, quota, now)
+            lifetime = int(quota.refill + 60) if quota.refill else 86_400
+            counter = (self.redis.quota_key(key_id, quota.quota, start), initial, lifetime)
+        try:
+            code, wait = await self.redis.decide(key_id, rate, counter)
+        except Exception as exc:  # any client or socket failure: never a 500
+            self._redis_failed(exc)
+            return self._fallback(user)
+        if self._redis_failing:
+            self._redis_failing = False
+            logger.warning("keystile: Redis at %s answers again", self.redis.display_url)
+        if code == 1:
+            assert rate is not None
+            return self._rate_refusal(rate, wait)
+        if code == 2:
+            assert quota is not None
+            wait_quota = self.quotas.wait(key_id, quota, now)
+            return self._quota_refusal(quota, math.inf if wait_quota is None else wait_quota)
+        if quota is not None:
+            self.quotas.use(key_id)  # the store follows the Redis counter in the flush
+        return None
+
+    def success_headers(self, user: LimitedKey) -> list[tuple[bytes, bytes]]:
+        """``RateLimit-Policy`` and ``RateLimit`` for a request that passed (with
+        ``headers=True``); empty for a key without a rate limit."""
+        policy = user.limits
+        rate = self.default_rate if policy is None else (policy.rate or self.default_rate)
+        if rate is None:
+            return []
+        limiter: Any = self.redis if self.redis is not None else self.local
+        remaining, reset = limiter.state(user.key_id, rate)
+        return [
+            (b"ratelimit-policy", rate.policy_field.encode()),
+            (
+                b"ratelimit",
+                f'"{POLICY_NAME}";r={remaining};t={math.ceil(reset - 1e-9)}'.encode(),
+            ),
+        ]
+
+    async def aclose(self) -> None:
+        if self.redis is not None:
+            await self.redis.aclose()
+
+    # -- helpers --------------------------------------------------------------------
+
+    def _rate_refusal(self, rate: Rate, wait: float) -> RateLimited:
+        self.counters.rate_limited += 1
+        seconds = _seconds(wait)
+        return RateLimited(
+            rate.text,
+            retry_after=seconds,
+            headers=(
+                ("RateLimit-Policy", rate.policy_field),
+                ("RateLimit", f'"{POLICY_NAME}";r=0;t={seconds}'),
+            ),
+        )
+
+    def _quota_refusal(self, quota: QuotaPolicy, wait: float) -> QuotaExceeded:
+        self.counters.quota_exceeded += 1
+        return QuotaExceeded(quota.quota, retry_after=None if wait == math.inf else _seconds(wait))
+
+    def _redis_failed(self, exc: Exception) -> None:
+        assert self.redis is not None
+        self._redis_down_until = self.monotonic() + REDIS_RETRY_INTERVAL
+        if not self._redis_failing:
+            self._redis_failing = True
+            how = (
+                "this process's own limits apply"
+                if self.on_error == "allow"
+                else "limited keys get 503"
+            )
+            logger.warning(
+                "keystile: Redis at %s is unreachable (%s); until it answers, %s",
+                self.redis.display_url,
+                type(exc).__name__,
+                how,
+            )
+
+    def _fallback(
+        self, user: LimitedKey
+    ) -> RateLimited | QuotaExceeded | ServiceUnavailable | None:
+        self.counters.rate_limit_errors += 1
+        if self.on_error == "deny":
+            return ServiceUnavailable(
+                "rate_limiter_unavailable",
+                "The key's usage limits could not be checked right now; retry shortly.",
+            )
+        return self.check(user)
+
+
+def send_with_headers(send: Send, headers: list[tuple[bytes, bytes]]) -> Send:
+    """``send`` that adds ``headers`` to the response start (``RateLimit`` on success)."""
+    if not headers:
+        return send
+
+    async def wrapped(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", ()), *headers]}
+        await send(message)
+
+    return wrapped
