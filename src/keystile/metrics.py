@@ -11,7 +11,8 @@ and each writes a snapshot of its counters there every ``interval`` seconds (and
 shutdown); the worker that answers a scrape adds the others' snapshots to its own live
 counters. Counters of workers that exited still count (what they counted happened);
 gauges (cache size, pending writes) count live workers only. Empty the directory when
-the service starts, as with ``prometheus_client``'s own multiprocess mode.
+the service starts, as with ``prometheus_client``'s own multiprocess mode. The directory
+must be the service user's alone; what is read from it is checked (``metrics_dir``).
 
 Serve the metrics on a path the middleware exempts::
 
@@ -22,18 +23,17 @@ Serve the metrics on a path the middleware exempts::
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.to_thread
 
 from .errors import ConfigurationError
+from .metrics_dir import SnapshotDirectory, is_alive
 from .stats import ARGON2_BUCKETS, KeystileStats
 
 if TYPE_CHECKING:
@@ -55,7 +55,6 @@ logger = logging.getLogger("keystile")
 METRICS_DIR_ENV = "KEYSTILE_METRICS_DIR"
 #: Seconds between snapshots: how far behind another worker's counts a scrape may be.
 DEFAULT_SNAPSHOT_INTERVAL = 1.0
-_SNAPSHOT_PREFIX = "keystile-"
 
 #: ``stats()`` counters: field, metric name (``_total`` is added), help text.
 COUNTERS: tuple[tuple[str, str, str], ...] = (
@@ -172,22 +171,12 @@ def _add(total: dict[str, Any], part: Mapping[str, Any], *, counters_only: bool)
             total[name] = total.get(name, 0) + value
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class KeystileCollector:
     """A ``prometheus_client`` collector over the runtimes of this process and, with a
     directory, the snapshots of the other workers. One per registry."""
 
-    def __init__(self, directory: str | None = None) -> None:
-        self.directory = directory
+    def __init__(self, snapshots: SnapshotDirectory | None = None) -> None:
+        self.snapshots = snapshots
         self._runtimes: weakref.WeakSet[KeystileRuntime] = weakref.WeakSet()
 
     def add(self, runtime: KeystileRuntime) -> None:
@@ -200,43 +189,22 @@ class KeystileCollector:
             _add(total, _snapshot(runtime.stats()), counters_only=False)
         return total
 
-    def _path(self, pid: int) -> Path:
-        assert self.directory is not None
-        return Path(self.directory) / f"{_SNAPSHOT_PREFIX}{pid}.json"
+    @property
+    def directory(self) -> str | None:
+        return None if self.snapshots is None else self.snapshots.path
 
     def write_snapshot(self) -> None:
         """Write this process's counters for the other workers' scrapes (atomically)."""
-        if self.directory is None:
-            return
-        path = self._path(os.getpid())
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.local()))
-        os.replace(tmp, path)
-
-    def others(self) -> Iterator[tuple[int, dict[str, Any]]]:
-        """The snapshots of the other processes sharing the directory."""
-        if self.directory is None:
-            return
-        me = os.getpid()
-        for path in Path(self.directory).glob(f"{_SNAPSHOT_PREFIX}*.json"):
-            try:
-                pid = int(path.stem[len(_SNAPSHOT_PREFIX) :])
-            except ValueError:
-                continue
-            if pid == me:
-                continue
-            try:
-                data = json.loads(path.read_text())
-            except (OSError, ValueError):
-                continue  # being replaced, or not ours: the next scrape reads it
-            if isinstance(data, dict):
-                yield pid, data
+        if self.snapshots is not None:
+            self.snapshots.write(os.getpid(), self.local())
 
     def totals(self) -> dict[str, Any]:
-        """The whole service: live counters here plus every other worker's snapshot."""
+        """The whole service: live counters here plus every other worker's snapshot
+        (those that pass the checks of ``metrics_dir``)."""
         total = self.local()
-        for pid, data in self.others():
-            _add(total, data, counters_only=not _alive(pid))
+        if self.snapshots is not None:
+            for pid, data in self.snapshots.read(os.getpid()):
+                _add(total, data, counters_only=not is_alive(pid))
         return total
 
     def describe(self) -> Iterable[Metric]:
@@ -297,7 +265,9 @@ class PrometheusMetrics:
 
     ``registry``: a ``prometheus_client.CollectorRegistry`` (default: the global one).
     ``directory``: shared by the workers of one service (default ``$KEYSTILE_METRICS_DIR``;
-    unset: this process's counters alone). ``interval``: seconds between snapshots.
+    unset: this process's counters alone), created 0700 if missing, and refused (a
+    ``ConfigurationError``) if another user owns it or others may write in it.
+    ``interval``: seconds between snapshots.
     """
 
     def __init__(
@@ -316,25 +286,28 @@ class PrometheusMetrics:
         env = os.environ.get(METRICS_DIR_ENV)
         chosen = directory if directory is not None else env
         self.directory = str(chosen) if chosen else None
+        self.snapshots: SnapshotDirectory | None = None
+        if self.directory is not None:
+            source = "PrometheusMetrics(directory=)" if directory is not None else METRICS_DIR_ENV
+            self.snapshots = SnapshotDirectory.open(self.directory, source=source)
         self.interval = interval
 
     def collector(self) -> KeystileCollector:
         """The registry's keystile collector, registered on first use."""
         collector = _collectors.get(self.registry)
         if collector is None:
-            collector = _collectors[self.registry] = KeystileCollector(self.directory)
+            collector = _collectors[self.registry] = KeystileCollector(self.snapshots)
             self.registry.register(collector)
-        elif self.directory is not None:
-            collector.directory = self.directory
+        elif self.snapshots is not None:
+            collector.snapshots = self.snapshots
         return collector
 
     def install(self, runtime: KeystileRuntime) -> None:
         """Export ``runtime``'s counters; with a directory, write snapshots of them."""
         collector = self.collector()
         collector.add(runtime)
-        if collector.directory is None:
+        if collector.snapshots is None:
             return
-        Path(collector.directory).mkdir(parents=True, exist_ok=True)
         interval = self.interval
 
         async def write_snapshots() -> None:
