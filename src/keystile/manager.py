@@ -181,12 +181,13 @@ def validate_refill(refill: timedelta | str | None) -> timedelta | None:
 
 
 def validate_ip_allowlist(cidrs: Iterable[str] | None) -> tuple[str, ...]:
-    """IPv4/IPv6 CIDRs as stored (normalised, host bits zero), or ``KeyManagementError``.
-    ``None`` or empty: no allowlist (any address)."""
+    """IPv4/IPv6 CIDRs as stored (normalised, host bits zero; at most 256, no zone id, no
+    IPv4-mapped network), or ``KeyManagementError``. ``None`` or empty: no allowlist
+    (any address)."""
     if cidrs is None:
         return ()
     try:
-        return normalize_cidrs(cidrs)
+        return normalize_cidrs(cidrs, strict=True)
     except ValueError as exc:
         raise KeyManagementError(f"ip_allowlist: {exc}") from None
 
