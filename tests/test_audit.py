@@ -11,6 +11,7 @@ import sys
 import uuid
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -419,3 +420,82 @@ def test_cli_prune_is_listed_by_events(tmp_path: Path, capsys: pytest.CaptureFix
     lines = [json.loads(line) for line in out.splitlines()]
     assert code == 0 and [e["action"] for e in lines] == ["created", "pruned"]
     assert lines[1]["actor"].startswith("cli:") and lines[1]["detail"]["count"] == 0
+
+
+# -- what a key was created with ---------------------------------------------------------
+
+
+async def test_created_event_records_what_the_key_was_created_with(store: KeyStore) -> None:
+    """scopes, expiry, rate limit, quota, allowlist and the metadata's keys (not values)."""
+    keys = manager(store)
+    created = await keys.create(
+        owner="acme", name="ci", scopes=["items:read", "items:write"],
+        expires_in=timedelta(days=30), rate_limit="10/s", quota=1000, quota_refill="1d",
+        ip_allowlist=["10.0.0.0/8", "2001:db8::/32"],
+        metadata={"team": "infra-value", "ticket": "value-4242"},
+    )  # fmt: skip
+    record = created.record
+    assert record.expires_at is not None
+    expected = {
+        "name": "ci",
+        "scopes": ["items:read", "items:write"],
+        "expires_at": record.expires_at.isoformat(),
+        "rate_limit": "10/second",
+        "quota": 1000,
+        "quota_refill": 86400.0,
+        "ip_allowlist": ["10.0.0.0/8", "2001:db8::/32"],
+        "metadata_keys": ["team", "ticket"],
+    }
+    [event] = await keys.events(key_id=created.id)
+    assert event.action == "created" and dict(event.detail) == expected
+    assert_holds_no_secret(event.to_dict(), created.key, record.secret_hash)
+    assert "infra-value" not in json.dumps(event.to_dict())
+    successor = await keys.rotate(created.id, owner="acme")
+    created_again = (await keys.events(key_id=successor.id))[0]
+    assert created_again.action == "created"
+    assert created_again.detail["replaces"] == created.id
+    assert created_again.detail["ip_allowlist"] == expected["ip_allowlist"]
+    assert created_again.detail["metadata_keys"] == ["team", "ticket"]
+    assert_holds_no_secret(created_again.to_dict(), successor.key, successor.record.secret_hash)
+
+
+async def test_created_event_of_a_plain_key_names_no_limits(store: KeyStore) -> None:
+    """A key made with nothing but a name records empty scopes, no expiry and no limits."""
+    created = await manager(store).create(owner="acme", name="plain")
+    [event] = await manager(store).events(key_id=created.id)
+    assert dict(event.detail) == {
+        "name": "plain", "scopes": [], "expires_at": None, "rate_limit": None, "quota": None,
+        "quota_refill": None, "ip_allowlist": [], "metadata_keys": [],
+    }  # fmt: skip
+
+
+def assert_holds_no_secret(event: dict[str, Any], plaintext: str, secret_hash: str) -> None:
+    text = json.dumps(event)
+    secret = plaintext.rsplit("_", 1)[1]
+    for needle in (plaintext, secret, secret[:16], secret_hash, secret_hash.rsplit("$", 1)[1]):
+        assert needle not in text
+    assert "argon2" not in text
+
+
+def test_cli_events_json_shows_what_a_key_was_created_with(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """keystile events --json shows the created event's limits, allowlist and metadata keys."""
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    code, out, _ = cli(
+        capsys, url, "create", "--owner", "acme", "--name", "ci", "--scope", "read",
+        "--rate-limit", "5/minute", "--quota", "7", "--ip-allow", "10.0.0.0/8",
+        "--metadata", "team=hidden-value", "--json",
+    )  # fmt: skip
+    assert code == 0
+    plaintext = json.loads(out)["key"]
+    code, out, _ = cli(capsys, url, "events", "--json")
+    [event] = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and event["action"] == "created"
+    assert event["detail"] == {
+        "name": "ci", "scopes": ["read"], "expires_at": None, "rate_limit": "5/minute",
+        "quota": 7, "quota_refill": None, "ip_allowlist": ["10.0.0.0/8"],
+        "metadata_keys": ["team"],
+    }  # fmt: skip
+    assert plaintext not in out and plaintext.rsplit("_", 1)[1] not in out
+    assert "hidden-value" not in out and "argon2" not in out

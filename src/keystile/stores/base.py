@@ -320,11 +320,18 @@ def event_detail(changes: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def created_detail(record: KeyRecord, replaces: str | None) -> dict[str, Any]:
-    """A ``created`` event's detail: the new key's public fields."""
+    """A ``created`` event's detail: what the key was created with (name, scopes, expiry,
+    limits, IP allowlist) and the names of its metadata keys. Metadata values are the
+    caller's and may be sensitive, so they are left out; the hash is never written."""
     detail: dict[str, Any] = {
         "name": record.name,
         "scopes": list(record.scopes),
         "expires_at": _json_value(record.expires_at),
+        "rate_limit": record.rate_limit,
+        "quota": record.quota,
+        "quota_refill": _json_value(record.quota_refill),
+        "ip_allowlist": list(record.ip_allowlist),
+        "metadata_keys": sorted(record.metadata),
     }
     if replaces is not None:
         detail["replaces"] = replaces
