@@ -9,8 +9,9 @@ import sqlite3
 import subprocess
 import sys
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -31,6 +32,7 @@ from keystile import (
 from keystile.cli import main
 from keystile.errors import DuplicateKeyName, StoreError
 from keystile.stores import store_from_url
+from keystile.stores.base import utcnow
 from keystile.tokens import generate_key
 
 pytestmark = pytest.mark.anyio
@@ -118,9 +120,9 @@ async def test_prune_events_deletes_only_older_ones(store: KeyStore) -> None:
     keys = manager(store)
     await keys.create(owner="acme", name="ci")
     assert await keys.prune_events(older_than=timedelta(hours=1)) == 0
-    assert len(await keys.events()) == 1
-    assert await keys.prune_events(older_than=timedelta(0)) == 1
-    assert await keys.events() == []
+    assert [e.action for e in await keys.events()] == ["created", "pruned"]
+    assert await keys.prune_events(older_than=timedelta(0)) == 2
+    assert [e.action for e in await keys.events()] == ["pruned"]
 
 
 async def test_logout_is_recorded_with_the_key_as_actor(store: KeyStore) -> None:
@@ -330,3 +332,170 @@ async def test_database_of_the_previous_schema_upgrades_in_place(
         assert sorted(r[0] for r in versions) == list(range(1, len(postgres._MIGRATIONS) + 1))
     finally:
         await raw.close()
+
+
+# -- pruning is recorded -----------------------------------------------------------------
+
+
+async def test_prune_records_a_pruned_event_that_survives_it(store: KeyStore) -> None:
+    """prune_events writes `pruned` (actor, cutoff, count), which that prune keeps."""
+    keys = manager(store)
+    await keys.create(owner="acme", name="a")
+    await keys.create(owner="acme", name="b")
+    last_id = (await keys.events())[-1].id
+    before = utcnow()
+    assert await keys.prune_events(older_than=timedelta(0), actor="ops@example.com") == 2
+    [pruned] = await keys.events()
+    assert (pruned.action, pruned.actor, pruned.key_id, pruned.owner) == (
+        "pruned", "ops@example.com", "", "",
+    )  # fmt: skip
+    assert pruned.detail["count"] == 2 and pruned.id > last_id
+    assert pruned.at > before - timedelta(milliseconds=1)
+    assert before <= datetime.fromisoformat(pruned.detail["cutoff"]) <= utcnow()
+    assert await keys.prune_events(older_than=timedelta(hours=1)) == 0
+    events = await keys.events()
+    assert [(e.action, e.actor, e.detail["count"]) for e in events] == [
+        ("pruned", "ops@example.com", 2),
+        ("pruned", "default-actor", 0),
+    ]
+    assert events[0].id < events[1].id
+
+
+async def test_prune_that_cannot_be_recorded_deletes_nothing_on_sqlite(
+    sqlite_database_url: str,
+) -> None:
+    """SQLite: when the `pruned` event cannot be written, no event is deleted."""
+    await unrecordable_prune_deletes_nothing(sqlite_database_url)
+
+
+@pytest.mark.postgres
+async def test_prune_that_cannot_be_recorded_deletes_nothing_on_postgres(
+    postgres_database_url: str,
+) -> None:
+    """Postgres: when the `pruned` event cannot be written, no event is deleted."""
+    await unrecordable_prune_deletes_nothing(postgres_database_url)
+
+
+async def unrecordable_prune_deletes_nothing(database_url: str) -> None:
+    keys = manager(store_from_url(database_url))
+    async with keys:
+        await keys.create(owner="acme", name="ci")
+        await refuse_pruned_events(database_url)
+        with pytest.raises(StoreError):
+            await keys.prune_events(older_than=timedelta(0))
+        assert [e.action for e in await keys.events()] == ["created"]
+
+
+async def refuse_pruned_events(database_url: str) -> None:
+    """Make the database refuse any `pruned` event, as a full disk or a bad grant would."""
+    if database_url.startswith("sqlite"):
+        conn = sqlite3.connect(database_url[len("sqlite:///") :])
+        conn.execute(
+            "CREATE TRIGGER no_pruned BEFORE INSERT ON keystile_events"
+            " WHEN NEW.action = 'pruned' BEGIN SELECT RAISE(ABORT, 'refused'); END"
+        )
+        conn.commit()
+        conn.close()
+        return
+    import asyncpg
+
+    base, schema = database_url.split("?schema=")
+    raw = await asyncpg.connect(base)
+    try:
+        await raw.execute(
+            f'ALTER TABLE "{schema}".keystile_events'
+            " ADD CONSTRAINT no_pruned CHECK (action <> 'pruned')"
+        )
+    finally:
+        await raw.close()
+
+
+def test_cli_prune_is_listed_by_events(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """keystile events --prune-older-than records a `pruned` event that --json lists."""
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    cli(capsys, url, "create", "--owner", "acme", "--name", "ci")
+    code, _, err = cli(capsys, url, "events", "--prune-older-than", "1h")
+    assert code == 0 and "pruned 0 event(s)" in err
+    code, out, _ = cli(capsys, url, "events", "--json")
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and [e["action"] for e in lines] == ["created", "pruned"]
+    assert lines[1]["actor"].startswith("cli:") and lines[1]["detail"]["count"] == 0
+
+
+# -- what a key was created with ---------------------------------------------------------
+
+
+async def test_created_event_records_what_the_key_was_created_with(store: KeyStore) -> None:
+    """scopes, expiry, rate limit, quota, allowlist and the metadata's keys (not values)."""
+    keys = manager(store)
+    created = await keys.create(
+        owner="acme", name="ci", scopes=["items:read", "items:write"],
+        expires_in=timedelta(days=30), rate_limit="10/s", quota=1000, quota_refill="1d",
+        ip_allowlist=["10.0.0.0/8", "2001:db8::/32"],
+        metadata={"team": "infra-value", "ticket": "value-4242"},
+    )  # fmt: skip
+    record = created.record
+    assert record.expires_at is not None
+    expected = {
+        "name": "ci",
+        "scopes": ["items:read", "items:write"],
+        "expires_at": record.expires_at.isoformat(),
+        "rate_limit": "10/second",
+        "quota": 1000,
+        "quota_refill": 86400.0,
+        "ip_allowlist": ["10.0.0.0/8", "2001:db8::/32"],
+        "metadata_keys": ["team", "ticket"],
+    }
+    [event] = await keys.events(key_id=created.id)
+    assert event.action == "created" and dict(event.detail) == expected
+    assert_holds_no_secret(event.to_dict(), created.key, record.secret_hash)
+    assert "infra-value" not in json.dumps(event.to_dict())
+    successor = await keys.rotate(created.id, owner="acme")
+    created_again = (await keys.events(key_id=successor.id))[0]
+    assert created_again.action == "created"
+    assert created_again.detail["replaces"] == created.id
+    assert created_again.detail["ip_allowlist"] == expected["ip_allowlist"]
+    assert created_again.detail["metadata_keys"] == ["team", "ticket"]
+    assert_holds_no_secret(created_again.to_dict(), successor.key, successor.record.secret_hash)
+
+
+async def test_created_event_of_a_plain_key_names_no_limits(store: KeyStore) -> None:
+    """A key made with nothing but a name records empty scopes, no expiry and no limits."""
+    created = await manager(store).create(owner="acme", name="plain")
+    [event] = await manager(store).events(key_id=created.id)
+    assert dict(event.detail) == {
+        "name": "plain", "scopes": [], "expires_at": None, "rate_limit": None, "quota": None,
+        "quota_refill": None, "ip_allowlist": [], "metadata_keys": [],
+    }  # fmt: skip
+
+
+def assert_holds_no_secret(event: dict[str, Any], plaintext: str, secret_hash: str) -> None:
+    text = json.dumps(event)
+    secret = plaintext.rsplit("_", 1)[1]
+    for needle in (plaintext, secret, secret[:16], secret_hash, secret_hash.rsplit("$", 1)[1]):
+        assert needle not in text
+    assert "argon2" not in text
+
+
+def test_cli_events_json_shows_what_a_key_was_created_with(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """keystile events --json shows the created event's limits, allowlist and metadata keys."""
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    code, out, _ = cli(
+        capsys, url, "create", "--owner", "acme", "--name", "ci", "--scope", "read",
+        "--rate-limit", "5/minute", "--quota", "7", "--ip-allow", "10.0.0.0/8",
+        "--metadata", "team=hidden-value", "--json",
+    )  # fmt: skip
+    assert code == 0
+    plaintext = json.loads(out)["key"]
+    code, out, _ = cli(capsys, url, "events", "--json")
+    [event] = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and event["action"] == "created"
+    assert event["detail"] == {
+        "name": "ci", "scopes": ["read"], "expires_at": None, "rate_limit": "5/minute",
+        "quota": 7, "quota_refill": None, "ip_allowlist": ["10.0.0.0/8"],
+        "metadata_keys": ["team"],
+    }  # fmt: skip
+    assert plaintext not in out and plaintext.rsplit("_", 1)[1] not in out
+    assert "hidden-value" not in out and "argon2" not in out

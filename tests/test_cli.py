@@ -612,3 +612,36 @@ def test_operation_errors_are_one_line_exit_1(url: str, capsys: pytest.CaptureFi
     ):
         code, out, err = run(capsys, "--database-url", url, *argv)
         assert code == 1 and out == "" and err.count("\n") == 1, argv
+
+
+def test_changing_a_revoked_key_is_one_line_exit_1(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """update, rename, disable and enable of a revoked key: one line saying so, exit 1."""
+    key_id = create_key(url, capsys)
+    assert run(capsys, "--database-url", url, "revoke", key_id, "--owner", "acme")[0] == 0
+    for argv in (
+        ("update", key_id, "--owner", "acme", "--scope", "admin"),
+        ("update", key_id, "--owner", "acme", "--name", "renamed"),
+        ("disable", key_id, "--owner", "acme"),
+        ("enable", key_id, "--owner", "acme"),
+    ):
+        code, out, err = run(capsys, "--database-url", url, *argv)
+        assert (code, out, err.count("\n")) == (1, "", 1), argv
+        assert "is revoked" in err and "Traceback" not in err, argv
+    code, out, _ = run(capsys, "--database-url", url, "show", key_id, "--owner", "acme", "--json")
+    shown = json.loads(out)
+    assert (shown["status"], shown["name"], shown["scopes"]) == ("revoked", "ci", [])
+
+
+def test_ip_allowlist_errors_are_one_line_exit_1(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """257 --ip-allow networks, a zone id or an IPv4-mapped network: one line, exit 1."""
+    many = [arg for i in range(257) for arg in ("--ip-allow", f"10.0.{i // 256}.{i % 256}/32")]
+    for options in (many, ["--ip-allow", "fe80::%eth0/64"], ["--ip-allow", "::ffff:0:0/96"]):
+        code, out, err = run(
+            capsys, "--database-url", url, "create", "--owner", "acme", "--name", "x", *options
+        )
+        assert (code, out, err.count("\n")) == (1, "", 1), options[:2]
+        assert "ip_allowlist" in err and "Traceback" not in err

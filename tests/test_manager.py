@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -372,3 +372,42 @@ async def test_expires_at_overflowing_utc_refused(manager: KeyManager) -> None:
         await manager.create(
             owner="acme", name="k", expires_at=datetime(9999, 12, 31, 23, 0, tzinfo=west)
         )
+
+
+# -- a revoked key is final -------------------------------------------------------------
+
+
+async def test_a_revoked_key_cannot_be_updated_disabled_enabled_or_renamed(
+    manager: KeyManager,
+) -> None:
+    """update, rename, disable and enable of a revoked key raise, and change nothing."""
+    created = await manager.create(owner="acme", name="ci", scopes=["read"])
+    assert await manager.revoke(created.id, owner="acme") is True
+    before = await manager.get(created.id, owner="acme")
+    key = created.id
+    calls: dict[str, Callable[[], Awaitable[Any]]] = {
+        "scopes": lambda: manager.update(key, owner="acme", scopes=["read", "admin"]),
+        "rename": lambda: manager.update(key, owner="acme", name="ci2"),
+        "expiry": lambda: manager.update(key, owner="acme", expires_at=None),
+        "quota": lambda: manager.update(key, owner="acme", quota=5),
+        "nothing": lambda: manager.update(key, owner="acme"),
+        "disable": lambda: manager.disable(key, owner="acme"),
+        "enable": lambda: manager.enable(key, owner="acme"),
+    }
+    for label, call in calls.items():
+        with pytest.raises(KeyManagementError, match="is revoked") as raised:
+            await call()
+        assert not isinstance(raised.value, KeyNotFound), label
+    assert await manager.get(created.id, owner="acme") == before
+    assert [e.action for e in await manager.events(key_id=created.id)] == ["created", "revoked"]
+
+
+async def test_a_disabled_key_once_revoked_cannot_be_enabled(manager: KeyManager) -> None:
+    """disable, then revoke: enable raises and the key stays revoked and disabled."""
+    created = await manager.create(owner="acme", name="ci")
+    await manager.disable(created.id, owner="acme")
+    await manager.revoke(created.id, owner="acme")
+    with pytest.raises(KeyManagementError, match="is revoked"):
+        await manager.enable(created.id, owner="acme")
+    record = await manager.get(created.id, owner="acme")
+    assert record.status() == "revoked" and record.disabled_at is not None

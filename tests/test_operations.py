@@ -239,3 +239,62 @@ async def test_update_and_disable_are_owner_scoped(store: KeyStore) -> None:
         with pytest.raises(KeyNotFound):
             await call
     assert (await keys.get(key_id, owner="acme")).status() == "active"
+
+
+# -- allowlist limits, IPv6-only networks and IPv4-mapped clients ------------------------
+
+
+def networks(n: int) -> list[str]:
+    """``n`` distinct IPv4 /32 networks."""
+    return [f"10.{i // 256}.{i % 256}.1/32" for i in range(n)]
+
+
+async def test_ip_allowlist_holds_at_most_256_networks(store: KeyStore) -> None:
+    """256 networks are accepted; 257 are refused on create and on update, naming the cap."""
+    keys = manager(store)
+    _, key_id = await mint(store, ip_allowlist=networks(256))
+    assert len((await keys.get(key_id, owner="acme")).ip_allowlist) == 256
+    with pytest.raises(KeyManagementError, match="at most 256"):
+        await keys.create(owner="acme", name="too-many", ip_allowlist=networks(257))
+    with pytest.raises(KeyManagementError, match="at most 256"):
+        await keys.update(key_id, owner="acme", ip_allowlist=networks(257))
+    assert len((await keys.get(key_id, owner="acme")).ip_allowlist) == 256
+    assert "too-many" not in [r.name for r in await keys.list("acme")]
+
+
+async def test_all_ipv6_admits_ipv6_clients_only(store: KeyStore) -> None:
+    """::/0 admits 2001:db8::1; an IPv4 client and an IPv4-mapped one get 403."""
+    key, _ = await mint(store, ip_allowlist=["::/0"])
+    app = protect(store)
+    assert (await get(app, key, client=("2001:db8::1", 123))).status_code == 200
+    for outside in ("10.1.2.3", "::ffff:10.1.2.3", "::FFFF:0a01:0203"):
+        refused = await get(app, key, client=(outside, 123))
+        assert refused.status_code == 403, outside
+        assert refused.json()["error"] == "ip_not_allowed"
+    await app.aclose()
+
+
+async def test_ipv4_mapped_client_is_matched_as_its_ipv4_address(store: KeyStore) -> None:
+    """::ffff:10.1.2.3 passes 10.0.0.0/8 as 10.1.2.3 does; ::ffff:192.168.1.1 gets 403."""
+    key, _ = await mint(store, ip_allowlist=["10.0.0.0/8", "2001:db8::/32"])
+    app = protect(store)
+    assert (await get(app, key, client=("::ffff:10.1.2.3", 123))).status_code == 200
+    assert (await get(app, key, client=("::ffff:192.168.1.1", 123))).status_code == 403
+    await app.aclose()
+
+
+async def test_ip_allowlist_refuses_zone_ids_and_ipv4_mapped_networks(store: KeyStore) -> None:
+    """fe80::%eth0/64 (a zone id) and ::ffff:10.0.0.0/104 are refused with the reason."""
+    keys = manager(store)
+    _, key_id = await mint(store, ip_allowlist=["10.0.0.0/8"])
+    for bad, reason in (
+        (["fe80::%eth0/64"], "zone"),
+        (["fe80::1%2"], "zone"),
+        (["::ffff:10.0.0.0/104"], "IPv4-mapped"),
+    ):
+        with pytest.raises(KeyManagementError, match=reason):
+            await keys.create(owner="acme", name="bad", ip_allowlist=bad)
+        with pytest.raises(KeyManagementError, match=reason):
+            await keys.update(key_id, owner="acme", ip_allowlist=bad)
+    assert (await keys.get(key_id, owner="acme")).ip_allowlist == ("10.0.0.0/8",)
+    assert [e.action for e in await keys.events(key_id=key_id)] == ["created"]

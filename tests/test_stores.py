@@ -8,7 +8,7 @@ from datetime import datetime, timedelta, timezone
 import anyio
 import pytest
 
-from keystile import DuplicateKeyName, KeyRecord, KeyStore
+from keystile import DuplicateKeyName, KeyManagementError, KeyRecord, KeyStore
 from keystile.stores.base import utcnow
 from keystile.tokens import new_key_id
 
@@ -405,3 +405,83 @@ async def test_rotating_a_disabled_key_is_refused(store: KeyStore) -> None:
     successor = record()
     assert await store.rotate(r.id, "acme", successor, grace_until=utcnow()) is None
     assert await store.get(successor.id) is None
+
+
+# -- a revoked key is final -------------------------------------------------------------
+
+
+async def test_update_of_a_revoked_key_is_refused_by_the_store(store: KeyStore) -> None:
+    """store.update of a revoked key raises KeyManagementError; row and log unchanged."""
+    r = record()
+    await store.insert(r)
+    assert await store.revoke(r.id, "acme", at=utcnow()) is True
+    revoked = await store.get(r.id)
+    for changes in (
+        {"scopes": ("admin",)},
+        {"name": "renamed"},
+        {"disabled_at": utcnow()},
+        {"disabled_at": None},
+        {},
+    ):
+        with pytest.raises(KeyManagementError, match="is revoked"):
+            await store.update(r.id, "acme", changes, at=utcnow(), actor="mallory")
+    assert await store.get(r.id) == revoked
+    assert [e.action for e in await store.list_events(key_id=r.id)] == ["created", "revoked"]
+    assert await store.update(r.id, "globex", {"name": "x"}, at=utcnow()) is None
+
+
+@pytest.mark.postgres
+async def test_update_waiting_on_a_concurrent_revoke_is_refused_on_postgres(
+    postgres_database_url: str,
+) -> None:
+    """An update blocked behind an uncommitted revoke of the key fails once the revoke
+    commits, and the revoked row keeps its values."""
+    import asyncpg
+
+    from keystile.stores import store_from_url
+    from pgtools import split_url
+
+    dsn, schema = split_url(postgres_database_url)
+    store = store_from_url(postgres_database_url)
+    await store.open()
+    raw = await asyncpg.connect(dsn)
+    try:
+        r = record()
+        await store.insert(r)
+        revoker = raw.transaction()
+        await revoker.start()
+        await raw.execute(
+            f'UPDATE "{schema}".keystile_keys SET revoked_at = now() WHERE id = $1',  # noqa: S608
+            r.id,
+        )
+        outcome: list[BaseException | KeyRecord | None] = []
+
+        async def update() -> None:
+            try:
+                outcome.append(
+                    await store.update(r.id, "acme", {"scopes": ("admin",)}, at=utcnow())
+                )
+            except Exception as exc:
+                outcome.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(update)
+            watcher = await asyncpg.connect(dsn)
+            try:
+                with anyio.fail_after(10):
+                    while not await watcher.fetchval(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                        " AND strpos(query, $1) > 0",
+                        f'"{schema}".keystile_keys',
+                    ):
+                        await anyio.sleep(0.01)
+            finally:
+                await watcher.close()
+            await revoker.commit()
+        assert len(outcome) == 1 and isinstance(outcome[0], KeyManagementError), outcome
+        got = await store.get(r.id)
+        assert got is not None and got.revoked_at is not None and got.scopes == r.scopes
+        assert [e.action for e in await store.list_events(key_id=r.id)] == ["created"]
+    finally:
+        await raw.close()
+        await store.close()

@@ -14,7 +14,8 @@ The rules users learned the hard way live here, so every caller gets them:
   refilled every ``quota_refill``;
 * ``update`` changes a live key (scopes, name, metadata, expiry, IP allowlist, limits)
   without changing its secret, and every running process hears of it as of a
-  revocation; ``disable`` and ``enable`` switch a key off and on again;
+  revocation; ``disable`` and ``enable`` switch a key off and on again; a revoked key
+  can be none of these (a revocation is final for the record too);
 * every change is recorded, in its own transaction, as an audit event naming its actor
   (``KeyManager(actor=...)``, or ``actor=`` per call); ``events`` reads them back;
 * the plaintext key is returned exactly once, by ``create`` and ``rotate``.
@@ -59,6 +60,7 @@ from .stores.base import (
     KeyStore,
     UsageBucket,
     UsageTotal,
+    revoked_error,
     utcnow,
 )
 from .tokens import DEFAULT_PREFIX, generate_key, normalize_key_id, redact, validate_prefix
@@ -179,12 +181,13 @@ def validate_refill(refill: timedelta | str | None) -> timedelta | None:
 
 
 def validate_ip_allowlist(cidrs: Iterable[str] | None) -> tuple[str, ...]:
-    """IPv4/IPv6 CIDRs as stored (normalised, host bits zero), or ``KeyManagementError``.
-    ``None`` or empty: no allowlist (any address)."""
+    """IPv4/IPv6 CIDRs as stored (normalised, host bits zero; at most 256, no zone id, no
+    IPv4-mapped network), or ``KeyManagementError``. ``None`` or empty: no allowlist
+    (any address)."""
     if cidrs is None:
         return ()
     try:
-        return normalize_cidrs(cidrs)
+        return normalize_cidrs(cidrs, strict=True)
     except ValueError as exc:
         raise KeyManagementError(f"ip_allowlist: {exc}") from None
 
@@ -378,12 +381,14 @@ class KeyManager:
         """Switch ``owner``'s key off until ``enable``: its requests are refused with 401
         ("The API key has been disabled.", told only to a caller who proved the secret),
         in every process at once, as after a revocation. Unlike ``revoke`` it can be undone,
-        and the key keeps its name. Disabling a disabled key changes (and records) nothing."""
+        and the key keeps its name. Disabling a disabled key changes (and records) nothing;
+        a revoked key raises ``KeyManagementError``."""
         return await self._switch(key_id, owner, utcnow(), actor)
 
     async def enable(self, key_id: str, *, owner: str, actor: str | None = None) -> KeyRecord:
         """Switch a disabled key of ``owner`` back on; a no-op (nothing recorded) if it is
-        not disabled. A revoked or expired key stays refused."""
+        not disabled. A revoked key raises ``KeyManagementError``; an expired key stays
+        refused."""
         return await self._switch(key_id, owner, None, actor)
 
     async def _switch(
@@ -391,6 +396,8 @@ class KeyManager:
     ) -> KeyRecord:
         who = self._actor(actor)
         current = await self.get(key_id, owner=owner)
+        if current.revoked_at is not None:
+            raise revoked_error(current.id, owner)
         if (current.disabled_at is None) == (disabled_at is None):
             return current
         updated = await self.store.update(
@@ -410,7 +417,8 @@ class KeyManager:
     ) -> builtins.list[KeyEvent]:
         """The audit log, oldest first: every change to a key (``created``, ``replaced``,
         ``rotated``, ``revoked``, ``reaped``, ``updated``, ``disabled``, ``enabled``,
-        ``logout``) with its time, actor and detail. Filtered by owner, key (id or display
+        ``logout``), and every prune of the log (``pruned``, with no key and no owner),
+        with its time, actor and detail. Filtered by owner, key (id or display
         form) and time (``since``: a moment, or a ``timedelta`` back from now); with
         ``limit``, the newest ``limit`` events."""
         if isinstance(since, timedelta):
@@ -426,12 +434,14 @@ class KeyManager:
             limit=limit,
         )
 
-    async def prune_events(self, *, older_than: timedelta) -> int:
+    async def prune_events(self, *, older_than: timedelta, actor: str | None = None) -> int:
         """Delete audit events older than ``older_than``; returns how many. Events are
-        kept until an operator prunes them."""
+        kept until an operator prunes them, and every prune is itself recorded, in the
+        same transaction, as a ``pruned`` event (actor, cutoff, count) that it keeps."""
         if older_than < timedelta(0):
             raise KeyManagementError("older_than must not be negative")
-        return await self.store.prune_events(before=utcnow() - older_than)
+        who = self._actor(actor)
+        return await self.store.prune_events(before=utcnow() - older_than, actor=who)
 
     async def usage(
         self,
@@ -498,7 +508,9 @@ class KeyManager:
         CIDRs) replaces the allowlist, ``None`` or ``[]`` removes it. ``rate_limit=None``
         clears it; a new ``quota`` starts full (its period, for ``quota_refill``, starts
         now); ``quota=None`` removes the quota and its refill. Raises ``KeyNotFound`` for
-        an unknown id or another owner's key."""
+        an unknown id or another owner's key, and ``KeyManagementError`` for a revoked
+        key: a revocation is final, decided by the store in the write itself, so an
+        update racing a revocation never changes the revoked record."""
         key_id = normalize_key_id(key_id)
         who = self._actor(actor)
         changes: dict[str, Any] = {}

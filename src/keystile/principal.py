@@ -15,20 +15,30 @@ from .limits.policy import LimitPolicy
 from .stores.base import KeyRecord
 from .tokens import redact
 
-__all__ = ["APIKeyUser", "IPAllowlist", "normalize_cidrs"]
+__all__ = ["MAX_IP_ALLOWLIST", "APIKeyUser", "IPAllowlist", "normalize_cidrs"]
 
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-def normalize_cidrs(cidrs: Iterable[str]) -> tuple[str, ...]:
+#: The most networks a key's IP allowlist may hold when it is set.
+MAX_IP_ALLOWLIST = 256
+
+
+def normalize_cidrs(cidrs: Iterable[str], *, strict: bool = False) -> tuple[str, ...]:
     """``cidrs`` as stored: each an IPv4 or IPv6 network (a bare address is a /32 or
     /128), normalised, duplicates dropped; ``ValueError`` naming the first bad one.
 
     Host bits must be zero (``10.0.0.0/8``, not ``10.1.2.3/8``): an allowlist that
-    silently widened what the operator typed would be a worse surprise than an error."""
+    silently widened what the operator typed would be a worse surprise than an error.
+
+    ``strict`` adds the rules for an allowlist being set (a stored one is read without
+    them, so a key stored before them keeps working): at most ``MAX_IP_ALLOWLIST``
+    networks; no zone id (``fe80::%eth0/64``), which names an interface of one host and
+    would be ignored by the match; no IPv4-mapped network (``::ffff:10.0.0.0/104``),
+    since an IPv4-mapped client is matched as its IPv4 address (write ``10.0.0.0/8``)."""
     if isinstance(cidrs, str):
         raise ValueError("an IP allowlist is a list of CIDRs, not one string")
-    result: list[str] = []
+    result: dict[str, None] = {}
     for cidr in cidrs:
         if not isinstance(cidr, str):
             raise ValueError(f"invalid CIDR {cidr!r}: give a string such as '10.0.0.0/8'")
@@ -36,10 +46,39 @@ def normalize_cidrs(cidrs: Iterable[str]) -> tuple[str, ...]:
             network = ipaddress.ip_network(cidr.strip(), strict=True)
         except ValueError as exc:
             raise ValueError(f"invalid CIDR {cidr!r}: {exc}") from None
+        if strict:
+            _check_settable(cidr, network)
         text = str(network)
         if text not in result:
-            result.append(text)
+            if strict and len(result) == MAX_IP_ALLOWLIST:
+                raise ValueError(f"an IP allowlist holds at most {MAX_IP_ALLOWLIST} networks")
+            result[text] = None
     return tuple(result)
+
+
+def _check_settable(cidr: str, network: _Network) -> None:
+    if not isinstance(network, ipaddress.IPv6Network):
+        return
+    zone = network.network_address.scope_id
+    if zone is not None:
+        raise ValueError(
+            f"invalid CIDR {cidr!r}: a zone id (%{zone}) names a network interface, which"
+            " the allowlist cannot check; give the network without it"
+        )
+    mapped = _as_ipv4(network)
+    if mapped is not None:
+        raise ValueError(
+            f"invalid CIDR {cidr!r}: an IPv4-mapped network; give the IPv4 network {mapped}"
+            " (an IPv4-mapped client address is matched as its IPv4 address)"
+        )
+
+
+def _as_ipv4(network: ipaddress.IPv6Network) -> ipaddress.IPv4Network | None:
+    """The IPv4 network an IPv4-mapped one (``::ffff:10.0.0.0/104``) stands for."""
+    mapped = network.network_address.ipv4_mapped
+    if mapped is None or network.prefixlen < 96:
+        return None
+    return ipaddress.IPv4Network((mapped, network.prefixlen - 96))
 
 
 class IPAllowlist:
@@ -48,8 +87,12 @@ class IPAllowlist:
     ``allows`` remembers its decision per client host (at most ``MEMO_SIZE`` hosts, then
     it starts over), so a client's repeated requests cost one dict lookup; a new host
     costs one ``ipaddress`` parse. The decision depends on the allowlist alone, so one
-    instance is safely shared by every request made with the key. An IPv4-mapped IPv6
-    address (``::ffff:10.1.2.3``) is checked as the IPv4 address it carries.
+    instance is safely shared by every request made with the key.
+
+    An IPv4-mapped client address (``::ffff:10.1.2.3``, what a dual-stack server reports
+    for an IPv4 client) is checked as the IPv4 address it carries, against the IPv4
+    networks only: ``::/0`` admits IPv6 clients, never IPv4 ones. An IPv4-mapped network
+    stored before such entries were refused counts as the IPv4 network it stands for.
     """
 
     __slots__ = ("_seen", "_v4", "_v6", "cidrs")
@@ -58,9 +101,18 @@ class IPAllowlist:
 
     def __init__(self, cidrs: Iterable[str]) -> None:
         self.cidrs = normalize_cidrs(cidrs)
-        networks: list[_Network] = [ipaddress.ip_network(c) for c in self.cidrs]
-        self._v4 = tuple(n for n in networks if n.version == 4)
-        self._v6 = tuple(n for n in networks if n.version == 6)
+        v4: list[ipaddress.IPv4Network] = []
+        v6: list[ipaddress.IPv6Network] = []
+        for cidr in self.cidrs:
+            network = ipaddress.ip_network(cidr)
+            if isinstance(network, ipaddress.IPv4Network):
+                v4.append(network)
+            elif (mapped := _as_ipv4(network)) is not None:
+                v4.append(mapped)
+            else:
+                v6.append(network)
+        self._v4 = tuple(v4)
+        self._v6 = tuple(v6)
         self._seen: dict[str, bool] = {}
 
     def allows(self, client: Any) -> bool:
@@ -84,9 +136,9 @@ class IPAllowlist:
             return False
         if isinstance(address, ipaddress.IPv6Address):
             mapped = address.ipv4_mapped
-            if mapped is not None and any(mapped in n for n in self._v4):
-                return True
-            return any(address in n for n in self._v6)
+            if mapped is None:
+                return any(address in n for n in self._v6)
+            address = mapped
         return any(address in n for n in self._v4)
 
     def __repr__(self) -> str:

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol, runtime_checkable
 
+from ..errors import KeyManagementError
+
 __all__ = [
     "EVENT_ACTIONS",
     "LIMIT_FIELDS",
@@ -34,7 +36,9 @@ __all__ = [
     "check_updatable",
     "created_detail",
     "event_detail",
+    "pruned_detail",
     "reaped_detail",
+    "revoked_error",
     "rotated_detail",
     "update_action",
     "utcnow",
@@ -63,6 +67,7 @@ EVENT_ACTIONS = frozenset(
         "disabled",
         "enabled",
         "logout",
+        "pruned",
     }
 )
 
@@ -262,7 +267,8 @@ class KeyEvent:
     """One audit-log entry: a change to a key, written in the change's own transaction.
 
     ``detail`` is JSON (for ``updated``: the fields set and their new values); it never
-    holds a secret or a hash."""
+    holds a secret or a hash. A ``pruned`` event concerns the log itself, not a key:
+    its ``key_id`` and ``owner`` are empty."""
 
     at: datetime
     key_id: str
@@ -314,11 +320,18 @@ def event_detail(changes: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def created_detail(record: KeyRecord, replaces: str | None) -> dict[str, Any]:
-    """A ``created`` event's detail: the new key's public fields."""
+    """A ``created`` event's detail: what the key was created with (name, scopes, expiry,
+    limits, IP allowlist) and the names of its metadata keys. Metadata values are the
+    caller's and may be sensitive, so they are left out; the hash is never written."""
     detail: dict[str, Any] = {
         "name": record.name,
         "scopes": list(record.scopes),
         "expires_at": _json_value(record.expires_at),
+        "rate_limit": record.rate_limit,
+        "quota": record.quota,
+        "quota_refill": _json_value(record.quota_refill),
+        "ip_allowlist": list(record.ip_allowlist),
+        "metadata_keys": sorted(record.metadata),
     }
     if replaces is not None:
         detail["replaces"] = replaces
@@ -337,6 +350,20 @@ def reaped_detail(record: KeyRecord, unused_since: datetime) -> dict[str, Any]:
         "why": "unused" if last < unused_since else "expired",
         "last_used_at": _json_value(record.last_used_at),
     }
+
+
+def pruned_detail(before: datetime, count: int) -> dict[str, Any]:
+    """A ``pruned`` event's detail: the cutoff (events before it were deleted) and how
+    many were."""
+    return {"cutoff": _json_value(before), "count": count}
+
+
+def revoked_error(key_id: str, owner: str) -> KeyManagementError:
+    """What changing a revoked key raises: a revocation is final for the record too."""
+    return KeyManagementError(
+        f"key {key_id!r} of owner {owner!r} is revoked; a revoked key cannot be changed,"
+        " disabled or enabled (create a new key instead)"
+    )
 
 
 def update_action(changes: Mapping[str, Any]) -> str:
@@ -481,8 +508,11 @@ class KeyStore(Protocol):
         ``changes`` maps ``UPDATABLE_FIELDS`` to new values, already validated. If the key
         holds its name after the change and another key of ``owner`` holds that name,
         raise ``DuplicateKeyName`` (decided atomically, as ``insert`` does) and write
-        nothing. Returns the key as updated, or ``None`` if ``owner`` has no such key
-        (nothing written). An empty ``changes`` writes nothing and returns the key."""
+        nothing. A revoked key raises ``revoked_error`` and is not written, decided in the
+        same statement as the write (``revoked_at IS NULL``), so an update racing a
+        revocation never changes the revoked record. Returns the key as updated, or
+        ``None`` if ``owner`` has no such key (nothing written). An empty ``changes``
+        writes nothing and returns the key (a revoked one: raises)."""
 
     async def list_events(
         self,
@@ -495,8 +525,10 @@ class KeyStore(Protocol):
         """Audit events, oldest first, filtered by owner, key and time (``at >= since``);
         with ``limit``, the newest ``limit`` of them."""
 
-    async def prune_events(self, *, before: datetime) -> int:
-        """Delete audit events older than ``before``; returns how many."""
+    async def prune_events(self, *, before: datetime, actor: str = SYSTEM_ACTOR) -> int:
+        """Delete audit events older than ``before`` and record a ``pruned`` event
+        (``pruned_detail``, no key, no owner) in the same transaction, after the delete,
+        so the prune never deletes its own record; returns how many were deleted."""
 
     async def update_hash(self, key_id: str, secret_hash: str) -> None: ...
 

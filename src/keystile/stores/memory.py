@@ -29,7 +29,9 @@ from .base import (
     check_updatable,
     created_detail,
     event_detail,
+    pruned_detail,
     reaped_detail,
+    revoked_error,
     rotated_detail,
     update_action,
     utcnow,
@@ -279,6 +281,8 @@ class MemoryKeyStore:
         record = self._rows.get(key_id)
         if record is None or record.owner != owner:
             return None
+        if record.revoked_at is not None:
+            raise revoked_error(key_id, owner)
         if not changes:
             return record
         updated = dataclasses.replace(record, **changes)
@@ -314,9 +318,13 @@ class MemoryKeyStore:
         events.sort(key=lambda e: (e.at, e.id))
         return events[-limit:] if limit is not None and limit > 0 else events
 
-    async def prune_events(self, *, before: datetime) -> int:
+    async def prune_events(self, *, before: datetime, actor: str = SYSTEM_ACTOR) -> int:
+        # The sequence goes on from the last event ever written, not the last one kept.
+        seq = self._events[-1].id + 1 if self._events else 1
         kept = [e for e in self._events if e.at >= before]
         pruned = len(self._events) - len(kept)
+        detail = pruned_detail(before, pruned)
+        kept.append(KeyEvent(utcnow(), "", "", "pruned", actor, detail, seq))
         self._events[:] = kept
         return pruned
 

@@ -53,7 +53,9 @@ from .base import (
     check_updatable,
     created_detail,
     event_detail,
+    pruned_detail,
     reaped_detail,
+    revoked_error,
     rotated_detail,
     update_action,
     utcnow,
@@ -953,7 +955,10 @@ class PostgresKeyStore:
         check_updatable(changes)
         fields = list(changes)
         if not fields:
-            return await self.get_owned(key_id, owner)
+            current = await self.get_owned(key_id, owner)
+            if current is not None and current.revoked_at is not None:
+                raise revoked_error(key_id, owner)
+            return current
         detail = event_detail(changes)
         assignments = ", ".join(
             f"{name} = ${i}::{_UPDATABLE[name]}" for i, name in enumerate(fields, start=1)
@@ -974,14 +979,25 @@ class PostgresKeyStore:
                         self.schema,
                         f"{owner}\x1f{name}",
                     )
+            # A concurrent revoke holds the row: this waits for it, then READ COMMITTED
+            # re-checks revoked_at on the committed row and updates nothing.
             row = await conn.fetchrow(
                 f"UPDATE {self._keys} SET {assignments}"  # noqa: S608
-                f" WHERE id = ${n + 1} AND owner = ${n + 2} RETURNING {_COLUMNS}",
+                f" WHERE id = ${n + 1} AND owner = ${n + 2} AND revoked_at IS NULL"
+                f" RETURNING {_COLUMNS}",
                 *(_param(name, changes[name]) for name in fields),
                 key_id,
                 owner,
             )
             if row is None:
+                revoked = await conn.fetchval(
+                    f"SELECT revoked_at IS NOT NULL FROM {self._keys}"  # noqa: S608
+                    " WHERE id = $1 AND owner = $2",
+                    key_id,
+                    owner,
+                )
+                if revoked:
+                    raise revoked_error(key_id, owner)
                 return None
             updated = _record(row)
             if ("name" in changes or "expires_at" in changes) and updated.holds_name(at):
@@ -1032,15 +1048,18 @@ class PostgresKeyStore:
 
         return await self._idempotent("list_events", list_events)
 
-    async def prune_events(self, *, before: datetime) -> int:
-        async def prune(conn: Any) -> int:
+    async def prune_events(self, *, before: datetime, actor: str = SYSTEM_ACTOR) -> int:
+        # Not retried: a retry after a lost commit acknowledgement would record two prunes.
+        async with self._connection("prune_events") as conn, conn.transaction():
             status: str = await conn.execute(
                 f"DELETE FROM {self._q}.keystile_events WHERE at < $1",  # noqa: S608
                 before,
             )
-            return int(status.rsplit(" ", 1)[-1])
-
-        return await self._idempotent("prune_events", prune)
+            pruned = int(status.rsplit(" ", 1)[-1])
+            await self._log_events(
+                conn, utcnow(), [("", "", "pruned", pruned_detail(before, pruned))], actor
+            )
+        return pruned
 
     async def update_hash(self, key_id: str, secret_hash: str) -> None:
         async def update(conn: Any) -> None:

@@ -37,7 +37,9 @@ from .base import (
     check_updatable,
     created_detail,
     event_detail,
+    pruned_detail,
     reaped_detail,
+    revoked_error,
     rotated_detail,
     update_action,
     utcnow,
@@ -705,7 +707,7 @@ class SQLiteKeyStore:
                     assignments = ", ".join(f"{name} = ?" for name in fields)
                     conn.execute(
                         f"UPDATE keystile_keys SET {assignments}"  # noqa: S608
-                        " WHERE id = ? AND owner = ?",
+                        " WHERE id = ? AND owner = ? AND revoked_at IS NULL",
                         [_UPDATABLE[name](changes[name]) for name in fields] + [key_id, owner],
                     )
                 row = conn.execute(
@@ -715,6 +717,8 @@ class SQLiteKeyStore:
                 if row is None:
                     return None
                 updated = _record(row)
+                if updated.revoked_at is not None:
+                    raise revoked_error(key_id, owner)
                 if not fields:
                     return updated
                 if names_matter and updated.holds_name(at):
@@ -768,10 +772,12 @@ class SQLiteKeyStore:
 
         return await self._run(list_events)
 
-    async def prune_events(self, *, before: datetime) -> int:
+    async def prune_events(self, *, before: datetime, actor: str = SYSTEM_ACTOR) -> int:
         def prune(conn: sqlite3.Connection) -> int:
             with self._transaction(conn):
                 cursor = conn.execute("DELETE FROM keystile_events WHERE at < ?", (_ts(before),))
+                detail = pruned_detail(before, cursor.rowcount)
+                _log_event(conn, utcnow().timestamp(), "", "", "pruned", actor, detail)
                 return cursor.rowcount
 
         return await self._run(prune)
