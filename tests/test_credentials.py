@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from keystile.credentials import Credential, extract_credential
+from hitpaths import COMPILED_AVAILABLE
+from keystile.cache import CachedKey, VerifiedKeyCache
+from keystile.credentials import Credential, extract_credential, split_credential
 from keystile.errors import InvalidRequest
+from keystile.principal import APIKeyUser
 
 KEY = b"ks_0123456789ab_secretsecretsecretsecretsecretsecretsecr123456"
 OTHER = b"ks_ba9876543210_othersecretothersecretothersecretothersec654321"
@@ -111,12 +114,73 @@ def test_bearer_without_token_is_empty_token(value: bytes) -> None:
     assert exc.status_code == 400
 
 
-@pytest.mark.parametrize("value", [b"", b"   "])
-def test_empty_x_api_key_is_empty_token(value: bytes) -> None:
-    """An empty or blank ``X-API-Key`` is a 400 ``empty_token`` naming the header."""
-    exc = refusal([(b"x-api-key", value)])
+@pytest.mark.parametrize("value", [b"", b"   ", b"\t", b" \t "])
+def test_empty_x_api_key_is_no_credential(value: bytes) -> None:
+    """An empty or blank ``X-API-Key`` is as if none were sent (FastAPI's
+    ``APIKeyHeader`` reads it so): no credential, not a malformed request."""
+    assert extract([(b"x-api-key", value)]) is None
+    assert extract([(b"x-api-key", value), (b"x-api-key", b"")]) is None
+
+
+def test_bearer_without_token_beside_a_key_is_still_empty_token() -> None:
+    """``Bearer`` with no token is a malformed request even beside a valid ``X-API-Key``."""
+    exc = refusal([(b"x-api-key", KEY), (b"authorization", b"Bearer ")])
     assert exc.reason == "empty_token"
-    assert exc.source == "x-api-key"
+    assert exc.source == "authorization"
+
+
+@pytest.mark.parametrize("empty_first", [True, False])
+@pytest.mark.parametrize("value", [b"", b"  "])
+def test_empty_x_api_key_beside_a_bearer_key_reads_the_bearer(
+    value: bytes, empty_first: bool
+) -> None:
+    """An empty ``X-API-Key`` beside ``Authorization: Bearer <key>`` is no second key."""
+    headers = [(b"x-api-key", value), (b"authorization", b"Bearer " + KEY)]
+    if not empty_first:
+        headers.reverse()
+    assert extract(headers) == Credential(KEY, "authorization")
+
+
+def test_empty_x_api_key_is_stripped_with_the_credential() -> None:
+    """The empty API-key header leaves the scope with the key: the app sees neither."""
+    headers = [
+        (b"host", b"h"),
+        (b"x-api-key", b""),
+        (b"authorization", b"Bearer " + KEY),
+        (b"x-api-key", b" "),
+    ]
+    token, source, without = split_credential(headers, X_API_KEY)
+    assert (token, source, without) == (KEY, "authorization", [(b"host", b"h")])
+
+
+@pytest.mark.skipif(not COMPILED_AVAILABLE, reason="keystile._speedups not in use")
+@pytest.mark.parametrize("prefixes", [None, (b"ks_",)])
+def test_compiled_walk_reads_an_empty_x_api_key_as_python_does(
+    prefixes: tuple[bytes, ...] | None,
+) -> None:
+    """The compiled hit path takes the bearer key beside an empty ``X-API-Key`` itself,
+    removing both headers as ``split_credential`` does; alone, the empty header is no hit
+    (Python answers the 401) and ``Bearer`` without a token is left to Python's 400."""
+    cache = VerifiedKeyCache(compiled=True)
+    cached = CachedKey(APIKeyUser(key_id="0123456789ab", owner="o", name="n"), None, 0.0)
+    assert cache.insert(cache.digest(KEY), cached, now=0.0, epoch=cache.epoch)
+    assert cache.hit_request is not None
+    headers = [(b"x-api-key", b" "), (b"host", b"h"), (b"authorization", b"Bearer " + KEY)]
+    found = cache.hit_request(headers, X_API_KEY, prefixes, 1.0)
+    assert found is not None
+    assert found[0] is cached
+    assert found[1] == split_credential(headers, X_API_KEY)[2] == [(b"host", b"h")]
+    assert cache.hit_request([(b"x-api-key", b"")], X_API_KEY, prefixes, 1.0) is None
+    with_empty_bearer = [(b"x-api-key", KEY), (b"authorization", b"Bearer ")]
+    assert cache.hit_request(with_empty_bearer, X_API_KEY, prefixes, 1.0) is None
+
+
+def test_empty_x_api_key_does_not_hide_two_different_keys() -> None:
+    """An empty header among two different keys leaves the conflict a 400."""
+    exc = refusal(
+        [(b"x-api-key", b""), (b"x-api-key", KEY), (b"authorization", b"Bearer " + OTHER)]
+    )
+    assert exc.reason == "conflicting_credentials"
 
 
 @pytest.mark.parametrize("value", [b"Basic dXNlcjpwYXNz", b"Digest abc", b"Token " + KEY, b""])

@@ -171,8 +171,8 @@ def expected(headers: list[tuple[bytes, bytes]]) -> tuple[int, str | None]:
             if not parts or parts[0].lower() != b"bearer":
                 continue  # another scheme: as if nothing were sent
             tokens.append(parts[1].strip() if len(parts) == 2 else b"")
-        elif name == b"x-api-key":
-            tokens.append(value.strip())
+        elif name == b"x-api-key" and value.strip():
+            tokens.append(value.strip())  # an empty one is nothing sent
     if not tokens:
         return 401, None
     if any(not t or b" " in t or b"\t" in t for t in tokens) or len(set(tokens)) > 1:

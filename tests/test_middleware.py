@@ -14,6 +14,7 @@ from starlette.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
 from apps import client, protect
+from hitpaths import HIT_PATHS, hit_path
 from keystile import (
     CHEAPEST_PARAMETERS,
     APIKeyMiddleware,
@@ -153,9 +154,9 @@ async def test_unknown_and_wrong_secret_look_the_same(
     [
         [("authorization", "Bearer ")],
         [("authorization", "Bearer")],
-        [("x-api-key", "")],
+        [("authorization", "Bearer "), ("x-api-key", "")],
     ],
-    ids=["bearer-space", "bearer-alone", "empty-x-api-key"],
+    ids=["bearer-space", "bearer-alone", "bearer-space-and-empty-x-api-key"],
 )
 async def test_empty_token_is_invalid_request(
     app: APIKeyMiddleware, headers: list[tuple[str, str]]
@@ -165,6 +166,48 @@ async def test_empty_token_is_invalid_request(
         r = await c.get("/whoami", headers=headers)
     assert r.status_code == 400
     assert 'error="invalid_request"' in r.headers["www-authenticate"]
+
+
+@pytest.mark.parametrize("path", HIT_PATHS)
+@pytest.mark.parametrize("empty", ["", "   ", "\t"], ids=["empty", "spaces", "tab"])
+async def test_empty_x_api_key_beside_a_bearer_key_is_absent(
+    store: MemoryKeyStore, key: CreatedKey, path: str, empty: str
+) -> None:
+    """An empty or blank X-API-Key beside a valid Bearer key is no credential: 200, on
+    the miss and on the cache hit, and the app sees neither header."""
+    with hit_path(path):
+        app = protect(store)
+    headers = [("x-api-key", empty), ("authorization", f"Bearer {key.key}")]
+    try:
+        async with client(app) as c:
+            answers = [await c.get("/whoami", headers=headers) for _ in range(3)]
+    finally:
+        await app.aclose()
+    assert [r.status_code for r in answers] == [200, 200, 200]
+    assert all(r.json()["key_id"] == key.id for r in answers)
+    assert all("x-api-key" not in r.json()["headers"] for r in answers)
+    assert app.stats().cache_hits == 2
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [("x-api-key", "")],
+        [("x-api-key", "   ")],
+        [("x-api-key", ""), ("x-api-key", " ")],
+        [("authorization", ""), ("x-api-key", "")],
+    ],
+    ids=["empty", "spaces", "two-empty", "empty-authorization-too"],
+)
+async def test_only_empty_headers_get_the_bare_challenge(
+    app: APIKeyMiddleware, headers: list[tuple[str, str]]
+) -> None:
+    """Empty credential headers alone are nothing sent: 401 with the bare challenge."""
+    async with client(app) as c:
+        r = await c.get("/whoami", headers=headers)
+    assert r.status_code == 401
+    assert r.headers["www-authenticate"] == 'Bearer realm="api"'
+    assert r.json()["error"] == "unauthorized"
 
 
 async def test_two_different_keys_are_invalid_request(

@@ -530,9 +530,10 @@ static PyObject *Table_lookup(Table *self, PyObject *const *args, Py_ssize_t nar
 
 /* -- the header walk ---------------------------------------------------------------------
  *
- * The rules of keystile.credentials.split_credential. Anything but a plain hit, and
- * anything unusual on the way (a conflict, an empty token, a header list that is not a
- * list of (bytes, bytes) tuples, a bearer token the filter does not claim, more than
+ * The rules of keystile.credentials.split_credential; an empty API-key header is no
+ * credential and is removed with the key. Anything but a plain hit, and anything unusual
+ * on the way (a conflict, Bearer without a token, a header list that is not a list of
+ * (bytes, bytes) tuples, a bearer token the filter does not claim, more than
  * MAX_CREDENTIAL_HEADERS credential headers), returns None: Python decides then.
  */
 
@@ -633,11 +634,13 @@ static PyObject *Table_hit(Table *self, PyObject *const *args, Py_ssize_t nargs)
         Py_ssize_t vlen = PyBytes_GET_SIZE(value);
         const uint8_t *cand;
         Py_ssize_t clen;
+        int bearer = 0;
         if (nlen == 13 && memcmp(nstr, "authorization", 13) == 0) {
             if (!bearer_token(v, vlen, &cand, &clen))
                 continue;
             if (prefixes != Py_None && clen && !has_prefix(prefixes, cand, clen))
                 Py_RETURN_NONE; /* maybe not ours: let Python's filter decide */
+            bearer = 1;
         }
         else if (nlen == hlen && memcmp(nstr, hname, (size_t)hlen) == 0) {
             cand = v;
@@ -646,8 +649,12 @@ static PyObject *Table_hit(Table *self, PyObject *const *args, Py_ssize_t nargs)
         }
         else
             continue;
-        if (clen == 0 || count == MAX_CREDENTIAL_HEADERS)
-            Py_RETURN_NONE;
+        if (count == MAX_CREDENTIAL_HEADERS || (clen == 0 && bearer))
+            Py_RETURN_NONE; /* Bearer without a token is Python's 400 */
+        if (clen == 0) {
+            hits[count++] = i; /* an empty API-key header: no key, removed all the same */
+            continue;
+        }
         if (token != NULL && (clen != token_len || memcmp(cand, token, (size_t)clen) != 0))
             Py_RETURN_NONE; /* two different keys */
         token = cand;

@@ -2,9 +2,12 @@
 
 ``Authorization: Bearer <key>`` (scheme case-insensitive) and ``X-API-Key: <key>`` (the
 header name is configurable). Other ``Authorization`` schemes are ignored, as if nothing
-were sent. The same key in several places is one credential; two different keys, or
-``Bearer`` with no token, are a malformed request. The same key in both headers is
-reported as read from ``authorization``.
+were sent, and so is an empty or blank API-key header (as FastAPI's ``APIKeyHeader`` and
+Kong read one: a client that always sends the header, empty when it has no key, is
+sending nothing; the header is still removed with the credential). The same key in
+several places is one credential; two different keys, or ``Bearer`` with no token, are
+a malformed request. The same key in both headers is reported as read from
+``authorization``.
 
 This runs on every request, so the middleware uses :func:`split_credential`, which
 finds the credential and the headers without it in one pass and leaves the whitespace
@@ -63,12 +66,13 @@ def split_credential(
     """``(token, source, headers_without_credentials)`` in one pass over ``headers``.
 
     ``token`` is ``None`` when no credential was sent; the header list is ``None`` when
-    there was no credential header to remove. Only credentials are removed: an
-    ``Authorization`` header of another scheme stays, and so does a bearer token that
-    ``is_ours`` (when given) says is not a keystile key, which then counts as no
-    credential at all (an OAuth token for the app's own layer). Raises
-    ``InvalidRequest`` for an empty token or two different ones. Does not check the
-    token for inner whitespace: see :func:`check_single_token`.
+    there was no credential header to remove. Only credentials are removed (and empty
+    API-key headers, which count as none): an ``Authorization`` header of another
+    scheme stays, and so does a bearer token that ``is_ours`` (when given) says is not
+    a keystile key, which then counts as no credential at all (an OAuth token for the
+    app's own layer). Raises ``InvalidRequest`` for ``Bearer`` without a token or two
+    different tokens. Does not check the token for inner whitespace: see
+    :func:`check_single_token`.
     """
     token: bytes | None = None
     source = ""
@@ -95,6 +99,8 @@ def split_credential(
         else:
             hits = [*(hits or [first]), index]
         if not candidate:
+            if where != "authorization":
+                continue
             raise InvalidRequest(
                 "empty_token", f"The {_label(where)} header carries no key.", source=where
             )

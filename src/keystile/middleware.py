@@ -9,6 +9,9 @@ The background work belongs to the middleware, not to the lifespan call, so an a
 ends the lifespan protocol early does not stop it; a duty that fails is logged and
 restarted.
 
+A WebSocket lives only while its key is valid: ``socket_guard`` checks the key at each
+message and closes the socket once it is revoked, disabled or expired.
+
 Without a valid key nothing the app produces reaches the client, with two exceptions:
 ``exempt_paths`` (matched on the path the app routes on, without the proxy's
 ``root_path``; keystile credentials are still stripped there) and CORS preflights, which
@@ -38,6 +41,7 @@ from .limits import DEFAULT_RATE_LIMIT_STORAGE, LimitEnforcer, OnError, send_wit
 from .principal import APIKeyUser
 from .responses import WEBSOCKET_POLICY_VIOLATION, error_code, error_response
 from .runtime import KeystileRuntime, configuration_key
+from .socket_guard import guard_websocket
 from .stats import KeystileStats
 from .stores import store_from_url
 from .stores.base import KeyStore
@@ -298,6 +302,8 @@ class APIKeyMiddleware:
         self.recorder.touch(user.key_id, self.verifier.clock())
         if self.strip_credentials and without is not None:
             scope["headers"] = without
+        if kind == "websocket":
+            receive, send = guard_websocket(self.verifier, entry, receive, send)
         await self.app(scope, receive, send)
 
     def _is_exempt(self, scope: Scope) -> bool:
@@ -338,6 +344,8 @@ class APIKeyMiddleware:
                     scope["user"] = user
                     scope["auth"] = AuthCredentials(entry.auth_scopes)
                     self.recorder.touch(user.key_id, self.verifier.clock())
+                    if scope["type"] == "websocket":
+                        receive, send = guard_websocket(self.verifier, entry, receive, send)
         if self.strip_credentials and without is not None:
             scope["headers"] = without
         await self.app(scope, receive, send)
