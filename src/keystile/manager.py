@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import builtins
 import dataclasses
-import logging
 import math
 import re
 from collections.abc import Iterable, Mapping
@@ -35,8 +34,6 @@ from types import TracebackType
 from typing import Any, Final, Literal
 
 import anyio.to_thread
-from starlette.exceptions import WebSocketException
-from starlette.requests import HTTPConnection
 
 from .config import resolve_database_url
 from .durations import parse_duration
@@ -45,13 +42,10 @@ from .errors import (
     KeyAlreadyRotated,
     KeyManagementError,
     KeyNotFound,
-    ServiceUnavailable,
-    StoreError,
 )
 from .hashing import DEFAULT_PARAMETERS, Argon2Parameters, SecretHasher
 from .limits import normalize_rate_limit, quota_changes
-from .principal import APIKeyUser, normalize_cidrs
-from .responses import WEBSOCKET_TRY_AGAIN_LATER, KeystileHTTPException
+from .principal import normalize_cidrs
 from .stores import store_from_url
 from .stores.base import (
     SYSTEM_ACTOR,
@@ -70,10 +64,7 @@ __all__ = [
     "UNCHANGED",
     "CreatedKey",
     "KeyManager",
-    "revoke_presented",
 ]
-
-logger = logging.getLogger("keystile")
 
 MAX_NAME_LENGTH = 64
 MAX_OWNER_LENGTH = 255
@@ -83,10 +74,6 @@ USAGE_GRANULARITIES: dict[str, int] = {"minute": 60, "hour": 3600, "day": 86400}
 #: How long the old key keeps working after ``rotate``.
 DEFAULT_ROTATION_GRACE = timedelta(hours=1)
 _SCOPE_RE = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")  # RFC 6749 scope-token
-LOGOUT_UNAVAILABLE = (
-    "The logout could not be recorded because the key store is unavailable; the key still"
-    " works. Retry shortly."
-)
 
 
 class _Unchanged:
@@ -748,40 +735,3 @@ def _later(now: datetime, delta: timedelta, what: str) -> datetime:
             f"{what} of {delta.days} days reaches past the last representable date"
             " (year 9999); choose a shorter one, or no expiry"
         ) from None
-
-
-async def revoke_presented(conn: HTTPConnection) -> bool:
-    """Revoke the key that authenticated this request (logout).
-
-    Returns whether a key was revoked. Needs ``APIKeyMiddleware`` in front of the route.
-    The audit log records it as ``logout`` by ``apikey:<name>`` (the key itself).
-
-    The key leaves this process's cache first, so its next request here reaches the
-    store whatever happens next. If the store cannot record the revocation, the key
-    still works, and the client must be told: this raises
-    :class:`~keystile.responses.KeystileHTTPException`, answered like the middleware's
-    own 503 (``Retry-After``, error ``temporarily_unavailable``), or on a WebSocket
-    closes with 1013 (try again later).
-    """
-    user = conn.scope.get("user")
-    middleware = conn.scope.get("keystile")
-    if not isinstance(user, APIKeyUser) or middleware is None:
-        return False
-    middleware.evict(user.key_id)
-    try:
-        revoked: bool = await middleware.store.revoke(
-            user.key_id, user.owner, at=utcnow(), actor=user.display_name, action="logout"
-        )
-    except StoreError as exc:
-        logger.warning("keystile: could not record the logout of key %s: %s", user.redacted, exc)
-        if conn.scope["type"] == "websocket":
-            raise WebSocketException(
-                WEBSOCKET_TRY_AGAIN_LATER, reason="temporarily_unavailable"
-            ) from exc
-        error = ServiceUnavailable("store_unavailable", LOGOUT_UNAVAILABLE)
-        raise KeystileHTTPException(
-            error, realm=middleware.realm, header_name=middleware.header_name
-        ) from exc
-    # A request that raced the revocation may have cached the key again meanwhile.
-    middleware.evict(user.key_id)
-    return revoked
