@@ -31,7 +31,8 @@ from .errors import (
 )
 from .hashing import CHEAPEST_PARAMETERS, DEFAULT_PARAMETERS, Argon2Parameters, SecretHasher
 from .limits import LimitEnforcer, LimitPolicy, RateLimiter
-from .manager import UNCHANGED, CreatedKey, KeyManager, revoke_presented
+from .logout import revoke_presented
+from .manager import UNCHANGED, CreatedKey, KeyManager
 from .middleware import APIKeyMiddleware
 from .principal import APIKeyUser, IPAllowlist
 from .stats import KeystileStats

@@ -29,10 +29,11 @@ from .config import DATABASE_URL_ENV, DEFAULT_DATABASE_URL, resolve_database_url
 from .durations import format_duration, parse_duration
 from .errors import KeystileError
 from .limits import normalize_rate_limit
-from .manager import DEFAULT_ROTATION_GRACE, UNCHANGED, CreatedKey, KeyManager, validate_actor
+from .manager import DEFAULT_ROTATION_GRACE, UNCHANGED, CreatedKey, KeyManager
 from .stores import SQLiteKeyStore, store_from_url
 from .stores.base import KeyEvent, KeyRecord, KeyStore, utcnow
 from .tokens import normalize_key_id
+from .validation import validate_actor
 
 __all__ = ["main"]
 

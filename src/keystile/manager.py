@@ -1,10 +1,9 @@
 """KeyManager: mint, list, revoke, rotate and reap named keys (the CLI is a thin shell).
 
-The rules users learned the hard way live here, so every caller gets them:
+Every caller gets the same rules: each argument is checked by ``keystile.validation``
+(names, owners, scopes, metadata, limits, allowlists, expiry) before a store is touched;
+and here:
 
-* names are trimmed, 1-64 printable characters;
-* metadata is a JSON object that every store can hold (no NUL, no lone surrogate, no
-  NaN), checked here so a key accepted on SQLite is never refused by Postgres;
 * one active key per ``(owner, name)``: creating a second fails unless ``replace=True``,
   which revokes the old key(s) and mints the new one in one transaction;
 * everything is owner-scoped: a key id of another owner behaves as an unknown id;
@@ -24,34 +23,17 @@ The rules users learned the hard way live here, so every caller gets them:
 from __future__ import annotations
 
 import builtins
-import dataclasses
-import logging
-import math
-import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from types import TracebackType
-from typing import Any, Final, Literal
+from typing import Any
 
 import anyio.to_thread
-from starlette.exceptions import WebSocketException
-from starlette.requests import HTTPConnection
 
 from .config import resolve_database_url
-from .durations import parse_duration
-from .errors import (
-    InvalidKeyName,
-    KeyAlreadyRotated,
-    KeyManagementError,
-    KeyNotFound,
-    ServiceUnavailable,
-    StoreError,
-)
+from .errors import KeyAlreadyRotated, KeyNotFound
 from .hashing import DEFAULT_PARAMETERS, Argon2Parameters, SecretHasher
-from .limits import normalize_rate_limit, quota_changes
-from .principal import APIKeyUser, normalize_cidrs
-from .responses import WEBSOCKET_TRY_AGAIN_LATER, KeystileHTTPException
+from .keys import UNCHANGED, CreatedKey, Unchanged
 from .stores import store_from_url
 from .stores.base import (
     SYSTEM_ACTOR,
@@ -63,205 +45,32 @@ from .stores.base import (
     revoked_error,
     utcnow,
 )
-from .tokens import DEFAULT_PREFIX, generate_key, normalize_key_id, redact, validate_prefix
-
-__all__ = [
-    "DEFAULT_ROTATION_GRACE",
-    "UNCHANGED",
-    "CreatedKey",
-    "KeyManager",
-    "revoke_presented",
-]
-
-logger = logging.getLogger("keystile")
-
-MAX_NAME_LENGTH = 64
-MAX_OWNER_LENGTH = 255
-#: ``KeyManager.usage``'s periods and their length in seconds.
-UsageGranularity = Literal["minute", "hour", "day"]
-USAGE_GRANULARITIES: dict[str, int] = {"minute": 60, "hour": 3600, "day": 86400}
-#: How long the old key keeps working after ``rotate``.
-DEFAULT_ROTATION_GRACE = timedelta(hours=1)
-_SCOPE_RE = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")  # RFC 6749 scope-token
-LOGOUT_UNAVAILABLE = (
-    "The logout could not be recorded because the key store is unavailable; the key still"
-    " works. Retry shortly."
+from .tokens import DEFAULT_PREFIX, generate_key, normalize_key_id, validate_prefix
+from .validation import (
+    UsageGranularity,
+    aware,
+    create_limits,
+    expiry,
+    later,
+    not_negative,
+    quota_update,
+    since_moment,
+    update_changes,
+    usage_seconds,
+    usage_start,
+    validate_actor,
+    validate_ip_allowlist,
+    validate_limit,
+    validate_metadata,
+    validate_name,
+    validate_owner,
+    validate_scopes,
 )
 
+__all__ = ["DEFAULT_ROTATION_GRACE", "UNCHANGED", "CreatedKey", "KeyManager"]
 
-class _Unchanged:
-    """The type of ``UNCHANGED``."""
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "UNCHANGED"
-
-
-#: ``KeyManager.update``'s default: leave this field as it is (``None`` clears it).
-UNCHANGED: Final = _Unchanged()
-
-
-@dataclass(frozen=True, slots=True)
-class CreatedKey:
-    """A freshly minted key. ``key`` is the plaintext: show it once, store it nowhere."""
-
-    key: str = field(repr=False)
-    record: KeyRecord
-
-    @property
-    def id(self) -> str:
-        return self.record.id
-
-    def __repr__(self) -> str:
-        shown = redact(self.record.id, self.record.prefix)
-        return f"CreatedKey(key={shown!r}, record={self.record!r})"
-
-
-def validate_name(name: str) -> str:
-    trimmed = name.strip()
-    if not 1 <= len(trimmed) <= MAX_NAME_LENGTH or not trimmed.isprintable():
-        raise InvalidKeyName(
-            f"key name must be 1-{MAX_NAME_LENGTH} printable characters after trimming, "
-            f"got {len(trimmed)} characters"
-            + ("" if trimmed.isprintable() else " including non-printable ones")
-        )
-    return trimmed
-
-
-def validate_owner(owner: str) -> str:
-    if not 1 <= len(owner) <= MAX_OWNER_LENGTH or not owner.isprintable() or owner != owner.strip():
-        raise KeyManagementError(
-            f"owner must be 1-{MAX_OWNER_LENGTH} printable characters without surrounding spaces"
-        )
-    return owner
-
-
-def validate_scopes(scopes: Iterable[str]) -> tuple[str, ...]:
-    result: list[str] = []
-    for scope in scopes:
-        if not _SCOPE_RE.fullmatch(scope):
-            raise KeyManagementError(
-                f"invalid scope {scope!r}: a scope is non-empty, without spaces, quotes"
-                " or backslashes"
-            )
-        if scope not in result:
-            result.append(scope)
-    return tuple(result)
-
-
-def validate_rate_limit(rate_limit: str | None) -> str | None:
-    """The stored form of a rate limit (``10/s`` → ``10/second``), or ``KeyManagementError``."""
-    try:
-        return normalize_rate_limit(rate_limit)
-    except ValueError as exc:
-        raise KeyManagementError(str(exc)) from None
-
-
-def validate_quota(quota: int | None) -> int | None:
-    if quota is None:
-        return None
-    if isinstance(quota, bool) or not isinstance(quota, int) or not 0 <= quota < 2**62:
-        raise KeyManagementError(f"quota must be a whole number of uses >= 0, got {quota!r}")
-    return quota
-
-
-def validate_refill(refill: timedelta | str | None) -> timedelta | None:
-    """A refill period from a ``timedelta`` or a duration such as ``"1d"``; at least 1 s."""
-    if refill is None:
-        return None
-    if isinstance(refill, str):
-        try:
-            refill = parse_duration(refill)
-        except ValueError as exc:
-            raise KeyManagementError(f"quota_refill: {exc}") from None
-    if not isinstance(refill, timedelta) or refill < timedelta(seconds=1):
-        raise KeyManagementError("quota_refill must be a duration of at least 1 second")
-    return refill
-
-
-def validate_ip_allowlist(cidrs: Iterable[str] | None) -> tuple[str, ...]:
-    """IPv4/IPv6 CIDRs as stored (normalised, host bits zero; at most 256, no zone id, no
-    IPv4-mapped network), or ``KeyManagementError``. ``None`` or empty: no allowlist
-    (any address)."""
-    if cidrs is None:
-        return ()
-    try:
-        return normalize_cidrs(cidrs, strict=True)
-    except ValueError as exc:
-        raise KeyManagementError(f"ip_allowlist: {exc}") from None
-
-
-def validate_actor(actor: str) -> str:
-    """An audit actor: 1-255 printable characters (``alice@example.com``, ``cli:ops@host``)."""
-    if not isinstance(actor, str) or not 1 <= len(actor) <= 255 or not actor.isprintable():
-        raise KeyManagementError("actor must be 1-255 printable characters")
-    return actor
-
-
-def validate_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
-    """A plain JSON copy of ``metadata`` (mappings become dicts, tuples lists), or
-    ``KeyManagementError`` naming the first offending place.
-
-    One rule for every store, so a key accepted by SQLite or the memory store is never
-    refused by Postgres: a mapping with string keys, every value JSON (strings, finite
-    numbers, booleans, ``None``, lists, mappings), and no string, key or value, holding
-    a NUL character or a lone surrogate (``jsonb`` rejects both, as it rejects NaN).
-    """
-    if metadata is None:
-        return {}
-    if not isinstance(metadata, Mapping):
-        raise KeyManagementError(
-            f"metadata must be a mapping of strings to JSON values, not {type(metadata).__name__}"
-        )
-    try:
-        result: dict[str, Any] = _json_copy(metadata, "metadata")
-    except RecursionError:
-        raise KeyManagementError(
-            "metadata is nested too deeply (or contains itself) to be stored as JSON"
-        ) from None
-    return result
-
-
-def _json_copy(value: Any, where: str) -> Any:
-    if isinstance(value, str):
-        return _check_text(value, where)
-    if value is None or isinstance(value, bool):
-        return value
-    if isinstance(value, int):
-        return int(value)
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise KeyManagementError(f"{where} is {value}, which JSON cannot hold")
-        return float(value)
-    if isinstance(value, Mapping):
-        copy: dict[str, Any] = {}
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise KeyManagementError(
-                    f"metadata keys must be strings; {where} has the key {key!r}"
-                )
-            copy[_check_text(key, f"a key of {where}")] = _json_copy(item, f"{where}[{key!r}]")
-        return copy
-    if isinstance(value, (list, tuple)):
-        return [_json_copy(item, f"{where}[{i}]") for i, item in enumerate(value)]
-    raise KeyManagementError(
-        f"metadata must be JSON; {where} is a {type(value).__name__}, which JSON cannot hold"
-    )
-
-
-def _check_text(text: str, where: str) -> str:
-    if "\x00" in text:
-        raise KeyManagementError(
-            f"{where} contains a NUL character (\\x00), which PostgreSQL cannot store"
-        )
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise KeyManagementError(
-            f"{where} is not valid Unicode (it holds a lone surrogate)"
-        ) from None
-    return str(text)
+#: How long the old key keeps working after ``rotate``.
+DEFAULT_ROTATION_GRACE = timedelta(hours=1)
 
 
 class KeyManager:
@@ -333,26 +142,24 @@ class KeyManager:
         and ``quota`` (uses, refilled every ``quota_refill``, e.g. ``"1d"``) are the key's
         usage limits, enforced by the middleware after the key is verified;
         ``ip_allowlist`` (CIDRs) the addresses it may be used from."""
-        if expires_at is not None and expires_in is not None:
-            raise KeyManagementError("give expires_at or expires_in, not both")
         now = utcnow()
-        expires_at = self._expiry(now, expires_at, expires_in)
-        limits = self._limits(rate_limit, quota, quota_refill, now)
+        expires_at = expiry(now, expires_at, expires_in, self.default_expires_in)
+        limits = create_limits(rate_limit, quota, quota_refill, now)
         allowlist = validate_ip_allowlist(ip_allowlist)
         who = self._actor(actor)
-        record, plaintext = await self._mint(
+        new = await self._mint(
+            self.prefix,
             owner=validate_owner(owner),
             name=validate_name(name),
-            prefix=self.prefix,
             scopes=validate_scopes(scopes),
             metadata=validate_metadata(metadata),
+            created_at=now,
             expires_at=expires_at,
-            now=now,
+            ip_allowlist=allowlist,
+            **limits,
         )
-        record = dataclasses.replace(record, ip_allowlist=allowlist, **limits)
-        await self.store.insert(record, replace=replace, actor=who)
-        stored = await self.store.get(record.id)
-        return CreatedKey(plaintext, stored or record)
+        await self.store.insert(new.record, replace=replace, actor=who)
+        return await self._as_stored(new)
 
     async def list(self, owner: str) -> builtins.list[KeyRecord]:
         """Every key of ``owner``, oldest first, revoked and expired ones included."""
@@ -423,23 +230,18 @@ class KeyManager:
         ``limit``, the newest ``limit`` events."""
         if isinstance(since, timedelta):
             since = utcnow() - since
-        elif since is not None and since.tzinfo is None:
-            raise KeyManagementError("since must be timezone-aware")
-        if limit is not None and limit < 1:
-            raise KeyManagementError("limit must be at least 1")
         return await self.store.list_events(
             owner=owner,
             key_id=normalize_key_id(key_id) if key_id is not None else None,
-            since=since,
-            limit=limit,
+            since=None if since is None else aware(since, "since"),
+            limit=None if limit is None else validate_limit(limit),
         )
 
     async def prune_events(self, *, older_than: timedelta, actor: str | None = None) -> int:
         """Delete audit events older than ``older_than``; returns how many. Events are
         kept until an operator prunes them, and every prune is itself recorded, in the
         same transaction, as a ``pruned`` event (actor, cutoff, count) that it keeps."""
-        if older_than < timedelta(0):
-            raise KeyManagementError("older_than must not be negative")
+        older_than = not_negative(older_than, "older_than")
         who = self._actor(actor)
         return await self.store.prune_events(before=utcnow() - older_than, actor=who)
 
@@ -459,15 +261,12 @@ class KeyManager:
         rounded down to the start of its period, so the first bucket is whole; ``until``
         is exclusive. Counts reach the store with each process's flush (``flush_interval``).
         Another owner's key raises ``KeyNotFound``."""
-        seconds = USAGE_GRANULARITIES.get(by)
-        if seconds is None:
-            raise KeyManagementError(
-                f"by must be one of {', '.join(USAGE_GRANULARITIES)}, not {by!r}"
-            )
+        seconds = usage_seconds(by)
         record = await self.get(key_id, owner=owner)
-        start = _period_start(_since(since), seconds)
+        start = usage_start(since, seconds, utcnow())
+        until = None if until is None else aware(until, "until")
         return await self.store.usage(
-            record.id, owner, since=start, until=_until(until), bucket_seconds=seconds
+            record.id, owner, since=start, until=until, bucket_seconds=seconds
         )
 
     async def top_keys(
@@ -475,24 +274,25 @@ class KeyManager:
     ) -> builtins.list[UsageTotal]:
         """``owner``'s ``limit`` busiest keys since ``since`` (most requests first), with
         the attempts refused against each."""
-        if limit < 1:
-            raise KeyManagementError("limit must be at least 1")
-        return await self.store.top_usage(owner, since=_since(since), until=None, limit=limit)
+        limit = validate_limit(limit)
+        return await self.store.top_usage(
+            owner, since=since_moment(since, utcnow()), until=None, limit=limit
+        )
 
     async def update(
         self,
         key_id: str,
         *,
         owner: str,
-        scopes: Iterable[str] | _Unchanged = UNCHANGED,
-        name: str | _Unchanged = UNCHANGED,
-        metadata: Mapping[str, Any] | _Unchanged | None = UNCHANGED,
-        expires_at: datetime | _Unchanged | None = UNCHANGED,
-        expires_in: timedelta | _Unchanged = UNCHANGED,
-        ip_allowlist: Iterable[str] | _Unchanged | None = UNCHANGED,
-        rate_limit: str | _Unchanged | None = UNCHANGED,
-        quota: int | _Unchanged | None = UNCHANGED,
-        quota_refill: timedelta | str | _Unchanged | None = UNCHANGED,
+        scopes: Iterable[str] | Unchanged = UNCHANGED,
+        name: str | Unchanged = UNCHANGED,
+        metadata: Mapping[str, Any] | Unchanged | None = UNCHANGED,
+        expires_at: datetime | Unchanged | None = UNCHANGED,
+        expires_in: timedelta | Unchanged = UNCHANGED,
+        ip_allowlist: Iterable[str] | Unchanged | None = UNCHANGED,
+        rate_limit: str | Unchanged | None = UNCHANGED,
+        quota: int | Unchanged | None = UNCHANGED,
+        quota_refill: timedelta | str | Unchanged | None = UNCHANGED,
         actor: str | None = None,
     ) -> KeyRecord:
         """Change ``owner``'s key (by id or display form) without changing its secret;
@@ -513,46 +313,22 @@ class KeyManager:
         update racing a revocation never changes the revoked record."""
         key_id = normalize_key_id(key_id)
         who = self._actor(actor)
-        changes: dict[str, Any] = {}
-        if not isinstance(scopes, _Unchanged):
-            changes["scopes"] = validate_scopes(scopes)
-        if not isinstance(name, _Unchanged):
-            changes["name"] = validate_name(name)
-        if not isinstance(metadata, _Unchanged):
-            changes["metadata"] = validate_metadata(metadata)
-        if not isinstance(expires_at, _Unchanged) and not isinstance(expires_in, _Unchanged):
-            raise KeyManagementError("give expires_at or expires_in, not both")
-        if not isinstance(expires_at, _Unchanged):
-            changes["expires_at"] = (
-                None if expires_at is None else self._expiry(utcnow(), expires_at, None)
-            )
-        if not isinstance(expires_in, _Unchanged):
-            if not isinstance(expires_in, timedelta):
-                raise KeyManagementError("expires_in must be a timedelta")
-            changes["expires_at"] = self._expiry(utcnow(), None, expires_in)
-        if not isinstance(ip_allowlist, _Unchanged):
-            changes["ip_allowlist"] = validate_ip_allowlist(ip_allowlist)
-        if not isinstance(rate_limit, _Unchanged):
-            changes["rate_limit"] = validate_rate_limit(rate_limit)
-        if not isinstance(quota, _Unchanged) or not isinstance(quota_refill, _Unchanged):
+        fields = {
+            "scopes": scopes,
+            "name": name,
+            "metadata": metadata,
+            "expires_at": expires_at,
+            "expires_in": expires_in,
+            "ip_allowlist": ip_allowlist,
+            "rate_limit": rate_limit,
+            "quota": quota,
+            "quota_refill": quota_refill,
+        }
+        given = {key: value for key, value in fields.items() if value is not UNCHANGED}
+        changes = update_changes(given, utcnow())
+        if "quota" in given or "quota_refill" in given:
             current = await self.get(key_id, owner=owner)
-            now = utcnow()
-            new_quota = current.quota if isinstance(quota, _Unchanged) else validate_quota(quota)
-            refill = (
-                current.quota_refill
-                if isinstance(quota_refill, _Unchanged)
-                else validate_refill(quota_refill)
-            )
-            if refill is not None and new_quota is None:
-                if not isinstance(quota_refill, _Unchanged):
-                    raise KeyManagementError("quota_refill needs a quota")
-                refill = None
-            if isinstance(quota, _Unchanged):
-                changes["quota_refill"] = refill
-                if refill is not None and current.quota_reset_at is None:
-                    changes["quota_reset_at"] = now
-            else:
-                changes.update(quota_changes(new_quota, refill, now))
+            changes.update(quota_update(current, given, utcnow()))
         updated = await self.store.update(key_id, owner, changes, at=utcnow(), actor=who)
         if updated is None:
             raise KeyNotFound(f"no key {key_id!r} for owner {owner!r}")
@@ -575,26 +351,22 @@ class KeyManager:
         ``KeyAlreadyRotated`` (rotate its successor instead); a revoked, expired or
         disabled key raises ``KeyNotFound``. The successor keeps the IP allowlist.
         """
-        if grace < timedelta(0):
-            raise KeyManagementError("grace must not be negative")
+        grace = not_negative(grace, "grace")
         who = self._actor(actor)
         old = await self.get(key_id, owner=owner)
         self._check_rotatable(old, owner)
         now = utcnow()
-        grace_until = _later(now, grace, "grace")
-        successor, plaintext = await self._mint(
+        grace_until = later(now, grace, "grace")
+        new = await self._mint(
+            old.prefix,
             owner=old.owner,
             name=old.name,
-            prefix=old.prefix,
             scopes=old.scopes,
             metadata=validate_metadata(old.metadata),
+            created_at=now,
             expires_at=self._successor_expiry(old, now),
-            now=now,
             replaces=old.id,
-        )
-        # The successor keeps the key's plan and what is left of its quota.
-        successor = dataclasses.replace(
-            successor,
+            # The successor keeps the key's plan and what is left of its quota.
             rate_limit=old.rate_limit,
             quota=old.quota,
             quota_remaining=old.quota_left(now),
@@ -603,15 +375,14 @@ class KeyManager:
             ip_allowlist=old.ip_allowlist,
         )
         updated = await self.store.rotate(
-            old.id, owner, successor, grace_until=grace_until, actor=who
+            old.id, owner, new.record, grace_until=grace_until, actor=who
         )
         if updated is None:
             # Changed since it was read (a concurrent rotation, revoke or expiry):
             # read it again to say which.
-            self._check_rotatable(await self.store.get_owned(old.id, owner) or old, owner)
-            raise KeyNotFound(f"key {old.id!r} of owner {owner!r} is not active; nothing to rotate")
-        stored = await self.store.get(successor.id)
-        return CreatedKey(plaintext, stored or successor)
+            current = await self.store.get_owned(old.id, owner) or old
+            self._check_rotatable(current, owner, refused=True)
+        return await self._as_stored(new)
 
     async def reap(
         self,
@@ -640,148 +411,31 @@ class KeyManager:
     def _actor(self, actor: str | None) -> str:
         return self.actor if actor is None else validate_actor(actor)
 
-    def _expiry(
-        self, now: datetime, expires_at: datetime | None, expires_in: timedelta | None
-    ) -> datetime | None:
-        if expires_at is not None:
-            if expires_at.tzinfo is None:
-                raise KeyManagementError("expires_at must be timezone-aware")
-            try:
-                return expires_at.astimezone(timezone.utc)
-            except OverflowError:
-                raise KeyManagementError(
-                    "expires_at is past the last representable date (year 9999)"
-                ) from None
-        delta = expires_in if expires_in is not None else self.default_expires_in
-        if delta is None:
-            return None
-        if delta <= timedelta(0):
-            raise KeyManagementError("expires_in must be positive")
-        return _later(now, delta, "expires_in")
-
     def _successor_expiry(self, old: KeyRecord, now: datetime) -> datetime | None:
         if old.expires_at is not None and old.expires_at > old.created_at:
-            return _later(now, old.expires_at - old.created_at, "the key's lifetime")
-        return self._expiry(now, None, None)
+            return later(now, old.expires_at - old.created_at, "the key's lifetime")
+        return expiry(now, None, None, self.default_expires_in)
 
     @staticmethod
-    def _limits(
-        rate_limit: str | None,
-        quota: int | None,
-        quota_refill: timedelta | str | None,
-        now: datetime,
-    ) -> dict[str, Any]:
-        refill = validate_refill(quota_refill)
-        quota = validate_quota(quota)
-        if refill is not None and quota is None:
-            raise KeyManagementError("quota_refill needs a quota")
-        return {
-            "rate_limit": validate_rate_limit(rate_limit),
-            **(quota_changes(quota, refill, now) if quota is not None else {}),
-        }
-
-    @staticmethod
-    def _check_rotatable(record: KeyRecord, owner: str) -> None:
+    def _check_rotatable(record: KeyRecord, owner: str, *, refused: bool = False) -> None:
+        """Why ``record`` cannot be rotated, if it cannot (``refused``: the store said so)."""
         if record.replaced_by is not None:
             raise KeyAlreadyRotated(record.id, record.replaced_by)
-        if not record.is_active():
+        if refused or not record.is_active():
             raise KeyNotFound(
                 f"key {record.id!r} of owner {owner!r} is not active; nothing to rotate"
             )
 
-    async def _mint(
-        self,
-        *,
-        owner: str,
-        name: str,
-        prefix: str,
-        scopes: tuple[str, ...],
-        metadata: dict[str, Any],
-        expires_at: datetime | None,
-        now: datetime,
-        replaces: str | None = None,
-    ) -> tuple[KeyRecord, str]:
+    async def _mint(self, prefix: str, **fields: Any) -> CreatedKey:
+        """A new secret and its key record, not yet stored; argon2 runs off the event loop."""
         plaintext, parsed = generate_key(prefix)
         secret_hash = await anyio.to_thread.run_sync(self.hasher.hash, parsed.secret)
         record = KeyRecord(
-            id=parsed.key_id,
-            owner=owner,
-            name=name,
-            prefix=parsed.prefix,
-            secret_hash=secret_hash,
-            scopes=scopes,
-            metadata=metadata,
-            created_at=now,
-            expires_at=expires_at,
-            replaces=replaces,
+            id=parsed.key_id, prefix=parsed.prefix, secret_hash=secret_hash, **fields
         )
-        return record, plaintext
+        return CreatedKey(plaintext, record)
 
-
-def _since(since: timedelta | datetime) -> datetime:
-    if isinstance(since, timedelta):
-        if since < timedelta(0):
-            raise KeyManagementError("since must not be negative")
-        return utcnow() - since
-    if since.tzinfo is None:
-        raise KeyManagementError("since must be timezone-aware")
-    return since
-
-
-def _until(until: datetime | None) -> datetime | None:
-    if until is not None and until.tzinfo is None:
-        raise KeyManagementError("until must be timezone-aware")
-    return until
-
-
-def _period_start(moment: datetime, seconds: int) -> datetime:
-    """The start of the UTC period of ``seconds`` that holds ``moment``."""
-    epoch = math.floor(moment.timestamp()) // seconds * seconds
-    return datetime.fromtimestamp(epoch, timezone.utc)
-
-
-def _later(now: datetime, delta: timedelta, what: str) -> datetime:
-    try:
-        return now + delta
-    except OverflowError:
-        raise KeyManagementError(
-            f"{what} of {delta.days} days reaches past the last representable date"
-            " (year 9999); choose a shorter one, or no expiry"
-        ) from None
-
-
-async def revoke_presented(conn: HTTPConnection) -> bool:
-    """Revoke the key that authenticated this request (logout).
-
-    Returns whether a key was revoked. Needs ``APIKeyMiddleware`` in front of the route.
-    The audit log records it as ``logout`` by ``apikey:<name>`` (the key itself).
-
-    The key leaves this process's cache first, so its next request here reaches the
-    store whatever happens next. If the store cannot record the revocation, the key
-    still works, and the client must be told: this raises
-    :class:`~keystile.responses.KeystileHTTPException`, answered like the middleware's
-    own 503 (``Retry-After``, error ``temporarily_unavailable``), or on a WebSocket
-    closes with 1013 (try again later).
-    """
-    user = conn.scope.get("user")
-    middleware = conn.scope.get("keystile")
-    if not isinstance(user, APIKeyUser) or middleware is None:
-        return False
-    middleware.evict(user.key_id)
-    try:
-        revoked: bool = await middleware.store.revoke(
-            user.key_id, user.owner, at=utcnow(), actor=user.display_name, action="logout"
-        )
-    except StoreError as exc:
-        logger.warning("keystile: could not record the logout of key %s: %s", user.redacted, exc)
-        if conn.scope["type"] == "websocket":
-            raise WebSocketException(
-                WEBSOCKET_TRY_AGAIN_LATER, reason="temporarily_unavailable"
-            ) from exc
-        error = ServiceUnavailable("store_unavailable", LOGOUT_UNAVAILABLE)
-        raise KeystileHTTPException(
-            error, realm=middleware.realm, header_name=middleware.header_name
-        ) from exc
-    # A request that raced the revocation may have cached the key again meanwhile.
-    middleware.evict(user.key_id)
-    return revoked
+    async def _as_stored(self, new: CreatedKey) -> CreatedKey:
+        """``new`` with its record as the store keeps it (defaults and rounding applied)."""
+        stored = await self.store.get(new.id)
+        return CreatedKey(new.key, stored or new.record)
