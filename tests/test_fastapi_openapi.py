@@ -1,0 +1,235 @@
+"""protect()'s OpenAPI document against what keystile sends: every refusal, sent for real
+and by a fuzzer, must be documented with its status, body and headers, and nothing more."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import httpx
+import pytest
+from fastapi import Depends, FastAPI, Security
+from pydantic import BaseModel
+
+from apps import client, installed_middleware
+from keystile import CHEAPEST_PARAMETERS, KeyManager, MemoryKeyStore, StoreError
+from keystile.fastapi import APIKey, CurrentKey, OptionalKey, current_key, protect, require_scopes
+from openapi_conformance import (
+    UNKNOWN_KEY,
+    Keys,
+    error_codes,
+    failures,
+    fuzz,
+    make_keys,
+    sent_against_declared,
+)
+
+pytestmark = pytest.mark.anyio
+
+EXEMPT = ["/health", "/mine", "/maybe"]
+
+
+class Item(BaseModel):
+    name: str
+
+
+def build_app() -> FastAPI:
+    app = FastAPI()
+
+    @app.get("/whoami")
+    async def whoami(key: CurrentKey) -> dict[str, str]:
+        return {"id": key.key_id}
+
+    @app.get("/items/{item_id}", dependencies=[Depends(require_scopes("items:read"))])
+    async def get_item(item_id: int) -> dict[str, int]:
+        return {"id": item_id}
+
+    @app.post("/items", status_code=201)
+    async def create_item(
+        item: Item, key: Annotated[APIKey, Security(current_key, scopes=["items:write"])]
+    ) -> dict[str, str]:
+        return {"name": item.name}
+
+    @app.get("/health")
+    async def health() -> str:
+        return "ok"
+
+    @app.get("/mine")
+    async def mine(key: CurrentKey) -> dict[str, str]:
+        return {"id": key.key_id}
+
+    @app.get("/maybe")
+    async def maybe(key: OptionalKey) -> dict[str, str | None]:
+        return {"id": key.key_id if key else None}
+
+    return app
+
+
+class DownStore(MemoryKeyStore):
+    async def get(self, key_id: str) -> None:
+        raise StoreError("connection refused")
+
+
+@dataclass
+class Setup:
+    app: FastAPI
+    down: FastAPI  # the same app over a store that cannot be read: 503
+    keys: Keys
+    document: dict[str, Any]
+
+
+@pytest.fixture
+async def setup() -> AsyncIterator[Setup]:
+    store = MemoryKeyStore()
+    keys = await make_keys(KeyManager(store, argon2=CHEAPEST_PARAMETERS))
+    app, down = build_app(), build_app()
+    protect(app, store=store, argon2=CHEAPEST_PARAMETERS, exempt_paths=EXEMPT)
+    protect(down, store=DownStore(), argon2=CHEAPEST_PARAMETERS, exempt_paths=EXEMPT)
+    async with client(app) as c:
+        document = (await c.get("/openapi.json")).json()
+    yield Setup(app, down, keys, document)
+    for each in (app, down):
+        if each.middleware_stack is not None:
+            await installed_middleware(each).aclose()
+
+
+def key(value: str) -> dict[str, str]:
+    return {"X-API-Key": value}
+
+
+#: (what, method, path template, path sent, credentials, times sent, status, error code)
+def scenarios(keys: Keys) -> list[tuple[str, str, str, str, dict[str, str], int, int, str]]:
+    return [
+        ("no key", "GET", "/whoami", "/whoami", {}, 1, 401, "unauthorized"),
+        ("unknown key", "GET", "/whoami", "/whoami", key(UNKNOWN_KEY), 1, 401, "invalid_token"),
+        (
+            "two keys",
+            "GET",
+            "/whoami",
+            "/whoami",
+            {"Authorization": f"Bearer {keys.full}", "X-API-Key": keys.reader},
+            1,
+            400,
+            "invalid_request",
+        ),
+        ("outside allowlist", "GET", "/whoami", "/whoami", key(keys.remote), 1, 403, "ip_not_allowed"),
+        ("over rate", "GET", "/whoami", "/whoami", key(keys.limited), 2, 429, "rate_limited"),
+        ("quota used", "GET", "/whoami", "/whoami", key(keys.used_up), 2, 429, "quota_exceeded"),
+        ("quota due", "GET", "/whoami", "/whoami", key(keys.refilling), 2, 429, "quota_exceeded"),
+        ("no key, scoped", "GET", "/items/{item_id}", "/items/1", {}, 1, 401, "unauthorized"),
+        (
+            "missing scope, read",
+            "GET",
+            "/items/{item_id}",
+            "/items/1",
+            key(keys.writer),
+            1,
+            403,
+            "insufficient_scope",
+        ),
+        (
+            "outside allowlist, scoped",
+            "GET",
+            "/items/{item_id}",
+            "/items/1",
+            key(keys.remote),
+            1,
+            403,
+            "ip_not_allowed",
+        ),
+        ("missing scope", "POST", "/items", "/items", key(keys.reader), 1, 403, "insufficient_scope"),
+        (
+            "outside allowlist, write",
+            "POST",
+            "/items",
+            "/items",
+            key(keys.remote),
+            1,
+            403,
+            "ip_not_allowed",
+        ),
+        ("exempt, dependency", "GET", "/mine", "/mine", {}, 1, 401, "unauthorized"),
+    ]
+
+
+async def send_all(setup: Setup) -> list[tuple[str, str, str, httpx.Response, int, str]]:
+    sent = []
+    async with client(setup.app) as c:
+        for what, method, template, path, headers, times, status, code in scenarios(setup.keys):
+            body = {"name": "tea"} if method == "POST" else None
+            for _ in range(times):
+                response = await c.request(method, path, headers=headers, json=body)
+            sent.append((what, method, template, response, status, code))
+    async with client(setup.down) as c:
+        response = await c.get("/whoami", headers=key(setup.keys.full))
+    sent.append(("store down", "GET", "/whoami", response, 503, "temporarily_unavailable"))
+    return sent
+
+
+async def test_every_refusal_is_documented(setup: Setup) -> None:
+    """Each refusal keystile sends (400, 401, 403 of both kinds, 429 of both kinds, 503)
+    has its status, JSON body and headers in the operation's documented responses."""
+    problems = {}
+    for what, method, template, response, status, code in await send_all(setup):
+        assert (response.status_code, response.json()["error"]) == (status, code), what
+        found = failures(setup.document, template, method, response)
+        if found:
+            problems[what] = found
+    assert problems == {}
+
+
+async def test_declared_headers_are_the_ones_sent(setup: Setup) -> None:
+    """For each documented refusal, the headers declared are the keystile headers sent:
+    WWW-Authenticate only where a challenge goes out, Retry-After and RateLimit only on
+    the refusals that carry them."""
+    sent = [(template, method, response) for _, method, template, response, _, _ in await send_all(setup)]
+    assert sent_against_declared(setup.document, sent) == {}
+
+
+async def test_required_headers_are_on_every_response_of_their_status(setup: Setup) -> None:
+    """A header declared required is on every response of that status (Retry-After on a
+    429 is optional: a quota without refill sends none)."""
+    responses = setup.document["paths"]["/whoami"]["get"]["responses"]
+    required = {
+        status: sorted(name for name, header in responses[status]["headers"].items()
+                       if header.get("required"))
+        for status in ("400", "401", "403", "429", "503")
+    }
+    assert required == {
+        "400": ["Cache-Control", "WWW-Authenticate"],
+        "401": ["Cache-Control", "WWW-Authenticate"],
+        "403": ["Cache-Control"],
+        "429": ["Cache-Control"],
+        "503": ["Cache-Control", "Retry-After"],
+    }
+
+
+async def test_error_schema_lists_every_code(setup: Setup) -> None:
+    """The error body's schema enumerates every error code keystile's bodies carry."""
+    schema = setup.document["components"]["schemas"]["KeystileError"]
+    assert set(schema["properties"]["error"]["enum"]) == error_codes()
+
+
+async def test_fuzzer_finds_nothing_undocumented(setup: Setup) -> None:
+    """schemathesis, with random credentials, none, and each test key, finds no status,
+    header or body keystile sends that the document does not describe."""
+    keys = setup.keys
+    credentials: dict[str, dict[str, str] | None] = {
+        "generated": None,
+        "none": {},
+        "full": key(keys.full),
+        "reader": {"Authorization": f"Bearer {keys.reader}"},
+        "remote": key(keys.remote),
+        "limited": key(keys.limited),
+        "used_up": key(keys.used_up),
+    }
+    async with client(setup.app) as c:
+        found, statuses = await fuzz(c, setup.document, credentials)
+    assert found == []
+    # The run met the refusals it is meant to check.
+    assert {400, 401} <= statuses["generated"]
+    assert 401 in statuses["none"]
+    assert {200, 201} <= statuses["full"]
+    assert 403 in statuses["reader"] and 403 in statuses["remote"]
+    assert 429 in statuses["limited"] and 429 in statuses["used_up"]
