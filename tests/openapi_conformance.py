@@ -22,11 +22,19 @@ from schemathesis.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
+from schemathesis.errors import FailureGroup
 
-from keystile import AuthenticationError, KeyManager
+from apps import client
+from keystile import AuthenticationError, KeyManager, MemoryKeyStore, StoreError
 
 #: Every header keystile itself may put on a response.
-KEYSTILE_HEADERS = ("www-authenticate", "retry-after", "ratelimit-policy", "ratelimit", "cache-control")
+KEYSTILE_HEADERS = (
+    "www-authenticate",
+    "retry-after",
+    "ratelimit-policy",
+    "ratelimit",
+    "cache-control",
+)
 CREDENTIAL_HEADERS = frozenset({"authorization", "x-api-key"})
 #: A well-formed key that no store holds: 401 invalid_token.
 UNKNOWN_KEY = "ks_000000000000_" + "A" * 43
@@ -51,6 +59,13 @@ CHECKS = [
     content_type_conformance,
     keystile_headers_documented,
 ]
+
+
+class DownStore(MemoryKeyStore):
+    """A store that cannot be read: every key not yet cached gets 503."""
+
+    async def get(self, key_id: str) -> None:
+        raise StoreError("connection refused")
 
 
 @dataclass(frozen=True)
@@ -140,13 +155,13 @@ def failures(document: dict[str, Any], path: str, method: str, response: httpx.R
     sent = response.request.url.path.split("/")
     parameters = {
         part[1:-1]: value
-        for part, value in zip(path.split("/"), sent)
+        for part, value in zip(path.split("/"), sent, strict=False)
         if part.startswith("{") and part.endswith("}")
     }
     case = schema[path][method.upper()].Case(path_parameters=parameters)
     try:
         case.validate_response(response, checks=CHECKS)
-    except (AssertionError, BaseExceptionGroup) as failed:
+    except (AssertionError, FailureGroup) as failed:
         return str(failed)
     return ""
 
@@ -174,6 +189,106 @@ def sent_against_declared(
         if headers != declared:
             differences[path, method, status] = (headers, declared)
     return differences
+
+
+def key(value: str) -> dict[str, str]:
+    return {"X-API-Key": value}
+
+
+def scenarios(keys: Keys) -> list[tuple[str, str, str, str, dict[str, str], int, int, str]]:
+    """Every refusal, on an app with ``GET /whoami`` (a key, no scope), ``GET
+    /items/{item_id}`` (items:read), ``POST /items`` (items:write, a JSON ``name``) and
+    ``GET /mine`` (exempt, but its dependency or guard needs items:read): ``(what,
+    method, path template, path, credentials, times sent, status, error code)``."""
+    return [
+        ("no key", "GET", "/whoami", "/whoami", {}, 1, 401, "unauthorized"),
+        ("unknown key", "GET", "/whoami", "/whoami", key(UNKNOWN_KEY), 1, 401, "invalid_token"),
+        (
+            "two keys",
+            "GET",
+            "/whoami",
+            "/whoami",
+            {"Authorization": f"Bearer {keys.full}", "X-API-Key": keys.reader},
+            1,
+            400,
+            "invalid_request",
+        ),
+        (
+            "outside allowlist",
+            "GET",
+            "/whoami",
+            "/whoami",
+            key(keys.remote),
+            1,
+            403,
+            "ip_not_allowed",
+        ),
+        ("over rate", "GET", "/whoami", "/whoami", key(keys.limited), 2, 429, "rate_limited"),
+        ("quota used", "GET", "/whoami", "/whoami", key(keys.used_up), 2, 429, "quota_exceeded"),
+        ("quota due", "GET", "/whoami", "/whoami", key(keys.refilling), 2, 429, "quota_exceeded"),
+        ("no key, scoped", "GET", "/items/{item_id}", "/items/1", {}, 1, 401, "unauthorized"),
+        (
+            "missing scope, read",
+            "GET",
+            "/items/{item_id}",
+            "/items/1",
+            key(keys.writer),
+            1,
+            403,
+            "insufficient_scope",
+        ),
+        (
+            "outside allowlist, scoped",
+            "GET",
+            "/items/{item_id}",
+            "/items/1",
+            key(keys.remote),
+            1,
+            403,
+            "ip_not_allowed",
+        ),
+        (
+            "missing scope",
+            "POST",
+            "/items",
+            "/items",
+            key(keys.reader),
+            1,
+            403,
+            "insufficient_scope",
+        ),
+        (
+            "outside allowlist, write",
+            "POST",
+            "/items",
+            "/items",
+            key(keys.remote),
+            1,
+            403,
+            "ip_not_allowed",
+        ),
+        ("exempt, dependency", "GET", "/mine", "/mine", {}, 1, 401, "unauthorized"),
+    ]
+
+
+Sent = tuple[str, str, str, httpx.Response, int, str]
+
+
+async def send_all(app: Any, down: Any, keys: Keys) -> list[Sent]:
+    """Make every refusal happen, on ``app`` (the routes of :func:`scenarios`) and on
+    ``down`` (the same over a store that cannot be read: 503). Returns, per refusal,
+    ``(what, method, path template, response, status meant, error code meant)``."""
+    sent = []
+    async with client(app) as c:
+        for what, method, template, path, headers, times, status, code in scenarios(keys):
+            body = {"name": "tea"} if method == "POST" else None
+            for _ in range(times):
+                response = await c.request(method, path, headers=headers, json=body)
+            sent.append((what, method, template, response, status, code))
+    async with client(down) as c:
+        response = await c.get("/whoami", headers=key(keys.full))
+    sent.append(("store down", "GET", "/whoami", response, 503, "temporarily_unavailable"))
+    return sent
 
 
 def generated_cases(document: dict[str, Any], count: int) -> list[Any]:
@@ -230,6 +345,6 @@ async def fuzz(
             statuses[name].add(response.status_code)
             try:
                 case.validate_response(response, checks=CHECKS)
-            except (AssertionError, BaseExceptionGroup) as failed:
+            except (AssertionError, FailureGroup) as failed:
                 found.append(f"[{name}] {failed}")
     return found, statuses

@@ -7,21 +7,22 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-import httpx
 import pytest
 from fastapi import Depends, FastAPI, Security
 from pydantic import BaseModel
 
 from apps import client, installed_middleware
-from keystile import CHEAPEST_PARAMETERS, KeyManager, MemoryKeyStore, StoreError
+from keystile import CHEAPEST_PARAMETERS, KeyManager, MemoryKeyStore
 from keystile.fastapi import APIKey, CurrentKey, OptionalKey, current_key, protect, require_scopes
 from openapi_conformance import (
-    UNKNOWN_KEY,
+    DownStore,
     Keys,
     error_codes,
     failures,
     fuzz,
+    key,
     make_keys,
+    send_all,
     sent_against_declared,
 )
 
@@ -66,11 +67,6 @@ def build_app() -> FastAPI:
     return app
 
 
-class DownStore(MemoryKeyStore):
-    async def get(self, key_id: str) -> None:
-        raise StoreError("connection refused")
-
-
 @dataclass
 class Setup:
     app: FastAPI
@@ -94,84 +90,13 @@ async def setup() -> AsyncIterator[Setup]:
             await installed_middleware(each).aclose()
 
 
-def key(value: str) -> dict[str, str]:
-    return {"X-API-Key": value}
-
-
-#: (what, method, path template, path sent, credentials, times sent, status, error code)
-def scenarios(keys: Keys) -> list[tuple[str, str, str, str, dict[str, str], int, int, str]]:
-    return [
-        ("no key", "GET", "/whoami", "/whoami", {}, 1, 401, "unauthorized"),
-        ("unknown key", "GET", "/whoami", "/whoami", key(UNKNOWN_KEY), 1, 401, "invalid_token"),
-        (
-            "two keys",
-            "GET",
-            "/whoami",
-            "/whoami",
-            {"Authorization": f"Bearer {keys.full}", "X-API-Key": keys.reader},
-            1,
-            400,
-            "invalid_request",
-        ),
-        ("outside allowlist", "GET", "/whoami", "/whoami", key(keys.remote), 1, 403, "ip_not_allowed"),
-        ("over rate", "GET", "/whoami", "/whoami", key(keys.limited), 2, 429, "rate_limited"),
-        ("quota used", "GET", "/whoami", "/whoami", key(keys.used_up), 2, 429, "quota_exceeded"),
-        ("quota due", "GET", "/whoami", "/whoami", key(keys.refilling), 2, 429, "quota_exceeded"),
-        ("no key, scoped", "GET", "/items/{item_id}", "/items/1", {}, 1, 401, "unauthorized"),
-        (
-            "missing scope, read",
-            "GET",
-            "/items/{item_id}",
-            "/items/1",
-            key(keys.writer),
-            1,
-            403,
-            "insufficient_scope",
-        ),
-        (
-            "outside allowlist, scoped",
-            "GET",
-            "/items/{item_id}",
-            "/items/1",
-            key(keys.remote),
-            1,
-            403,
-            "ip_not_allowed",
-        ),
-        ("missing scope", "POST", "/items", "/items", key(keys.reader), 1, 403, "insufficient_scope"),
-        (
-            "outside allowlist, write",
-            "POST",
-            "/items",
-            "/items",
-            key(keys.remote),
-            1,
-            403,
-            "ip_not_allowed",
-        ),
-        ("exempt, dependency", "GET", "/mine", "/mine", {}, 1, 401, "unauthorized"),
-    ]
-
-
-async def send_all(setup: Setup) -> list[tuple[str, str, str, httpx.Response, int, str]]:
-    sent = []
-    async with client(setup.app) as c:
-        for what, method, template, path, headers, times, status, code in scenarios(setup.keys):
-            body = {"name": "tea"} if method == "POST" else None
-            for _ in range(times):
-                response = await c.request(method, path, headers=headers, json=body)
-            sent.append((what, method, template, response, status, code))
-    async with client(setup.down) as c:
-        response = await c.get("/whoami", headers=key(setup.keys.full))
-    sent.append(("store down", "GET", "/whoami", response, 503, "temporarily_unavailable"))
-    return sent
-
-
 async def test_every_refusal_is_documented(setup: Setup) -> None:
     """Each refusal keystile sends (400, 401, 403 of both kinds, 429 of both kinds, 503)
     has its status, JSON body and headers in the operation's documented responses."""
     problems = {}
-    for what, method, template, response, status, code in await send_all(setup):
+    for what, method, template, response, status, code in await send_all(
+        setup.app, setup.down, setup.keys
+    ):
         assert (response.status_code, response.json()["error"]) == (status, code), what
         found = failures(setup.document, template, method, response)
         if found:
@@ -183,7 +108,10 @@ async def test_declared_headers_are_the_ones_sent(setup: Setup) -> None:
     """For each documented refusal, the headers declared are the keystile headers sent:
     WWW-Authenticate only where a challenge goes out, Retry-After and RateLimit only on
     the refusals that carry them."""
-    sent = [(template, method, response) for _, method, template, response, _, _ in await send_all(setup)]
+    sent = [
+        (template, method, response)
+        for _, method, template, response, _, _ in await send_all(setup.app, setup.down, setup.keys)
+    ]
     assert sent_against_declared(setup.document, sent) == {}
 
 
@@ -192,8 +120,9 @@ async def test_required_headers_are_on_every_response_of_their_status(setup: Set
     429 is optional: a quota without refill sends none)."""
     responses = setup.document["paths"]["/whoami"]["get"]["responses"]
     required = {
-        status: sorted(name for name, header in responses[status]["headers"].items()
-                       if header.get("required"))
+        status: sorted(
+            name for name, header in responses[status]["headers"].items() if header.get("required")
+        )
         for status in ("400", "401", "403", "429", "503")
     }
     assert required == {

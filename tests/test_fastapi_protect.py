@@ -33,6 +33,8 @@ ERROR_REF = {"$ref": "#/components/schemas/KeystileError"}
 def body(*codes: str) -> dict[str, Any]:
     """The documented schema of a refusal body carrying one of ``codes``."""
     return {"allOf": [ERROR_REF, {"properties": {"error": {"enum": list(codes)}}}]}
+
+
 # At module level: FastAPI resolves the (postponed) annotations in the module's globals.
 oauth = HTTPBearer(scheme_name="oauth", auto_error=False)
 OAuthToken = Annotated[HTTPAuthorizationCredentials | None, Depends(oauth)]
@@ -380,9 +382,7 @@ async def test_declared_responses_are_kept(protected: Callable[..., FastAPI]) ->
     document = protected(app).openapi()
     own_401 = operation(document, "/own")["responses"]["401"]
     assert own_401["description"] == "Ours."
-    assert own_401["content"]["application/json"]["schema"] == body(
-        "unauthorized", "invalid_token"
-    )
+    assert own_401["content"]["application/json"]["schema"] == body("unauthorized", "invalid_token")
     assert own_401["headers"]["WWW-Authenticate"]["required"] is False
     mine_401 = operation(document, "/mine")["responses"]["401"]
     alternatives = mine_401["content"]["application/json"]["schema"]["anyOf"]

@@ -36,8 +36,8 @@ Starlette ``HTTPException``) whose status, headers and body are the middleware's
 (:func:`keystile.responses.error_response`). :func:`protect` installs
 :func:`keystile_exception_handler`, which sends that body as is; without it, FastAPI's
 default handler puts the body under ``"detail"``. ``revoke_presented`` raises the same
-class when a logout cannot be recorded, so one exception handler answers both. On a WebSocket the handshake is closed with 1008 and the error code, as the
-middleware does.
+class when a logout cannot be recorded, so one exception handler answers both. On a
+WebSocket the handshake is closed with 1008 and the error code, as the middleware does.
 
 FastAPI is an optional extra: ``pip install "keystile[fastapi]"``.
 """
