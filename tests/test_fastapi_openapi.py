@@ -162,3 +162,44 @@ async def test_fuzzer_finds_nothing_undocumented(setup: Setup) -> None:
     assert {200, 201} <= statuses["full"]
     assert 403 in statuses["reader"] and 403 in statuses["remote"]
     assert 429 in statuses["limited"] and 429 in statuses["used_up"]
+
+
+async def test_rate_limit_headers_on_success_are_documented() -> None:
+    """With rate_limit_headers=True, the RateLimit fields the middleware adds to what the
+    app answers (a 200, a dependency's 403) are declared there, and only there."""
+    store = MemoryKeyStore()
+    manager = KeyManager(store, argon2=CHEAPEST_PARAMETERS)
+    created = await manager.create(
+        owner="acme", name="k", scopes=["items:read"], rate_limit="5/minute"
+    )
+    app = build_app()
+    protect(app, store=store, argon2=CHEAPEST_PARAMETERS, rate_limit_headers=True)
+    async with client(app) as c:
+        document = (await c.get("/openapi.json")).json()
+        ok = await c.get("/whoami", headers=key(created.key))
+        refused = await c.post("/items", headers=key(created.key), json={"name": "tea"})
+        unauthorized = await c.get("/whoami")
+    await installed_middleware(app).aclose()
+    assert "ratelimit" in ok.headers and "ratelimit" in refused.headers
+    assert refused.status_code == 403
+    assert failures(document, "/whoami", "GET", ok) == ""
+    assert failures(document, "/items", "POST", refused) == ""
+    assert failures(document, "/whoami", "GET", unauthorized) == ""
+    for status in ("400", "401", "503"):
+        assert (
+            "RateLimit" not in document["paths"]["/whoami"]["get"]["responses"][status]["headers"]
+        )
+
+
+async def test_on_error_leaves_the_middlewares_bodies_undocumented() -> None:
+    """With on_error the app makes the middleware's responses: they are documented
+    without a body and with optional headers, while a dependency's keep theirs."""
+    from starlette.responses import JSONResponse
+
+    app = build_app()
+    protect(app, store=MemoryKeyStore(), on_error=lambda conn, exc: JSONResponse({}, 401))
+    responses = app.openapi()["paths"]["/items"]["post"]["responses"]
+    assert "content" not in responses["401"]
+    assert not any(header["required"] for header in responses["401"]["headers"].values())
+    assert "content" not in responses["403"]  # ip_not_allowed is the middleware's
+    assert responses["403"]["headers"]["WWW-Authenticate"]["required"] is False

@@ -149,3 +149,39 @@ async def test_fuzzer_finds_nothing_undocumented(setup: Setup) -> None:
     assert {200, 201} <= statuses["full"]
     assert 403 in statuses["writer"] and 403 in statuses["remote"]
     assert 429 in statuses["limited"] and 429 in statuses["used_up"]
+
+
+async def test_rate_limit_headers_on_success_are_documented() -> None:
+    """With rate_limit_headers=True, the RateLimit fields on what the app answers (a 200,
+    a guard's 403) are declared there."""
+    store = MemoryKeyStore()
+    manager = KeyManager(store, argon2=CHEAPEST_PARAMETERS)
+    created = await manager.create(
+        owner="acme", name="k", scopes=["items:read"], rate_limit="5/minute"
+    )
+    app, plugin = build_app(store, rate_limit_headers=True)
+    async with client(app) as c:
+        document = (await c.get("/schema/openapi.json")).json()
+        ok = await c.get("/whoami", headers=key(created.key))
+        refused = await c.post("/items", headers=key(created.key), json={"name": "tea"})
+    await plugin.middleware.aclose()
+    assert "ratelimit" in ok.headers and refused.status_code == 403
+    assert failures(document, "/whoami", "GET", ok) == ""
+    assert failures(document, "/items", "POST", refused) == ""
+
+
+async def test_required_false_and_on_error_are_documented() -> None:
+    """required=False lets an unguarded operation be called without a key ({}), a guarded
+    one not; on_error leaves the middleware's statuses without a body."""
+    from starlette.responses import JSONResponse
+
+    app, plugin = build_app(
+        MemoryKeyStore(), required=False, on_error=lambda conn, exc: JSONResponse({}, 401)
+    )
+    paths = app.openapi_schema.to_schema()["paths"]
+    await plugin.middleware.aclose()
+    assert paths["/whoami"]["get"]["security"][-1] == {}
+    assert {} not in paths["/items"]["post"]["security"]
+    assert "content" not in paths["/whoami"]["get"]["responses"]["401"]
+    # 403 is on_error's ip_not_allowed or the guard's insufficient_scope: no one body.
+    assert "content" not in paths["/items"]["post"]["responses"]["403"]

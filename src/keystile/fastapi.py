@@ -73,12 +73,9 @@ from .openapi import (
     DEFAULT_HEADER_SCHEME_NAME,
     ERROR_SCHEMA_NAME,
     IMPLICIT_SCOPE,
-    add_rate_limit_headers,
+    document_operation,
     error_schema,
     fully_exempt,
-    merge_responses,
-    refusal_responses,
-    refusals,
     security_schemes,
 )
 from .principal import APIKeyUser
@@ -431,42 +428,17 @@ class _Documenter:
             for method, operation in item.items():
                 if method in _HTTP_METHODS and isinstance(operation, dict):
                     route = routes.get((path, method))
-                    key_use = _key_use(route) if route else (False, [])
-                    with_body |= self._operation(operation, exempt, *key_use)
+                    needs, scopes = _key_use(route) if route else (False, [])
+                    with_body |= document_operation(
+                        operation,
+                        exempt=exempt,
+                        required=self.required,
+                        key_needed=needs,
+                        scopes=scopes,
+                        body_schema=_error_body,
+                        middleware_known=self.middleware_known,
+                        app_known=self.app_known,
+                        rate_limit_headers=self.rate_limit_headers,
+                    )
         if with_body:
             components.setdefault("schemas", {})[ERROR_SCHEMA_NAME] = error_schema()
-
-    def _operation(
-        self, operation: dict[str, Any], exempt: bool, needs: bool, scopes: list[str]
-    ) -> bool:
-        """Document one operation; whether it names the error body."""
-        from_middleware, from_app = refusals(
-            middleware=not exempt, required=self.required, key_needed=needs, scopes=scopes
-        )
-        if not from_middleware and not from_app:
-            operation["security"] = []
-            return False
-        bearer, header = DEFAULT_BEARER_SCHEME_NAME, DEFAULT_HEADER_SCHEME_NAME
-        others = [
-            requirement
-            for requirement in operation.get("security", ())
-            if requirement and not {bearer, header} & set(requirement)
-        ]
-        anonymous = not needs and (exempt or not self.required)
-        operation["security"] = [{bearer: scopes}, {header: list(scopes)}, *others]
-        operation["security"] += [{}] if anonymous else []
-        ours = refusal_responses(
-            from_middleware,
-            from_app,
-            body_schema=_error_body,
-            middleware_known=self.middleware_known,
-            app_known=self.app_known,
-        )
-        responses = operation.setdefault("responses", {})
-        merge_responses(responses, ours)
-        if self.rate_limit_headers and from_middleware:
-            only_middleware = {str(c.status_code) for c in from_middleware} - {
-                str(c.status_code) for c in from_app
-            }
-            add_rate_limit_headers(responses, except_statuses=only_middleware)
-        return any("content" in response for response in ours.values())

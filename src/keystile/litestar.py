@@ -37,7 +37,7 @@ Litestar is an optional extra: ``pip install "keystile[litestar]"``.
 
 from __future__ import annotations
 
-from copy import copy, deepcopy
+from copy import copy
 from typing import Any
 
 try:
@@ -65,11 +65,9 @@ from .middleware import DEFAULT_HEADER_NAME, APIKeyMiddleware
 from .openapi import (
     DEFAULT_BEARER_SCHEME_NAME,
     DEFAULT_HEADER_SCHEME_NAME,
-    add_rate_limit_headers,
+    document_refusals,
     error_schema,
     fully_exempt,
-    merge_responses,
-    refusal_responses,
     refusals,
 )
 from .principal import APIKeyUser
@@ -254,18 +252,13 @@ class KeystilePlugin(InitPlugin, ReceiveRoutePlugin):
         if scopes is None and not required:
             wanted.append({})
         handler.security = [*security, *(r for r in wanted if r not in security)]
-        documented = refusal_responses(
+        handler.operation_class = _documenting(
+            handler.operation_class,
             from_middleware,
             from_app,
-            body_schema=_error_body,
             middleware_known=self.options.get("on_error") is None,
+            rate_limit_headers=bool(self.options.get("rate_limit_headers")),
         )
-        rate_headers = None
-        if self.options.get("rate_limit_headers") and from_middleware:
-            rate_headers = {str(c.status_code) for c in from_middleware} - {
-                str(c.status_code) for c in from_app
-            }
-        handler.operation_class = _documenting(handler.operation_class, documented, rate_headers)
 
     async def _shutdown(self) -> None:
         await self.middleware.aclose()
@@ -326,7 +319,10 @@ def _error_body(codes: list[str]) -> dict[str, Any]:
 
 
 def _documenting(
-    base: type[Operation], documented: dict[str, dict[str, Any]], rate_headers: set[str] | None
+    base: type[Operation],
+    from_middleware: list[type[AuthenticationError]],
+    from_app: list[type[AuthenticationError]],
+    **options: bool,
 ) -> type[Operation]:
     """``base`` (the handler's operation class), adding keystile's refusals to the
     operation's responses when the document is rendered, once Litestar has settled the
@@ -336,9 +332,9 @@ def _documenting(
         def to_schema(self) -> dict[str, Any]:
             schema: dict[str, Any] = super().to_schema()
             responses = schema.setdefault("responses", {})
-            merge_responses(responses, deepcopy(documented))
-            if rate_headers is not None:
-                add_rate_limit_headers(responses, except_statuses=rate_headers)
+            document_refusals(
+                responses, from_middleware, from_app, body_schema=_error_body, **options
+            )
             return schema
 
     return KeystileOperation

@@ -22,6 +22,7 @@ as optional.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from copy import deepcopy
 from typing import Any
 
 from .errors import AuthenticationError, InsufficientScope, MissingCredentials
@@ -33,6 +34,8 @@ __all__ = [
     "ERROR_SCHEMA_NAME",
     "IMPLICIT_SCOPE",
     "add_rate_limit_headers",
+    "document_operation",
+    "document_refusals",
     "error_schema",
     "fully_exempt",
     "merge_responses",
@@ -203,7 +206,7 @@ def _describe(classes: list[type[AuthenticationError]]) -> str:
 
 def _header(name: str, *, required: bool) -> dict[str, Any]:
     schema, description = _HEADERS.get(name, (_STRING, ""))
-    return {"description": description, "required": required, "schema": schema}
+    return {"description": description, "required": required, "schema": deepcopy(schema)}
 
 
 def merge_responses(responses: dict[str, Any], refusals: dict[str, dict[str, Any]]) -> None:
@@ -241,6 +244,69 @@ def add_rate_limit_headers(responses: dict[str, Any], *, except_statuses: Iterab
         headers = response.setdefault("headers", {})
         for name in ("RateLimit-Policy", "RateLimit"):
             headers.setdefault(name, _header(name, required=False))
+
+
+def document_operation(
+    operation: dict[str, Any],
+    *,
+    exempt: bool,
+    required: bool,
+    key_needed: bool,
+    scopes: list[str],
+    **options: Any,
+) -> bool:
+    """Document keystile on an operation of an OpenAPI document (a dict): its security
+    requirements (either scheme, with ``scopes``; ``{}`` where a request without a key is
+    let through; requirements of other schemes kept) and its refusals
+    (:func:`document_refusals`, which takes ``options``). An operation keystile never
+    refuses gets ``security: []``. Returns whether a response names the error body."""
+    from_middleware, from_app = refusals(
+        middleware=not exempt, required=required, key_needed=key_needed, scopes=scopes
+    )
+    if not from_middleware and not from_app:
+        operation["security"] = []
+        return False
+    bearer, header = DEFAULT_BEARER_SCHEME_NAME, DEFAULT_HEADER_SCHEME_NAME
+    others = [
+        requirement
+        for requirement in operation.get("security", ())
+        if requirement and not {bearer, header} & set(requirement)
+    ]
+    anonymous = not key_needed and (exempt or not required)
+    operation["security"] = [{bearer: scopes}, {header: list(scopes)}, *others]
+    operation["security"] += [{}] if anonymous else []
+    responses = operation.setdefault("responses", {})
+    return document_refusals(responses, from_middleware, from_app, **options)
+
+
+def document_refusals(
+    responses: dict[str, Any],
+    from_middleware: list[type[AuthenticationError]],
+    from_app: list[type[AuthenticationError]],
+    *,
+    body_schema: Callable[[list[str]], dict[str, Any]],
+    middleware_known: bool = True,
+    app_known: bool = True,
+    rate_limit_headers: bool = False,
+) -> bool:
+    """Add to an operation's ``responses`` the refusals it can meet (:func:`refusals`),
+    and with ``rate_limit_headers`` the fields the middleware adds to what the app sends.
+    Returns whether a response names the error body."""
+    ours = refusal_responses(
+        from_middleware,
+        from_app,
+        body_schema=body_schema,
+        middleware_known=middleware_known,
+        app_known=app_known,
+    )
+    merge_responses(responses, ours)
+    if rate_limit_headers and from_middleware:
+        app_statuses = {str(cls.status_code) for cls in from_app}
+        add_rate_limit_headers(
+            responses,
+            except_statuses={str(c.status_code) for c in from_middleware} - app_statuses,
+        )
+    return any("content" in response for response in ours.values())
 
 
 def fully_exempt(path: str, exact: frozenset[str], prefixes: tuple[str, ...]) -> bool:

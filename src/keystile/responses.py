@@ -14,9 +14,15 @@
 The JSON body says how to send a key, naming both header forms, and for a presented
 key where it was read from, never its value.
 
-Inside the app, the same responses travel as :class:`KeystileHTTPException` (a refusal
-by a FastAPI dependency, a logout that could not be recorded), so routes refuse exactly
-as the middleware does.
+The body (:func:`error_body`) and the headers (:func:`error_headers`) are built here and
+nowhere else: the middleware and every framework adapter send them, so one failure gets
+one body whoever refuses it. What the OpenAPI documents (:mod:`keystile.openapi`) is read
+from here too: the codes (:func:`error_codes`) and the headers of each kind of refusal
+(:func:`refusal_headers`).
+
+Inside a Starlette or FastAPI app, the same responses travel as
+:class:`KeystileHTTPException` (a refusal by a FastAPI dependency, a logout that could
+not be recorded), so routes refuse exactly as the middleware does.
 """
 
 from __future__ import annotations
