@@ -317,7 +317,7 @@ async def fuzz(
     document: dict[str, Any],
     credentials: Mapping[str, Mapping[str, str] | None],
     *,
-    count: int = 40,
+    count: int = 25,
 ) -> tuple[list[str], dict[str, set[int]]]:
     """Send generated cases with each set of credentials: ``None`` keeps the ones
     schemathesis generated for the security schemes (random strings), a mapping replaces

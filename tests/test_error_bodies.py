@@ -26,7 +26,7 @@ from keystile import (
     KeyStore,
     MemoryKeyStore,
 )
-from keystile.fastapi import CurrentKey
+from keystile.fastapi import CurrentKey  # imported here: FastAPI resolves annotations here
 from openapi_conformance import KEYSTILE_HEADERS
 
 pytestmark = pytest.mark.anyio
@@ -53,7 +53,7 @@ def fastapi_app(store: KeyStore) -> Built:
         return "ok"
 
     @app.get("/open/me")
-    async def me(key: CurrentKey) -> str:  # at module level: FastAPI resolves it there
+    async def me(key: CurrentKey) -> str:
         return key.key_id
 
     protect(app, store=store, **OPTIONS)

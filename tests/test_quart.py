@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 from quart import Quart, websocket
-from quart.testing.connections import WebsocketDisconnectError
+from quart.testing.connections import WebsocketDisconnectError, WebsocketResponseError
 
 from apps import client, load_example
 from keystile import CHEAPEST_PARAMETERS, APIKeyMiddleware, KeyManager
@@ -145,11 +145,15 @@ def adapter_app(database_url: str) -> Quart:
     async def ws() -> None:
         await websocket.send_json({"key": current_key().display_name})
 
+    @app.websocket("/open/ws")
+    async def open_ws() -> None:
+        await websocket.send_json({"key": current_key().display_name})
+
     app.asgi_app = APIKeyMiddleware(  # type: ignore[method-assign]
         app.asgi_app,
         database_url=database_url,
         argon2=CHEAPEST_PARAMETERS,
-        exempt_paths=["/open/me"],
+        exempt_paths=["/open/me", "/open/ws"],
     )
     return app
 
@@ -210,6 +214,17 @@ async def test_require_scopes_closes_a_websocket_1008(sqlite_database_url: str) 
             async with running.test_client().websocket("/ws", headers={"X-API-Key": key}) as ws:
                 await ws.receive_json()
     assert closed.value.args[0] == 1008
+
+
+async def test_current_key_refuses_a_websocket_without_a_key(sqlite_database_url: str) -> None:
+    """On an exempt WebSocket path, current_key() without a key rejects the handshake
+    with the middleware's 401."""
+    app = adapter_app(sqlite_database_url)
+    async with app.test_app() as running:
+        with pytest.raises(WebsocketResponseError) as rejected:
+            async with running.test_client().websocket("/open/ws") as ws:
+                await ws.receive_json()
+    assert rejected.value.response.status_code == 401
 
 
 async def test_helpers_without_the_middleware_fail_closed() -> None:

@@ -76,8 +76,9 @@ def _abort(scope: dict[str, Any], refusal: AuthenticationError) -> NoReturn:
 
 
 def current_key() -> APIKeyUser:
-    """The verified key of this request; without one (an exempt path, or
-    ``required=False``) the request is refused with the middleware's 401."""
+    """The verified key of this request or WebSocket; without one (an exempt path, or
+    ``required=False``) the request is refused with the middleware's 401 (a WebSocket
+    handshake gets it as Quart's rejection response, where the server can send one)."""
     scope = _scope()
     refusal = _refusal(scope, ())
     if refusal is not None:
