@@ -32,6 +32,7 @@ SETTINGS: dict[str, Any] = {
         "DEFAULT_AUTHENTICATION_CLASSES": ["keystile.django.KeystileAuthentication"],
         "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
         "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+        "EXCEPTION_HANDLER": "keystile.django.exception_handler",
     },
 }
 

@@ -38,6 +38,14 @@ class Items(APIView):
         return Response(["a", "b"])
 
 
+class Writing(APIView):
+    permission_classes = [HasScopes]
+    required_scopes = ["items:write"]
+
+    def get(self, request: Request) -> Response:
+        return Response("written")
+
+
 class Undeclared(APIView):
     permission_classes = [HasScopes]
 
@@ -77,4 +85,8 @@ urlpatterns = [
     path("plain", plain),
     path("public", plain),
     path("plain/post", plain_post),
+    # the failures every adapter must answer alike (test_error_bodies)
+    path("scoped", Writing.as_view()),
+    path("open/scoped", Writing.as_view()),
+    path("open/me", WhoAmI.as_view()),
 ]

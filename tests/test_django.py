@@ -26,7 +26,7 @@ from test_docs import INTEGRATION, block_under
 
 pytestmark = pytest.mark.anyio
 
-EXEMPT = ["/drf/public", "/public"]
+EXEMPT = ["/drf/public", "/public", "/open/scoped"]
 
 
 def django_application() -> Any:
@@ -100,11 +100,18 @@ async def test_has_scopes_admits_a_key_with_the_declared_scopes(
 async def test_has_scopes_refuses_a_key_without_them(
     app: APIKeyMiddleware, sqlite_database_url: str
 ) -> None:
-    """A key lacking a declared scope gets DRF's 403 with the insufficient_scope challenge."""
+    """A key lacking a declared scope gets 403 with the insufficient_scope challenge and
+    the middleware's body."""
     key = await make_key(sqlite_database_url, "items:write")
     answer = await get(app, "/drf/items", key)
     assert answer.status_code == 403
-    assert answer.json() == {"detail": "Missing scope: items:read."}
+    assert answer.json() == {
+        "error": "insufficient_scope",
+        "detail": "Missing scope: items:read.",
+        "required_scopes": ["items:read"],
+        "missing_scopes": ["items:read"],
+    }
+    assert answer.headers["cache-control"] == "no-store"
     assert 'error="insufficient_scope"' in answer.headers["www-authenticate"]
     assert 'scope="items:read"' in answer.headers["www-authenticate"]
     assert app.stats().rejects["insufficient_scope"] == 1
@@ -120,10 +127,35 @@ async def test_require_scopes_guards_a_function_view(
 
 
 async def test_drf_view_without_a_key_on_an_exempt_path_is_401(app: APIKeyMiddleware) -> None:
-    """Reached without a key, DRF answers 401 with keystile's bare Bearer challenge."""
+    """Reached without a key, DRF answers 401 with keystile's bare Bearer challenge and,
+    through keystile's exception handler, keystile's body."""
     answer = await get(app, "/drf/public")
     assert answer.status_code == 401
     assert answer.headers["www-authenticate"] == 'Bearer realm="api"'
+    assert answer.json()["error"] == "unauthorized"
+
+
+async def test_has_scopes_without_keystiles_handler_keeps_body_and_challenge(
+    app: APIKeyMiddleware, sqlite_database_url: str
+) -> None:
+    """With DRF's own exception handler, HasScopes still sends keystile's status, body and
+    challenge (only the extra headers need keystile's handler)."""
+    from django.test import override_settings
+
+    import django_settings
+
+    drf = {**django_settings.SETTINGS["REST_FRAMEWORK"]}
+    del drf["EXCEPTION_HANDLER"]
+    key = await make_key(sqlite_database_url, "items:write")
+    with override_settings(REST_FRAMEWORK=drf):
+        answer = await get(app, "/drf/items", key)
+        anonymous = await get(app, "/open/scoped")
+    assert answer.status_code == 403
+    assert answer.json()["missing_scopes"] == ["items:read"]
+    assert 'scope="items:read"' in answer.headers["www-authenticate"]
+    assert "cache-control" not in answer.headers
+    assert (anonymous.status_code, anonymous.json()["error"]) == (401, "unauthorized")
+    assert anonymous.headers["www-authenticate"] == 'Bearer realm="api"'
 
 
 async def test_has_scopes_without_declared_scopes_fails_closed(
@@ -288,7 +320,15 @@ def test_example_django_app_serves_drf_and_plain_views(tmp_path: Path) -> None:
     assert answers["/health"] == [200, {"status": "ok", "user": "apikey:laptop"}]
     assert answers["/whoami"] == [200, {"key": "apikey:laptop", "scopes": ["items:read"]}]
     assert answers["/items"] == [200, ["a", "b"]]
-    assert answers["/items/new"] == [403, {"detail": "Missing scope: items:write."}]
+    assert answers["/items/new"] == [
+        403,
+        {
+            "error": "insufficient_scope",
+            "detail": "Missing scope: items:write.",
+            "required_scopes": ["items:write"],
+            "missing_scopes": ["items:write"],
+        },
+    ]
     assert answers["anonymous"] == [401, "unauthorized"]
 
 

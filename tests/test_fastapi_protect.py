@@ -22,13 +22,19 @@ from keystile.fastapi import (
     protect,
     require_scopes,
 )
-from keystile.fastapi import _fully_exempt as fully_exempt
+from keystile.openapi import fully_exempt
 
 pytestmark = pytest.mark.anyio
 
 EITHER = [{"bearerAuth": []}, {"apiKeyHeader": []}]
 ERROR_REF = {"$ref": "#/components/schemas/KeystileError"}
-WRAPPED_REF = {"$ref": "#/components/schemas/KeystileErrorDetail"}
+
+
+def body(*codes: str) -> dict[str, Any]:
+    """The documented schema of a refusal body carrying one of ``codes``."""
+    return {"allOf": [ERROR_REF, {"properties": {"error": {"enum": list(codes)}}}]}
+
+
 # At module level: FastAPI resolves the (postponed) annotations in the module's globals.
 oauth = HTTPBearer(scheme_name="oauth", auto_error=False)
 OAuthToken = Annotated[HTTPAuthorizationCredentials | None, Depends(oauth)]
@@ -255,8 +261,13 @@ async def test_protected_operations_document_429_and_503(
     exempt ones document neither."""
     document = protected(exempt_paths=["/public"]).openapi()
     responses = operation(document, "/whoami")["responses"]
+    assert responses["429"]["content"]["application/json"]["schema"] == body(
+        "rate_limited", "quota_exceeded"
+    )
+    assert responses["503"]["content"]["application/json"]["schema"] == body(
+        "temporarily_unavailable"
+    )
     for status in ("429", "503"):
-        assert responses[status]["content"]["application/json"]["schema"] == ERROR_REF
         assert status not in operation(document, "/public")["responses"]
 
 
@@ -264,55 +275,87 @@ async def test_protected_operations_document_401(protected: Callable[..., FastAP
     """Each protected operation documents the middleware's 401 and its JSON body."""
     document = protected().openapi()
     response = operation(document, "/health")["responses"]["401"]
-    assert response["content"]["application/json"]["schema"] == ERROR_REF
-    assert "WWW-Authenticate" in response["headers"]
+    assert response["content"]["application/json"]["schema"] == body(
+        "unauthorized", "invalid_token"
+    )
+    assert response["headers"]["WWW-Authenticate"]["required"] is True
     bad_request = operation(document, "/health")["responses"]["400"]
-    assert bad_request["content"]["application/json"]["schema"] == ERROR_REF
+    assert bad_request["content"]["application/json"]["schema"] == body("invalid_request")
     error = document["components"]["schemas"]["KeystileError"]
     assert error["required"] == ["error", "detail"]
-    assert {"error", "detail", "hint", "credential_source", "missing_scopes"} <= set(
+    assert error["additionalProperties"] is False
+    assert {"error", "detail", "hint", "credential_source", "missing_scopes", "limit"} <= set(
         error["properties"]
     )
 
 
-async def test_403_only_where_scopes_are_required(protected: Callable[..., FastAPI]) -> None:
-    """403 is documented on scoped operations only, with the body FastAPI's handler sends."""
-    document = protected().openapi()
-    response = operation(document, "/items/{item_id}")["responses"]["403"]
-    assert response["content"]["application/json"]["schema"] == WRAPPED_REF
-    wrapped = document["components"]["schemas"]["KeystileErrorDetail"]
-    assert wrapped["properties"]["detail"] == ERROR_REF
-    assert "403" in operation(document, "/admin/items", "delete")["responses"]
-    for path in ("/health", "/whoami"):
-        assert "403" not in operation(document, path)["responses"]
+async def test_403_on_every_protected_operation(protected: Callable[..., FastAPI]) -> None:
+    """Any key may carry an IP allowlist: 403 ip_not_allowed is documented on every
+    protected operation, with insufficient_scope (and its challenge) where scopes are
+    required; an exempt operation without keystile dependencies documents none."""
+    document = protected(exempt_paths=["/public"]).openapi()
+    plain = operation(document, "/whoami")["responses"]["403"]
+    assert plain["content"]["application/json"]["schema"] == body("ip_not_allowed")
+    assert set(plain["headers"]) == {"Cache-Control"}
+    for path, method in (("/items/{item_id}", "get"), ("/admin/items", "delete")):
+        scoped = operation(document, path, method)["responses"]["403"]
+        assert scoped["content"]["application/json"]["schema"] == body(
+            "ip_not_allowed", "insufficient_scope"
+        )
+        assert scoped["headers"]["WWW-Authenticate"]["required"] is False
+    assert "403" not in operation(document, "/public")["responses"]
 
 
-async def test_only_used_error_schemas_are_added(protected: Callable[..., FastAPI]) -> None:
-    """Without a scoped route, only the middleware's error body is in components.schemas."""
-    app = FastAPI()
-
-    @app.get("/whoami")
-    async def whoami(key: CurrentKey) -> str:
-        return key.key_id
-
-    schemas = protected(app).openapi()["components"]["schemas"]
-    assert "KeystileError" in schemas
-    assert "KeystileErrorDetail" not in schemas
-
-
-async def test_403_body_is_flat_with_a_flattening_handler(
+async def test_no_error_schema_without_a_documented_body(
     protected: Callable[..., FastAPI],
 ) -> None:
-    """With an app handler for KeystileHTTPException, the 403 body is documented unwrapped."""
+    """With on_error and no keystile dependency, no response names the error body, and
+    components.schemas does not hold it."""
+    app = FastAPI()
+
+    @app.get("/plain")
+    async def plain() -> str:
+        return "plain"
+
+    document = protected(app, on_error=lambda conn, exc: JSONResponse({}, 401)).openapi()
+    assert "KeystileError" not in document["components"].get("schemas", {})
+
+
+async def test_dependency_refusals_send_the_middleware_body(
+    protected: Callable[..., FastAPI], reader: CreatedKey
+) -> None:
+    """protect() answers a dependency's refusal with the middleware's body, not under
+    FastAPI's "detail"."""
+    async with client(protected()) as c:
+        r = await c.post("/items", headers=bearer(reader))
+    assert r.status_code == 403
+    assert r.json() == {
+        "error": "insufficient_scope",
+        "detail": "Missing scope: items:write.",
+        "required_scopes": ["items:write"],
+        "missing_scopes": ["items:write"],
+    }
+    assert r.headers["cache-control"] == "no-store"
+
+
+async def test_an_apps_own_handler_is_kept_and_its_body_not_documented(
+    protected: Callable[..., FastAPI], reader: CreatedKey
+) -> None:
+    """An app handler for KeystileHTTPException answers the dependencies' refusals; their
+    body is then the app's, so a status they share with the middleware names no body."""
     app = build_app()
 
     @app.exception_handler(KeystileHTTPException)
-    async def flat(request: Request, exc: KeystileHTTPException) -> JSONResponse:
-        return JSONResponse(exc.detail, status_code=exc.status_code, headers=exc.headers)
+    async def own(request: Request, exc: KeystileHTTPException) -> JSONResponse:
+        return JSONResponse({"nope": True}, status_code=exc.status_code)
 
     document = protected(app).openapi()
-    schema = operation(document, "/items/{item_id}")["responses"]["403"]["content"]
-    assert schema["application/json"]["schema"] == ERROR_REF
+    async with client(app) as c:
+        r = await c.post("/items", headers=bearer(reader))
+    assert r.json() == {"nope": True}
+    response = operation(document, "/items/{item_id}")["responses"]["403"]
+    assert "content" not in response
+    assert response["headers"]["Cache-Control"]["required"] is False
 
 
 async def test_custom_on_error_documents_401_without_a_body(
@@ -324,15 +367,27 @@ async def test_custom_on_error_documents_401_without_a_body(
 
 
 async def test_declared_responses_are_kept(protected: Callable[..., FastAPI]) -> None:
-    """A 401 the route declares itself is not replaced."""
+    """A 401 the route declares itself keeps its description and body, and gains
+    keystile's body as an alternative and its headers as optional."""
     app = build_app()
 
     @app.get("/own", responses={401: {"description": "Ours."}})
     async def own() -> str:
         return "own"
 
+    @app.get("/mine", responses={401: {"description": "Mine.", "model": dict[str, int]}})
+    async def mine() -> str:
+        return "mine"
+
     document = protected(app).openapi()
-    assert operation(document, "/own")["responses"]["401"] == {"description": "Ours."}
+    own_401 = operation(document, "/own")["responses"]["401"]
+    assert own_401["description"] == "Ours."
+    assert own_401["content"]["application/json"]["schema"] == body("unauthorized", "invalid_token")
+    assert own_401["headers"]["WWW-Authenticate"]["required"] is False
+    mine_401 = operation(document, "/mine")["responses"]["401"]
+    alternatives = mine_401["content"]["application/json"]["schema"]["anyOf"]
+    assert alternatives[1] == body("unauthorized", "invalid_token")
+    assert alternatives[0]["type"] == "object"
 
 
 async def test_routes_added_after_protect_are_documented(protected: Callable[..., FastAPI]) -> None:
@@ -403,9 +458,14 @@ async def test_required_false_marks_the_key_optional(protected: Callable[..., Fa
     assert operation(document, "/public")["security"] == [*EITHER, {}]
     assert operation(document, "/whoami")["security"] == EITHER
     assert operation(document, "/reports")["security"] == [*EITHER, {"oauth": []}, {}]
+    # The middleware refuses a key that is not valid, the dependency a request without
+    # one: the same body either way.
     assert operation(document, "/whoami")["responses"]["401"]["content"]["application/json"][
         "schema"
-    ] == {"anyOf": [ERROR_REF, WRAPPED_REF]}
+    ] == body("invalid_token", "unauthorized")
+    assert operation(document, "/plain")["responses"]["401"]["content"]["application/json"][
+        "schema"
+    ] == body("invalid_token")
 
 
 # -- exempt operations follow the middleware's rules --------------------------------------

@@ -167,14 +167,37 @@ async def test_guard_refuses_a_key_without_the_scope(sqlite_database_url: str) -
     stats = plugin.stats()
     await plugin.middleware.aclose()
     assert answer.status_code == 403
-    assert answer.json()["extra"] == {
+    assert answer.json() == {
         "error": "insufficient_scope",
+        "detail": "Missing scope: items:read.",
         "required_scopes": ["items:read"],
         "missing_scopes": ["items:read"],
     }
+    assert answer.headers["cache-control"] == "no-store"
     assert 'error="insufficient_scope"' in answer.headers["www-authenticate"]
     assert 'scope="items:read"' in answer.headers["www-authenticate"]
     assert stats.rejects["insufficient_scope"] == 1
+
+
+async def test_guard_without_the_plugin_sends_the_body_under_extra(
+    sqlite_database_url: str,
+) -> None:
+    """Without the plugin's handler, Litestar's own shape carries the same body in extra,
+    with the same status and challenge."""
+    key = await make_key(sqlite_database_url, "items:write")
+    options = {"database_url": sqlite_database_url, "argon2": CHEAPEST_PARAMETERS}
+    app = Litestar(
+        route_handlers=[items],
+        middleware=[DefineMiddleware(APIKeyMiddleware, **options)],
+        logging_config=None,
+    )
+    async with client(app) as c:
+        answer = await c.get("/items", headers={"X-API-Key": key})
+    await APIKeyMiddleware(app, **options).aclose()
+    assert answer.status_code == 403
+    assert answer.json()["extra"]["missing_scopes"] == ["items:read"]
+    assert answer.json()["extra"]["error"] == "insufficient_scope"
+    assert 'scope="items:read"' in answer.headers["www-authenticate"]
 
 
 async def test_guard_answers_401_on_an_exempt_path_without_a_key(
@@ -222,15 +245,17 @@ async def test_plugin_declares_both_security_schemes(sqlite_database_url: str) -
 async def test_plugin_lists_security_on_protected_operations_only(
     sqlite_database_url: str,
 ) -> None:
-    """Protected operations list either scheme; exempt ones list none."""
+    """Protected operations list either scheme, with the scopes their guards require; an
+    exempt one lists them only if its guard needs a key."""
     app, plugin = plugin_app(sqlite_database_url)
     schema = app.openapi_schema.to_schema()
     await plugin.middleware.aclose()
     paths = schema["paths"]
+    read = [{"bearerAuth": ["items:read"]}, {"apiKeyHeader": ["items:read"]}]
     assert paths["/whoami"]["get"]["security"] == SECURITY
-    assert paths["/items"]["get"]["security"] == SECURITY
+    assert paths["/items"]["get"]["security"] == read
+    assert paths["/health"]["get"]["security"] == read
     assert "security" not in paths["/public"]["get"]
-    assert "security" not in paths["/health"]["get"]
 
 
 async def test_plugin_serves_the_schema_without_a_key(sqlite_database_url: str) -> None:

@@ -6,11 +6,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from quart import Quart
-from quart.testing.connections import WebsocketDisconnectError
+from quart import Quart, websocket
+from quart.testing.connections import WebsocketDisconnectError, WebsocketResponseError
 
 from apps import client, load_example
-from keystile import CHEAPEST_PARAMETERS, KeyManager
+from keystile import CHEAPEST_PARAMETERS, APIKeyMiddleware, KeyManager
 from test_docs import INTEGRATION, block_under, mint, run_block
 
 pytestmark = pytest.mark.anyio
@@ -111,3 +111,154 @@ async def test_docs_quart_block_runs(tmp_path: Path, monkeypatch: pytest.MonkeyP
     await app.asgi_app.aclose()
     assert me.json() == {"key": "apikey:laptop", "scopes": ["authenticated", "items:read"]}
     assert anonymous.status_code == 401
+
+
+# -- keystile.quart: current_key() and require_scopes ---------------------------------
+
+
+def adapter_app(database_url: str) -> Quart:
+    """A Quart app using keystile.quart's helpers, /open exempt."""
+    from keystile.quart import current_key, require_scopes
+
+    app = Quart(__name__)
+
+    @app.get("/me")
+    async def me() -> dict[str, str]:
+        return {"key": current_key().display_name}
+
+    @app.get("/open/me")
+    async def open_me() -> dict[str, str]:
+        return {"key": current_key().display_name}
+
+    @app.post("/items")
+    @require_scopes("items:write")
+    async def create_item() -> tuple[dict[str, str], int]:
+        return {"by": current_key().display_name}, 201
+
+    @app.get("/sync")
+    @require_scopes("items:read")
+    def sync_handler() -> str:
+        return "sync"
+
+    @app.websocket("/ws")
+    @require_scopes("items:write")
+    async def ws() -> None:
+        await websocket.send_json({"key": current_key().display_name})
+
+    @app.websocket("/open/ws")
+    async def open_ws() -> None:
+        await websocket.send_json({"key": current_key().display_name})
+
+    app.asgi_app = APIKeyMiddleware(  # type: ignore[method-assign]
+        app.asgi_app,
+        database_url=database_url,
+        argon2=CHEAPEST_PARAMETERS,
+        exempt_paths=["/open/me", "/open/ws"],
+    )
+    return app
+
+
+async def test_current_key_returns_the_verified_key(sqlite_database_url: str) -> None:
+    """current_key() is the key the middleware verified for the request."""
+    key = await make_key(sqlite_database_url, "items:read")
+    app = adapter_app(sqlite_database_url)
+    async with client(app) as c:
+        answer = await c.get("/me", headers={"X-API-Key": key})
+        synced = await c.get("/sync", headers={"X-API-Key": key})
+    await app.asgi_app.aclose()
+    assert answer.json() == {"key": "apikey:bot"}
+    assert (synced.status_code, synced.text) == (200, "sync")
+
+
+async def test_require_scopes_refuses_as_the_middleware(sqlite_database_url: str) -> None:
+    """A key without the scope gets 403 insufficient_scope with the middleware's body,
+    challenge and Cache-Control, and the refusal is counted."""
+    key = await make_key(sqlite_database_url, "items:read")
+    app = adapter_app(sqlite_database_url)
+    async with client(app) as c:
+        refused = await c.post("/items", headers={"X-API-Key": key})
+    stats = app.asgi_app.stats()
+    await app.asgi_app.aclose()
+    assert refused.status_code == 403
+    assert refused.json() == {
+        "error": "insufficient_scope",
+        "detail": "Missing scope: items:write.",
+        "required_scopes": ["items:write"],
+        "missing_scopes": ["items:write"],
+    }
+    assert refused.headers["content-type"] == "application/json"
+    assert refused.headers["cache-control"] == "no-store"
+    assert refused.headers["www-authenticate"].endswith('scope="items:write"')
+    assert stats.rejects["insufficient_scope"] == 1
+
+
+async def test_current_key_without_a_key_is_the_middlewares_401(sqlite_database_url: str) -> None:
+    """On an exempt path, current_key() without a key answers what the middleware
+    answers a request without a key."""
+    app = adapter_app(sqlite_database_url)
+    async with client(app) as c:
+        middleware = await c.get("/me")
+        adapter = await c.get("/open/me")
+    await app.asgi_app.aclose()
+    assert adapter.status_code == middleware.status_code == 401
+    assert adapter.json() == middleware.json()
+    assert adapter.headers["www-authenticate"] == middleware.headers["www-authenticate"]
+
+
+async def test_require_scopes_closes_a_websocket_1008(sqlite_database_url: str) -> None:
+    """On a WebSocket, a key without the scope has its handshake closed with 1008."""
+    key = await make_key(sqlite_database_url, "items:read")
+    app = adapter_app(sqlite_database_url)
+    async with app.test_app() as running:
+        with pytest.raises(WebsocketDisconnectError) as closed:
+            async with running.test_client().websocket("/ws", headers={"X-API-Key": key}) as ws:
+                await ws.receive_json()
+    assert closed.value.args[0] == 1008
+
+
+async def test_current_key_refuses_a_websocket_without_a_key(sqlite_database_url: str) -> None:
+    """On an exempt WebSocket path, current_key() without a key rejects the handshake
+    with the middleware's 401."""
+    app = adapter_app(sqlite_database_url)
+    async with app.test_app() as running:
+        with pytest.raises(WebsocketResponseError) as rejected:
+            async with running.test_client().websocket("/open/ws") as ws:
+                await ws.receive_json()
+    assert rejected.value.response.status_code == 401
+
+
+async def test_helpers_without_the_middleware_fail_closed() -> None:
+    """Without APIKeyMiddleware in front, the helpers raise (a 500), never pass."""
+    from keystile.quart import require_scopes
+
+    app = Quart(__name__)
+
+    @app.get("/items")
+    @require_scopes("items:read")
+    async def items() -> str:
+        return "never"
+
+    async with client(app) as c:
+        answer = await c.get("/items")
+    assert answer.status_code == 500
+
+
+def test_require_scopes_needs_a_scope() -> None:
+    """A decorator that requires nothing is a mistake, refused when the app is written."""
+    from keystile.quart import require_scopes
+
+    with pytest.raises(ValueError, match="at least one scope"):
+        require_scopes()
+
+
+def test_import_without_quart_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Importing keystile.quart without Quart says which extra to install."""
+    import importlib
+    import sys
+
+    for name in [m for m in sys.modules if m == "quart" or m.startswith("quart.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, "quart", None)
+    monkeypatch.delitem(sys.modules, "keystile.quart", raising=False)
+    with pytest.raises(ImportError, match=r'pip install "keystile\[quart\]"'):
+        importlib.import_module("keystile.quart")

@@ -17,10 +17,19 @@ from keystile.errors import (
     InsufficientScope,
     InvalidRequest,
     InvalidToken,
+    IPNotAllowed,
     MissingCredentials,
+    QuotaExceeded,
+    RateLimited,
     ServiceUnavailable,
 )
-from keystile.responses import KeystileHTTPException, error_response
+from keystile.responses import (
+    KeystileHTTPException,
+    error_codes,
+    error_response,
+    refusal_headers,
+)
+from openapi_conformance import error_codes as rendered_codes
 
 GENERIC = "The API key is not valid."
 
@@ -242,3 +251,41 @@ def test_http_exception_carries_the_error() -> None:
     assert raised.status_code == 503
     assert raised.detail == render(exc)[1]
     assert raised.headers is not None and raised.headers["retry-after"] == "2"
+
+
+def test_http_exception_response_is_the_middlewares() -> None:
+    """KeystileHTTPException.response() is error_response's status, headers and body."""
+    exc = InsufficientScope(("a", "b"), ("b",))
+    expected, _ = render(exc)
+    answer = KeystileHTTPException(exc, realm="api", header_name="x-api-key").response()
+    assert answer.status_code == expected.status_code
+    assert answer.body == expected.body
+    assert dict(answer.headers) == dict(expected.headers)
+
+
+# -- what the OpenAPI documents is read from here ---------------------------------------
+
+SAMPLES: list[AuthenticationError] = [
+    *EVERY_FAILURE,
+    IPNotAllowed(),
+    RateLimited("1/second", retry_after=2, headers=(("RateLimit-Policy", "p"), ("RateLimit", "r"))),
+    QuotaExceeded(5, retry_after=60),
+    QuotaExceeded(5),
+]
+
+
+@pytest.mark.parametrize("exc", SAMPLES, ids=lambda exc: type(exc).__name__)
+def test_refusal_headers_are_the_headers_sent(exc: AuthenticationError) -> None:
+    """refusal_headers() names every header error_response sends for a class; one it says
+    is always sent is sent."""
+    response, _ = render(exc)
+    declared = refusal_headers(type(exc))
+    sent = {name.lower() for name in response.headers} - {"content-length", "content-type"}
+    assert sent <= {name.lower() for name in declared}
+    assert {name.lower() for name, always in declared.items() if always} <= sent
+
+
+def test_error_codes_are_every_code_a_body_carries() -> None:
+    """error_codes() lists exactly the codes rendered bodies carry, one failure of each
+    class."""
+    assert set(error_codes()) == rendered_codes()

@@ -11,7 +11,10 @@
     # settings.py
     MIDDLEWARE = [..., "django.contrib.auth.middleware.AuthenticationMiddleware",
                   "keystile.django.KeystileUserMiddleware"]
-    REST_FRAMEWORK = {"DEFAULT_AUTHENTICATION_CLASSES": ["keystile.django.KeystileAuthentication"]}
+    REST_FRAMEWORK = {
+        "DEFAULT_AUTHENTICATION_CLASSES": ["keystile.django.KeystileAuthentication"],
+        "EXCEPTION_HANDLER": "keystile.django.exception_handler",
+    }
 
     # views.py
     class Items(APIView):
@@ -24,6 +27,11 @@ keeps the ASGI scope (``request.scope``), where the middleware left ``scope["use
 reads them, so a request costs one verification whatever Django and DRF do with it.
 Django and DRF expect a user with ``pk``, ``is_active``, ``has_perm`` and the rest, so
 the key reaches them as a :class:`KeystileUser`, a thin adapter around the key.
+
+Refusals are the middleware's: :class:`HasScopes` raises :class:`KeystileRefusal`, whose
+status, body and challenge are those the middleware sends for the same failure, and
+:func:`exception_handler` adds the rest of its headers and answers DRF's own 401 (a view
+reached without a key) with keystile's body.
 
 Without the ASGI middleware in front (a WSGI deployment, or an unwrapped
 ``get_asgi_application()``) these classes raise ``ImproperlyConfigured``, a 500: a
@@ -42,7 +50,7 @@ try:
     from django.apps import apps
     from django.core.exceptions import ImproperlyConfigured
     from rest_framework.authentication import BaseAuthentication
-    from rest_framework.exceptions import PermissionDenied
+    from rest_framework.exceptions import APIException, NotAuthenticated
     from rest_framework.permissions import BasePermission
 except ImportError as exc:  # pragma: no cover - exercised by a test that hides django
     raise ImportError(
@@ -53,16 +61,18 @@ except ImportError as exc:  # pragma: no cover - exercised by a test that hides 
 from starlette.authentication import AuthCredentials
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .errors import InsufficientScope, MissingCredentials
+from .errors import AuthenticationError, InsufficientScope, MissingCredentials
 from .middleware import APIKeyMiddleware
 from .principal import APIKeyUser
-from .responses import www_authenticate
+from .responses import error_body, error_code, error_headers, www_authenticate
 
 __all__ = [
     "HasScopes",
     "KeystileAuthentication",
+    "KeystileRefusal",
     "KeystileUser",
     "KeystileUserMiddleware",
+    "exception_handler",
     "protect",
     "require_scopes",
 ]
@@ -213,26 +223,57 @@ class KeystileAuthentication(BaseAuthentication):  # type: ignore[misc]
         return _bare_challenge(_keystile_scope(request))
 
 
-class InsufficientScopeDenied(PermissionDenied):  # type: ignore[misc]
-    """DRF's 403, with the RFC 6750 ``insufficient_scope`` challenge: DRF's exception
-    handler sends an exception's ``auth_header`` as ``WWW-Authenticate``."""
+class KeystileRefusal(APIException):  # type: ignore[misc]
+    """A keystile refusal in DRF: the middleware's status and body (DRF's exception
+    handler sends a ``detail`` that is a mapping as the body), and its challenge (DRF sends
+    ``auth_header`` as ``WWW-Authenticate``). ``headers`` holds every header the
+    middleware sends, which :func:`exception_handler` adds."""
 
-    default_code = "insufficient_scope"
+    def __init__(self, refusal: AuthenticationError, middleware: APIKeyMiddleware) -> None:
+        super().__init__(detail=refusal.description, code=error_code(refusal))
+        middleware.verifier.counters.rejects[refusal.reason] += 1
+        self.status_code = refusal.status_code
+        self.detail = error_body(refusal, header_name=middleware.header_name)
+        self.headers = error_headers(refusal, realm=middleware.realm)
+        self.auth_header = self.headers.get("WWW-Authenticate")
+        self.auth_error = refusal
 
-    def __init__(self, refusal: InsufficientScope, realm: str) -> None:
-        super().__init__(detail=refusal.description, code="insufficient_scope")
-        self.auth_header = www_authenticate(refusal, realm)
-        self.required_scopes = refusal.required
-        self.missing_scopes = refusal.missing
+
+def exception_handler(exc: Exception, context: dict[str, Any]) -> Any:
+    """DRF's exception handler, answering as the middleware does: a
+    :class:`KeystileRefusal` with all its headers (``Cache-Control`` too), and DRF's 401
+    for a request without a key (a view needing a user, reached on an exempt path or with
+    ``required=False``) with keystile's body, when :class:`KeystileAuthentication` is the
+    view's first authentication class. Everything else goes to DRF's handler untouched.
+    ``REST_FRAMEWORK = {"EXCEPTION_HANDLER": "keystile.django.exception_handler"}``.
+    """
+    # Imported here: rest_framework.views reads the DRF settings, which name this module.
+    from rest_framework.views import exception_handler as drf_exception_handler
+
+    request = context.get("request")
+    authenticators = getattr(request, "authenticators", None) or ()
+    if (
+        isinstance(exc, NotAuthenticated)
+        and authenticators
+        and isinstance(authenticators[0], KeystileAuthentication)
+    ):
+        exc = KeystileRefusal(MissingCredentials(), _keystile_scope(request)["keystile"])
+    response = drf_exception_handler(exc, context)
+    if isinstance(exc, KeystileRefusal) and response is not None:
+        for name, value in exc.headers.items():
+            response[name] = value
+    return response
 
 
 class HasScopes(BasePermission):  # type: ignore[misc]
     """DRF permission: the key must hold every scope the view declares.
 
     ``required_scopes = ["items:read"]`` on the view (or :func:`require_scopes` for a
-    function view). 401 without a key; 403 ``{"detail": "Missing scope: …"}`` with the
-    ``insufficient_scope`` challenge when the key lacks one. A view that uses it without
-    declaring scopes is a programming error (``ImproperlyConfigured``), not an open door.
+    function view). Without a key (and no other authentication class authenticated the
+    request), 401; when the key lacks a scope, 403 ``insufficient_scope``: both as
+    :class:`KeystileRefusal`, the middleware's status, body and challenge. A view that
+    uses it without declaring scopes is a programming error (``ImproperlyConfigured``),
+    not an open door.
     """
 
     scopes: Sequence[str] | None = None
@@ -242,13 +283,12 @@ class HasScopes(BasePermission):  # type: ignore[misc]
         scope = _keystile_scope(request)
         key = _verified_key(scope)
         if key is None:
-            return False
+            if getattr(request, "successful_authenticator", None) is not None:
+                return False  # a user of another authentication class: DRF's 403
+            raise KeystileRefusal(MissingCredentials(), scope["keystile"])
         missing = tuple(s for s in required if not key.has_scopes(s))
         if missing:
-            middleware: APIKeyMiddleware = scope["keystile"]
-            refusal = InsufficientScope(tuple(required), missing)
-            middleware.verifier.counters.rejects[refusal.reason] += 1
-            raise InsufficientScopeDenied(refusal, middleware.realm)
+            raise KeystileRefusal(InsufficientScope(tuple(required), missing), scope["keystile"])
         return True
 
     @staticmethod

@@ -18,10 +18,10 @@
 :func:`protect` adds ``APIKeyMiddleware``, exempts the docs (Swagger UI, ReDoc, the
 OpenAPI document), and documents the API's security in OpenAPI, once, when the document
 is generated: two security schemes (a bearer scheme and an API-key header scheme)
-listed as alternatives on every operation the middleware protects, and the 400 and 401
-(and 403 where scopes are required) those operations can answer. Swagger UI's *Authorize* then
-works on every protected route, with either scheme, and no route needs a dependency for
-it.
+listed as alternatives on every operation the middleware protects, and every refusal
+those operations can answer, with its body and headers (:mod:`keystile.openapi`).
+Swagger UI's *Authorize* then works on every protected route, with either scheme, and no
+route needs a dependency for it.
 
 The middleware is the only verifier: the dependencies read ``scope["user"]``, never the
 key, so a request costs one verification however many dependencies it uses, and each
@@ -32,13 +32,12 @@ for apps that add the middleware themselves, at the price of FastAPI's security 
 running on every request.
 
 Refusals are :class:`KeystileHTTPException` (defined in :mod:`keystile.responses`, a
-Starlette ``HTTPException``, which FastAPI's default handler answers) whose status,
-``WWW-Authenticate`` and ``Cache-Control`` headers and body come from
-:func:`keystile.responses.error_response`, the same as the middleware's own refusals;
-FastAPI's default handler puts the body under ``"detail"``. ``revoke_presented`` raises
-the same class when a logout cannot be recorded, so one exception handler reshapes
-both. On a WebSocket the handshake is closed with 1008 and the error code, as the
-middleware does.
+Starlette ``HTTPException``) whose status, headers and body are the middleware's own
+(:func:`keystile.responses.error_response`). :func:`protect` installs
+:func:`keystile_exception_handler`, which sends that body as is; without it, FastAPI's
+default handler puts the body under ``"detail"``. ``revoke_presented`` raises the same
+class when a logout cannot be recorded, so one exception handler answers both. On a
+WebSocket the handshake is closed with 1008 and the error code, as the middleware does.
 
 FastAPI is an optional extra: ``pip install "keystile[fastapi]"``.
 """
@@ -64,10 +63,21 @@ except ImportError as exc:  # pragma: no cover - exercised by a test that hides 
         'keystile.fastapi needs FastAPI, an optional extra: pip install "keystile[fastapi]"'
     ) from exc
 
-from starlette.requests import HTTPConnection
+from starlette.requests import HTTPConnection, Request
+from starlette.responses import Response
 
 from .errors import AuthenticationError, InsufficientScope, MissingCredentials
 from .middleware import DEFAULT_HEADER_NAME, APIKeyMiddleware
+from .openapi import (
+    DEFAULT_BEARER_SCHEME_NAME,
+    DEFAULT_HEADER_SCHEME_NAME,
+    ERROR_SCHEMA_NAME,
+    IMPLICIT_SCOPE,
+    document_operation,
+    error_schema,
+    fully_exempt,
+    security_schemes,
+)
 from .principal import APIKeyUser
 from .responses import WEBSOCKET_POLICY_VIOLATION, KeystileHTTPException, error_code
 
@@ -80,6 +90,7 @@ __all__ = [
     "KeystileSecurity",
     "OptionalKey",
     "current_key",
+    "keystile_exception_handler",
     "optional_key",
     "protect",
     "require_scopes",
@@ -88,13 +99,6 @@ __all__ = [
 #: The type of ``current_key``: the verified key (id, owner, name, scopes, metadata).
 APIKey = APIKeyUser
 
-DEFAULT_BEARER_SCHEME_NAME = "bearerAuth"
-DEFAULT_HEADER_SCHEME_NAME = "apiKeyHeader"
-
-#: The scope every verified key holds without being granted it: ``request.auth.scopes``
-#: lists it, as Starlette's own backends do, so ``require_scopes("authenticated")``
-#: agrees with ``@requires("authenticated")``.
-_IMPLICIT_SCOPE = "authenticated"
 
 KeyDependency = Callable[..., Awaitable[APIKeyUser]]
 OptionalKeyDependency = Callable[..., Awaitable[APIKeyUser | None]]
@@ -133,7 +137,7 @@ def _refuse(conn: HTTPConnection, auth_error: AuthenticationError) -> Exception:
 
 
 def _missing(required: Iterable[str], held: tuple[str, ...]) -> tuple[str, ...]:
-    return tuple(s for s in required if s not in held and s != _IMPLICIT_SCOPE)
+    return tuple(s for s in required if s not in held and s != IMPLICIT_SCOPE)
 
 
 def _check_scopes(conn: HTTPConnection, key: APIKeyUser, scopes: list[str]) -> None:
@@ -196,7 +200,7 @@ def require_scopes(*scopes: str) -> KeyDependency:
             raise _refuse(conn, MissingCredentials())
         held = key.scopes
         for scope in required:
-            if scope not in held and scope != _IMPLICIT_SCOPE:
+            if scope not in held and scope != IMPLICIT_SCOPE:
                 raise _refuse(conn, InsufficientScope(required, _missing(required, held)))
         if security_scopes.scopes:  # an enclosing Security(..., scopes=[...])
             _check_scopes(conn, key, [*security_scopes.scopes, *required])
@@ -289,43 +293,18 @@ class KeystileSecurity:
 
 # -- protect(app) ---------------------------------------------------------------------------
 
-#: The JSON body of every keystile refusal (``keystile.responses.error_response``).
-ERROR_SCHEMA_NAME = "KeystileError"
-#: The same body as FastAPI's default handler sends a dependency's refusal: ``{"detail": ...}``.
-WRAPPED_ERROR_SCHEMA_NAME = "KeystileErrorDetail"
-
-_ERROR_SCHEMA: dict[str, Any] = {
-    "title": ERROR_SCHEMA_NAME,
-    "type": "object",
-    "description": "Why keystile refused the request (RFC 6750). Never contains the key.",
-    "properties": {
-        "error": {
-            "type": "string",
-            "description": "The error code: RFC 6750's `invalid_token`, `invalid_request` or "
-            "`insufficient_scope`; `unauthorized` when no key was sent; "
-            "`temporarily_unavailable` on a 503.",
-        },
-        "detail": {"type": "string", "description": "What went wrong, for a person."},
-        "hint": {"type": "string", "description": "How to send a key (400 and 401)."},
-        "credential_source": {
-            "type": "string",
-            "description": "Where the refused key was read from: `authorization` or the "
-            "API-key header's name.",
-        },
-        "required_scopes": {"type": "array", "items": {"type": "string"}},
-        "missing_scopes": {"type": "array", "items": {"type": "string"}},
-        "retry_after": {"type": "integer", "description": "Seconds to wait (503)."},
-    },
-    "required": ["error", "detail"],
-}
-_WRAPPED_ERROR_SCHEMA: dict[str, Any] = {
-    "title": WRAPPED_ERROR_SCHEMA_NAME,
-    "type": "object",
-    "properties": {"detail": {"$ref": f"#/components/schemas/{ERROR_SCHEMA_NAME}"}},
-    "required": ["detail"],
-}
 _HTTP_METHODS = frozenset(("get", "put", "post", "delete", "options", "head", "patch", "trace"))
 _MIDDLEWARE_OPTIONS = inspect.signature(APIKeyMiddleware).parameters
+
+
+async def keystile_exception_handler(request: Request, exc: Exception) -> Response:
+    """Answer a :class:`KeystileHTTPException` exactly as the middleware answers: its body
+    as is, not under FastAPI's ``"detail"``. :func:`protect` installs it; an app that adds
+    the middleware itself installs it with
+    ``app.add_exception_handler(KeystileHTTPException, keystile_exception_handler)``."""
+    if not isinstance(exc, KeystileHTTPException):  # pragma: no cover - registered for it only
+        raise exc
+    return exc.response()
 
 
 def protect(app: FastAPI, *, exempt_docs: bool = True, **options: Any) -> None:
@@ -335,14 +314,18 @@ def protect(app: FastAPI, *, exempt_docs: bool = True, **options: Any) -> None:
     :class:`~keystile.APIKeyMiddleware` and:
 
     * adds the middleware (``app.add_middleware``: add ``CORSMiddleware`` after it);
+    * answers the refusals of keystile's dependencies with the middleware's own body
+      (:func:`keystile_exception_handler`, unless the app has a handler of its own);
     * with ``exempt_docs`` (the default), adds ``app.docs_url``, ``app.redoc_url``,
       ``app.openapi_url`` and ``app.swagger_ui_oauth2_redirect_url`` (those that are not
       ``None``) to ``exempt_paths``, so the docs load without a key;
     * declares a bearer scheme and an API-key header scheme (``header_name``) in
-      ``components.securitySchemes``, lists both as alternatives on every operation the
-      middleware protects (with the scopes its keystile dependencies require) and
-      ``security: []`` on exempt ones, and documents each protected operation's 400 and
-      401, and 403 where it requires scopes, with the error body as a schema.
+      ``components.securitySchemes``, lists both as alternatives on every operation that
+      takes a key (with the scopes its keystile dependencies require) and ``security: []``
+      on exempt ones that do not, and documents every refusal an operation can meet
+      (:mod:`keystile.openapi`): 400, 401 with its challenge, 403 (an address outside the
+      key's allowlist, a missing scope), 429 with ``Retry-After`` and the ``RateLimit``
+      fields, 503 with ``Retry-After``, each with the error body as a schema.
 
     The OpenAPI part wraps ``app.openapi``: it runs when the document is generated (routes
     added after ``protect()`` are included), keeps FastAPI's caching in
@@ -358,52 +341,19 @@ def protect(app: FastAPI, *, exempt_docs: bool = True, **options: Any) -> None:
         docs = (app.docs_url, app.redoc_url, app.openapi_url, app.swagger_ui_oauth2_redirect_url)
         exempt += [url for url in docs if url and url not in exempt]
     app.add_middleware(APIKeyMiddleware, exempt_paths=exempt, **options)
-    _document(
-        app,
-        header_name=options.get("header_name", DEFAULT_HEADER_NAME),
-        required=options.get("required", True),
-        exempt_paths=exempt,
-        custom_errors=options.get("on_error") is not None,
-    )
-
-
-def _document(
-    app: FastAPI,
-    *,
-    header_name: str,
-    required: bool,
-    exempt_paths: list[str],
-    custom_errors: bool,
-) -> None:
+    app.exception_handlers.setdefault(KeystileHTTPException, keystile_exception_handler)
     generate = app.openapi
     patched: list[dict[str, Any]] = []
 
     def openapi() -> dict[str, Any]:
         schema = generate()
         if not patched or patched[0] is not schema:
-            _add_security(
-                app,
-                schema,
-                header_name=header_name,
-                required=required,
-                exempt_paths=exempt_paths,
-                custom_errors=custom_errors,
-            )
+            _Documenter(app, exempt, options).document(schema)
             patched[:] = [schema]
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
     app.openapi_schema = None  # a document generated before protect() lacks the security
-
-
-def _fully_exempt(path: str, exact: frozenset[str], prefixes: tuple[str, ...]) -> bool:
-    """Whether the middleware exempts every request path ``path`` (an OpenAPI route path,
-    maybe with ``{parameters}``) routes: the middleware's rules (an exact path, or a
-    ``prefix*``) applied to the part before the first parameter."""
-    brace = path.find("{")
-    if brace < 0:
-        return path in exact or path.startswith(prefixes)
-    return path[:brace].startswith(prefixes)
 
 
 def _api_routes(app: FastAPI) -> Iterable[Any]:
@@ -442,109 +392,53 @@ def _key_use(route: Any) -> tuple[bool, list[str]]:
     return needs, scopes
 
 
-def _add_security(
-    app: FastAPI,
-    schema: dict[str, Any],
-    *,
-    header_name: str,
-    required: bool,
-    exempt_paths: list[str],
-    custom_errors: bool,
-) -> None:
-    bearer, header = DEFAULT_BEARER_SCHEME_NAME, DEFAULT_HEADER_SCHEME_NAME
-    components = schema.setdefault("components", {})
-    components.setdefault("securitySchemes", {}).update(
-        {
-            bearer: {
-                "type": "http",
-                "scheme": "bearer",
-                "description": "An API key as a bearer token: `Authorization: Bearer <key>`.",
-            },
-            header: {
-                "type": "apiKey",
-                "in": "header",
-                "name": header_name,
-                "description": f"An API key in the `{header_name}` header.",
-            },
+def _error_body(codes: list[str]) -> dict[str, Any]:
+    """The error body's schema, narrowed to ``codes``."""
+    ref = {"$ref": f"#/components/schemas/{ERROR_SCHEMA_NAME}"}
+    return {"allOf": [ref, {"properties": {"error": {"enum": codes}}}]}
+
+
+class _Documenter:
+    """Adds keystile's security and refusals to a generated document."""
+
+    def __init__(self, app: FastAPI, exempt_paths: list[str], options: dict[str, Any]) -> None:
+        self.app = app
+        self.header_name: str = options.get("header_name", DEFAULT_HEADER_NAME)
+        self.required: bool = options.get("required", True)
+        self.rate_limit_headers: bool = options.get("rate_limit_headers", False)
+        # on_error makes the middleware's responses; an app handler of its own, the
+        # dependencies'. What they send is theirs to document.
+        self.middleware_known = options.get("on_error") is None
+        handler = app.exception_handlers.get(KeystileHTTPException)
+        self.app_known = handler is keystile_exception_handler
+        self.exact = frozenset(p for p in exempt_paths if not p.endswith("*"))
+        self.prefixes = tuple(p[:-1] for p in exempt_paths if p.endswith("*"))
+
+    def document(self, schema: dict[str, Any]) -> None:
+        components = schema.setdefault("components", {})
+        components.setdefault("securitySchemes", {}).update(security_schemes(self.header_name))
+        routes = {
+            (route.path_format, method.lower()): route
+            for route in _api_routes(self.app)
+            for method in route.methods or ()
         }
-    )
-    # The middleware's refusals have the body as is, unless on_error makes its own. A
-    # dependency's go through the app's handler: FastAPI's wraps the body in
-    # {"detail": ...}; a handler of the app's own for them is taken to send it as is.
-    middleware_body = [] if custom_errors else [ERROR_SCHEMA_NAME]
-    dependency_body = (
-        ERROR_SCHEMA_NAME
-        if KeystileHTTPException in app.exception_handlers
-        else WRAPPED_ERROR_SCHEMA_NAME
-    )
-    used: set[str] = set()
-    exact = frozenset(p for p in exempt_paths if not p.endswith("*"))
-    prefixes = tuple(p[:-1] for p in exempt_paths if p.endswith("*"))
-    routes = {
-        (route.path_format, method.lower()): route
-        for route in _api_routes(app)
-        for method in route.methods or ()
-    }
-    for path, item in (schema.get("paths") or {}).items():
-        exempt = _fully_exempt(path, exact, prefixes)
-        for method, operation in item.items():
-            if method not in _HTTP_METHODS or not isinstance(operation, dict):
-                continue
-            if exempt:
-                operation["security"] = []
-                continue
-            route = routes.get((path, method))
-            needs, scopes = _key_use(route) if route else (False, [])
-            others = [
-                requirement
-                for requirement in operation.get("security", ())
-                if requirement and not {bearer, header} & set(requirement)
-            ]
-            anonymous: list[dict[str, list[str]]] = [] if required or needs else [{}]
-            operation["security"] = [{bearer: scopes}, {header: list(scopes)}, *others]
-            operation["security"] += anonymous
-            # 401 from the middleware (no key, or one that is not valid) and, when
-            # required=False lets anonymous requests through, from a dependency.
-            unauthorized = middleware_body + ([dependency_body] if not required and needs else [])
-            refusals = {
-                "400": (
-                    "Two different keys, or a credential header that is not one key.",
-                    middleware_body,
-                ),
-                "401": ("No API key, or one that is not valid.", unauthorized),
-                "429": ("The key is over its rate limit or its quota.", middleware_body),
-                "503": ("The key could not be checked right now; retry shortly.", middleware_body),
-            }
-            if any(s != _IMPLICIT_SCOPE for s in scopes):
-                refusals["403"] = (
-                    f"The API key lacks a required scope ({' '.join(scopes)}).",
-                    [dependency_body],
-                )
-            responses = operation.setdefault("responses", {})
-            for status, (description, bodies) in refusals.items():
-                if status not in responses:
-                    responses[status] = _response(description, list(dict.fromkeys(bodies)))
-                    used.update(bodies)
-    if used:
-        schemas = components.setdefault("schemas", {})
-        schemas[ERROR_SCHEMA_NAME] = _ERROR_SCHEMA
-        if WRAPPED_ERROR_SCHEMA_NAME in used:
-            schemas[WRAPPED_ERROR_SCHEMA_NAME] = _WRAPPED_ERROR_SCHEMA
-
-
-def _response(description: str, bodies: list[str]) -> dict[str, Any]:
-    """A refusal in OpenAPI: its challenge header and, if known, its JSON body."""
-    response: dict[str, Any] = {
-        "description": description,
-        "headers": {
-            "WWW-Authenticate": {
-                "description": 'The RFC 6750 challenge: `Bearer realm="..."`.',
-                "schema": {"type": "string"},
-            }
-        },
-    }
-    if bodies:
-        refs = [{"$ref": f"#/components/schemas/{name}"} for name in bodies]
-        schema = refs[0] if len(refs) == 1 else {"anyOf": refs}
-        response["content"] = {"application/json": {"schema": schema}}
-    return response
+        with_body = False
+        for path, item in (schema.get("paths") or {}).items():
+            exempt = fully_exempt(path, self.exact, self.prefixes)
+            for method, operation in item.items():
+                if method in _HTTP_METHODS and isinstance(operation, dict):
+                    route = routes.get((path, method))
+                    needs, scopes = _key_use(route) if route else (False, [])
+                    with_body |= document_operation(
+                        operation,
+                        exempt=exempt,
+                        required=self.required,
+                        key_needed=needs,
+                        scopes=scopes,
+                        body_schema=_error_body,
+                        middleware_known=self.middleware_known,
+                        app_known=self.app_known,
+                        rate_limit_headers=self.rate_limit_headers,
+                    )
+        if with_body:
+            components.setdefault("schemas", {})[ERROR_SCHEMA_NAME] = error_schema()

@@ -20,8 +20,13 @@ many routes it calls. What route middleware cannot do is see the ASGI ``lifespan
 scope, so nothing would write the pending ``last_used_at`` at shutdown; and it cannot
 tell OpenAPI how to send a key. :class:`KeystilePlugin` adds the middleware, an
 ``on_shutdown`` hook that stops the shared runtime (flushing ``last_used_at``), the
-bearer and API-key header schemes in ``components.securitySchemes``, and those schemes
-as alternatives on every operation whose path is not exempt.
+bearer and API-key header schemes in ``components.securitySchemes``, those schemes as
+alternatives on every operation that takes a key, and every refusal such an operation
+can meet, with its body and headers (:mod:`keystile.openapi`).
+
+Refusals of the :func:`require_scopes` guard are :class:`KeystileRefusal`; the plugin
+answers them with the middleware's own status, headers and body
+(:func:`keystile.responses.error_body`), so a client meets one body whoever refused.
 
 ``request.user`` is the verified :class:`~keystile.APIKeyUser` and ``request.auth`` its
 Starlette ``AuthCredentials`` (``scopes == ["authenticated", *key scopes]``), so guards
@@ -37,12 +42,15 @@ from typing import Any
 
 try:
     from litestar.config.app import AppConfig
-    from litestar.connection import ASGIConnection
-    from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
+    from litestar.connection import ASGIConnection, Request
+    from litestar.enums import MediaType
+    from litestar.exceptions import HTTPException
     from litestar.handlers.base import BaseRouteHandler
+    from litestar.handlers.http_handlers import HTTPRouteHandler
     from litestar.middleware import DefineMiddleware
-    from litestar.openapi.spec import Components, SecurityRequirement, SecurityScheme
+    from litestar.openapi.spec import Components, Operation, SecurityRequirement, SecurityScheme
     from litestar.plugins.base import InitPlugin, ReceiveRoutePlugin
+    from litestar.response import Response
     from litestar.routes import BaseRoute, HTTPRoute
     from litestar.types import Guard
 except ImportError as exc:  # pragma: no cover - exercised by a test that hides litestar
@@ -54,22 +62,30 @@ from starlette.types import Receive, Scope, Send
 
 from .errors import AuthenticationError, InsufficientScope, MissingCredentials
 from .middleware import DEFAULT_HEADER_NAME, APIKeyMiddleware
+from .openapi import (
+    DEFAULT_BEARER_SCHEME_NAME,
+    DEFAULT_HEADER_SCHEME_NAME,
+    document_refusals,
+    error_schema,
+    fully_exempt,
+    refusals,
+)
 from .principal import APIKeyUser
-from .responses import error_code, www_authenticate
+from .responses import error_body, error_headers
 from .stats import KeystileStats
 
 __all__ = [
     "DEFAULT_BEARER_SCHEME_NAME",
     "DEFAULT_HEADER_SCHEME_NAME",
     "KeystilePlugin",
+    "KeystileRefusal",
     "require_scopes",
     "security_components",
     "security_requirements",
 ]
 
-#: The scheme names ``keystile.fastapi`` uses, so both frameworks document keys alike.
-DEFAULT_BEARER_SCHEME_NAME = "bearerAuth"
-DEFAULT_HEADER_SCHEME_NAME = "apiKeyHeader"
+#: Set on every keystile guard: the scopes it requires.
+_MARK = "__keystile_scopes__"
 
 
 def security_components(
@@ -100,9 +116,11 @@ def security_requirements(
     *,
     bearer_scheme_name: str = DEFAULT_BEARER_SCHEME_NAME,
     header_scheme_name: str = DEFAULT_HEADER_SCHEME_NAME,
+    scopes: list[str] | None = None,
 ) -> list[SecurityRequirement]:
-    """Either scheme satisfies an operation: two requirements, i.e. alternatives."""
-    return [{bearer_scheme_name: []}, {header_scheme_name: []}]
+    """Either scheme satisfies an operation: two requirements, i.e. alternatives, each
+    with the ``scopes`` the operation requires."""
+    return [{bearer_scheme_name: list(scopes or ())}, {header_scheme_name: list(scopes or ())}]
 
 
 async def _unreachable(scope: Scope, receive: Receive, send: Send) -> None:
@@ -119,7 +137,11 @@ class KeystilePlugin(InitPlugin, ReceiveRoutePlugin):
     * exempts the OpenAPI routes (``openapi_config.path``, ``/schema`` by default) unless
       ``exempt_docs=False``, so the schema and its UIs load without a key;
     * declares the bearer and ``X-API-Key`` (``header_name``) schemes and lists them on
-      every documented operation whose path is not exempt;
+      every documented operation whose path is not exempt or whose keystile guard needs
+      a key, with the scopes the guards require;
+    * documents on those operations every refusal they can meet (400, 401, 403, 429,
+      503; :mod:`keystile.openapi`) and answers the guards' refusals with the
+      middleware's body (:class:`KeystileRefusal`);
     * stops the shared runtime from ``on_shutdown``: background work ends and the pending
       ``last_used_at`` writes are flushed, which route middleware alone never does.
 
@@ -131,7 +153,6 @@ class KeystilePlugin(InitPlugin, ReceiveRoutePlugin):
         "_exempt_exact",
         "_exempt_prefixes",
         "_middleware",
-        "_requirements",
         "bearer_scheme_name",
         "exempt_docs",
         "header_scheme_name",
@@ -150,9 +171,6 @@ class KeystilePlugin(InitPlugin, ReceiveRoutePlugin):
         self.exempt_docs = exempt_docs
         self.bearer_scheme_name = bearer_scheme_name
         self.header_scheme_name = header_scheme_name
-        self._requirements = security_requirements(
-            bearer_scheme_name=bearer_scheme_name, header_scheme_name=header_scheme_name
-        )
         self._middleware: APIKeyMiddleware | None = None
         self._exempt_exact: frozenset[str] = frozenset()
         self._exempt_prefixes: tuple[str, ...] = ()
@@ -185,6 +203,7 @@ class KeystilePlugin(InitPlugin, ReceiveRoutePlugin):
         factory: Any = APIKeyMiddleware
         app_config.middleware.insert(0, DefineMiddleware(factory, **options))
         app_config.on_shutdown.append(self._shutdown)
+        app_config.exception_handlers.setdefault(KeystileRefusal, _answer)
 
         if openapi is not None:
             components = openapi.components
@@ -202,21 +221,44 @@ class KeystilePlugin(InitPlugin, ReceiveRoutePlugin):
         return app_config
 
     def receive_route(self, route: BaseRoute) -> None:
-        """List the schemes on the operations of a protected path (not on exempt ones).
+        """Document keystile on the route's operations: the schemes, and the refusals.
 
         Litestar registers a copy of each handler per app, so this changes only the
         handlers of the app being built.
         """
-        if not isinstance(route, HTTPRoute) or self._is_exempt(route.path):
+        if not isinstance(route, HTTPRoute):
             return
+        exempt = fully_exempt(route.path_format, self._exempt_exact, self._exempt_prefixes)
         for handler in route.route_handlers:
-            security = list(handler.security or ())
-            added = [r for r in self._requirements if r not in security]
-            if added:
-                handler.security = [*security, *added]
+            self._document(handler, exempt)
 
-    def _is_exempt(self, path: str) -> bool:
-        return path in self._exempt_exact or path.startswith(self._exempt_prefixes)
+    def _document(self, handler: HTTPRouteHandler, exempt: bool) -> None:
+        scopes = _guard_scopes(handler)
+        required = self.options.get("required", True)
+        from_middleware, from_app = refusals(
+            middleware=not exempt,
+            required=required,
+            key_needed=scopes is not None,
+            scopes=scopes or (),
+        )
+        if not from_middleware and not from_app:
+            return
+        security = list(handler.security or ())
+        wanted = security_requirements(
+            bearer_scheme_name=self.bearer_scheme_name,
+            header_scheme_name=self.header_scheme_name,
+            scopes=scopes,
+        )
+        if scopes is None and not required:
+            wanted.append({})
+        handler.security = [*security, *(r for r in wanted if r not in security)]
+        handler.operation_class = _documenting(
+            handler.operation_class,
+            from_middleware,
+            from_app,
+            middleware_known=self.options.get("on_error") is None,
+            rate_limit_headers=bool(self.options.get("rate_limit_headers")),
+        )
 
     async def _shutdown(self) -> None:
         await self.middleware.aclose()
@@ -234,12 +276,68 @@ def _middleware(connection: ASGIConnection[Any, Any, Any, Any]) -> APIKeyMiddlew
     return middleware
 
 
-def _challenge_headers(exc: AuthenticationError, realm: str) -> dict[str, str]:
-    headers = {"Cache-Control": "no-store"}
-    challenge = www_authenticate(exc, realm)
-    if challenge is not None:
-        headers["WWW-Authenticate"] = challenge
-    return headers
+class KeystileRefusal(HTTPException):
+    """A refusal of a keystile guard: the middleware's status and headers, and its body
+    in ``body``. :class:`KeystilePlugin` answers it with that body as is; without the
+    plugin, Litestar's default handler sends its own shape, the body under ``extra``."""
+
+    def __init__(self, refusal: AuthenticationError, middleware: APIKeyMiddleware) -> None:
+        self.auth_error = refusal
+        self.body = error_body(refusal, header_name=middleware.header_name)
+        super().__init__(
+            detail=refusal.description,
+            status_code=refusal.status_code,
+            headers=error_headers(refusal, realm=middleware.realm),
+            extra=self.body,
+        )
+
+
+def _answer(request: Request[Any, Any, Any], exc: KeystileRefusal) -> Response[Any]:
+    return Response(
+        exc.body, status_code=exc.status_code, headers=exc.headers, media_type=MediaType.JSON
+    )
+
+
+def _guard_scopes(handler: HTTPRouteHandler) -> list[str] | None:
+    """The scopes the keystile guards of ``handler`` (and of its routers) require, or
+    ``None`` without a keystile guard."""
+    scopes: list[str] | None = None
+    for layer in handler.ownership_layers:
+        for guard in getattr(layer, "guards", None) or ():
+            required = getattr(guard, _MARK, None)
+            if required is not None:
+                scopes = [*(scopes or ()), *(s for s in required if s not in (scopes or ()))]
+    return scopes
+
+
+def _error_body(codes: list[str]) -> dict[str, Any]:
+    """The error body's schema, inline (Litestar builds ``components.schemas`` from the
+    handlers' types only), narrowed to ``codes``."""
+    schema = error_schema()
+    schema["properties"]["error"] = {**schema["properties"]["error"], "enum": codes}
+    return schema
+
+
+def _documenting(
+    base: type[Operation],
+    from_middleware: list[type[AuthenticationError]],
+    from_app: list[type[AuthenticationError]],
+    **options: bool,
+) -> type[Operation]:
+    """``base`` (the handler's operation class), adding keystile's refusals to the
+    operation's responses when the document is rendered, once Litestar has settled the
+    references in the responses it generated."""
+
+    class KeystileOperation(base):  # type: ignore[misc,valid-type]
+        def to_schema(self) -> dict[str, Any]:
+            schema: dict[str, Any] = super().to_schema()
+            responses = schema.setdefault("responses", {})
+            document_refusals(
+                responses, from_middleware, from_app, body_schema=_error_body, **options
+            )
+            return schema
+
+    return KeystileOperation
 
 
 def require_scopes(*scopes: str) -> Guard:
@@ -247,9 +345,9 @@ def require_scopes(*scopes: str) -> Guard:
 
     ``@get("/items", guards=[require_scopes("items:read")])``. A request without a key
     (``required=False``, or an exempt path) gets 401; a key missing a scope gets 403
-    ``insufficient_scope`` with the RFC 6750 challenge, its body in Litestar's own shape
-    (``detail``, and ``extra`` naming the required and missing scopes). "authenticated"
-    is held by every key, as in ``request.auth.scopes``.
+    ``insufficient_scope`` with the RFC 6750 challenge: the middleware's responses,
+    raised as :class:`KeystileRefusal`. "authenticated" is held by every key, as in
+    ``request.auth.scopes``.
     """
     if not scopes:
         raise ValueError("require_scopes needs at least one scope")
@@ -258,28 +356,17 @@ def require_scopes(*scopes: str) -> Guard:
     def guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
         middleware = _middleware(connection)
         user = connection.scope.get("user")
-        realm = middleware.realm
+        refusal: AuthenticationError | None = None
         if not isinstance(user, APIKeyUser):
-            missing_key = MissingCredentials()
-            middleware.verifier.counters.rejects[missing_key.reason] += 1
-            raise NotAuthorizedException(
-                detail=missing_key.description,
-                headers=_challenge_headers(missing_key, realm),
-                extra={"error": error_code(missing_key)},
-            )
-        missing = tuple(scope for scope in required if not user.has_scopes(scope))
-        if missing:
-            refusal = InsufficientScope(required, missing)
+            refusal = MissingCredentials()
+        else:
+            missing = tuple(scope for scope in required if not user.has_scopes(scope))
+            if missing:
+                refusal = InsufficientScope(required, missing)
+        if refusal is not None:
             middleware.verifier.counters.rejects[refusal.reason] += 1
-            raise PermissionDeniedException(
-                detail=refusal.description,
-                headers=_challenge_headers(refusal, realm),
-                extra={
-                    "error": error_code(refusal),
-                    "required_scopes": list(required),
-                    "missing_scopes": list(missing),
-                },
-            )
+            raise KeystileRefusal(refusal, middleware)
 
     guard.__qualname__ = f"require_scopes({' '.join(required)})"
+    setattr(guard, _MARK, required)
     return guard

@@ -14,9 +14,15 @@
 The JSON body says how to send a key, naming both header forms, and for a presented
 key where it was read from, never its value.
 
-Inside the app, the same responses travel as :class:`KeystileHTTPException` (a refusal
-by a FastAPI dependency, a logout that could not be recorded), so routes refuse exactly
-as the middleware does.
+The body (:func:`error_body`) and the headers (:func:`error_headers`) are built here and
+nowhere else: the middleware and every framework adapter send them, so one failure gets
+one body whoever refuses it. What the OpenAPI documents (:mod:`keystile.openapi`) is read
+from here too: the codes (:func:`error_codes`) and the headers of each kind of refusal
+(:func:`refusal_headers`).
+
+Inside a Starlette or FastAPI app, the same responses travel as
+:class:`KeystileHTTPException` (a refusal by a FastAPI dependency, a logout that could
+not be recorded), so routes refuse exactly as the middleware does.
 """
 
 from __future__ import annotations
@@ -37,7 +43,19 @@ from .errors import (
     TooManyRequests,
 )
 
-__all__ = ["KeystileHTTPException", "error_code", "error_response", "www_authenticate"]
+__all__ = [
+    "KeystileHTTPException",
+    "challenges",
+    "code_of",
+    "error_body",
+    "error_code",
+    "error_codes",
+    "error_headers",
+    "error_response",
+    "refusal_classes",
+    "refusal_headers",
+    "www_authenticate",
+]
 
 WEBSOCKET_POLICY_VIOLATION = 1008
 #: "Try Again Later" (IANA WebSocket close codes): a WebSocket's 503.
@@ -48,8 +66,15 @@ def _quote(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def challenges(cls: type[AuthenticationError]) -> bool:
+    """Whether a refusal of this class carries a ``WWW-Authenticate`` challenge: not when
+    the key was not judged (503), nor when it is valid and another key would not help
+    (429, an address outside its allowlist)."""
+    return not issubclass(cls, (ServiceUnavailable, TooManyRequests, IPNotAllowed))
+
+
 def www_authenticate(exc: AuthenticationError, realm: str) -> str | None:
-    if isinstance(exc, (ServiceUnavailable, TooManyRequests, IPNotAllowed)):
+    if not challenges(type(exc)):
         return None
     params = [f"realm={_quote(realm)}"]
     if exc.error is not None:
@@ -60,19 +85,59 @@ def www_authenticate(exc: AuthenticationError, realm: str) -> str | None:
     return "Bearer " + ", ".join(params)
 
 
+def code_of(cls: type[AuthenticationError]) -> str:
+    """The ``error`` code of a refusal of this class: the RFC 6750 code, or
+    ``unauthorized`` / ``temporarily_unavailable`` where it has none."""
+    if cls.error is not None:
+        return cls.error
+    return "temporarily_unavailable" if cls.status_code == 503 else "unauthorized"
+
+
 def error_code(exc: AuthenticationError) -> str:
     """The RFC 6750 code, or ``unauthorized`` / ``temporarily_unavailable`` where it has none."""
-    if exc.error is not None:
-        return exc.error
-    return "temporarily_unavailable" if exc.status_code == 503 else "unauthorized"
+    return code_of(type(exc))
 
 
-def error_response(exc: AuthenticationError, *, realm: str, header_name: str) -> Response:
+def refusal_classes() -> list[type[AuthenticationError]]:
+    """Every class of refusal (``AuthenticationError`` and its subclasses), parents first."""
+    found: list[type[AuthenticationError]] = []
+    pending: list[type[AuthenticationError]] = [AuthenticationError]
+    while pending:
+        cls = pending.pop(0)
+        if cls not in found:
+            found.append(cls)
+            pending += cls.__subclasses__()
+    return found
+
+
+def error_codes() -> list[str]:
+    """Every ``error`` code a keystile body can carry, from the exception classes."""
+    return sorted({code_of(cls) for cls in refusal_classes()})
+
+
+def refusal_headers(cls: type[AuthenticationError]) -> dict[str, bool]:
+    """The headers :func:`error_headers` sends on a refusal of this class, each with
+    whether it is always there. ``RateLimit-Policy`` and ``RateLimit`` are the fields the
+    limits put on a ``RateLimited`` (``keystile.limits``); a quota's ``Retry-After`` is
+    only there when a refill is due."""
+    headers = {"Cache-Control": True}
+    if challenges(cls):
+        headers["WWW-Authenticate"] = True
+    if issubclass(cls, ServiceUnavailable):
+        headers["Retry-After"] = True
+    elif issubclass(cls, RateLimited):
+        headers.update({"Retry-After": True, "RateLimit-Policy": True, "RateLimit": True})
+    elif issubclass(cls, TooManyRequests):
+        headers["Retry-After"] = False
+    return headers
+
+
+def error_body(exc: AuthenticationError, *, header_name: str) -> dict[str, object]:
+    """The JSON body of a refusal, the same from the middleware and from every adapter."""
     body: dict[str, object] = {
         "error": error_code(exc),
         "detail": exc.description,
     }
-    headers = {"Cache-Control": "no-store"}
     if exc.source is not None:
         body["credential_source"] = exc.source
     if isinstance(exc, InsufficientScope):
@@ -80,7 +145,6 @@ def error_response(exc: AuthenticationError, *, realm: str, header_name: str) ->
         body["missing_scopes"] = list(exc.missing)
     elif isinstance(exc, ServiceUnavailable):
         body["retry_after"] = exc.retry_after
-        headers["Retry-After"] = str(exc.retry_after)
     elif isinstance(exc, TooManyRequests):
         if isinstance(exc, RateLimited):
             body["limit"] = exc.limit
@@ -88,16 +152,31 @@ def error_response(exc: AuthenticationError, *, realm: str, header_name: str) ->
             body["quota"] = exc.quota
         if exc.retry_after is not None:
             body["retry_after"] = exc.retry_after
-            headers["Retry-After"] = str(exc.retry_after)
-        headers.update(exc.headers)
-    elif isinstance(exc, IPNotAllowed):
-        pass  # the key was sent right; the address is what is refused
-    else:
+    elif not isinstance(exc, IPNotAllowed):  # the key was sent right; the address is refused
         body["hint"] = f"Send the key as 'Authorization: Bearer <key>' or '{header_name}: <key>'."
+    return body
+
+
+def error_headers(exc: AuthenticationError, *, realm: str) -> dict[str, str]:
+    """The headers of a refusal (see :func:`refusal_headers` for which are sent when)."""
+    headers = {"Cache-Control": "no-store"}
+    if isinstance(exc, (ServiceUnavailable, TooManyRequests)):
+        if exc.retry_after is not None:
+            headers["Retry-After"] = str(exc.retry_after)
+        if isinstance(exc, TooManyRequests):
+            headers.update(exc.headers)
     challenge = www_authenticate(exc, realm)
     if challenge is not None:
         headers["WWW-Authenticate"] = challenge
-    return JSONResponse(body, status_code=exc.status_code, headers=headers)
+    return headers
+
+
+def error_response(exc: AuthenticationError, *, realm: str, header_name: str) -> Response:
+    return JSONResponse(
+        error_body(exc, header_name=header_name),
+        status_code=exc.status_code,
+        headers=error_headers(exc, realm=realm),
+    )
 
 
 class _JSONBody(dict[str, Any]):
@@ -134,6 +213,11 @@ class KeystileHTTPException(HTTPException):
         headers = {
             name: value for name, value in response.headers.items() if name != "content-length"
         }
-        detail: Any = _JSONBody(bytes(response.body))
+        self._body = bytes(response.body)
+        detail: Any = _JSONBody(self._body)
         super().__init__(response.status_code, detail=detail, headers=headers)
         self.auth_error = auth_error
+
+    def response(self) -> Response:
+        """The response the middleware would send: the body as is, not under ``"detail"``."""
+        return Response(self._body, status_code=self.status_code, headers=self.headers)
