@@ -53,16 +53,9 @@ from .limits import normalize_rate_limit, quota_changes
 from .principal import APIKeyUser, normalize_cidrs
 from .responses import WEBSOCKET_TRY_AGAIN_LATER, KeystileHTTPException
 from .stores import store_from_url
-from .stores.base import (
-    SYSTEM_ACTOR,
-    KeyEvent,
-    KeyRecord,
-    KeyStore,
-    UsageBucket,
-    UsageTotal,
-    revoked_error,
-    utcnow,
-)
+from .stores.protocol import KeyStore
+from .stores.records import KeyEvent, KeyRecord, UsageBucket, UsageTotal, utcnow
+from .stores.rules import SYSTEM_ACTOR, revoked_error
 from .tokens import DEFAULT_PREFIX, generate_key, normalize_key_id, redact, validate_prefix
 
 __all__ = [
