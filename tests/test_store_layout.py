@@ -1,9 +1,10 @@
-"""How the stores package is laid out for its users: the old ``keystile.stores.base`` names
-still import, asyncpg loads only with a Postgres store, and the quota refill rule that
-every store shares falls exactly on the period boundaries."""
+"""How the stores package is laid out: the old ``keystile.stores.base`` names still import,
+asyncpg loads only with a Postgres store, the SQL columns match the records, and the
+quota refill rule every store shares falls exactly on the period boundaries."""
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from datetime import datetime, timedelta, timezone
@@ -20,6 +21,7 @@ from keystile.stores.rules import (
     check_updatable,
     revoked_error,
 )
+from keystile.stores.sql import EVENT_COLUMNS, KEY_COLUMNS
 
 #: Every name ``keystile.stores.base`` exported before the stores were split up.
 BASE_NAMES = {
@@ -92,6 +94,12 @@ def test_base_names_are_the_new_modules_objects() -> None:
         (base.SYSTEM_ACTOR, SYSTEM_ACTOR),
     ]
     assert [old is new for old, new in pairs] == [True] * len(pairs)
+
+
+def test_sql_columns_are_the_record_fields_in_order() -> None:
+    """The SQL stores build records from rows by position: the columns are the fields, in order."""
+    assert list(KEY_COLUMNS) == [f.name for f in dataclasses.fields(KeyRecord)]
+    assert [*EVENT_COLUMNS, "id"] == [f.name for f in dataclasses.fields(KeyEvent)]
 
 
 def _modules_after(code: str) -> set[str]:

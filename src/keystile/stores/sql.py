@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Literal, Protocol
 
 from .calls import EventQuery
@@ -153,12 +154,22 @@ class Dialect:
     def event_values(self, event: KeyEvent) -> list[Any]:
         return [self.encode(kind, getattr(event, name)) for name, kind in EVENT_COLUMNS.items()]
 
+    @cached_property
+    def _key_readers(self) -> list[tuple[str, Convert | None]]:
+        return [(name, self.decoders.get(kind)) for name, kind in KEY_COLUMNS.items()]
+
+    @cached_property
+    def _event_readers(self) -> list[tuple[str, Convert | None]]:
+        columns = [(name, self.decoders.get(kind)) for name, kind in EVENT_COLUMNS.items()]
+        return [*columns, (self.seq, None)]
+
     def record(self, row: Row) -> KeyRecord:
-        return KeyRecord(**{n: self.decode(kind, row[n]) for n, kind in KEY_COLUMNS.items()})
+        """The key of a row of ``COLUMNS`` (the columns are ``KeyRecord``'s fields, in order)."""
+        return KeyRecord(*_read(row, self._key_readers))
 
     def event(self, row: Row) -> KeyEvent:
-        values = {n: self.decode(kind, row[n]) for n, kind in EVENT_COLUMNS.items()}
-        return KeyEvent(**values, id=row[self.seq])
+        """The event of a row of ``EVENT_COLUMNS`` and ``seq`` (``KeyEvent``'s fields)."""
+        return KeyEvent(*_read(row, self._event_readers))
 
 
 class Statements:
@@ -234,3 +245,12 @@ class Statements:
             params.append(query.limit)
             sql += " LIMIT " + d.render(f"${len(params)}")
         return sql, params
+
+
+def _read(row: Row, readers: list[tuple[str, Convert | None]]) -> list[Any]:
+    """The row's values, decoded: run for every key a store reads, so kept lean."""
+    values = [row[name] for name, _ in readers]
+    for i, (_, decode) in enumerate(readers):
+        if decode is not None and values[i] is not None:
+            values[i] = decode(values[i])
+    return values
