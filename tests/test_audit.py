@@ -32,7 +32,7 @@ from keystile import (
 from keystile.cli import main
 from keystile.errors import DuplicateKeyName, StoreError
 from keystile.stores import store_from_url
-from keystile.stores.base import utcnow
+from keystile.stores.records import utcnow
 from keystile.tokens import generate_key
 
 pytestmark = pytest.mark.anyio
@@ -290,7 +290,7 @@ async def test_database_of_the_previous_schema_upgrades_in_place(
     """A schema made by migrations 1-2 with a key in it: opened, it upgrades and the key works."""
     import asyncpg
 
-    from keystile.stores import postgres
+    from keystile.stores.postgres.schema import MIGRATIONS
 
     base, schema = postgres_database_url.split("?schema=")
     plaintext, parsed = generate_key()
@@ -302,7 +302,7 @@ async def test_database_of_the_previous_schema_upgrades_in_place(
             f'CREATE TABLE "{schema}".keystile_migrations'
             " (version int PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
         )
-        for version, script in enumerate(postgres._MIGRATIONS[:2], start=1):
+        for version, script in enumerate(MIGRATIONS[:2], start=1):
             await raw.execute(script.format(schema=f'"{schema}"'))
             await raw.execute(
                 f'INSERT INTO "{schema}".keystile_migrations (version) VALUES ($1)',  # noqa: S608
@@ -329,7 +329,7 @@ async def test_database_of_the_previous_schema_upgrades_in_place(
         versions = await raw.fetch(
             f'SELECT version FROM "{schema}".keystile_migrations'  # noqa: S608
         )
-        assert sorted(r[0] for r in versions) == list(range(1, len(postgres._MIGRATIONS) + 1))
+        assert sorted(r[0] for r in versions) == list(range(1, len(MIGRATIONS) + 1))
     finally:
         await raw.close()
 

@@ -9,7 +9,7 @@ import pytest
 
 from apps import client, inner_app
 from keystile import CHEAPEST_PARAMETERS, APIKeyMiddleware, KeyManager, MemoryKeyStore
-from keystile.stores.base import LocalChangeBus
+from keystile.stores.bus import LocalChangeBus
 
 pytestmark = pytest.mark.anyio
 

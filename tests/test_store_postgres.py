@@ -36,6 +36,7 @@ from keystile.stores.postgres import (
     POOL_APPLICATION_NAME,
     PostgresKeyStore,
 )
+from keystile.stores.postgres.schema import MIGRATIONS
 from pgtools import count_update_statements, split_url, update_statements
 
 pytestmark = pytest.mark.postgres
@@ -134,7 +135,7 @@ async def test_migrations_are_versioned_and_idempotent_under_concurrency(
     await stores[0].close()
     rows = await raw.fetch(f'SELECT version FROM "{schema}".keystile_migrations')  # noqa: S608
     versions = sorted(row["version"] for row in rows)
-    assert versions == list(range(1, len(keystile.stores.postgres._MIGRATIONS) + 1))
+    assert versions == list(range(1, len(MIGRATIONS) + 1))
     assert len(versions) >= 2
 
 

@@ -9,7 +9,7 @@ import anyio
 import pytest
 
 from keystile import DuplicateKeyName, KeyManagementError, KeyRecord, KeyStore
-from keystile.stores.base import utcnow
+from keystile.stores.records import utcnow
 from keystile.tokens import new_key_id
 
 pytestmark = pytest.mark.anyio

@@ -23,7 +23,7 @@ from keystile import (
     StoreError,
     Verifier,
 )
-from keystile.stores.base import utcnow
+from keystile.stores.records import utcnow
 from keystile.tokens import generate_key
 
 pytestmark = pytest.mark.anyio

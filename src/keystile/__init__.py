@@ -37,7 +37,7 @@ from .middleware import APIKeyMiddleware
 from .principal import APIKeyUser, IPAllowlist
 from .stats import KeystileStats
 from .stores import KeyEvent, KeyRecord, KeyStore, MemoryKeyStore, SQLiteKeyStore, store_from_url
-from .stores.base import UsageBucket, UsageTotal
+from .stores.records import UsageBucket, UsageTotal
 from .tokens import generate_key, parse_key, redact
 from .usage import UsageRecorder
 from .verifier import Verifier

@@ -31,7 +31,8 @@ from .errors import KeystileError
 from .limits import normalize_rate_limit
 from .manager import DEFAULT_ROTATION_GRACE, UNCHANGED, CreatedKey, KeyManager
 from .stores import SQLiteKeyStore, store_from_url
-from .stores.base import KeyEvent, KeyRecord, KeyStore, utcnow
+from .stores.protocol import KeyStore
+from .stores.records import KeyEvent, KeyRecord, utcnow
 from .tokens import normalize_key_id
 from .validation import validate_actor
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Final
 
-from .stores.base import KeyRecord
+from .stores.records import KeyRecord
 from .tokens import redact
 
 __all__ = ["UNCHANGED", "CreatedKey", "Unchanged"]

@@ -15,7 +15,7 @@ from starlette.requests import HTTPConnection
 from .errors import ServiceUnavailable, StoreError
 from .principal import APIKeyUser
 from .responses import WEBSOCKET_TRY_AGAIN_LATER, KeystileHTTPException
-from .stores.base import utcnow
+from .stores.records import utcnow
 
 __all__ = ["LOGOUT_UNAVAILABLE", "revoke_presented"]
 

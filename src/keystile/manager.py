@@ -35,16 +35,9 @@ from .errors import KeyAlreadyRotated, KeyNotFound
 from .hashing import DEFAULT_PARAMETERS, Argon2Parameters, SecretHasher
 from .keys import UNCHANGED, CreatedKey, Unchanged
 from .stores import store_from_url
-from .stores.base import (
-    SYSTEM_ACTOR,
-    KeyEvent,
-    KeyRecord,
-    KeyStore,
-    UsageBucket,
-    UsageTotal,
-    revoked_error,
-    utcnow,
-)
+from .stores.protocol import KeyStore
+from .stores.records import KeyEvent, KeyRecord, UsageBucket, UsageTotal, utcnow
+from .stores.rules import SYSTEM_ACTOR, revoked_error
 from .tokens import DEFAULT_PREFIX, generate_key, normalize_key_id, validate_prefix
 from .validation import (
     UsageGranularity,

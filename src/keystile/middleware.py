@@ -44,7 +44,7 @@ from .runtime import KeystileRuntime, configuration_key
 from .socket_guard import guard_websocket
 from .stats import KeystileStats
 from .stores import store_from_url
-from .stores.base import KeyStore
+from .stores.protocol import KeyStore
 from .tokens import DEFAULT_PREFIX, key_matcher
 from .usage import DEFAULT_FLUSH_INTERVAL, DEFAULT_FLUSH_MAX, UsageRecorder
 from .verifier import (

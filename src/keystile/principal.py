@@ -12,7 +12,7 @@ from typing import Any
 from starlette.authentication import BaseUser
 
 from .limits.policy import LimitPolicy
-from .stores.base import KeyRecord
+from .stores.records import KeyRecord
 from .tokens import redact
 
 __all__ = ["MAX_IP_ALLOWLIST", "APIKeyUser", "IPAllowlist", "normalize_cidrs"]

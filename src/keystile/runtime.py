@@ -27,7 +27,8 @@ import anyio.lowlevel
 
 from .errors import StoreError
 from .stats import KeystileStats
-from .stores.base import KeyStore, utcnow
+from .stores.protocol import KeyStore
+from .stores.records import utcnow
 from .usage import UsageRecorder
 from .verifier import Verifier
 

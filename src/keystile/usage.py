@@ -32,7 +32,8 @@ from datetime import datetime, timezone
 
 import anyio
 
-from .stores.base import KeyStore, QuotaState
+from .stores.protocol import KeyStore
+from .stores.records import QuotaState
 
 __all__ = [
     "DEFAULT_FLUSH_INTERVAL",

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 
 from .errors import KeystileError
-from .stores.base import UsageBucket, UsageTotal
+from .stores.records import UsageBucket, UsageTotal
 
 __all__ = ["bar_chart", "plot_png", "require_matplotlib", "top_table"]
 

@@ -18,7 +18,7 @@ from .durations import parse_duration
 from .errors import InvalidKeyName, KeyManagementError
 from .limits import normalize_rate_limit, quota_changes
 from .principal import normalize_cidrs
-from .stores.base import KeyRecord
+from .stores.records import KeyRecord
 
 __all__ = [
     "MAX_NAME_LENGTH",

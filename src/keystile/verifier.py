@@ -46,7 +46,8 @@ from .errors import AuthenticationError, InvalidToken, ServiceUnavailable, Store
 from .hashing import DEFAULT_PARAMETERS, SecretHasher
 from .principal import APIKeyUser
 from .stats import ARGON2_BUCKETS, Counters
-from .stores.base import KeyRecord, KeyStore
+from .stores.protocol import KeyStore
+from .stores.records import KeyRecord
 from .tokens import MAX_TOKEN_LENGTH, ParsedKey, parse_key
 
 __all__ = [

@@ -9,7 +9,7 @@ under the principal. Parsing refuses with ``ValueError``; the callers that speak
 users (the middleware's options, ``KeyManager``, the CLI) turn it into their own errors.
 
 :meth:`LimitPolicy.from_record` reads a key's record through :class:`LimitFields`, a
-structural protocol of the six fields it needs, rather than ``stores.base.KeyRecord``:
+structural protocol of the six fields it needs, rather than ``stores.records.KeyRecord``:
 ``KeyRecord`` has that shape (mypy checks it where the principal passes one), and the
 policy stays free of the stores, which carry the schema, the protocol and the change bus.
 """
@@ -119,7 +119,7 @@ class QuotaPolicy:
 
 class LimitFields(Protocol):
     """The fields of a key's record that make its :class:`LimitPolicy`
-    (``stores.base.KeyRecord`` has them)."""
+    (``stores.records.KeyRecord`` has them)."""
 
     @property
     def rate_limit(self) -> str | None: ...

@@ -16,7 +16,7 @@ import weakref
 from collections.abc import Mapping
 from typing import Any
 
-from ..stores.base import QuotaState
+from ..stores.records import QuotaState
 from ..usage import UsageRecorder
 from .policy import QuotaPolicy
 

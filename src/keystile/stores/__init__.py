@@ -1,20 +1,28 @@
-"""Key stores, chosen by URL: ``sqlite:///path``, ``postgresql://…``, ``memory://``."""
+"""Key stores, chosen by URL: ``sqlite:///path``, ``postgresql://…``, ``memory://``.
+
+``PostgresKeyStore`` is imported on first use, so asyncpg is loaded only by a program
+that uses Postgres."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from ..errors import ConfigurationError
-from .base import KeyEvent, KeyRecord, KeyStore
 from .memory import MemoryKeyStore
+from .protocol import KeyStore
+from .records import KeyEvent, KeyRecord
 from .sqlite import SQLiteKeyStore
+
+if TYPE_CHECKING:
+    from .postgres import PostgresKeyStore
 
 __all__ = [
     "KeyEvent",
     "KeyRecord",
     "KeyStore",
     "MemoryKeyStore",
+    "PostgresKeyStore",
     "SQLiteKeyStore",
     "store_from_url",
 ]
@@ -45,3 +53,11 @@ def store_from_url(url: str, **options: Any) -> KeyStore:
         f"unsupported database URL scheme {scheme or url!r}: use sqlite:///path.db, "
         "postgresql://user@host/db or memory://"
     )
+
+
+def __getattr__(name: str) -> Any:
+    if name == "PostgresKeyStore":
+        from .postgres import PostgresKeyStore
+
+        return PostgresKeyStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

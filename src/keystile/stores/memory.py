@@ -10,46 +10,21 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
-from typing import Any
 
-from ..errors import DuplicateKeyName
-from .base import (
-    SYSTEM_ACTOR,
-    ChangeListener,
-    KeyEvent,
-    KeyRecord,
-    LocalChangeBus,
-    QuotaState,
-    UsageBucket,
-    UsageCounts,
-    UsageTotal,
-    apply_uses,
-    check_updatable,
-    created_detail,
-    event_detail,
-    pruned_detail,
-    reaped_detail,
-    revoked_error,
-    rotated_detail,
-    update_action,
-    utcnow,
-)
+from .bus import LocalChangeBus
+from .calls import Change, EventQuery, Insertion, Reaping, Rotation, UsageQuery
+from .common import CommonStore
+from .records import KeyEvent, KeyRecord, QuotaState, UsageBucket, UsageCounts, UsageTotal, utcnow
+from .rules import SYSTEM_ACTOR, apply_uses, grace_expiry, pruned_event, rotatable
 
 __all__ = ["MemoryKeyStore"]
 
 _anonymous = itertools.count()
 
 
-def _duplicate(owner: str, name: str) -> DuplicateKeyName:
-    return DuplicateKeyName(
-        f"owner {owner!r} already has an active key named {name!r}; "
-        "pass replace=True (--replace) to revoke it and mint a new one"
-    )
-
-
-class MemoryKeyStore:
+class MemoryKeyStore(CommonStore):
     _named: dict[str, dict[str, KeyRecord]] = {}
     _named_events: dict[str, list[KeyEvent]] = {}
     _named_usage: dict[str, dict[tuple[str, datetime], list[int]]] = {}
@@ -68,17 +43,22 @@ class MemoryKeyStore:
         self.display_url = identity
         self._bus = LocalChangeBus.for_identity(identity)
 
-    def _log(
-        self,
-        record: KeyRecord,
-        action: str,
-        actor: str,
-        at: datetime,
-        detail: Mapping[str, Any] | None = None,
-    ) -> None:
-        seq = self._events[-1].id + 1 if self._events else 1
-        event = KeyEvent(at, record.id, record.owner, action, actor, dict(detail or {}), seq)
-        self._events.append(event)
+    def _log(self, events: Sequence[KeyEvent]) -> None:
+        for event in events:
+            seq = self._events[-1].id + 1 if self._events else 1
+            self._events.append(dataclasses.replace(event, id=seq))
+
+    def _owned(self, key_id: str, owner: str) -> KeyRecord | None:
+        record = self._rows.get(key_id)
+        return record if record is not None and record.owner == owner else None
+
+    def _holders(self, owner: str, name: str, now: datetime) -> list[KeyRecord]:
+        """The keys of ``owner`` holding ``name`` at ``now``, in insertion order."""
+        return [
+            r
+            for r in self._rows.values()
+            if r.owner == owner and r.name == name and r.holds_name(now)
+        ]
 
     async def open(self) -> None:
         return None
@@ -93,8 +73,7 @@ class MemoryKeyStore:
         return {k: self._rows[k] for k in key_ids if k in self._rows}
 
     async def get_owned(self, key_id: str, owner: str) -> KeyRecord | None:
-        record = self._rows.get(key_id)
-        return record if record is not None and record.owner == owner else None
+        return self._owned(key_id, owner)
 
     async def list_keys(self, owner: str) -> list[KeyRecord]:
         rows = [r for r in self._rows.values() if r.owner == owner]
@@ -103,92 +82,64 @@ class MemoryKeyStore:
     async def list_all(self) -> list[KeyRecord]:
         return sorted(self._rows.values(), key=lambda r: (r.owner, r.created_at, r.id))
 
-    async def insert(
-        self, record: KeyRecord, *, replace: bool = False, actor: str = SYSTEM_ACTOR
-    ) -> list[str]:
-        now = utcnow()
-        clash = [
-            r
-            for r in self._rows.values()
-            if r.owner == record.owner and r.name == record.name and r.holds_name(now)
-        ]
-        if clash and not replace:
-            raise _duplicate(record.owner, record.name)
+    async def _insert(self, insertion: Insertion) -> list[str]:
+        record, now = insertion.record, utcnow()
+        clash = [r.id for r in self._holders(record.owner, record.name, now)]
+        insertion.check(clash)
         for old in clash:
-            self._rows[old.id] = dataclasses.replace(old, revoked_at=now, replaced_by=record.id)
-            self._log(old, "replaced", actor, now, {"replaced_by": record.id})
-        replaces = clash[-1].id if clash else record.replaces
-        self._rows[record.id] = dataclasses.replace(record, replaces=replaces)
-        self._log(record, "created", actor, now, created_detail(record, replaces))
-        for old in clash:
-            self._bus.publish(old.id)
-        return [old.id for old in clash]
+            self._rows[old] = dataclasses.replace(
+                self._rows[old], revoked_at=now, replaced_by=record.id
+            )
+        inserted = self._rows[record.id] = insertion.new_key(clash)
+        self._log(insertion.events(inserted, clash, now))
+        return clash
 
-    async def revoke(
-        self,
-        key_id: str,
-        owner: str,
-        *,
-        at: datetime,
-        actor: str = SYSTEM_ACTOR,
-        action: str = "revoked",
-    ) -> bool:
-        record = self._rows.get(key_id)
-        if record is None or record.owner != owner or record.revoked_at is not None:
+    async def _revoke(self, event: KeyEvent) -> bool:
+        record = self._owned(event.key_id, event.owner)
+        if record is None or record.revoked_at is not None:
             return False
-        self._rows[key_id] = dataclasses.replace(record, revoked_at=at)
-        self._log(record, action, actor, at)
-        self._bus.publish(key_id)
+        self._rows[record.id] = dataclasses.replace(record, revoked_at=event.at)
+        self._log([event])
         return True
 
-    async def rotate(
-        self,
-        key_id: str,
-        owner: str,
-        successor: KeyRecord,
-        *,
-        grace_until: datetime,
-        actor: str = SYSTEM_ACTOR,
-    ) -> KeyRecord | None:
+    async def _rotate(self, rotation: Rotation) -> KeyRecord | None:
         # No await between this check and the writes: concurrent rotations serialise.
-        old = self._rows.get(key_id)
-        if old is None or old.owner != owner or old.replaced_by is not None or not old.is_active():
+        old = self._owned(rotation.key_id, rotation.owner)
+        if old is None or not rotatable(old):
             return None
-        expires = grace_until if old.expires_at is None else min(old.expires_at, grace_until)
+        successor = rotation.new_key()
+        expires = grace_expiry(old.expires_at, rotation.grace_until)
         updated = dataclasses.replace(old, expires_at=expires, replaced_by=successor.id)
-        self._rows[key_id] = updated
-        self._rows[successor.id] = dataclasses.replace(successor, replaces=key_id)
-        now = utcnow()
-        self._log(old, "rotated", actor, now, rotated_detail(successor.id, expires))
-        self._log(successor, "created", actor, now, created_detail(successor, key_id))
-        self._bus.publish(key_id)
+        self._rows[old.id] = updated
+        self._rows[successor.id] = successor
+        self._log(rotation.events(updated, utcnow()))
         return updated
 
-    async def reap(
-        self,
-        *,
-        unused_since: datetime,
-        at: datetime,
-        dry_run: bool,
-        include_disabled: bool = False,
-        actor: str = SYSTEM_ACTOR,
-    ) -> list[KeyRecord]:
-        stale = [
-            r
-            for r in self._rows.values()
-            if r.revoked_at is None
-            and (include_disabled or r.disabled_at is None)
-            and (
-                (r.last_used_at or r.created_at) < unused_since
-                or (r.expires_at is not None and r.expires_at <= at)
-            )
-        ]
-        if not dry_run:
+    async def _reap(self, reaping: Reaping) -> list[KeyRecord]:
+        stale = sorted(
+            (r for r in self._rows.values() if reaping.is_stale(r)),
+            key=lambda r: (r.created_at, r.id),
+        )
+        if not reaping.dry_run:
             for r in stale:
-                self._rows[r.id] = dataclasses.replace(r, revoked_at=at)
-                self._log(r, "reaped", actor, at, reaped_detail(r, unused_since))
-                self._bus.publish(r.id)
-        return sorted(stale, key=lambda r: (r.created_at, r.id))
+                self._rows[r.id] = dataclasses.replace(r, revoked_at=reaping.at)
+            self._log(reaping.events(stale))
+        return stale
+
+    async def _update(self, change: Change) -> KeyRecord | None:
+        record = self._owned(change.key_id, change.owner)
+        if record is None:
+            return None
+        if record.revoked_at is not None:
+            raise change.revoked()
+        updated = dataclasses.replace(record, **change.fields)
+        if change.names_matter and updated.holds_name(change.at):
+            holders = self._holders(change.owner, updated.name, change.at)
+            if any(other.id != change.key_id for other in holders):
+                raise change.duplicate(updated.name)
+        self._rows[record.id] = updated
+        self._log([change.event()])
+        return updated
 
     async def touch_many(
         self, touches: Mapping[str, datetime], uses: Mapping[str, int] | None = None
@@ -208,35 +159,31 @@ class MemoryKeyStore:
         return quotas
 
     async def add_usage(self, counts: UsageCounts) -> None:
-        usage = self._usage
         for key, (requests, rejected) in counts.items():
-            row = usage.get(key)
-            if row is None:
-                usage[key] = [requests, rejected]
-            else:
-                row[0] += requests
-                row[1] += rejected
-
-    async def usage(
-        self,
-        key_id: str,
-        owner: str,
-        *,
-        since: datetime,
-        until: datetime | None,
-        bucket_seconds: int,
-    ) -> list[UsageBucket]:
-        record = self._rows.get(key_id)
-        if record is None or record.owner != owner:
-            return []
-        sums: dict[int, list[int]] = {}
-        for (kid, minute), (requests, rejected) in self._usage.items():
-            if kid != key_id or minute < since or (until is not None and minute >= until):
-                continue
-            start = int(minute.timestamp()) // bucket_seconds * bucket_seconds
-            row = sums.setdefault(start, [0, 0])
+            row = self._usage.setdefault(key, [0, 0])
             row[0] += requests
             row[1] += rejected
+
+    def _counts(
+        self, owner: str, since: datetime, until: datetime | None
+    ) -> list[tuple[str, datetime, int, int]]:
+        """``owner``'s usage rows of minutes in ``[since, until)``."""
+        return [
+            (kid, minute, requests, rejected)
+            for (kid, minute), (requests, rejected) in self._usage.items()
+            if minute >= since
+            and (until is None or minute < until)
+            and self._owned(kid, owner) is not None
+        ]
+
+    async def _buckets(self, query: UsageQuery) -> list[UsageBucket]:
+        step = query.bucket_seconds
+        sums: dict[int, list[int]] = {}
+        for kid, minute, requests, rejected in self._counts(query.owner, query.since, query.until):
+            if kid == query.key_id:
+                row = sums.setdefault(int(minute.timestamp()) // step * step, [0, 0])
+                row[0] += requests
+                row[1] += rejected
         return [
             UsageBucket(datetime.fromtimestamp(start, timezone.utc), requests, rejected)
             for start, (requests, rejected) in sorted(sums.items())
@@ -246,12 +193,7 @@ class MemoryKeyStore:
         self, owner: str, *, since: datetime, until: datetime | None, limit: int
     ) -> list[UsageTotal]:
         sums: dict[str, list[int]] = {}
-        for (kid, minute), (requests, rejected) in self._usage.items():
-            record = self._rows.get(kid)
-            if record is None or record.owner != owner:
-                continue
-            if minute < since or (until is not None and minute >= until):
-                continue
+        for kid, _, requests, rejected in self._counts(owner, since, until):
             row = sums.setdefault(kid, [0, 0])
             row[0] += requests
             row[1] += rejected
@@ -267,64 +209,16 @@ class MemoryKeyStore:
             del self._usage[key]
         return len(old)
 
-    async def update(
-        self,
-        key_id: str,
-        owner: str,
-        changes: Mapping[str, Any],
-        *,
-        at: datetime,
-        actor: str = SYSTEM_ACTOR,
-    ) -> KeyRecord | None:
-        check_updatable(changes)
-        detail = event_detail(changes)
-        record = self._rows.get(key_id)
-        if record is None or record.owner != owner:
-            return None
-        if record.revoked_at is not None:
-            raise revoked_error(key_id, owner)
-        if not changes:
-            return record
-        updated = dataclasses.replace(record, **changes)
-        if ("name" in changes or "expires_at" in changes) and updated.holds_name(at):
-            for other in self._rows.values():
-                if (
-                    other.id != key_id
-                    and other.owner == owner
-                    and other.name == updated.name
-                    and other.holds_name(at)
-                ):
-                    raise _duplicate(owner, updated.name)
-        self._rows[key_id] = updated
-        self._log(record, update_action(changes), actor, at, detail)
-        self._bus.publish(key_id)
-        return updated
-
-    async def list_events(
-        self,
-        *,
-        owner: str | None = None,
-        key_id: str | None = None,
-        since: datetime | None = None,
-        limit: int | None = None,
-    ) -> list[KeyEvent]:
-        events = [
-            e
-            for e in self._events
-            if (owner is None or e.owner == owner)
-            and (key_id is None or e.key_id == key_id)
-            and (since is None or e.at >= since)
-        ]
-        events.sort(key=lambda e: (e.at, e.id))
-        return events[-limit:] if limit is not None and limit > 0 else events
+    async def _list_events(self, query: EventQuery) -> list[KeyEvent]:
+        events = sorted(filter(query.matches, self._events), key=lambda e: (e.at, e.id))
+        return events[-query.limit :] if query.limit is not None else events
 
     async def prune_events(self, *, before: datetime, actor: str = SYSTEM_ACTOR) -> int:
         # The sequence goes on from the last event ever written, not the last one kept.
         seq = self._events[-1].id + 1 if self._events else 1
         kept = [e for e in self._events if e.at >= before]
         pruned = len(self._events) - len(kept)
-        detail = pruned_detail(before, pruned)
-        kept.append(KeyEvent(utcnow(), "", "", "pruned", actor, detail, seq))
+        kept.append(dataclasses.replace(pruned_event(before, pruned, actor), id=seq))
         self._events[:] = kept
         return pruned
 
@@ -332,9 +226,6 @@ class MemoryKeyStore:
         record = self._rows.get(key_id)
         if record is not None:
             self._rows[key_id] = dataclasses.replace(record, secret_hash=secret_hash)
-
-    def subscribe(self, listener: ChangeListener) -> Callable[[], None]:
-        return self._bus.subscribe(listener)
 
     async def watch(self) -> None:
         return None

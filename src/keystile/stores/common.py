@@ -1,0 +1,160 @@
+"""What every store does the same way around its own transactions, written once.
+
+``CommonStore`` carries the public signatures of the calls that change keys (and of the
+two queries with many filters), checks the rules before a change and tells the
+in-process bus after it commits. A store supplies the ``_``-hooks, each one transaction
+taking the call as one value from ``calls.py``. The other protocol calls have nothing
+to share and each store writes them.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime
+from typing import Any
+
+from .bus import LocalChangeBus
+from .calls import Change, EventQuery, Insertion, Reaping, Rotation, UsageQuery
+from .protocol import ChangeListener
+from .records import KeyEvent, KeyRecord, UsageBucket
+from .rules import SYSTEM_ACTOR, check_updatable, event_detail, revoked_error
+
+__all__ = ["CommonStore"]
+
+
+class CommonStore(ABC):
+    """The shared half of a ``KeyStore`` (see the module docstring)."""
+
+    _bus: LocalChangeBus
+
+    def subscribe(self, listener: ChangeListener) -> Callable[[], None]:
+        return self._bus.subscribe(listener)
+
+    def _publish(self, key_ids: Iterable[str]) -> None:
+        """Tell this process's listeners, once the change has committed."""
+        for key_id in key_ids:
+            self._bus.publish(key_id)
+
+    async def insert(
+        self, record: KeyRecord, *, replace: bool = False, actor: str = SYSTEM_ACTOR
+    ) -> list[str]:
+        replaced = await self._insert(Insertion(record, replace, actor))
+        self._publish(replaced)
+        return replaced
+
+    async def revoke(
+        self,
+        key_id: str,
+        owner: str,
+        *,
+        at: datetime,
+        actor: str = SYSTEM_ACTOR,
+        action: str = "revoked",
+    ) -> bool:
+        event = KeyEvent(at, key_id, owner, action, actor)
+        revoked = await self._revoke(event)
+        if revoked:
+            self._publish([key_id])
+        return revoked
+
+    async def rotate(
+        self,
+        key_id: str,
+        owner: str,
+        successor: KeyRecord,
+        *,
+        grace_until: datetime,
+        actor: str = SYSTEM_ACTOR,
+    ) -> KeyRecord | None:
+        old = await self._rotate(Rotation(key_id, owner, successor, grace_until, actor))
+        if old is not None:
+            self._publish([key_id])
+        return old
+
+    async def reap(
+        self,
+        *,
+        unused_since: datetime,
+        at: datetime,
+        dry_run: bool,
+        include_disabled: bool = False,
+        actor: str = SYSTEM_ACTOR,
+    ) -> list[KeyRecord]:
+        stale = await self._reap(Reaping(unused_since, at, dry_run, include_disabled, actor))
+        if not dry_run:
+            self._publish(r.id for r in stale)
+        return stale
+
+    async def update(
+        self,
+        key_id: str,
+        owner: str,
+        changes: Mapping[str, Any],
+        *,
+        at: datetime,
+        actor: str = SYSTEM_ACTOR,
+    ) -> KeyRecord | None:
+        check_updatable(changes)
+        detail = event_detail(changes)
+        if not changes:
+            current = await self.get_owned(key_id, owner)
+            if current is not None and current.revoked_at is not None:
+                raise revoked_error(key_id, owner)
+            return current
+        updated = await self._update(Change(key_id, owner, dict(changes), at, actor, detail))
+        if updated is not None:
+            self._publish([key_id])
+        return updated
+
+    async def usage(
+        self,
+        key_id: str,
+        owner: str,
+        *,
+        since: datetime,
+        until: datetime | None,
+        bucket_seconds: int,
+    ) -> list[UsageBucket]:
+        return await self._buckets(UsageQuery(key_id, owner, since, until, bucket_seconds))
+
+    async def list_events(
+        self,
+        *,
+        owner: str | None = None,
+        key_id: str | None = None,
+        since: datetime | None = None,
+        limit: int | None = None,
+    ) -> list[KeyEvent]:
+        """Oldest first; with ``limit``, the newest ``limit`` events."""
+        bounded = limit if limit is not None and limit > 0 else None
+        return await self._list_events(EventQuery(owner, key_id, since, bounded))
+
+    @abstractmethod
+    async def get_owned(self, key_id: str, owner: str) -> KeyRecord | None: ...
+
+    @abstractmethod
+    async def _insert(self, insertion: Insertion) -> list[str]:
+        """Insert the key with its events, after revoking the keys holding its name if
+        the insertion replaces them (else it refuses). Returns their ids."""
+
+    @abstractmethod
+    async def _revoke(self, event: KeyEvent) -> bool:
+        """Revoke ``event.owner``'s unrevoked key ``event.key_id`` and record ``event``."""
+
+    @abstractmethod
+    async def _rotate(self, rotation: Rotation) -> KeyRecord | None: ...
+
+    @abstractmethod
+    async def _reap(self, reaping: Reaping) -> list[KeyRecord]: ...
+
+    @abstractmethod
+    async def _update(self, change: Change) -> KeyRecord | None:
+        """Write ``change`` unless the key is revoked (``revoked_error``) or would take a
+        name another key holds (``duplicate_name``); ``None``: no such key of the owner."""
+
+    @abstractmethod
+    async def _buckets(self, query: UsageQuery) -> list[UsageBucket]: ...
+
+    @abstractmethod
+    async def _list_events(self, query: EventQuery) -> list[KeyEvent]: ...

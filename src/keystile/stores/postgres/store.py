@@ -1,0 +1,21 @@
+"""``PostgresKeyStore``, put together from its parts."""
+
+from __future__ import annotations
+
+from .events import Events
+from .keys import Keys
+from .usage import Usage
+from .watch import Watch
+
+__all__ = ["PostgresKeyStore"]
+
+
+class PostgresKeyStore(Keys, Events, Usage, Watch):
+    """``postgresql://…``: the production store, an asyncpg pool shared by many processes.
+
+    Every lifecycle change is one transaction that also runs ``pg_notify`` on a channel
+    of its own schema (``watch``). Values only ever travel as ``$n`` parameters.
+
+    Its parts, one concern each: ``connection`` (the URL, the pool, errors and retries),
+    ``schema`` (migrations, schema names, how values are stored), ``keys``, ``events``,
+    ``usage``, ``watch`` (NOTIFY and the LISTEN connection)."""

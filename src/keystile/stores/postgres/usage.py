@@ -1,0 +1,131 @@
+"""The Postgres store's usage: ``last_used_at`` and quotas in one statement per flush,
+per-minute counts upserted from ``unnest``, and their sums by bucket."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+from ..calls import UsageQuery
+from ..records import QuotaState, UsageBucket, UsageCounts, UsageTotal
+from ..sql import touch_assignments
+from .connection import Connection
+from .schema import POSTGRES
+
+__all__ = ["Usage"]
+
+#: A usage write's ``SET`` list (``sql.touch_assignments``), the uses of each key in ``t``.
+_TOUCH = touch_assignments(
+    POSTGRES,
+    k="k.",
+    at="t.at",
+    n="t.n",
+    zero="interval '0'",
+    refill_due="t.at >= k.quota_reset_at + k.quota_refill",
+    periods="floor(extract(epoch from (t.at - k.quota_reset_at))"
+    " / extract(epoch from k.quota_refill))",
+)
+#: One statement per usage flush: every (key, minute) row added to what other processes
+#: already wrote for it.
+_USAGE_UPSERT = (
+    "INSERT INTO {usage} AS u (key_id, minute, requests, rejected)"
+    " SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::bigint[], $4::bigint[])"
+    " ON CONFLICT (key_id, minute) DO UPDATE SET requests = u.requests + EXCLUDED.requests,"
+    " rejected = u.rejected + EXCLUDED.rejected"
+)
+
+
+class Usage(Connection):
+    """The usage part of ``PostgresKeyStore``."""
+
+    async def touch_many(
+        self, touches: Mapping[str, datetime], uses: Mapping[str, int] | None = None
+    ) -> dict[str, QuotaState]:
+        if not touches:
+            return {}
+        ids = list(touches)
+        ats = [touches[k] for k in ids]
+        counts = [(uses or {}).get(k, 0) for k in ids]
+        sql = (
+            f"UPDATE {self._sql.keys} AS k SET {_TOUCH}"  # noqa: S608
+            " FROM unnest($1::text[], $2::timestamptz[], $3::bigint[]) AS t(id, at, n)"
+            " WHERE k.id = t.id RETURNING k.id, k.quota, k.quota_remaining, k.quota_reset_at"
+        )
+
+        async def touch(conn: Any) -> dict[str, QuotaState]:
+            rows = await conn.fetch(sql, ids, ats, counts)
+            return {
+                row["id"]: QuotaState(row["quota_remaining"], row["quota_reset_at"])
+                for row in rows
+                if row["quota"] is not None
+            }
+
+        if any(counts):
+            # Taking uses is not idempotent: a retry after a lost commit acknowledgement
+            # would take them twice. The recorder keeps a failed batch and retries it.
+            async with self._connection("touch_many") as conn:
+                return await touch(conn)
+        return await self._idempotent("touch_many", touch)
+
+    async def add_usage(self, counts: UsageCounts) -> None:
+        if not counts:
+            return
+        # Sorted, so two processes upserting the same rows lock them in the same order.
+        keys = sorted(counts)
+        args = (
+            [k for k, _ in keys],
+            [m for _, m in keys],
+            [counts[k][0] for k in keys],
+            [counts[k][1] for k in keys],
+        )
+        # Adding is not idempotent (a retry after a lost acknowledgement would count
+        # twice): no retry here; the recorder keeps a failed batch and tries again.
+        async with self._connection("add_usage") as conn:
+            await conn.execute(_USAGE_UPSERT.format(usage=self._sql.usage), *args)
+
+    async def _buckets(self, query: UsageQuery) -> list[UsageBucket]:
+        sql = (
+            "SELECT to_timestamp(floor(extract(epoch FROM u.minute) / $5) * $5) AS start,"  # noqa: S608
+            " sum(u.requests)::bigint AS requests, sum(u.rejected)::bigint AS rejected"
+            f" FROM {self._sql.usage} AS u JOIN {self._sql.keys} AS k ON k.id = u.key_id"
+            " WHERE u.key_id = $1 AND k.owner = $2 AND u.minute >= $3"
+            " AND ($4::timestamptz IS NULL OR u.minute < $4) GROUP BY 1 ORDER BY 1"
+        )
+
+        async def usage(conn: Any) -> list[UsageBucket]:
+            rows = await conn.fetch(
+                sql, query.key_id, query.owner, query.since, query.until, query.bucket_seconds
+            )
+            return [UsageBucket(r["start"], r["requests"], r["rejected"]) for r in rows]
+
+        return await self._idempotent("usage", usage)
+
+    async def top_usage(
+        self, owner: str, *, since: datetime, until: datetime | None, limit: int
+    ) -> list[UsageTotal]:
+        sql = (
+            "SELECT u.key_id, k.name, sum(u.requests)::bigint AS requests,"  # noqa: S608
+            " sum(u.rejected)::bigint AS rejected"
+            f" FROM {self._sql.usage} AS u JOIN {self._sql.keys} AS k ON k.id = u.key_id"
+            " WHERE k.owner = $1 AND u.minute >= $2 AND ($3::timestamptz IS NULL OR u.minute < $3)"
+            " GROUP BY u.key_id, k.name ORDER BY requests DESC, rejected DESC, u.key_id LIMIT $4"
+        )
+
+        async def top(conn: Any) -> list[UsageTotal]:
+            rows = await conn.fetch(sql, owner, since, until, limit)
+            return [UsageTotal(r["key_id"], r["name"], r["requests"], r["rejected"]) for r in rows]
+
+        return await self._idempotent("top_usage", top)
+
+    async def prune_usage(self, *, before: datetime, limit: int) -> int:
+        sql = (
+            f"DELETE FROM {self._sql.usage} WHERE ctid = ANY(ARRAY(SELECT ctid FROM"  # noqa: S608
+            f" {self._sql.usage} WHERE minute < $1 LIMIT $2))"
+        )
+
+        async def prune(conn: Any) -> int:
+            status: str = await conn.execute(sql, before, limit)
+            return int(status.rsplit(" ", 1)[-1])
+
+        return await self._idempotent("prune_usage", prune)

@@ -1,0 +1,190 @@
+"""The store contract: the ``KeyStore`` protocol every store implements, and the
+``ChangeListener`` it calls.
+
+Stores store. They know nothing of caching or hashing; they make each lifecycle change
+atomic (one transaction) and tell listeners which key ids changed state, so caches in
+this process (at once) and in other processes (NOTIFY on Postgres, a change log polled
+on SQLite) can evict them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
+from typing import Any, Protocol, runtime_checkable
+
+from .records import KeyEvent, KeyRecord, QuotaState, UsageBucket, UsageCounts, UsageTotal
+from .rules import SYSTEM_ACTOR
+
+__all__ = ["ChangeListener", "KeyStore"]
+
+#: Called with a key id whose state changed, or with ``None`` when changes may have
+#: been missed (a listener reconnected) and every cached key must be re-checked.
+ChangeListener = Callable[[str | None], None]
+
+
+@runtime_checkable
+class KeyStore(Protocol):
+    """What the verifier, the usage recorder and the key manager need from a store.
+
+    Owner-scoped methods (``revoke``, ``rotate``, ``get_owned``, ``list_keys``) only
+    ever touch rows of that owner: a key id of another owner behaves as unknown.
+    """
+
+    #: The URL with any password removed, for messages.
+    display_url: str
+
+    async def open(self) -> None:
+        """Connect and apply pending migrations (idempotent)."""
+
+    async def close(self) -> None: ...
+
+    async def get(self, key_id: str) -> KeyRecord | None: ...
+
+    async def get_many(self, key_ids: Sequence[str]) -> dict[str, KeyRecord]: ...
+
+    async def get_owned(self, key_id: str, owner: str) -> KeyRecord | None: ...
+
+    async def list_keys(self, owner: str) -> list[KeyRecord]: ...
+
+    async def list_all(self) -> list[KeyRecord]:
+        """Every owner's keys, by owner then age: for operators, never for a request."""
+
+    async def insert(
+        self, record: KeyRecord, *, replace: bool = False, actor: str = SYSTEM_ACTOR
+    ) -> list[str]:
+        """Insert a new key in one transaction, with its ``created`` event.
+
+        If ``(owner, name)`` already has a key holding the name (``holds_name``): raise
+        ``DuplicateKeyName``, or with ``replace=True`` revoke those keys (``replaced_by`` =
+        the new id, a ``replaced`` event each) and return their ids. Two concurrent
+        replaces leave exactly one active key.
+        """
+
+    async def revoke(
+        self,
+        key_id: str,
+        owner: str,
+        *,
+        at: datetime,
+        actor: str = SYSTEM_ACTOR,
+        action: str = "revoked",
+    ) -> bool:
+        """Revoke an unrevoked key of ``owner`` and record ``action`` (``revoked``, or
+        ``logout``) in the same transaction; ``False`` if there was nothing to revoke."""
+
+    async def rotate(
+        self,
+        key_id: str,
+        owner: str,
+        successor: KeyRecord,
+        *,
+        grace_until: datetime,
+        actor: str = SYSTEM_ACTOR,
+    ) -> KeyRecord | None:
+        """Insert ``successor`` and give the old key ``expires_at = min(expires_at,
+        grace_until)`` and ``replaced_by``, in one transaction with a ``rotated`` event
+        (old key) and a ``created`` event (successor). Returns the old key as updated, or
+        ``None`` (nothing written) if it is not an active key of ``owner`` (disabled keys
+        are not) or already has a successor (``replaced_by`` set).
+
+        The check and the write are atomic: of two concurrent rotations of one key
+        exactly one succeeds, so a name never gets two successors (two live keys without
+        a grace expiry). The caller reads the key again to tell the two refusals apart."""
+
+    async def reap(
+        self,
+        *,
+        unused_since: datetime,
+        at: datetime,
+        dry_run: bool,
+        include_disabled: bool = False,
+        actor: str = SYSTEM_ACTOR,
+    ) -> list[KeyRecord]:
+        """Revoke active keys last used (or, never used, created) before ``unused_since``,
+        and expired keys not yet revoked, each with a ``reaped`` event. Disabled keys are
+        left alone unless ``include_disabled``. Returns them as they were before."""
+
+    async def touch_many(
+        self, touches: Mapping[str, datetime], uses: Mapping[str, int] | None = None
+    ) -> dict[str, QuotaState]:
+        """Write ``last_used_at`` for many keys in one statement/transaction, never
+        moving a timestamp backwards, and take ``uses[key_id]`` from the remaining quota
+        of keys that have one (never below 0; a refill due by the key's ``touches`` time
+        first sets it back to ``quota``, and ``quota_reset_at`` to the period's start).
+
+        Returns the quota state after the write of every touched key that has a quota,
+        so each process learns what the others used."""
+
+    async def add_usage(self, counts: UsageCounts) -> None:
+        """Add per-minute request and rejection counts, in one statement (Postgres: an
+        upsert from ``unnest``) or one transaction, never one write per request."""
+
+    async def usage(
+        self,
+        key_id: str,
+        owner: str,
+        *,
+        since: datetime,
+        until: datetime | None,
+        bucket_seconds: int,
+    ) -> list[UsageBucket]:
+        """``owner``'s key's counts from ``since`` (inclusive) to ``until`` (exclusive),
+        summed into buckets of ``bucket_seconds`` aligned to the Unix epoch (UTC), oldest
+        first; only buckets with counts. Another owner's key reads as empty."""
+
+    async def top_usage(
+        self, owner: str, *, since: datetime, until: datetime | None, limit: int
+    ) -> list[UsageTotal]:
+        """``owner``'s ``limit`` busiest keys over the period, most requests first."""
+
+    async def prune_usage(self, *, before: datetime, limit: int) -> int:
+        """Delete at most ``limit`` usage rows of minutes before ``before``; how many."""
+
+    async def update(
+        self,
+        key_id: str,
+        owner: str,
+        changes: Mapping[str, Any],
+        *,
+        at: datetime,
+        actor: str = SYSTEM_ACTOR,
+    ) -> KeyRecord | None:
+        """Change fields of ``owner``'s key in one transaction, without touching its
+        secret, record the event (``update_action``: ``updated``, ``disabled`` or
+        ``enabled``, detail ``event_detail(changes)``) and tell every process (bus,
+        NOTIFY, change log) as a revoke does.
+
+        ``changes`` maps ``UPDATABLE_FIELDS`` to new values, already validated. If the key
+        holds its name after the change and another key of ``owner`` holds that name,
+        raise ``DuplicateKeyName`` (decided atomically, as ``insert`` does) and write
+        nothing. A revoked key raises ``revoked_error`` and is not written, decided in the
+        same statement as the write (``revoked_at IS NULL``), so an update racing a
+        revocation never changes the revoked record. Returns the key as updated, or
+        ``None`` if ``owner`` has no such key (nothing written). An empty ``changes``
+        writes nothing and returns the key (a revoked one: raises)."""
+
+    async def list_events(
+        self,
+        *,
+        owner: str | None = None,
+        key_id: str | None = None,
+        since: datetime | None = None,
+        limit: int | None = None,
+    ) -> list[KeyEvent]:
+        """Audit events, oldest first, filtered by owner, key and time (``at >= since``);
+        with ``limit``, the newest ``limit`` of them."""
+
+    async def prune_events(self, *, before: datetime, actor: str = SYSTEM_ACTOR) -> int:
+        """Delete audit events older than ``before`` and record a ``pruned`` event
+        (``pruned_detail``, no key, no owner) in the same transaction, after the delete,
+        so the prune never deletes its own record; returns how many were deleted."""
+
+    async def update_hash(self, key_id: str, secret_hash: str) -> None: ...
+
+    def subscribe(self, listener: ChangeListener) -> Callable[[], None]:
+        """Call ``listener`` on every key state change; returns the unsubscribe call."""
+
+    async def watch(self) -> None:
+        """Relay state changes made by other processes to subscribers; runs until
+        cancelled. Returns at once where the store has no other processes to hear."""

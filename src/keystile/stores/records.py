@@ -1,0 +1,224 @@
+"""What a store holds and hands back: a key (``KeyRecord``), an audit event (``KeyEvent``),
+usage counts and quota states. Values only: they import nothing of keystile, so every
+layer can read them.
+
+The quota-refill arithmetic lives here, with the record whose ``quota_left`` and
+``next_refill`` need it; ``rules.apply_uses`` builds the store's write on it, and the SQL
+stores run the same rule in one statement (``sql.touch_statement``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+__all__ = [
+    "KeyEvent",
+    "KeyRecord",
+    "QuotaState",
+    "UsageBucket",
+    "UsageCounts",
+    "UsageTotal",
+    "refills_due",
+    "utcnow",
+]
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def refills_due(refill: timedelta | None, reset_at: datetime | None, at: datetime) -> int:
+    """Whole refill periods from ``reset_at`` to ``at``: how many times the quota has
+    been set back to full since it was last set (0 for a quota that never refills)."""
+    if refill is None or reset_at is None or refill <= timedelta(0):
+        return 0
+    return max(0, (at - reset_at) // refill)
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaState:
+    """A key's quota as a batched usage write left it: what ``touch_many`` returns."""
+
+    remaining: int
+    reset_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class UsageBucket:
+    """A key's use in one period starting at ``start`` (UTC): requests it authenticated,
+    and attempts refused against its id (wrong secret, revoked, expired, disabled)."""
+
+    start: datetime
+    requests: int
+    rejected: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (``keystile usage --json``)."""
+        return {
+            "start": self.start.isoformat(),
+            "requests": self.requests,
+            "rejected": self.rejected,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class UsageTotal:
+    """One key's use over a period: a row of ``KeyManager.top_keys``."""
+
+    key_id: str
+    name: str
+    requests: int
+    rejected: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "key_id": self.key_id,
+            "name": self.name,
+            "requests": self.requests,
+            "rejected": self.rejected,
+        }
+
+
+#: What a usage flush writes: ``(key_id, minute start) -> (requests, rejected)``, added to
+#: what the store already holds for that minute (other processes count the same minutes).
+UsageCounts = Mapping[tuple[str, datetime], tuple[int, int]]
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    """One API key as stored. ``secret_hash`` is the argon2id hash, never the secret."""
+
+    id: str
+    owner: str
+    name: str
+    prefix: str
+    secret_hash: str = field(repr=False)
+    scopes: tuple[str, ...] = ()
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    created_at: datetime = field(default_factory=utcnow)
+    expires_at: datetime | None = None
+    last_used_at: datetime | None = None
+    revoked_at: datetime | None = None
+    #: The key this one replaced (``rotate`` or ``create(replace=True)``).
+    replaces: str | None = None
+    #: The key that replaced this one.
+    replaced_by: str | None = None
+    #: Requests per period, normalised (``10/second``, ``100/minute``, ``1000/hour``,
+    #: ``5/day``), or ``None``: no limit of its own (the middleware's default applies).
+    rate_limit: str | None = None
+    #: Uses allowed in all (or per ``quota_refill`` period), or ``None``: unlimited.
+    quota: int | None = None
+    #: Uses left as of the last batched usage write (``None`` without a quota).
+    quota_remaining: int | None = None
+    #: How often ``quota_remaining`` is set back to ``quota``; ``None``: never.
+    quota_refill: timedelta | None = None
+    #: When ``quota_remaining`` was last set to ``quota`` (created, updated or refilled):
+    #: refills fall at this time plus whole multiples of ``quota_refill``.
+    quota_reset_at: datetime | None = None
+    #: When the key was disabled (``disable``), or ``None``. Unlike a revocation this is
+    #: reversible (``enable``); a disabled key keeps its name.
+    disabled_at: datetime | None = None
+    #: CIDRs (IPv4 and IPv6, normalised) the key may be used from; empty: anywhere.
+    ip_allowlist: tuple[str, ...] = ()
+
+    def status(self, now: datetime | None = None) -> str:
+        """``active``, ``disabled``, ``expired`` or ``revoked``."""
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.expires_at is not None and self.expires_at <= (now or utcnow()):
+            return "expired"
+        if self.disabled_at is not None:
+            return "disabled"
+        return "active"
+
+    def is_active(self, now: datetime | None = None) -> bool:
+        return self.status(now) == "active"
+
+    def holds_name(self, now: datetime | None = None) -> bool:
+        """Whether the key keeps its ``(owner, name)`` from other keys: neither revoked
+        nor expired. A disabled key holds its name, so enabling it can never make two
+        active keys of one name."""
+        return self.revoked_at is None and (
+            self.expires_at is None or self.expires_at > (now or utcnow())
+        )
+
+    def quota_left(self, now: datetime | None = None) -> int | None:
+        """Uses left now: ``quota_remaining``, or the full ``quota`` when a refill fell
+        due since the last usage write (the store applies it with the next one)."""
+        if self.quota is None:
+            return None
+        if refills_due(self.quota_refill, self.quota_reset_at, now or utcnow()):
+            return self.quota
+        return self.quota_remaining if self.quota_remaining is not None else self.quota
+
+    def next_refill(self, now: datetime | None = None) -> datetime | None:
+        """When the quota is next set back to full, or ``None`` if it never is."""
+        refill, reset_at = self.quota_refill, self.quota_reset_at
+        if self.quota is None or refill is None or reset_at is None or refill <= timedelta(0):
+            return None
+        return reset_at + (refills_due(refill, reset_at, now or utcnow()) + 1) * refill
+
+    def to_public_dict(self, now: datetime | None = None) -> dict[str, Any]:
+        """Every field but the hash, JSON-ready (timestamps as ISO 8601)."""
+        return {
+            "id": self.id,
+            "owner": self.owner,
+            "name": self.name,
+            "prefix": self.prefix,
+            "redacted": f"{self.prefix}_{self.id}…",
+            "scopes": list(self.scopes),
+            "metadata": dict(self.metadata),
+            "status": self.status(now),
+            "created_at": _iso(self.created_at),
+            "expires_at": _iso(self.expires_at),
+            "last_used_at": _iso(self.last_used_at),
+            "revoked_at": _iso(self.revoked_at),
+            "replaces": self.replaces,
+            "replaced_by": self.replaced_by,
+            "rate_limit": self.rate_limit,
+            "quota": self.quota,
+            "quota_remaining": self.quota_left(now),
+            "quota_refill": (
+                self.quota_refill.total_seconds() if self.quota_refill is not None else None
+            ),
+            "quota_next_refill": _iso(self.next_refill(now)),
+            "disabled_at": _iso(self.disabled_at),
+            "ip_allowlist": list(self.ip_allowlist),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class KeyEvent:
+    """One audit-log entry: a change to a key, written in the change's own transaction.
+
+    ``detail`` is JSON (for ``updated``: the fields set and their new values); it never
+    holds a secret or a hash. A ``pruned`` event concerns the log itself, not a key:
+    its ``key_id`` and ``owner`` are empty."""
+
+    at: datetime
+    key_id: str
+    owner: str
+    action: str
+    actor: str
+    detail: Mapping[str, Any] = field(default_factory=dict)
+    #: The store's sequence number: increasing in the order events were written.
+    id: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready, one line per event for a SIEM (``keystile events --json``)."""
+        return {
+            "id": self.id,
+            "at": self.at.isoformat(),
+            "key_id": self.key_id,
+            "owner": self.owner,
+            "action": self.action,
+            "actor": self.actor,
+            "detail": dict(self.detail),
+        }

@@ -1,0 +1,117 @@
+"""The SQLite store's usage: ``last_used_at`` and quotas in one transaction per flush,
+and per-minute counts summed into buckets."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Mapping
+from datetime import datetime, timezone
+
+from ..calls import UsageQuery
+from ..records import QuotaState, UsageBucket, UsageCounts, UsageTotal
+from ..sql import touch_assignments
+from .connection import Connection, select_in
+from .schema import SQLITE, transaction
+
+__all__ = ["Usage"]
+
+#: One key's usage write: parameters ``(at, uses, id)``, the time in UTC seconds.
+_TOUCH_SET = touch_assignments(
+    SQLITE,
+    k="",
+    at="$1",
+    n="$2",
+    zero="0",
+    refill_due="$1 - quota_reset_at >= quota_refill",
+    periods="CAST(($1 - quota_reset_at) / quota_refill AS INTEGER)",
+)
+_TOUCH = SQLITE.render(f"UPDATE keystile_keys SET {_TOUCH_SET} WHERE id = $3")  # noqa: S608
+_QUOTAS = (
+    "SELECT id, quota_remaining, quota_reset_at FROM keystile_keys"
+    " WHERE id IN ({marks}) AND quota IS NOT NULL"
+)
+#: One row per (key, minute), added to by every process's flush.
+_USAGE_UPSERT = (
+    "INSERT INTO keystile_usage (key_id, minute, requests, rejected) VALUES (?, ?, ?, ?)"
+    " ON CONFLICT (key_id, minute) DO UPDATE SET requests = requests + excluded.requests,"
+    " rejected = rejected + excluded.rejected"
+)
+_BUCKETS = (
+    "SELECT (u.minute / ?) * ? AS start, SUM(u.requests), SUM(u.rejected)"
+    " FROM keystile_usage AS u JOIN keystile_keys AS k ON k.id = u.key_id"
+    " WHERE u.key_id = ? AND k.owner = ? AND u.minute >= ? AND u.minute < ?"
+    " GROUP BY start ORDER BY start"
+)
+_TOP = (
+    "SELECT u.key_id, k.name, SUM(u.requests) AS r, SUM(u.rejected) AS j"
+    " FROM keystile_usage AS u JOIN keystile_keys AS k ON k.id = u.key_id"
+    " WHERE k.owner = ? AND u.minute >= ? AND u.minute < ?"
+    " GROUP BY u.key_id, k.name ORDER BY r DESC, j DESC, u.key_id LIMIT ?"
+)
+_PRUNE = (
+    "DELETE FROM keystile_usage WHERE rowid IN (SELECT rowid FROM"
+    " keystile_usage WHERE minute < ? LIMIT ?)"
+)
+#: Past any minute a store will hold: the open end of a period without ``until``.
+_NO_END = 2**62
+
+
+def _minute(value: datetime | None) -> int:
+    return int(value.timestamp()) if value is not None else _NO_END
+
+
+class Usage(Connection):
+    """The usage part of ``SQLiteKeyStore``."""
+
+    async def touch_many(
+        self, touches: Mapping[str, datetime], uses: Mapping[str, int] | None = None
+    ) -> dict[str, QuotaState]:
+        counts = uses or {}
+        rows = [(at.timestamp(), counts.get(k, 0), k) for k, at in touches.items()]
+        ids = list(touches)
+
+        def touch(conn: sqlite3.Connection) -> dict[str, QuotaState]:
+            with transaction(conn):
+                conn.executemany(_TOUCH, rows)
+                return {
+                    row[0]: QuotaState(row[1], SQLITE.decode("time", row[2]))
+                    for row in select_in(conn, _QUOTAS, ids)
+                }
+
+        return await self._run(touch)
+
+    async def add_usage(self, counts: UsageCounts) -> None:
+        rows = [
+            (key_id, int(minute.timestamp()), requests, rejected)
+            for (key_id, minute), (requests, rejected) in counts.items()
+        ]
+        if not rows:
+            return
+
+        def add(conn: sqlite3.Connection) -> None:
+            with transaction(conn):
+                conn.executemany(_USAGE_UPSERT, rows)
+
+        await self._run(add)
+
+    async def _buckets(self, query: UsageQuery) -> list[UsageBucket]:
+        step = query.bucket_seconds
+        period = (_minute(query.since), _minute(query.until))
+        params = (step, step, query.key_id, query.owner, *period)
+        rows = await self._run(lambda conn: conn.execute(_BUCKETS, params).fetchall())
+        return [UsageBucket(datetime.fromtimestamp(r[0], timezone.utc), r[1], r[2]) for r in rows]
+
+    async def top_usage(
+        self, owner: str, *, since: datetime, until: datetime | None, limit: int
+    ) -> list[UsageTotal]:
+        params = (owner, _minute(since), _minute(until), limit)
+        rows = await self._run(lambda conn: conn.execute(_TOP, params).fetchall())
+        return [UsageTotal(row[0], row[1], row[2], row[3]) for row in rows]
+
+    async def prune_usage(self, *, before: datetime, limit: int) -> int:
+        def prune(conn: sqlite3.Connection) -> int:
+            with transaction(conn):
+                pruned: int = conn.execute(_PRUNE, (_minute(before), limit)).rowcount
+                return pruned
+
+        return await self._run(prune)
