@@ -691,17 +691,40 @@ def test_demo_self_test_deletes_its_database(
 def test_demo_deletes_its_database_on_ctrl_c(
     tmp_path: Path, demo_env: tuple[dict[str, str], Path]
 ) -> None:
-    """Ctrl+C (SIGINT) stops the demo server and deletes the demo's database."""
+    """Ctrl+C (SIGINT) to a demo that is serving stops it and deletes its database."""
+    import threading
+
+    import httpx
+
     env, tmp = demo_env
     process = subprocess.Popen(
         [*CLI, "demo", "--port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env,
     )  # fmt: skip
-    assert process.stdout is not None
-    try:
+    printed: list[str] = []
+    ready = threading.Event()
+
+    def read() -> None:
+        assert process.stdout is not None
         for line in process.stdout:
+            printed.append(line)
             if line.startswith("Press Ctrl+C"):
+                ready.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert ready.wait(60), "".join(printed)
+        base = re.search(r"curl -i (http://127\.0\.0\.1:\d+)/whoami   # 401", "".join(printed))
+        assert base is not None
+        answered = False
+        for _ in range(1500):  # until the server answers (it starts after the message)
+            try:
+                answered = httpx.get(base.group(1) + "/", timeout=5).status_code == 200
                 break
+            except httpx.TransportError:
+                threading.Event().wait(0.02)
+        assert answered
         assert len(demo_folders(tmp)) == 1
         process.send_signal(signal.SIGINT)
         _, stderr = process.communicate(timeout=60)
