@@ -549,7 +549,11 @@ FLAG_ERRORS = [
     (["usage", "{id}", "--owner", "acme", "--since", "200d", "--by", "minute"], "--since"),
     (["usage", "--owner", "acme", "--top", "0"], "--top"),
     (["usage", "--owner", "acme", "--top", "-1"], "--top"),
+    (["usage", "{id}", "--owner", "acme", "--plot", "/nonexistent-dir/usage.png"], "--plot"),
+    (["create", "--owner", "acme", "--name", "x", "--quota", "9" * 30], "--quota"),
+    (["events", "--limit", "9" * 30], "--limit"),
     (["demo", "--port", "-1"], "--port"),
+    (["demo", "--port", "70000"], "--port"),
 ]  # fmt: skip
 
 

@@ -110,7 +110,9 @@ def _checked(check: Callable[[str], T]) -> Callable[[str], T]:
     return convert
 
 
-def _at_least(least: int, what: str, hint: str = "") -> Callable[[str], int]:
+def _whole(what: str, least: int, most: int, hint: str = "") -> Callable[[str], int]:
+    """An argparse type for a whole number from ``least`` to ``most``."""
+
     def whole(text: str) -> int:
         try:
             value = int(text)
@@ -118,6 +120,8 @@ def _at_least(least: int, what: str, hint: str = "") -> Callable[[str], int]:
             raise ValueError(f"invalid {what} {text!r}: a whole number") from None
         if value < least:
             raise ValueError(f"invalid {what} {text!r}: at least {least}{hint}")
+        if value > most:
+            raise ValueError(f"invalid {what} {text!r}: at most {most}")
         return value
 
     return _checked(whole)
@@ -144,8 +148,11 @@ def _pair(text: str) -> tuple[str, str]:
 _duration = _checked(parse_duration)
 _one_second_or_more = _at_least_duration(timedelta(seconds=1))
 _rate_limit = _checked(lambda text: str(normalize_rate_limit(text)))
-_quota = _at_least(0, "quota")
-_count = _at_least(1, "count")
+#: Past these a store could not hold the number (a quota is a 62-bit integer; a count is
+#: a 32-bit SQL LIMIT).
+MAX_QUOTA, MAX_COUNT = 2**62 - 1, 2**31 - 1
+_quota = _whole("quota", 0, MAX_QUOTA)
+_count = _whole("count", 1, MAX_COUNT)
 _owner = _checked(validate_owner)
 _name = _checked(validate_name)
 _scope = _checked(lambda text: validate_scopes([text])[0])
@@ -281,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="an IPv4/IPv6 network the key may be used from (repeatable)",
     )
     _add_limit_options(
-        p, quota=_at_least(1, "quota", " (a key with a quota of 0 could never be used)")
+        p, quota=_whole("quota", 1, MAX_QUOTA, " (a key with a quota of 0 could never be used)")
     )
     _add_actor_option(p)
 
@@ -410,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
         "keystile demo --port 8000",
     )
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=_at_least(0, "port"), default=8000)
+    p.add_argument("--port", type=_whole("port", 0, 65535), default=8000)
     p.add_argument(
         "--self-test",
         action="store_true",
@@ -624,15 +631,19 @@ async def _usage(manager: KeyManager, args: argparse.Namespace) -> None:
     starts = usage_chart.periods(now - args.since, now, args.by)
     buckets = await manager.usage(args.key_id, owner=args.owner, since=starts[0], by=args.by)
     rows = usage_chart.dense(buckets, starts)
+    if args.plot:
+        title = f"key {args.key_id}, per {args.by}"
+        try:
+            usage_chart.plot_png(rows, args.plot, title=title, by=args.by)
+        except OSError as exc:
+            raise CommandError(f"--plot {args.plot}: {exc.strerror or exc}") from None
+        _err(f"wrote {args.plot}")
     if args.json:
         for row in rows:
             _json(row.to_dict())
     else:
         for line in usage_chart.bar_chart(rows):
             _out(line)
-    if args.plot:
-        usage_chart.plot_png(rows, args.plot, title=f"key {args.key_id}, per {args.by}", by=args.by)
-        _err(f"wrote {args.plot}")
 
 
 def _run_command(args: argparse.Namespace, url: str) -> int:
