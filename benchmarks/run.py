@@ -1,6 +1,7 @@
 """keystile benchmarks: every measured number in one run, each next to its target.
 
     python benchmarks/run.py --quick                       # under two minutes
+    python benchmarks/run.py --quick --only instructions   # the instruction counts (callgrind)
     python benchmarks/run.py --postgres-url postgresql://postgres@127.0.0.1:5432/test \\
         --json benchmarks/results/latest.json --plot docs/benchmark-latency.png
 
@@ -17,6 +18,11 @@ parts are skipped, with a message, without ``--postgres-url`` (or
 
 The machine these run on may be shared: every section records the load average, and
 ``--wait-quiet SECONDS`` waits up to that long for it to drop before each section.
+
+``--quick`` leaves out ``instructions`` unless ``--only`` names it: callgrind takes about
+a minute per run on the 2-core machine and the section needs four, more than the rest of
+the quick run together. Every section prints its wall and CPU time (the JSON keeps them):
+on a busy machine the CPU time says what the run costs on a quiet one.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import math
 import os
 import pathlib
 import platform
+import resource
 import subprocess
 import sys
 import time
@@ -51,6 +58,10 @@ SECTIONS = (
     "last-used",
     "peers",
 )
+#: Sections a --quick run leaves out unless --only names them (see the docstring).
+SLOW_SECTIONS = ("instructions",)
+#: What --quick promises; benchmarks/README.md and the README say the same.
+QUICK_PROMISE = "under two minutes"
 DEFAULT_RESULTS = BENCH_DIR / "results"
 
 
@@ -93,6 +104,14 @@ def _git_commit() -> str:
     return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (servers, workers)."""
+    own, children = (
+        resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+    )
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def _settings(quick: bool) -> dict[str, Any]:
     if quick:
         return {
@@ -102,7 +121,7 @@ def _settings(quick: bool) -> dict[str, Any]:
             "overhead_budget": 4.0,
             "instruction_sizes": [1_000],
             "memory_keys": 100_000,
-            "cold_workers_keys": 500,
+            "cold_workers_keys": 100,
             "dependencies_budget": 4.0,
             "server_keys": [1_000],
             "server_duration": 2.0,
@@ -147,7 +166,11 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="\n\n".join((__doc__ or "").split("\n\n")[1:]),
     )
-    parser.add_argument("--quick", action="store_true", help="a smaller run, under two minutes")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"a smaller run without instructions, {QUICK_PROMISE} on a quiet 2-core machine",
+    )
     parser.add_argument("--json", type=pathlib.Path, help="write every number here")
     parser.add_argument("--plot", type=pathlib.Path, help="write the PNG plot here")
     parser.add_argument(
@@ -175,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = _settings(args.quick)
     if args.peer_keys:
         settings["peer_keys"] = args.peer_keys
-    sections = args.only or list(SECTIONS)
+    sections = args.only or [s for s in SECTIONS if not (args.quick and s in SLOW_SECTIONS)]
     cpus = os.cpu_count() or 1
 
     results: dict[str, Any] = {
@@ -189,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             "git": _git_commit(),
             "settings": settings,
             "load_average": {},
+            "section_seconds": {},
         }
     }
     targets: list[Target] = []
@@ -199,7 +223,17 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
 
+    running: dict[str, Any] = {}
+
+    def section_done() -> None:
+        """Record and print the wall and CPU time of the section that just ran."""
+        if running:
+            wall, cpu = time.perf_counter() - running["wall"], _cpu_seconds() - running["cpu"]
+            results["meta"]["section_seconds"][running["name"]] = {"wall": wall, "cpu": cpu}
+            print(f"  [{running['name']}] {wall:.0f} s, CPU {cpu:.0f} s", flush=True)
+
     def section(name: str) -> None:
+        section_done()
         load = (
             wait_for_quiet(max(1.0, cpus * 0.75), args.wait_quiet)
             if args.wait_quiet
@@ -208,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         results["meta"]["load_average"][name] = load
         warn = "  (busy machine: numbers are noisy)" if load > cpus * 0.75 else ""
         print(f"\n[{name}] load average {load:.2f}{warn}", flush=True)
+        running.update(name=name, wall=time.perf_counter(), cpu=_cpu_seconds())
 
     if "hit" in sections:
         from hitpath import HIT_TARGETS, run_hitpath
@@ -293,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         targets += t
 
+    section_done()
     elapsed = time.perf_counter() - started
     results["meta"]["seconds"] = elapsed
     results["targets"] = [t.as_dict() for t in targets]

@@ -9,6 +9,7 @@ A block that really is a fragment says so on the line before its fence with
 from __future__ import annotations
 
 import ast
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -275,3 +276,245 @@ def test_readme_error_table_quotes_the_real_descriptions(reason: str) -> None:
     ]
     assert len(rows) == 1
     assert f'error_description="{description}"' in rows[0]
+
+
+# -- numbers and lists that must agree --------------------------------------------------
+
+BENCHMARKS_README = ROOT / "benchmarks" / "README.md"
+RUN_PY = ROOT / "benchmarks" / "run.py"
+SOURCES = sorted((ROOT / "src" / "keystile").rglob("*.py"))
+#: A list of HTTP statuses written with slashes: 400/401/403/503.
+STATUS_LIST = re.compile(r"\b[45]\d\d(?:/[45]\d\d){2,}\b")
+#: "about 4 ms", "~4 ms": a cost said in words.
+ABOUT_MS = re.compile(r"(?:~|about )(\d+(?:\.\d+)?) ms")
+
+
+def measured_argon2_ms() -> float:
+    """keystile's argon2id verify time, from the README's benchmark table."""
+    rows = [
+        line
+        for line in README.read_text(encoding="utf-8").splitlines()
+        if line.startswith("| argon2id verify at keystile's parameters")
+    ]
+    assert len(rows) == 1
+    found = re.search(r"\| (\d+(?:\.\d+)?) ms / \d+ ms \|$", rows[0])
+    assert found is not None, rows[0]
+    return float(found.group(1))
+
+
+@pytest.mark.parametrize(
+    "path", [*DOCS, BENCHMARKS_README, *SOURCES], ids=lambda p: str(p.relative_to(ROOT))
+)
+def test_argon2_cost_is_the_measured_one_everywhere(path: Path) -> None:
+    """Every argon2 cost given in words ("argon2 verification (about 4 ms)") is the
+    benchmark's number, rounded; no text names a 10-100 ms range."""
+    text = " ".join(path.read_text(encoding="utf-8").split())
+    assert not re.search(r"10\s*(?:-|\u2013|to)\s*100 ms", text)
+    expected = round(measured_argon2_ms())
+    for said in ABOUT_MS.finditer(text):
+        clause = re.split(r"[.;,] ", text[max(0, said.start() - 60) : said.start()])[-1]
+        if "argon2" in clause.lower():
+            assert round(float(said.group(1))) == expected, clause + said.group()
+
+
+def test_failure_status_lists_include_429() -> None:
+    """Every list of the statuses keystile fails with (400/401/403/…/503) includes 429,
+    the answer of a key's rate limit or quota."""
+    lists = [
+        (path.name, found.group())
+        for path in DOCS
+        for found in STATUS_LIST.finditer(path.read_text(encoding="utf-8"))
+        if "503" in found.group()
+    ]
+    assert lists
+    assert [item for item in lists if "429" not in item[1]] == []
+
+
+def run_time_claims(path: Path) -> dict[str, set[str]]:
+    """What ``path`` says a benchmark run takes: {"quick": {...}, "full": {...}}, from the
+    comments of the ``run.py`` command lines, the ``--quick`` option's description and
+    the full run's description."""
+    claims: dict[str, set[str]] = {"quick": set(), "full": set()}
+    command: list[str] = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if "run.py" in line or command:
+            command.append(line)
+            if line.rstrip().endswith("\\"):
+                continue
+            text = " ".join(command)
+            command = []
+        else:
+            text = line
+        for said in re.findall(r"(?:under |about |a few |~)\w*\s?minutes\b", text):
+            kind = "quick" if "--quick" in text and "--only" not in text else "full"
+            if kind == "full" and "full run" not in text and "run.py" not in text:
+                continue
+            claims[kind].add(said)
+    return claims
+
+
+def test_benchmark_run_times_agree() -> None:
+    """The README, benchmarks/README.md and run.py promise the same time for the quick run
+    (run.py's --quick help) and for the full run."""
+    paths = (README, BENCHMARKS_README, RUN_PY)
+    claims = {str(path.relative_to(ROOT)): run_time_claims(path) for path in paths}
+    assert all(c["quick"] for c in claims.values()), claims
+    assert len({said for c in claims.values() for said in c["quick"]}) == 1, claims
+    assert len({said for c in claims.values() for said in c["full"]}) == 1, claims
+
+
+# -- the API reference ------------------------------------------------------------------
+
+REFERENCE = ROOT / "docs" / "reference.md"
+FRAMEWORK_MODULES = ("keystile.fastapi", "keystile.litestar", "keystile.django")
+
+
+def test_reference_lists_every_public_name_once_the_middleware_first() -> None:
+    """docs/reference.md renders each name of keystile.__all__ once, APIKeyMiddleware first,
+    and the framework modules."""
+    import keystile
+
+    shown = re.findall(r"^::: ([\w.]+)\s*$", REFERENCE.read_text(encoding="utf-8"), re.M)
+    assert shown[0] == "keystile.APIKeyMiddleware"
+    names = [name.removeprefix("keystile.") for name in shown if name not in FRAMEWORK_MODULES]
+    assert sorted(names) == sorted(keystile.__all__)
+    assert set(FRAMEWORK_MODULES) <= set(shown)
+
+
+def rendered_docstrings() -> list[tuple[str, str]]:
+    """(where, docstring) of every object the reference page renders: the public names,
+    the framework modules and their public members, with their methods."""
+    import importlib
+    import inspect
+
+    import keystile
+
+    objects: list[tuple[str, Any]] = [
+        (f"keystile.{n}", getattr(keystile, n)) for n in keystile.__all__
+    ]
+    for module_name in FRAMEWORK_MODULES:
+        module = importlib.import_module(module_name)
+        objects.append((module_name, module))
+        objects += [(f"{module_name}.{n}", getattr(module, n)) for n in module.__all__]
+    found: list[tuple[str, str]] = [(keystile.__name__, keystile.__doc__ or "")]
+    for where, obj in objects:
+        found.append((where, inspect.getdoc(obj) or ""))
+        if inspect.isclass(obj):
+            for name, member in vars(obj).items():
+                if not name.startswith("_") and callable(member):
+                    found.append((f"{where}.{name}", inspect.getdoc(member) or ""))
+    return found
+
+
+def test_rendered_docstrings_have_no_rst_literal_markers() -> None:
+    """No docstring the reference page renders ends a line with reStructuredText's ``::``,
+    which the Markdown site would show as is."""
+    marked = [where for where, doc in rendered_docstrings() if re.search(r"::\s*$", doc, re.M)]
+    assert marked == []
+
+
+# -- what the install lines install -----------------------------------------------------
+
+
+def _project() -> dict[str, Any]:
+    tomllib = pytest.importorskip("tomllib")
+    project: dict[str, Any] = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return project
+
+
+def _name(requirement: str) -> str:
+    found = re.match(r"[A-Za-z0-9._-]+", requirement)
+    assert found is not None
+    return re.sub(r"[-_.]+", "-", found.group()).lower()
+
+
+def test_readme_demo_line_installs_the_demo_extra() -> None:
+    """The README's first command installs the demo extra and runs the demo."""
+    first_screen = README.read_text(encoding="utf-8").split("\n---\n")[0]
+    assert 'python -m pip install -e ".[demo]" && keystile demo' in first_screen
+
+
+def test_readme_says_how_to_turn_on_every_service_test() -> None:
+    """Every KEYSTILE_TEST_* and KEYSTILE_REQUIRE_* variable the tests read for a service
+    is named on the README's first screen, with how to start the service."""
+    tests_text = "\n".join(p.read_text(encoding="utf-8") for p in (ROOT / "tests").glob("*.py"))
+    variables = set(re.findall(r"KEYSTILE_(?:TEST|REQUIRE)_[A-Z_]+", tests_text))
+    variables -= {"KEYSTILE_REQUIRE_SPEEDUPS"}  # the compiled path, not a service
+    assert {"KEYSTILE_TEST_POSTGRES_URL", "KEYSTILE_TEST_REDIS_URL"} <= variables
+    first_screen = README.read_text(encoding="utf-8").split("\n---\n")[0]
+    assert [v for v in sorted(variables) if v not in first_screen] == []
+    for start in ("pg_ctlcluster", "redis-server", "apt-get install chromium", "/usr/bin/chromium"):
+        assert start in first_screen, start
+
+
+#: Run in a subprocess: keystile demo --self-test with every distribution outside
+#: ``sys.argv[1]`` (a JSON list) made unimportable, as in a venv with only those installed.
+ONLY_THESE_DISTRIBUTIONS = """
+import importlib.abc, importlib.metadata, json, re, sys
+allowed = set(json.loads(sys.argv[1]))
+owners = importlib.metadata.packages_distributions()
+class OnlyAllowed(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        dists = owners.get(name.partition(".")[0], [])
+        if dists and not any(re.sub(r"[-_.]+", "-", d).lower() in allowed for d in dists):
+            raise ModuleNotFoundError(f"not installed here: {name}", name=name)
+        return None
+sys.meta_path.insert(0, OnlyAllowed())
+from keystile.cli import main
+sys.exit(main(["demo", "--self-test", "--port", "0"]))
+"""
+
+
+def test_demo_runs_with_only_the_demo_extra(tmp_path: Path) -> None:
+    """keystile demo --self-test passes with nothing importable but keystile, its
+    dependencies, the demo extra and what those require (as after
+    ``pip install -e ".[demo]"`` in a fresh venv)."""
+    import importlib.metadata
+    import subprocess
+    import sys
+
+    project = _project()
+    wanted = [*project["dependencies"], *project["optional-dependencies"]["demo"]]
+    allowed = {"keystile", *(_name(r) for r in wanted)}
+    todo = list(allowed)
+    while todo:
+        try:
+            requires = importlib.metadata.requires(todo.pop()) or []
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        for requirement in requires:
+            name = _name(requirement)
+            if "extra ==" not in requirement and name not in allowed:
+                allowed.add(name)
+                todo.append(name)
+    assert "uvicorn" in allowed and "fastapi" not in allowed and "httptools" not in allowed
+    done = subprocess.run(
+        [sys.executable, "-c", ONLY_THESE_DISTRIBUTIONS, json.dumps(sorted(allowed))],
+        capture_output=True, text=True, timeout=120, check=False, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("(expected 200)") == 2
+
+
+def test_every_dev_dependency_is_used() -> None:
+    """Each package of the dev extra is imported or named somewhere in the project (code,
+    tests, benchmarks, examples, the docs site's configuration); a types-X stub package
+    goes with X."""
+    import importlib.metadata
+
+    texts = [ROOT / "mkdocs.yml", ROOT / ".ci" / "run"]
+    for folder in ("src", "tests", "benchmarks", "examples", "docs"):
+        texts += (ROOT / folder).rglob("*.py")
+    text = "\n".join(p.read_text(encoding="utf-8", errors="replace") for p in texts)
+    import_names: dict[str, set[str]] = {}
+    for top, dists in importlib.metadata.packages_distributions().items():
+        for dist in dists:
+            import_names.setdefault(_name(dist), set()).add(top)
+    dev = [_name(r) for r in _project()["optional-dependencies"]["dev"]]
+    unused = []
+    for name in dev:
+        target = name.removeprefix("types-")
+        names = import_names.get(target, set()) | {target.replace("-", "_")}
+        if not any(re.search(rf"\b{re.escape(n)}\b", text) for n in names if not n.startswith("_")):
+            unused.append(name)
+    assert unused == []

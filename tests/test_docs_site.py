@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import html
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_site_builds_strict(tmp_path: Path) -> None:
-    """``mkdocs build --strict`` succeeds and renders every page, the API reference included."""
+    """``mkdocs build --strict`` succeeds and renders every page; the API reference starts
+    with APIKeyMiddleware and shows no reStructuredText ``::`` marker."""
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(tmp_path / "site")],
@@ -28,5 +31,11 @@ def test_site_builds_strict(tmp_path: Path) -> None:
         assert (site / page / "index.html").is_file()
     reference = (site / "reference" / "index.html").read_text(encoding="utf-8")
     assert "APIKeyMiddleware" in reference and "KeyManager" in reference
+    objects = re.findall(r'<h\d id="(keystile\.[\w.]+)"', reference)
+    assert objects[0] == "keystile.APIKeyMiddleware"  # the public API first
+    assert objects.index("keystile.KeyManager") < objects.index("keystile.VerifiedKeyCache")
+    article = reference[reference.index("<article") : reference.index("</article>")]
+    text = [line.strip() for line in html.unescape(re.sub(r"<[^>]+>", "\n", article)).splitlines()]
+    assert [line for line in text if line == "::" or re.search(r"\w::$", line)] == []
     overview = (site / "index.html").read_text(encoding="utf-8")
     assert 'href="integration/' in overview  # README links point at the site's pages

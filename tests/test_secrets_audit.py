@@ -206,7 +206,7 @@ def test_cli_shows_each_key_once_on_stdout_and_nowhere_else(
     outputs.append(run(capsys, *url, "reap", "--unused-for", "0s", "--dry-run", "--json"))
     outputs.append(run(capsys, *url, "reap", "--unused-for", "0s"))
 
-    records = json.loads(outputs[1][0])
+    records = [json.loads(line) for line in outputs[1][0].splitlines()]  # JSON Lines
     assert len(records) == 3
     secrets = [s for key in keys for s in forbidden(key)]
     texts = [text for pair in outputs for text in pair] + log_texts(caplog.records)

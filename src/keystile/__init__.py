@@ -1,9 +1,7 @@
 """keystile: API-key authentication middleware for Starlette and FastAPI.
 
-::
-
-    from keystile import APIKeyMiddleware
-    app.add_middleware(APIKeyMiddleware, database_url="sqlite:///keystile.db")
+from keystile import APIKeyMiddleware
+app.add_middleware(APIKeyMiddleware, database_url="sqlite:///keystile.db")
 """
 
 from __future__ import annotations

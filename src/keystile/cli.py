@@ -1,23 +1,24 @@
 """The ``keystile`` command: mint, list, show, update, disable, enable, revoke, rotate and
 reap keys; read the audit log; run a demo.
 
-Errors are one line on stderr and exit code 1, never a traceback. Only ``init``, ``create``
-and ``demo`` may create a missing SQLite database; the other commands refuse to run on one.
+Errors are one line on stderr and exit code 1, never a traceback, and name the option as
+typed (``--expires-in``), never a parameter of the Python API. ``--database-url`` and
+``--json`` go before the command or after it, as gh's and stripe's do. ``--json`` output is
+JSON Lines: one object for a command about one key, one object per line for a list or a
+stream. Only ``init``, ``create`` and ``demo`` may create a missing SQLite database; the
+other commands refuse to run on one.
 """
 
 from __future__ import annotations
 
 import argparse
 import getpass
+import importlib.metadata
 import json
 import os
 import socket
 import sys
-import tempfile
-import threading
-import urllib.error
-import urllib.request
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -30,11 +31,18 @@ from .durations import format_duration, parse_duration
 from .errors import KeystileError
 from .limits import normalize_rate_limit
 from .manager import DEFAULT_ROTATION_GRACE, UNCHANGED, CreatedKey, KeyManager
+from .principal import normalize_cidrs
 from .stores import SQLiteKeyStore, store_from_url
 from .stores.protocol import KeyStore
 from .stores.records import KeyEvent, KeyRecord, utcnow
 from .tokens import normalize_key_id
-from .validation import validate_actor
+from .validation import (
+    validate_actor,
+    validate_metadata,
+    validate_name,
+    validate_owner,
+    validate_scopes,
+)
 
 __all__ = ["main"]
 
@@ -52,6 +60,8 @@ The database is --database-url, else ${DATABASE_URL_ENV}, else {DEFAULT_DATABASE
 (a file in the current directory). URLs: sqlite:///path.db, postgresql://user@host/db.
 Only init, create and demo create a missing SQLite file; the other commands fail.
 KEY_ID is a key's id or its display form, as in ks_AbC123def456… (either works).
+--database-url and --json go before the command or after it. --json prints one JSON
+object per line: one for a command about one key, one per key, event or period for lists.
 """
 
 EPILOG = """\
@@ -84,32 +94,69 @@ class _Parser(argparse.ArgumentParser):
         self.exit(1, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _duration(text: str) -> timedelta:
-    try:
-        return parse_duration(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+def _checked(check: Callable[[str], T]) -> Callable[[str], T]:
+    """An argparse type from a check raising ``ValueError`` or ``KeystileError``: the error
+    becomes argparse's one line, which names the option (``argument --scope: …``), so the
+    operator reads the flag they typed, never a parameter name of the Python API."""
+
+    def convert(text: str) -> T:
+        try:
+            return check(text)
+        except (ValueError, KeystileError) as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return convert
 
 
-def _rate_limit(text: str) -> str:
-    try:
-        normal = normalize_rate_limit(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    assert normal is not None
-    return normal
+def _whole(what: str, least: int, most: int, hint: str = "") -> Callable[[str], int]:
+    """An argparse type for a whole number from ``least`` to ``most``."""
+
+    def whole(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError(f"invalid {what} {text!r}: a whole number") from None
+        if value < least:
+            raise ValueError(f"invalid {what} {text!r}: at least {least}{hint}")
+        if value > most:
+            raise ValueError(f"invalid {what} {text!r}: at most {most}")
+        return value
+
+    return _checked(whole)
 
 
-def _quota(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"invalid quota {text!r}: a whole number of uses"
-        ) from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"invalid quota {text!r}: at least 0")
-    return value
+def _at_least_duration(shortest: timedelta) -> Callable[[str], timedelta]:
+    def duration(text: str) -> timedelta:
+        value = parse_duration(text)
+        if value < shortest:
+            raise ValueError(f"invalid duration {text!r}: at least {format_duration(shortest)}")
+        return value
+
+    return _checked(duration)
+
+
+def _pair(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"KEY=VALUE, got {text!r}")
+    validate_metadata({key: value})
+    return key, value
+
+
+_duration = _checked(parse_duration)
+_one_second_or_more = _at_least_duration(timedelta(seconds=1))
+_rate_limit = _checked(lambda text: str(normalize_rate_limit(text)))
+#: Past these a store could not hold the number (a quota is a 62-bit integer; a count is
+#: a 32-bit SQL LIMIT).
+MAX_QUOTA, MAX_COUNT = 2**62 - 1, 2**31 - 1
+_quota = _whole("quota", 0, MAX_QUOTA)
+_count = _whole("count", 1, MAX_COUNT)
+_owner = _checked(validate_owner)
+_name = _checked(validate_name)
+_scope = _checked(lambda text: validate_scopes([text])[0])
+_cidr = _checked(lambda text: normalize_cidrs([text])[0])
+_metadata_pair = _checked(_pair)
+_actor = _checked(validate_actor)
 
 
 def default_actor() -> str:
@@ -122,17 +169,38 @@ def default_actor() -> str:
     return actor if actor.isprintable() else "cli"
 
 
-def _actor(text: str) -> str:
+def _version() -> str:
     try:
-        return validate_actor(text)
-    except KeystileError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+        return importlib.metadata.version("keystile")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
+def _global_options(*, on_command: bool) -> _Parser:
+    """``--database-url`` and ``--json``, taken before the command and after it, as gh and
+    stripe take theirs. On a command they default to ``SUPPRESS``: a command that was not
+    given the option leaves the value given before the command alone."""
+    options = _Parser(add_help=False)
+    default: dict[str, Any] = {"default": argparse.SUPPRESS} if on_command else {}
+    options.add_argument(
+        "--database-url",
+        metavar="URL",
+        help=f"key database (default: ${DATABASE_URL_ENV}, else {DEFAULT_DATABASE_URL})",
+        **default,
+    )
+    options.add_argument(
+        "--json",
+        action="store_true",
+        help="JSON on stdout: one object per line for lists, one object for one key",
+        **default,
+    )
+    return options
 
 
 def _add_key_id(p: argparse.ArgumentParser) -> None:
     """KEY_ID (the id or its display form, ``ks_<id>…``) and the ``--owner`` it must have."""
     p.add_argument("key_id", metavar="KEY_ID", type=normalize_key_id)
-    p.add_argument("--owner", required=True)
+    p.add_argument("--owner", required=True, type=_owner)
 
 
 def _add_actor_option(p: argparse.ArgumentParser) -> None:
@@ -143,13 +211,16 @@ def _add_actor_option(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_limit_options(p: argparse.ArgumentParser) -> None:
+def _add_limit_options(p: argparse.ArgumentParser, *, quota: Callable[[str], int]) -> None:
     p.add_argument(
         "--rate-limit", type=_rate_limit, metavar="N/UNIT", help="e.g. 10/second, 100/minute, 5/day"
     )
-    p.add_argument("--quota", type=_quota, metavar="N", help="uses allowed (in each refill period)")
+    p.add_argument("--quota", type=quota, metavar="N", help="uses allowed (in each refill period)")
     p.add_argument(
-        "--quota-refill", type=_duration, metavar="DURATION", help="refill the quota every, e.g. 1d"
+        "--quota-refill",
+        type=_one_second_or_more,
+        metavar="DURATION",
+        help="refill the quota every, e.g. 1d",
     )
 
 
@@ -159,14 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
         description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[_global_options(on_command=False)],
     )
-    parser.add_argument(
-        "--database-url",
-        metavar="URL",
-        help=f"key database (default: ${DATABASE_URL_ENV}, else {DEFAULT_DATABASE_URL})",
-    )
+    parser.add_argument("--version", action="version", version=f"keystile {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
+    shared = [_global_options(on_command=True)]
 
     def command(name: str, help: str, example: str) -> argparse.ArgumentParser:
         return sub.add_parser(
@@ -175,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
             description=help,
             epilog=f"example:\n  {example}",
             formatter_class=argparse.RawDescriptionHelpFormatter,
+            parents=shared,
         )
 
     command("init", "create or upgrade the key tables (idempotent)", "keystile init")
@@ -184,37 +254,49 @@ def build_parser() -> argparse.ArgumentParser:
         "mint a key and print it once (the key alone goes to stdout)",
         'keystile create --owner acme --name "laptop" --scope items:read --expires-in 90d',
     )
-    p.add_argument("--owner", required=True, help="user, workspace or tenant id")
-    p.add_argument("--name", required=True, help="1-64 printable characters, unique per owner")
+    p.add_argument("--owner", required=True, type=_owner, help="user, workspace or tenant id")
     p.add_argument(
-        "--scope", action="append", default=[], dest="scopes", help="a scope (repeatable)"
+        "--name", required=True, type=_name, help="1-64 printable characters, unique per owner"
     )
-    p.add_argument("--expires-in", type=_duration, help="e.g. 30s, 15m, 1h, 90d")
+    p.add_argument(
+        "--scope",
+        action="append",
+        default=[],
+        dest="scopes",
+        type=_scope,
+        help="a scope (repeatable)",
+    )
+    p.add_argument("--expires-in", type=_one_second_or_more, help="e.g. 30s, 15m, 1h, 90d")
     p.add_argument("--replace", action="store_true", help="revoke the active key of that name")
     p.add_argument(
-        "--metadata", action="append", default=[], metavar="KEY=VALUE", help="(repeatable)"
+        "--metadata",
+        action="append",
+        default=[],
+        type=_metadata_pair,
+        metavar="KEY=VALUE",
+        help="(repeatable)",
     )
     p.add_argument(
         "--ip-allow",
         action="append",
         default=[],
         dest="ip_allow",
+        type=_cidr,
         metavar="CIDR",
         help="an IPv4/IPv6 network the key may be used from (repeatable)",
     )
-    _add_limit_options(p)
+    _add_limit_options(
+        p, quota=_whole("quota", 1, MAX_QUOTA, " (a key with a quota of 0 could never be used)")
+    )
     _add_actor_option(p)
-    p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = command("list", "list an owner's keys, or every key", "keystile list --owner acme --json")
     who = p.add_mutually_exclusive_group(required=True)
-    who.add_argument("--owner")
+    who.add_argument("--owner", type=_owner)
     who.add_argument("--all", action="store_true", help="every owner's keys (for operators)")
-    p.add_argument("--json", action="store_true", help="all fields but the hash, as JSON")
 
-    p = command("show", "show one key of an owner", "keystile show KEY_ID --owner acme")
+    p = command("show", "show one key of an owner", "keystile show KEY_ID --owner acme --json")
     _add_key_id(p)
-    p.add_argument("--json", action="store_true")
 
     p = command(
         "update",
@@ -226,32 +308,36 @@ def build_parser() -> argparse.ArgumentParser:
         "--scope",
         action="append",
         dest="scopes",
+        type=_scope,
         help="the key's scopes become those given (repeatable)",
     )
     p.add_argument("--no-scopes", action="store_true", help="remove every scope")
-    p.add_argument("--name", help="rename (1-64 printable characters, unique per owner)")
+    p.add_argument(
+        "--name", type=_name, help="rename (1-64 printable characters, unique per owner)"
+    )
     p.add_argument(
         "--metadata",
         action="append",
+        type=_metadata_pair,
         metavar="KEY=VALUE",
         help="the key's metadata becomes the pairs given (repeatable)",
     )
     p.add_argument("--no-metadata", action="store_true", help="remove the metadata")
-    p.add_argument("--expires-in", type=_duration, help="a new expiry from now, e.g. 30d")
+    p.add_argument("--expires-in", type=_one_second_or_more, help="a new expiry from now, e.g. 30d")
     p.add_argument("--no-expiry", action="store_true", help="remove the expiry")
     p.add_argument(
         "--ip-allow",
         action="append",
         dest="ip_allow",
+        type=_cidr,
         metavar="CIDR",
         help="the allowlist becomes the networks given (repeatable)",
     )
     p.add_argument("--no-ip-allow", action="store_true", help="remove the IP allowlist")
-    _add_limit_options(p)
+    _add_limit_options(p, quota=_quota)
     p.add_argument("--no-rate-limit", action="store_true", help="remove the key's rate limit")
     p.add_argument("--no-quota", action="store_true", help="remove the key's quota")
     _add_actor_option(p)
-    p.add_argument("--json", action="store_true")
 
     for verb, what in (
         ("disable", "switch a key off (reversible with enable); running apps refuse it at once"),
@@ -260,18 +346,16 @@ def build_parser() -> argparse.ArgumentParser:
         p = command(verb, what, f"keystile {verb} KEY_ID --owner acme")
         _add_key_id(p)
         _add_actor_option(p)
-        p.add_argument("--json", action="store_true")
 
     p = command(
         "events",
         "the audit log: every change to a key, oldest first (--json: one object per line)",
         "keystile events --owner acme --since 7d --json",
     )
-    p.add_argument("--owner", help="only this owner's keys (default: every owner)")
+    p.add_argument("--owner", type=_owner, help="only this owner's keys (default: every owner)")
     p.add_argument("--key", type=normalize_key_id, metavar="KEY_ID", help="only this key")
     p.add_argument("--since", type=_duration, metavar="DURATION", help="e.g. 7d, 1h")
-    p.add_argument("--limit", type=_quota, metavar="N", help="only the newest N events")
-    p.add_argument("--json", action="store_true", help="JSON lines, for a SIEM")
+    p.add_argument("--limit", type=_count, metavar="N", help="only the newest N events (N >= 1)")
     p.add_argument(
         "--prune-older-than",
         type=_duration,
@@ -293,7 +377,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_key_id(p)
     p.add_argument("--grace", type=_duration, default=DEFAULT_ROTATION_GRACE, help="default: 1h")
     _add_actor_option(p)
-    p.add_argument("--json", action="store_true")
 
     p = command(
         "reap",
@@ -306,24 +389,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--include-disabled", action="store_true", help="reap disabled keys too (default: never)"
     )
     _add_actor_option(p)
-    p.add_argument("--json", action="store_true")
 
     p = command(
         "usage",
-        "a key's requests and refused attempts over time, or an owner's busiest keys",
+        "a key's requests and refused attempts per period from --since to now, or an"
+        " owner's busiest keys",
         "keystile usage KEY_ID --owner acme --since 7d --by hour",
     )
     p.add_argument("key_id", metavar="KEY_ID", nargs="?", type=normalize_key_id)
-    p.add_argument("--owner", required=True)
+    p.add_argument("--owner", required=True, type=_owner)
     p.add_argument(
         "--since", type=_duration, default=timedelta(days=1), help="e.g. 1h, 7d (default: 1d)"
     )
     p.add_argument(
         "--by", choices=("minute", "hour", "day"), default="hour", help="period (default: hour)"
     )
-    p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--plot", metavar="FILE.png", help="also draw a chart to a PNG (matplotlib)")
-    p.add_argument("--top", type=_quota, metavar="N", help="the owner's N busiest keys instead")
+    p.add_argument(
+        "--top", type=_count, metavar="N", help="the owner's N busiest keys instead (N >= 1)"
+    )
 
     p = command(
         "demo",
@@ -331,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
         "keystile demo --port 8000",
     )
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_whole("port", 0, 65535), default=8000)
     p.add_argument(
         "--self-test",
         action="store_true",
@@ -349,6 +433,12 @@ def _out(text: str = "") -> None:
 
 def _err(text: str = "") -> None:
     print(text, file=sys.stderr)
+
+
+def _json(value: Mapping[str, Any]) -> None:
+    """One JSON object on one line, the shape of every ``--json`` output: a command about
+    one key prints one, a list or a stream prints one per line (JSON Lines)."""
+    _out(json.dumps(value))
 
 
 def _when(record: KeyRecord, field: str) -> str:
@@ -414,7 +504,7 @@ def _show(record: KeyRecord) -> None:
 def _print_created(created: CreatedKey, as_json: bool, verb: str) -> None:
     record = created.record
     if as_json:
-        _out(json.dumps({"key": created.key, **record.to_public_dict()}))
+        _json({"key": created.key, **record.to_public_dict()})
         return
     expires = record.expires_at.isoformat() if record.expires_at else "never"
     _err(
@@ -453,20 +543,10 @@ async def _with_manager(store: KeyStore, work: Callable[[KeyManager], Awaitable[
         await manager.close()
 
 
-def _metadata(pairs: Sequence[str]) -> dict[str, str]:
-    result = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise CommandError(f"--metadata takes KEY=VALUE, got {pair!r}")
-        result[key] = value
-    return result
-
-
 def _events(events: Sequence[KeyEvent], as_json: bool) -> None:
     if as_json:
         for event in events:
-            _out(json.dumps(event.to_dict(), sort_keys=True))
+            _json(event.to_dict())
         return
     for e in events:
         detail = json.dumps(dict(e.detail), sort_keys=True) if e.detail else ""
@@ -494,7 +574,7 @@ def _update_changes(args: argparse.Namespace) -> dict[str, Any]:
     if args.metadata is not None and args.no_metadata:
         raise CommandError("give --metadata or --no-metadata, not both")
     if args.metadata is not None or args.no_metadata:
-        changes["metadata"] = _metadata(args.metadata or [])
+        changes["metadata"] = dict(args.metadata or [])
     if _pick(args, "expires_in", "no_expiry", "expires-in"):
         if args.no_expiry:
             changes["expires_at"] = None
@@ -534,12 +614,10 @@ async def _usage(manager: KeyManager, args: argparse.Namespace) -> None:
     if args.top is not None:
         if args.key_id is not None or args.plot:
             raise CommandError("--top lists an owner's keys: give no KEY_ID and no --plot")
-        if args.top < 1:
-            raise CommandError("--top takes at least 1")
         totals = await manager.top_keys(args.owner, since=args.since, limit=args.top)
         if args.json:
             for total in totals:
-                _out(json.dumps(total.to_dict(), sort_keys=True))
+                _json(total.to_dict())
         else:
             usage_chart.top_table(totals, args.owner, format_duration(args.since), _out, _err)
         return
@@ -547,19 +625,23 @@ async def _usage(manager: KeyManager, args: argparse.Namespace) -> None:
         raise CommandError("give a KEY_ID, or --top N for the owner's busiest keys")
     if args.plot:
         usage_chart.require_matplotlib()
-    buckets = await manager.usage(args.key_id, owner=args.owner, since=args.since, by=args.by)
-    if args.json:
-        for bucket in buckets:
-            _out(json.dumps(bucket.to_dict(), sort_keys=True))
-    else:
-        now = utcnow()
-        for line in usage_chart.bar_chart(buckets, since=now - args.since, until=now, by=args.by):
-            _out(line)
+    now = utcnow()
+    starts = usage_chart.periods(now - args.since, now, args.by)
+    buckets = await manager.usage(args.key_id, owner=args.owner, since=starts[0], by=args.by)
+    rows = usage_chart.dense(buckets, starts)
     if args.plot:
-        usage_chart.plot_png(
-            buckets, args.plot, title=f"key {args.key_id}, per {args.by}", by=args.by
-        )
+        title = f"key {args.key_id}, per {args.by}"
+        try:
+            usage_chart.plot_png(rows, args.plot, title=title, by=args.by)
+        except OSError as exc:
+            raise CommandError(f"--plot {args.plot}: {exc.strerror or exc}") from None
         _err(f"wrote {args.plot}")
+    if args.json:
+        for row in rows:
+            _json(row.to_dict())
+    else:
+        for line in usage_chart.bar_chart(rows):
+            _out(line)
 
 
 def _run_command(args: argparse.Namespace, url: str) -> int:
@@ -569,13 +651,18 @@ def _run_command(args: argparse.Namespace, url: str) -> int:
         if getattr(args, "actor", None) is not None:
             manager.actor = args.actor
         if command == "init":
-            _err(f"keystile: {manager.store.display_url} is ready")
+            if args.json:
+                _json({"database_url": manager.store.display_url, "ready": True})
+            else:
+                _err(f"keystile: {manager.store.display_url} is ready")
         elif command == "create":
+            if args.quota_refill is not None and args.quota is None:
+                raise CommandError("--quota-refill needs --quota N: the uses it refills")
             created = await manager.create(
                 owner=args.owner,
                 name=args.name,
                 scopes=args.scopes,
-                metadata=_metadata(args.metadata),
+                metadata=dict(args.metadata),
                 expires_in=args.expires_in,
                 replace=args.replace,
                 rate_limit=args.rate_limit,
@@ -587,7 +674,8 @@ def _run_command(args: argparse.Namespace, url: str) -> int:
         elif command == "list":
             records = await (manager.list_all() if args.all else manager.list(args.owner))
             if args.json:
-                _out(json.dumps([r.to_public_dict() for r in records], indent=2))
+                for record in records:
+                    _json(record.to_public_dict())
             elif records:
                 _table(records, owners=args.all)
             else:
@@ -595,13 +683,20 @@ def _run_command(args: argparse.Namespace, url: str) -> int:
         elif command == "show":
             record = await manager.get(args.key_id, owner=args.owner)
             if args.json:
-                _out(json.dumps(record.to_public_dict(), indent=2))
+                _json(record.to_public_dict())
             else:
                 _show(record)
         elif command == "update":
-            record = await manager.update(args.key_id, owner=args.owner, **_update_changes(args))
+            changes = _update_changes(args)
+            if "quota_refill" in changes and "quota" not in changes:
+                current = await manager.get(args.key_id, owner=args.owner)
+                if current.quota is None:
+                    raise CommandError(
+                        f"--quota-refill needs a quota: key {current.id} has none, give --quota N"
+                    )
+            record = await manager.update(args.key_id, owner=args.owner, **changes)
             if args.json:
-                _out(json.dumps(record.to_public_dict(), indent=2))
+                _json(record.to_public_dict())
             else:
                 _err(
                     f"updated key {record.id} ({record.name!r}): scopes"
@@ -614,23 +709,30 @@ def _run_command(args: argparse.Namespace, url: str) -> int:
             switch = manager.disable if command == "disable" else manager.enable
             record = await switch(args.key_id, owner=args.owner)
             if args.json:
-                _out(json.dumps(record.to_public_dict(), indent=2))
+                _json(record.to_public_dict())
             else:
                 _err(f"key {record.id} is {record.status()}")
         elif command == "events":
             if args.prune_older_than is not None:
                 pruned = await manager.prune_events(older_than=args.prune_older_than)
-                _err(
-                    f"pruned {pruned} event(s) older than {format_duration(args.prune_older_than)}"
-                )
+                if args.json:
+                    _json({"pruned": pruned})
+                else:
+                    _err(
+                        f"pruned {pruned} event(s) older than"
+                        f" {format_duration(args.prune_older_than)}"
+                    )
             else:
                 events = await manager.events(
-                    owner=args.owner, key_id=args.key, since=args.since, limit=args.limit or None
+                    owner=args.owner, key_id=args.key, since=args.since, limit=args.limit
                 )
                 _events(events, args.json)
         elif command == "revoke":
             await manager.get(args.key_id, owner=args.owner)  # KeyNotFound: not that owner's
-            if await manager.revoke(args.key_id, owner=args.owner):
+            revoked = await manager.revoke(args.key_id, owner=args.owner)
+            if args.json:
+                _json((await manager.get(args.key_id, owner=args.owner)).to_public_dict())
+            elif revoked:
                 _err(f"revoked key {args.key_id}")
             else:
                 _err(f"nothing to revoke: key {args.key_id} was already revoked")
@@ -648,7 +750,8 @@ def _run_command(args: argparse.Namespace, url: str) -> int:
                 include_disabled=args.include_disabled,
             )
             if args.json:
-                _out(json.dumps([r.to_public_dict() for r in records], indent=2))
+                for record in records:
+                    _json(record.to_public_dict())
             else:
                 verb = "would revoke" if args.dry_run else "revoked"
                 _err(f"{verb} {len(records)} key(s)")
@@ -660,95 +763,6 @@ def _run_command(args: argparse.Namespace, url: str) -> int:
     if command not in CREATING_COMMANDS:
         _require_database(store, url)
     return anyio.run(_with_manager, store, work)
-
-
-# -- demo -------------------------------------------------------------------------------
-
-
-def _free_port(host: str, preferred: int) -> int:
-    for port in (preferred, 0):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            try:
-                sock.bind((host, port))
-            except OSError:
-                continue
-            bound: int = sock.getsockname()[1]
-            return bound
-    raise CommandError(f"no free port on {host}")
-
-
-def _demo(args: argparse.Namespace, explicit_url: str | None) -> int:
-    try:
-        import uvicorn
-    except ImportError:
-        raise CommandError(
-            "keystile demo needs uvicorn: python -m pip install 'keystile[demo]'"
-        ) from None
-    from .demo import create_demo_app
-
-    if explicit_url or os.environ.get(DATABASE_URL_ENV):
-        url = resolve_database_url(explicit_url)
-    else:
-        url = f"sqlite:///{Path(tempfile.mkdtemp(prefix='keystile-demo-')) / 'demo.db'}"
-
-    async def mint(manager: KeyManager) -> CreatedKey:
-        return await manager.create(
-            owner="demo", name="demo key", scopes=["demo:read"], replace=True
-        )
-
-    created = anyio.run(_with_manager, store_from_url(url), mint)
-    port = _free_port(args.host, args.port)
-    base = f"http://{args.host}:{port}"
-    _out(f"keystile demo: database {url}")
-    _out(f"Minted key {created.record.id} (owner 'demo', scope demo:read), shown once:\n")
-    _out(f"    {created.key}\n")
-    _out("Try it:\n")
-    _out(f'    curl -i {base}/whoami -H "Authorization: Bearer {created.key}"   # 200')
-    _out(f'    curl -i {base}/whoami -H "X-API-Key: {created.key}"   # 200')
-    _out(f"    curl -i {base}/whoami   # 401, no key\n")
-    if not args.self_test:
-        _out("Press Ctrl+C to stop.\n")
-    sys.stdout.flush()
-
-    config = uvicorn.Config(
-        create_demo_app(url), host=args.host, port=port, log_level="warning", lifespan="on"
-    )
-    server = uvicorn.Server(config)
-    if not args.self_test:
-        server.run()
-        return 0
-
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        for _ in range(500):
-            if server.started:
-                break
-            threading.Event().wait(0.02)
-        checks = [
-            ("with Authorization: Bearer", {"Authorization": f"Bearer {created.key}"}, 200),
-            ("with X-API-Key", {"X-API-Key": created.key}, 200),
-            ("without a key", {}, 401),
-        ]
-        ok = True
-        for label, headers, expected in checks:
-            status = _get(f"{base}/whoami", headers)
-            ok &= status == expected
-            _out(f"GET /whoami {label}: {status} (expected {expected})")
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
-    return 0 if ok else 1
-
-
-def _get(url: str, headers: dict[str, str]) -> int:
-    request = urllib.request.Request(url, headers=headers)  # noqa: S310
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
-            status: int = response.status
-            return status
-    except urllib.error.HTTPError as exc:
-        return exc.code
 
 
 # -- entry point ------------------------------------------------------------------------
@@ -766,10 +780,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error argparse has printed
+        return int(exc.code or 0)
     try:
         if args.command == "demo":
-            return _demo(args, args.database_url)
+            return _demo(args)
         return _run_command(args, resolve_database_url(args.database_url))
     except BrokenPipeError:
         raise
@@ -778,6 +795,16 @@ def _main(argv: Sequence[str] | None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _demo(args: argparse.Namespace) -> int:
+    if args.json:
+        raise CommandError("keystile demo prints no JSON: it serves an app and prints curl lines")
+    from .demo import run_demo
+
+    explicit = args.database_url or os.environ.get(DATABASE_URL_ENV)
+    url = resolve_database_url(args.database_url) if explicit else None
+    return run_demo(url, host=args.host, port=args.port, self_test=args.self_test)
 
 
 def _silence_closed_output() -> None:

@@ -1,7 +1,5 @@
 """Django and Django REST framework over the key ``APIKeyMiddleware`` already verified.
 
-::
-
     # asgi.py
     from django.core.asgi import get_asgi_application
     from keystile.django import protect
@@ -303,7 +301,7 @@ class HasScopes(BasePermission):  # type: ignore[misc]
 
 
 def require_scopes(*scopes: str) -> type[HasScopes]:
-    """A :class:`HasScopes` with its own scopes, for function views::
+    """A :class:`HasScopes` with its own scopes, for function views:
 
     @api_view(["POST"])
     @permission_classes([require_scopes("items:write")])

@@ -1,7 +1,5 @@
 """FastAPI in one line: ``protect(app)``, and dependencies that read the verified key.
 
-::
-
     from fastapi import Depends, FastAPI
     from keystile.fastapi import CurrentKey, protect, require_scopes
 
@@ -222,7 +220,7 @@ class KeystileSecurity:
     """Dependencies that also declare the two security schemes on the operations using them.
 
     For apps that add ``APIKeyMiddleware`` themselves instead of calling :func:`protect`
-    and still want Swagger UI's *Authorize* on the routes that read the key::
+    and still want Swagger UI's *Authorize* on the routes that read the key:
 
         security = KeystileSecurity(header_name="X-Token")
         app.add_middleware(APIKeyMiddleware, header_name="X-Token")

@@ -1,7 +1,5 @@
 """Litestar: a plugin that installs keystile in one line, and a guard over its scopes.
 
-::
-
     from litestar import Litestar, get
     from keystile.litestar import KeystilePlugin, require_scopes
 

@@ -1,47 +1,69 @@
-"""``keystile usage`` output: a bar chart within 80 columns, a PNG, the busiest keys.
+"""``keystile usage`` output: every period from ``--since`` to now, as a bar chart within
+80 columns, as JSON Lines or as a PNG; and the busiest keys.
 
-Plain ASCII (``#`` bars, no colours), so it reads the same in any terminal, a CI log or
-a ticket. The PNG needs matplotlib, the optional extra ``keystile[plot]``.
+The store returns only the periods a key was used in; the chart, the JSON and the plot
+show every period of the range, the empty ones as zeros, so a quiet night reads as a
+quiet night and not as a gap, and a script gets one row per period without filling the
+holes itself. The chart is plain ASCII (``#`` bars, no colours), so it reads the same in
+any terminal, a CI log or a ticket. The PNG needs matplotlib, the extra ``keystile[plot]``.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING
 
+from .durations import format_duration
 from .errors import KeystileError
 from .stores.records import UsageBucket, UsageTotal
 
-__all__ = ["bar_chart", "plot_png", "require_matplotlib", "top_table"]
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = [
+    "bar_chart",
+    "dense",
+    "periods",
+    "plot_png",
+    "require_matplotlib",
+    "top_table",
+    "usage_figure",
+]
 
 #: Columns of the longest bar: 16 (time) + 2 + 40 + 2 + 9 (requests) + 2 + 8 (rejected).
 BAR_WIDTH = 40
-#: Periods drawn with their empty ones in between; past this only those with counts.
-MAX_FILLED_ROWS = 200
-_SECONDS = {"minute": 60, "hour": 3600, "day": 86400}
+#: The most periods one ``keystile usage`` shows: 90 days (the default retention) by
+#: minute fit; a century by minute, a typo, would be 52 million rows.
+MAX_PERIODS = 200_000
+SECONDS = {"minute": 60, "hour": 3600, "day": 86400}
 
 
-def _periods(since: datetime, until: datetime, seconds: int) -> list[datetime]:
+def periods(since: datetime, until: datetime, by: str) -> list[datetime]:
+    """The starts (UTC) of every ``by`` period from the one holding ``since`` to the one
+    holding ``until``; ``KeystileError`` naming the options when there are too many."""
+    seconds = SECONDS[by]
     first = math.floor(since.timestamp()) // seconds * seconds
     last = math.floor(until.timestamp()) // seconds * seconds
-    return [datetime.fromtimestamp(t, timezone.utc) for t in range(first, last + seconds, seconds)]
+    count = (last - first) // seconds + 1
+    if count > MAX_PERIODS:
+        raise KeystileError(
+            f"--since {format_duration(until - since)} --by {by} is {count} periods, more than"
+            f" {MAX_PERIODS}: choose a longer --by or a shorter --since"
+        )
+    return [datetime.fromtimestamp(t, timezone.utc) for t in range(first, last + 1, seconds)]
 
 
-def bar_chart(
-    buckets: Sequence[UsageBucket], *, since: datetime, until: datetime, by: str
-) -> list[str]:
-    """One line per period (UTC), a bar scaled to the busiest one, requests and refused
-    attempts as numbers; empty periods shown when there are at most ``MAX_FILLED_ROWS``."""
-    seconds = _SECONDS[by]
-    periods = _periods(since, until, seconds)
+def dense(buckets: Sequence[UsageBucket], starts: Sequence[datetime]) -> list[UsageBucket]:
+    """One bucket per period of ``starts``: the store's where it has one, else zeros."""
     found = {b.start: b for b in buckets}
-    if len(periods) <= MAX_FILLED_ROWS:
-        rows = [found.get(p, UsageBucket(p, 0, 0)) for p in periods]
-    else:
-        rows = list(buckets)
-    total_requests = sum(b.requests for b in buckets)
-    total_rejected = sum(b.rejected for b in buckets)
+    return [found.get(start) or UsageBucket(start, 0, 0) for start in starts]
+
+
+def bar_chart(rows: Sequence[UsageBucket]) -> list[str]:
+    """One line per period (UTC), a bar scaled to the busiest one, requests and refused
+    attempts as numbers, and the totals."""
     lines = [f"{'period (UTC)':<16}  {'':<{BAR_WIDTH}}  {'requests':>9}  {'rejected':>8}"]
     peak = max((b.requests + b.rejected for b in rows), default=0)
     for b in rows:
@@ -54,11 +76,9 @@ def bar_chart(
         lines.append(
             f"{b.start:%Y-%m-%d %H:%M}  {bar:<{BAR_WIDTH}}  {b.requests:>9}  {b.rejected:>8}"
         )
-    if len(periods) > MAX_FILLED_ROWS:
-        lines.append(f"(periods without use are not shown: {len(periods)} in the range)")
     lines.append(
         f"{'total':<16}  {'# requests  ! rejected':<{BAR_WIDTH}}  "
-        f"{total_requests:>9}  {total_rejected:>8}"
+        f"{sum(b.requests for b in rows):>9}  {sum(b.rejected for b in rows):>8}"
     )
     return lines
 
@@ -89,34 +109,39 @@ def require_matplotlib() -> None:
         ) from None
 
 
-def plot_png(buckets: Sequence[UsageBucket], path: str, *, title: str, by: str) -> None:
-    """Requests and refused attempts per period, as stacked bars, to a PNG file."""
+def usage_figure(rows: Sequence[UsageBucket], *, title: str, by: str) -> Figure:
+    """Requests and refused attempts per period, stacked, over a time axis (UTC) that runs
+    from the first period's start to the last one's end: a step per period, empty periods
+    at zero, so the width of a stretch of the axis is the time it took."""
     require_matplotlib()
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.dates import date2num
+    from matplotlib.dates import AutoDateLocator, ConciseDateFormatter, date2num
+    from matplotlib.figure import Figure
 
-    starts = [float(date2num(b.start)) for b in buckets]  # type: ignore[no-untyped-call]
-    figure, axes = plt.subplots(figsize=(10, 4), dpi=100)
-    try:
-        width = _SECONDS[by] / 86400 * 0.8  # matplotlib dates count in days
-        axes.bar(starts, [b.requests for b in buckets], width=width, label="requests")
-        axes.bar(
-            starts,
-            [b.rejected for b in buckets],
-            width=width,
-            bottom=[b.requests for b in buckets],
-            label="rejected",
-            color="tab:red",
-        )
-        axes.set_title(title)
-        axes.set_ylabel("count")
-        axes.set_xlabel("UTC")
+    period = timedelta(seconds=SECONDS[by])
+    edges = [b.start for b in rows] + ([rows[-1].start + period] if rows else [])
+    x = [float(date2num(edge)) for edge in edges]  # type: ignore[no-untyped-call]
+    figure = Figure(figsize=(10, 4), dpi=100)
+    axes = figure.add_subplot()
+    if rows:
+        requests = [b.requests for b in rows]
+        both = [b.requests + b.rejected for b in rows]
+        axes.stairs(both, x, fill=True, color="tab:red", label="rejected")
+        axes.stairs(requests, x, fill=True, color="tab:blue", label="requests")
+        axes.set_xlim(x[0], x[-1])
         axes.legend()
-        axes.xaxis_date()
-        figure.autofmt_xdate()
-        figure.savefig(path, format="png")
-    finally:
-        plt.close(figure)
+    locator = AutoDateLocator()  # type: ignore[no-untyped-call]
+    axes.xaxis.set_major_locator(locator)
+    axes.xaxis.set_major_formatter(ConciseDateFormatter(locator))  # type: ignore[no-untyped-call]
+    axes.set_ylim(bottom=0)
+    axes.set_title(title)
+    axes.set_ylabel("count")
+    axes.set_xlabel("UTC")
+    return figure
+
+
+def plot_png(rows: Sequence[UsageBucket], path: str, *, title: str, by: str) -> None:
+    """``usage_figure`` to a PNG file."""
+    usage_figure(rows, title=title, by=by).savefig(path, format="png")
