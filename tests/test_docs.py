@@ -366,7 +366,7 @@ def test_benchmark_run_times_agree() -> None:
 # -- the API reference ------------------------------------------------------------------
 
 REFERENCE = ROOT / "docs" / "reference.md"
-FRAMEWORK_MODULES = ("keystile.fastapi", "keystile.litestar", "keystile.django")
+FRAMEWORK_MODULES = ("keystile.fastapi", "keystile.litestar", "keystile.django", "keystile.quart")
 
 
 def test_reference_lists_every_public_name_once_the_middleware_first() -> None:
