@@ -17,6 +17,11 @@ cannot take the shared argon2 pool from other keys, and because admission does n
 at the store, the answer under overload is the same for a key id that exists and one
 that does not.
 
+Counting: a hit is a request the verified-key cache answered; a miss, a well-formed key
+that neither it nor the negative cache answered. A refusal repeated from the negative
+cache counts in ``negative_hits`` alone, so one client replaying a revoked key does not
+read as a cache too small.
+
 A key's state changes (revoke, rotation, expiry) evict it from the cache while a
 verification or a state refresh of it may be reading the store. Each reader notes the
 cache's epoch before it reads; if the key was evicted since, what it read may predate
@@ -244,7 +249,6 @@ class Verifier:
         now = self.monotonic()
         entry = self.cache.lookup(digest, now)
         if entry is None:
-            self.counters.cache_misses += 1
             return await self._verify_miss(token, digest)
         self.counters.cache_hits += 1
         if self._expired(entry):
@@ -265,6 +269,7 @@ class Verifier:
                 if remembered[0] != "unknown":
                     raise self._rejected(parsed.key_id, remembered[0])
                 raise InvalidToken(remembered[0])
+        self.counters.cache_misses += 1
         return await self._flights.run(digest, lambda: self._prove(parsed, digest))
 
     async def _prove(self, parsed: ParsedKey, digest: bytes) -> CachedKey:
