@@ -20,7 +20,8 @@ that does not.
 Counting: a hit is a request the verified-key cache answered; a miss, a well-formed key
 that neither it nor the negative cache answered. A refusal repeated from the negative
 cache counts in ``negative_hits`` alone, so one client replaying a revoked key does not
-read as a cache too small.
+read as a cache too small. A change event forgets its own key's remembered refusals
+(``negative.py``: indexed by key id), never walks the others'.
 
 A key's state changes (revoke, rotation, expiry) evict it from the cache while a
 verification or a state refresh of it may be reading the store. Each reader notes the
@@ -44,11 +45,11 @@ from datetime import datetime, timezone
 
 import anyio
 import anyio.to_thread
-from cachetools import TTLCache
 
 from .cache import CachedKey, VerifiedKeyCache
 from .errors import AuthenticationError, InvalidToken, ServiceUnavailable, StoreError
 from .hashing import DEFAULT_PARAMETERS, SecretHasher
+from .negative import NegativeCache
 from .principal import APIKeyUser
 from .stats import ARGON2_BUCKETS, Counters
 from .stores.base import KeyRecord, KeyStore
@@ -188,8 +189,10 @@ class Verifier:
         self.monotonic = monotonic
         #: Recently refused tokens: the reason, and for a reason decided by the key's state
         #: (expired, disabled, revoked) its key id, so a change of that key forgets it.
-        self._negative: TTLCache[bytes, tuple[str, str | None]] | None = (
-            TTLCache(maxsize=negative_max_size, ttl=negative_ttl, timer=lambda: self.monotonic())
+        self._negative = (
+            NegativeCache(
+                maxsize=negative_max_size, ttl=negative_ttl, timer=lambda: self.monotonic()
+            )
             if negative_ttl > 0 and negative_max_size > 0
             else None
         )
@@ -411,14 +414,11 @@ class Verifier:
             self.counters.revocation_events += 1
             self.cache.evict(key_id)
         negative = self._negative
-        if negative:
-            stale = [
-                digest
-                for digest, (_, owner_id) in list(negative.items())
-                if owner_id is not None and (key_id is None or owner_id == key_id)
-            ]
-            for digest in stale:
-                negative.pop(digest, None)
+        if negative is not None:
+            if key_id is None:
+                negative.forget_state_decided()
+            else:
+                negative.forget_key(key_id)
 
     # -- helpers --------------------------------------------------------------------
 
@@ -452,7 +452,7 @@ class Verifier:
 
     def _remember(self, digest: bytes, reason: str, key_id: str | None = None) -> InvalidToken:
         if self._negative is not None:
-            self._negative[digest] = (reason, key_id)
+            self._negative.remember(digest, reason, key_id)
         return InvalidToken(reason)
 
     def _expired(self, entry: CachedKey) -> bool:
