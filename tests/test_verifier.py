@@ -8,6 +8,7 @@ from datetime import timedelta
 
 import anyio
 import pytest
+from prometheus_client import CollectorRegistry
 
 from apps import client, protect
 from keystile import (
@@ -23,6 +24,7 @@ from keystile import (
     StoreError,
     Verifier,
 )
+from keystile.metrics import PrometheusMetrics
 from keystile.stores.records import utcnow
 from keystile.tokens import generate_key
 
@@ -130,6 +132,40 @@ async def test_negative_cache_answers_repeats(store: CountingStore, key: Created
     with pytest.raises(InvalidToken):
         await v.verify(wrong.encode())
     assert v.counters.argon2_verifications == 2
+
+
+async def test_replayed_refusals_leave_the_hit_ratio_alone(store: CountingStore) -> None:
+    """A revoked, an unknown and a malformed key replayed many times count as negative-cache
+    answers (or rejects), never as cache misses: the hit ratio, in stats() and in the
+    Prometheus gauge, stays where the keys the cache can hold put it."""
+    manager = KeyManager(store, argon2=CHEAPEST_PARAMETERS)
+    valid = await manager.create(owner="acme", name="api")
+    revoked = await manager.create(owner="acme", name="old")
+    await manager.revoke(revoked.id, owner="acme")
+    registry = CollectorRegistry()
+    app = protect(store, metrics=PrometheusMetrics(registry))
+    unknown = generate_key()[0]
+    async with client(app) as http:
+
+        async def send(key: str, times: int) -> set[int]:
+            return {
+                (await http.get("/whoami", headers={"X-API-Key": key})).status_code
+                for _ in range(times)
+            }
+
+        assert await send(valid.key, 10) == {200}
+        assert await send(revoked.key, 1) == await send(unknown, 1) == {401}
+        before = app.stats()
+        assert (before.cache_hits, before.cache_misses) == (9, 3)
+        assert await send(revoked.key, 50) == await send(unknown, 50) == {401}
+        assert await send(unknown[:-1] + "!", 20) == {401}
+        after = app.stats()
+    await app.aclose()
+    assert (after.cache_hits, after.cache_misses) == (9, 3)
+    assert after.hit_ratio == before.hit_ratio == 0.75
+    assert after.negative_hits == before.negative_hits + 100
+    assert registry.get_sample_value("keystile_cache_hit_ratio") == 0.75
+    assert registry.get_sample_value("keystile_negative_hits_total") == after.negative_hits
 
 
 async def test_wrong_secret_and_unknown_share_a_description(

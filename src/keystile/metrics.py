@@ -66,7 +66,8 @@ COUNTERS: tuple[tuple[str, str, str], ...] = (
     (
         "cache_misses",
         "keystile_cache_misses",
-        "Presented keys not in the cache (verified against the store, or refused).",
+        "Well-formed keys neither the cache nor the negative cache answered (sent on to"
+        " admission and the store).",
     ),
     (
         "negative_hits",
@@ -249,7 +250,8 @@ class KeystileCollector:
         hits, misses = total.get("cache_hits", 0), total.get("cache_misses", 0)
         yield GaugeMetricFamily(
             "keystile_cache_hit_ratio",
-            "hits / (hits + misses) since start: near 1 in steady state.",
+            "hits / (hits + misses) since start: near 1 in steady state. Negative-cache"
+            " answers are not misses (keystile_negative_hits).",
             value=hits / (hits + misses) if hits + misses else 0.0,
         )
 

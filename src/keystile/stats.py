@@ -18,8 +18,12 @@ ARGON2_BUCKETS: tuple[float, ...] = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
 class Counters:
     """Mutable counters, bumped on the request path (plain integer adds)."""
 
+    #: Requests the verified-key cache answered.
     cache_hits: int = 0
+    #: Well-formed keys neither the cache nor the negative cache answered: each went on
+    #: to admission and, unless refused there, a store read.
     cache_misses: int = 0
+    #: Refusals repeated from the negative cache: neither hits nor misses.
     negative_hits: int = 0
     argon2_verifications: int = 0
     argon2_seconds: float = 0.0
@@ -42,9 +46,12 @@ class Counters:
 class KeystileStats:
     """A point-in-time snapshot of the middleware's counters.
 
-    ``hit_ratio`` is hits / (hits + misses): near 1.0 in steady state; a low ratio means
-    the cache is too small, the idle bound too short, or clients present many distinct
-    or invalid keys (see ``rejects``).
+    ``hit_ratio`` is hits / (hits + misses) of the verified-key cache: near 1.0 in steady
+    state. A refusal repeated from the negative cache is counted in ``negative_hits``, not
+    as a miss, and a malformed key in ``rejects`` alone, so replayed bad keys leave the
+    ratio alone. A low ratio means the cache is too small or the idle bound too short, or
+    clients present many distinct keys never seen before: fresh guesses or unknown ids
+    (``rejects``: ``wrong_secret``, ``unknown``, ``too_many_failures``).
     """
 
     cache_hits: int

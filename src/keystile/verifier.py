@@ -8,14 +8,24 @@ The pipeline (``docs/architecture.md``, "The request path")::
                                           token: store.get ─► argon2 in a worker thread
                                           (bounded) ─► cache insert
 
-It knows nothing of ASGI. argon2 runs at most once per token at a time and at most
-``argon2_concurrency`` at once. Misses are admitted before any store access: at most one
-verification per key id runs, with ``per_key_pending`` more waiting behind it, and at most
-``max_pending_verifications`` misses in all; past either bound a miss is refused at once
-with ``ServiceUnavailable("overloaded")``. So a flood of wrong secrets for one key id
-cannot take the shared argon2 pool from other keys, and because admission does not look
-at the store, the answer under overload is the same for a key id that exists and one
-that does not.
+It knows nothing of ASGI. argon2 runs at most once per token at a time, in at most
+``argon2_concurrency`` worker threads (``argon2_pool.py``). Misses are admitted
+before any store access (``admission.py``): one verification per key id with
+``per_key_pending`` waiting, ``max_pending_verifications`` in all, and a failure budget
+per key id, so an id whose recent attempts all failed is refused before the store read
+while other misses wait. Misses of such ids, and of ids with several tokens in flight,
+are suspects: they hold a quarter of the slots, read the store a few at a time and
+verify after everyone else, so a flood of wrong secrets over many public key ids leaves
+other tenants' first requests their argon2 time. Every refusal there is a ``503`` with
+``Retry-After`` (the key was not checked), the same for an id that exists and one that
+does not, and none is remembered by the negative cache: the owner of a flooded id is
+served within a second of the flood ending.
+
+Counting: a hit is a request the verified-key cache answered; a miss, a well-formed key
+that neither it nor the negative cache answered. A refusal repeated from the negative
+cache counts in ``negative_hits`` alone, so one client replaying a revoked key does not
+read as a cache too small. A change event forgets its own key's remembered refusals
+(``negative.py``: indexed by key id), never walks the others'.
 
 A key's state changes (revoke, rotation, expiry) evict it from the cache while a
 verification or a state refresh of it may be reading the store. Each reader notes the
@@ -25,25 +35,25 @@ the change, so it reads again before it answers and never writes the old state b
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import logging
 import math
 import os
 import time
 from bisect import bisect_left
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import partial
 
 import anyio
-import anyio.to_thread
-from cachetools import TTLCache
 
+from .admission import DEFAULT_FAILURE_BUDGET, DEFAULT_FAILURE_REFILL, Admission, FailureBudget
+from .argon2_pool import Argon2Pool
 from .cache import CachedKey, VerifiedKeyCache
 from .errors import AuthenticationError, InvalidToken, ServiceUnavailable, StoreError
 from .hashing import DEFAULT_PARAMETERS, SecretHasher
+from .negative import NegativeCache
 from .principal import APIKeyUser
 from .stats import ARGON2_BUCKETS, Counters
 from .stores.protocol import KeyStore
@@ -107,14 +117,6 @@ class _Flight:
 
 
 @dataclass(slots=True)
-class _KeyQueue:
-    """The misses of one key id: one holds the lock, the others wait for it."""
-
-    lock: anyio.Lock
-    users: int = 0
-
-
-@dataclass(slots=True)
 class _SingleFlight:
     flights: dict[bytes, _Flight] = field(default_factory=dict)
 
@@ -160,6 +162,8 @@ class Verifier:
         argon2_concurrency: int = DEFAULT_ARGON2_CONCURRENCY,
         max_pending_verifications: int = DEFAULT_MAX_PENDING_VERIFICATIONS,
         per_key_pending: int = DEFAULT_PER_KEY_PENDING,
+        failure_budget: int = DEFAULT_FAILURE_BUDGET,
+        failure_refill: float = DEFAULT_FAILURE_REFILL,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -171,21 +175,26 @@ class Verifier:
         self.cache_idle = cache_idle
         self.stale_if_error = stale_if_error
         self.argon2_concurrency = argon2_concurrency
-        self.max_pending_verifications = max_pending_verifications
-        self.per_key_pending = per_key_pending
+        self._argon2 = Argon2Pool(argon2_concurrency)
         self.cache = VerifiedKeyCache(max_size=cache_max_size)
         self.counters = Counters()
         self.argon2_in_flight = 0
-        #: Misses admitted and not yet answered (reading the store, waiting or verifying).
-        self.pending_verifications = 0
-        self._queues: dict[str, _KeyQueue] = {}
         #: Wall clock (expiry) and monotonic clock (TTLs); tests may replace them.
         self.clock = clock
         self.monotonic = monotonic
+        self.admission = Admission(
+            max_pending=max_pending_verifications,
+            per_key_pending=per_key_pending,
+            budget=FailureBudget(
+                budget=failure_budget, refill=failure_refill, timer=lambda: self.monotonic()
+            ),
+        )
         #: Recently refused tokens: the reason, and for a reason decided by the key's state
         #: (expired, disabled, revoked) its key id, so a change of that key forgets it.
-        self._negative: TTLCache[bytes, tuple[str, str | None]] | None = (
-            TTLCache(maxsize=negative_max_size, ttl=negative_ttl, timer=lambda: self.monotonic())
+        self._negative = (
+            NegativeCache(
+                maxsize=negative_max_size, ttl=negative_ttl, timer=lambda: self.monotonic()
+            )
             if negative_ttl > 0 and negative_max_size > 0
             else None
         )
@@ -193,11 +202,23 @@ class Verifier:
         #: A store read that fails after this many seconds opens a short breaker.
         self.slow_store_failure = SLOW_STORE_FAILURE
         self._store_down_until = -math.inf
-        self._limiter: tuple[asyncio.AbstractEventLoop, anyio.CapacityLimiter] | None = None
         #: Told the key id of every attempt refused against an existing key (wrong secret,
         #: revoked, expired, disabled): the usage recorder counts them per key and minute.
         #: Unknown ids and malformed keys are nobody's, so they are not reported.
         self.on_reject: Callable[[str], None] | None = None
+
+    @property
+    def max_pending_verifications(self) -> int:
+        return self.admission.max_pending
+
+    @property
+    def per_key_pending(self) -> int:
+        return self.admission.per_key_pending
+
+    @property
+    def pending_verifications(self) -> int:
+        """Misses admitted and not yet answered (reading the store, waiting or verifying)."""
+        return self.admission.pending
 
     # -- the request path -----------------------------------------------------------
 
@@ -245,7 +266,6 @@ class Verifier:
         now = self.monotonic()
         entry = self.cache.lookup(digest, now)
         if entry is None:
-            self.counters.cache_misses += 1
             return await self._verify_miss(token, digest)
         self.counters.cache_hits += 1
         if self._expired(entry):
@@ -266,24 +286,31 @@ class Verifier:
                 if remembered[0] != "unknown":
                     raise self._rejected(parsed.key_id, remembered[0])
                 raise InvalidToken(remembered[0])
+        self.counters.cache_misses += 1
         return await self._flights.run(digest, lambda: self._prove(parsed, digest))
 
     async def _prove(self, parsed: ParsedKey, digest: bytes) -> CachedKey:
         epoch = self.cache.epoch
-        async with self._admitted(parsed.key_id):
-            record = await self._read(parsed.key_id)
+        key_id = parsed.key_id
+        budget = self.admission.budget
+        async with self.admission.admitted(key_id):
+            record = await self._read(key_id)
             if record is None or record.prefix != parsed.prefix:
+                budget.failed(key_id)
                 raise self._remember(digest, "unknown")
             self.argon2_in_flight += 1
             try:
-                matched, upgraded, seconds = await anyio.to_thread.run_sync(
-                    self._timed_verify,
-                    record.secret_hash,
-                    parsed.secret,
-                    limiter=self._get_limiter(),
+                matched, upgraded, seconds = await self._argon2.run(
+                    partial(self._timed_verify, record.secret_hash, parsed.secret),
+                    suspect=self.admission.suspect(key_id),
                 )
             finally:
                 self.argon2_in_flight -= 1
+            # Counted while the id's lock is held, so its next miss sees the outcome.
+            if matched:
+                budget.succeeded(key_id)
+            else:
+                budget.failed(key_id)
         self.counters.argon2_verifications += 1
         self.counters.argon2_seconds += seconds
         self.counters.argon2_buckets[bisect_left(ARGON2_BUCKETS, seconds)] += 1
@@ -317,29 +344,6 @@ class Verifier:
             epoch = self.cache.epoch
             current = await self._read(record.id)
         return current, None if self.cache.changed_since(record.id, epoch) else epoch
-
-    @asynccontextmanager
-    async def _admitted(self, key_id: str) -> AsyncIterator[None]:
-        """Hold the miss slot of ``key_id``, or raise ``ServiceUnavailable("overloaded")``
-        at once when this key id's queue or all misses are at their bound. Decided before
-        any store access, so it cannot tell whether the key id exists."""
-        if self.pending_verifications >= self.max_pending_verifications:
-            raise ServiceUnavailable("overloaded")
-        queue = self._queues.get(key_id)
-        if queue is None:
-            queue = self._queues[key_id] = _KeyQueue(anyio.Lock())
-        elif queue.users > self.per_key_pending:
-            raise ServiceUnavailable("overloaded")
-        queue.users += 1
-        self.pending_verifications += 1
-        try:
-            async with queue.lock:
-                yield
-        finally:
-            self.pending_verifications -= 1
-            queue.users -= 1
-            if not queue.users:
-                del self._queues[key_id]
 
     def _timed_verify(self, secret_hash: str, secret: str) -> tuple[bool, str | None, float]:
         """Verify in the worker thread, timing the work alone (not the wait for a thread)."""
@@ -407,14 +411,11 @@ class Verifier:
             self.counters.revocation_events += 1
             self.cache.evict(key_id)
         negative = self._negative
-        if negative:
-            stale = [
-                digest
-                for digest, (_, owner_id) in list(negative.items())
-                if owner_id is not None and (key_id is None or owner_id == key_id)
-            ]
-            for digest in stale:
-                negative.pop(digest, None)
+        if negative is not None:
+            if key_id is None:
+                negative.forget_state_decided()
+            else:
+                negative.forget_key(key_id)
 
     # -- helpers --------------------------------------------------------------------
 
@@ -448,7 +449,7 @@ class Verifier:
 
     def _remember(self, digest: bytes, reason: str, key_id: str | None = None) -> InvalidToken:
         if self._negative is not None:
-            self._negative[digest] = (reason, key_id)
+            self._negative.remember(digest, reason, key_id)
         return InvalidToken(reason)
 
     def _expired(self, entry: CachedKey) -> bool:
@@ -470,9 +471,3 @@ class Verifier:
         fresh = self._entry(record)
         self.cache.replace_state(fresh, epoch=epoch)
         return fresh
-
-    def _get_limiter(self) -> anyio.CapacityLimiter:
-        loop = asyncio.get_running_loop()
-        if self._limiter is None or self._limiter[0] is not loop:
-            self._limiter = (loop, anyio.CapacityLimiter(self.argon2_concurrency))
-        return self._limiter[1]
