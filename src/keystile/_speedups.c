@@ -351,6 +351,7 @@ typedef struct {
     uint8_t (*digests)[DIGEST_SIZE];
     double *seen;
     PyObject **entries;        /* strong references, [0, size) */
+    uint64_t version;          /* bumped by every change of the entries (see Table_hit) */
     Py_ssize_t max_token;
     keyed_blake2b key;
 } Table;
@@ -438,12 +439,21 @@ static int Table_traverse(Table *self, visitproc visit, void *arg)
     return 0;
 }
 
+/* The collector's tp_clear, and dealloc: the last entry taken out, the table left whole,
+ * then its reference dropped, one at a time. Dropping one may run a finalizer, which may
+ * use the table (insert, remove, clear); it finds it consistent, and what it inserts is
+ * released in turn. No allocation: tp_clear cannot fail. */
 static int Table_clear_refs(Table *self)
 {
-    Py_ssize_t size = self->size;
-    self->size = 0;
-    for (Py_ssize_t i = 0; i < size; i++)
-        Py_CLEAR(self->entries[i]);
+    while (self->size > 0) {
+        Py_ssize_t last = --self->size;
+        PyObject *entry = self->entries[last];
+        self->entries[last] = NULL;
+        self->tags[last] = 0;
+        memset(self->digests[last], 0, DIGEST_SIZE);
+        self->version++;
+        Py_DECREF(entry);
+    }
     return 0;
 }
 
@@ -664,20 +674,29 @@ static PyObject *Table_hit(Table *self, PyObject *const *args, Py_ssize_t nargs)
         Py_RETURN_NONE;
     self->seen[slot] = now;
 
+    /* Allocating may run the collector, and so any finalizer, which may change the table
+     * (slot then belongs to another key, or to none) or the header list (hits, n). Both
+     * allocations come first; if either changed meanwhile, Python decides afresh. */
+    uint64_t version = self->version;
     PyObject *without = PyList_New(n - count);
     if (without == NULL)
         return NULL;
+    PyObject *result = PyTuple_New(2);
+    if (result == NULL) {
+        Py_DECREF(without);
+        return NULL;
+    }
+    if (self->version != version || PyList_GET_SIZE(headers) != n) {
+        Py_DECREF(result);
+        Py_DECREF(without);
+        Py_RETURN_NONE;
+    }
     for (Py_ssize_t i = 0, j = 0, k = 0; i < n; i++) {
         if (k < count && hits[k] == i) {
             k++;
             continue;
         }
         PyList_SET_ITEM(without, j++, Py_NewRef(PyList_GET_ITEM(headers, i)));
-    }
-    PyObject *result = PyTuple_New(2);
-    if (result == NULL) {
-        Py_DECREF(without);
-        return NULL;
     }
     PyTuple_SET_ITEM(result, 0, Py_NewRef(self->entries[slot]));
     PyTuple_SET_ITEM(result, 1, without);
@@ -706,6 +725,7 @@ static PyObject *Table_append(Table *self, PyObject *const *args, Py_ssize_t nar
     self->seen[slot] = now;
     self->entries[slot] = Py_NewRef(args[1]);
     self->size = slot + 1;
+    self->version++;
     return PyLong_FromSsize_t(slot);
 }
 
@@ -718,14 +738,20 @@ static PyObject *Table_put(Table *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "put(slot, digest, entry, now)");
         return NULL;
     }
-    if (slot_arg(self, args[0], &slot) < 0 || digest_arg(args[1], d) < 0)
+    /* now's conversion may run Python code that changes the table: the slot is checked
+     * after it (slot_arg's own conversion comes before its range check). */
+    if (digest_arg(args[1], d) < 0)
         return NULL;
     double now = PyFloat_AsDouble(args[3]);
     if (now == -1.0 && PyErr_Occurred())
         return NULL;
+    if (slot_arg(self, args[0], &slot) < 0)
+        return NULL;
     memcpy(self->digests[slot], d, DIGEST_SIZE);
     memcpy(&self->tags[slot], d, 8);
     self->seen[slot] = now;
+    self->version++;
+    /* the old entry is released last, the table whole: its finalizer may use it */
     Py_SETREF(self->entries[slot], Py_NewRef(args[2]));
     Py_RETURN_NONE;
 }
@@ -739,6 +765,7 @@ static PyObject *Table_set_entry(Table *self, PyObject *const *args, Py_ssize_t 
     }
     if (slot_arg(self, args[0], &slot) < 0)
         return NULL;
+    self->version++;
     Py_SETREF(self->entries[slot], Py_NewRef(args[1]));
     Py_RETURN_NONE;
 }
@@ -771,6 +798,8 @@ static PyObject *Table_remove(Table *self, PyObject *arg)
     memset(self->digests[last], 0, DIGEST_SIZE);
     self->entries[last] = NULL;
     self->size = last;
+    self->version++;
+    /* released last, the table whole: the removed entry's finalizer may use it */
     Py_INCREF(moved);
     Py_DECREF(removed);
     return moved;
@@ -778,10 +807,23 @@ static PyObject *Table_remove(Table *self, PyObject *arg)
 
 static PyObject *Table_clear(Table *self, PyObject *Py_UNUSED(ignored))
 {
+    /* Every entry taken out and the table emptied before the first reference is dropped:
+     * a finalizer run by a release finds an empty table, and what it inserts stays. */
     Py_ssize_t size = self->size;
+    if (size == 0)
+        Py_RETURN_NONE;
+    PyObject **taken = PyMem_RawMalloc((size_t)size * sizeof *taken);
+    if (taken == NULL)
+        return PyErr_NoMemory();
+    memcpy(taken, self->entries, (size_t)size * sizeof *taken);
+    memset(self->entries, 0, (size_t)size * sizeof *self->entries);
     memset(self->tags, 0, (size_t)size * sizeof *self->tags);
     memset(self->digests, 0, (size_t)size * DIGEST_SIZE);
-    Table_clear_refs(self);
+    self->size = 0;
+    self->version++;
+    for (Py_ssize_t i = 0; i < size; i++)
+        Py_DECREF(taken[i]);
+    PyMem_RawFree(taken);
     Py_RETURN_NONE;
 }
 
@@ -820,12 +862,19 @@ static PyObject *Table_idle(Table *self, PyObject *arg)
 
 static PyObject *Table_entries(Table *self, PyObject *Py_UNUSED(ignored))
 {
-    PyObject *out = PyList_New(self->size);
-    if (out == NULL)
-        return NULL;
-    for (Py_ssize_t i = 0; i < self->size; i++)
-        PyList_SET_ITEM(out, i, Py_NewRef(self->entries[i]));
-    return out;
+    /* Allocating the list may run a finalizer that changes the size: then again. */
+    for (;;) {
+        Py_ssize_t size = self->size;
+        PyObject *out = PyList_New(size);
+        if (out == NULL)
+            return NULL;
+        if (self->size == size) {
+            for (Py_ssize_t i = 0; i < size; i++)
+                PyList_SET_ITEM(out, i, Py_NewRef(self->entries[i]));
+            return out;
+        }
+        Py_DECREF(out);
+    }
 }
 
 static PyObject *Table_digest_at(Table *self, PyObject *arg)
