@@ -261,6 +261,21 @@ def clear_while_a_release_inserts(path: str) -> None:
         assert table.lookup(table.digest(token(name)), 1.0) is None
 
 
+def clear_without_memory(path: str) -> None:
+    import _testcapi  # type: ignore[import-not-found]
+
+    table = compiled_table()
+    for name in "abc":
+        table.append(table.digest(token(name)), APIKeyUser(key_id=name, owner="o", name=name), 0.0)
+    _testcapi.set_nomemory(0, 1)  # the next allocation fails
+    try:
+        table.clear()
+    finally:
+        _testcapi.remove_mem_hooks()
+    assert len(table) == 0 and table.entries() == []
+    assert table.lookup(table.digest(token("a")), 1.0) is None
+
+
 def put_whose_time_clears_the_table(path: str) -> None:
     table = compiled_table()
     for name in "abc":
@@ -309,6 +324,14 @@ def test_python_code_inside_a_compiled_mutation(scenario: Scenario) -> None:
     and inserts leaves a consistent table; ``put`` checks its slot after its arguments'
     conversions, which may change the table."""
     run_alone(scenario, "compiled")
+
+
+@compiled_only
+def test_clear_empties_the_table_without_memory() -> None:
+    """Without memory to take the entries out, ``clear`` still empties the table (one at a
+    time) rather than fail and leave every key cached."""
+    pytest.importorskip("_testcapi")
+    run_alone(clear_without_memory, "compiled")
 
 
 # -- the cache, on both tables -----------------------------------------------------------------

@@ -813,8 +813,12 @@ static PyObject *Table_clear(Table *self, PyObject *Py_UNUSED(ignored))
     if (size == 0)
         Py_RETURN_NONE;
     PyObject **taken = PyMem_RawMalloc((size_t)size * sizeof *taken);
-    if (taken == NULL)
-        return PyErr_NoMemory();
+    if (taken == NULL) {
+        /* Rather than fail and leave every key cached: one at a time from the end (what a
+         * finalizer inserts meanwhile goes too). */
+        Table_clear_refs(self);
+        Py_RETURN_NONE;
+    }
     memcpy(taken, self->entries, (size_t)size * sizeof *taken);
     memset(self->entries, 0, (size_t)size * sizeof *self->entries);
     memset(self->tags, 0, (size_t)size * sizeof *self->tags);
