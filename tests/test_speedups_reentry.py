@@ -98,7 +98,7 @@ def collector_armed() -> Iterator[Callable[[], None]]:
     threshold = gc.get_threshold()
     gc.disable()
     gc.collect()
-    spare = [[] for _ in range(100)]
+    spare: list[list[object]] = [[] for _ in range(100)]
 
     def arm() -> None:
         gc.set_threshold(1)
@@ -113,7 +113,7 @@ def collector_armed() -> Iterator[Callable[[], None]]:
 
 
 def compiled_table() -> Any:
-    from keystile import _speedups  # type: ignore[attr-defined]
+    from keystile import _speedups
 
     return _speedups.Table(KEY, MAX_TOKEN_LENGTH)
 
@@ -126,6 +126,7 @@ class Key(CachedKey):
     """A cached key that runs ``on_release`` when its last reference is dropped."""
 
     __slots__ = ("on_release",)
+    on_release: Callable[[], object]
 
     def __del__(self) -> None:
         self.on_release()
@@ -190,8 +191,13 @@ def hit_while_the_table_is_cleared(path: str) -> None:
     events: list[str] = []
     headers = [(b"host", b"h"), (b"x-api-key", token("a"))]
     now = Now(events)
+
+    def clear() -> None:
+        events.append("finalizer")
+        table.clear()
+
     with collector_armed() as arm:
-        OnCollect(lambda: (events.append("finalizer"), table.clear()))
+        OnCollect(clear)
         arm()
         found = table.hit(headers, b"x-api-key", None, now)
     assert events == ["call", "finalizer"], events
@@ -206,8 +212,13 @@ def hit_while_the_headers_change(path: str) -> None:
     events: list[str] = []
     headers = [(b"host", b"h"), (b"x-api-key", token("a")), (b"accept", b"*/*")]
     now = Now(events)
+
+    def empty_the_headers() -> None:
+        events.append("finalizer")
+        headers.clear()
+
     with collector_armed() as arm:
-        OnCollect(lambda: (events.append("finalizer"), headers.clear()))
+        OnCollect(empty_the_headers)
         arm()
         found = table.hit(headers, b"x-api-key", None, now)
     assert events == ["call", "finalizer"], events

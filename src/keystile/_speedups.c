@@ -891,25 +891,34 @@ static PyObject *Table_digest_at(Table *self, PyObject *arg)
 
 static Py_ssize_t Table_len(Table *self) { return self->size; }
 
+/* Each docstring opens with its signature ("name($self, ...)\n--\n\n"), which
+ * inspect.signature reads: tests/test_speedups_stub.py holds _speedups.pyi to it. */
 static PyMethodDef Table_methods[] = {
     {"hit", (PyCFunction)(void (*)(void))Table_hit, METH_FASTCALL,
-     "hit(headers, header_name, prefixes, now) -> (entry, headers without credentials) or None"},
-    {"digest", (PyCFunction)Table_digest, METH_O, "digest(token) -> the keyed digest"},
+     "hit($self, headers, header_name, prefixes, now, /)\n--\n\n"
+     "(entry, headers without credentials), or None to let Python decide"},
+    {"digest", (PyCFunction)Table_digest, METH_O,
+     "digest($self, token, /)\n--\n\nThe keyed digest of token"},
     {"lookup", (PyCFunction)(void (*)(void))Table_lookup, METH_FASTCALL,
-     "lookup(digest, now) -> entry or None (constant-time scan)"},
+     "lookup($self, digest, now, /)\n--\n\nThe entry or None (constant-time scan)"},
     {"append", (PyCFunction)(void (*)(void))Table_append, METH_FASTCALL,
-     "append(digest, entry, now) -> slot"},
-    {"put", (PyCFunction)(void (*)(void))Table_put, METH_FASTCALL, "put(slot, digest, entry, now)"},
+     "append($self, digest, entry, now, /)\n--\n\nThe slot of the new entry"},
+    {"put", (PyCFunction)(void (*)(void))Table_put, METH_FASTCALL,
+     "put($self, slot, digest, entry, now, /)\n--\n\nReplace a slot's digest and entry"},
     {"set_entry", (PyCFunction)(void (*)(void))Table_set_entry, METH_FASTCALL,
-     "set_entry(slot, entry)"},
-    {"entry", (PyCFunction)Table_entry, METH_O, "entry(slot)"},
-    {"digest_at", (PyCFunction)Table_digest_at, METH_O, "digest_at(slot)"},
+     "set_entry($self, slot, entry, /)\n--\n\nReplace a slot's entry"},
+    {"entry", (PyCFunction)Table_entry, METH_O, "entry($self, slot, /)\n--\n\nA slot's entry"},
+    {"digest_at", (PyCFunction)Table_digest_at, METH_O,
+     "digest_at($self, slot, /)\n--\n\nA slot's digest"},
     {"remove", (PyCFunction)Table_remove, METH_O,
-     "remove(slot) -> the entry moved into slot, or None"},
-    {"clear", (PyCFunction)Table_clear, METH_NOARGS, "clear()"},
-    {"oldest", (PyCFunction)Table_oldest, METH_NOARGS, "oldest() -> slot least recently seen"},
-    {"idle", (PyCFunction)Table_idle, METH_O, "idle(since) -> slots seen before since"},
-    {"entries", (PyCFunction)Table_entries, METH_NOARGS, "entries() -> list of entries"},
+     "remove($self, slot, /)\n--\n\nThe entry moved into slot, or None"},
+    {"clear", (PyCFunction)Table_clear, METH_NOARGS, "clear($self, /)\n--\n\nRemove every entry"},
+    {"oldest", (PyCFunction)Table_oldest, METH_NOARGS,
+     "oldest($self, /)\n--\n\nThe slot least recently seen, or -1 when empty"},
+    {"idle", (PyCFunction)Table_idle, METH_O,
+     "idle($self, since, /)\n--\n\nThe slots seen before since, in increasing order"},
+    {"entries", (PyCFunction)Table_entries, METH_NOARGS,
+     "entries($self, /)\n--\n\nEvery entry, in slot order"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -921,7 +930,8 @@ static PyTypeObject TableType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "keystile._speedups.Table",
     .tp_basicsize = sizeof(Table),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
-    .tp_doc = "The verified-key cache's tags, digests, last-use times and entries.",
+    .tp_doc = "Table(key, max_token_length)\n--\n\n"
+              "The verified-key cache's tags, digests, last-use times and entries.",
     .tp_new = Table_new,
     .tp_dealloc = (destructor)Table_dealloc,
     .tp_traverse = (traverseproc)Table_traverse,
@@ -977,9 +987,11 @@ static PyObject *kernel(PyObject *module, PyObject *Py_UNUSED(ignored))
 }
 
 static PyMethodDef module_methods[] = {
-    {"set_kernel", set_kernel, METH_O, "set_kernel(name): choose the scan kernel (tests)"},
-    {"kernels", kernels, METH_NOARGS, "kernels() -> the scan kernels this CPU runs, best first"},
-    {"kernel", kernel, METH_NOARGS, "kernel() -> the scan kernel in use"},
+    {"set_kernel", set_kernel, METH_O,
+     "set_kernel($module, name, /)\n--\n\nChoose the scan kernel (tests)"},
+    {"kernels", kernels, METH_NOARGS,
+     "kernels($module, /)\n--\n\nThe scan kernels this CPU runs, best first"},
+    {"kernel", kernel, METH_NOARGS, "kernel($module, /)\n--\n\nThe scan kernel in use"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -38,7 +38,7 @@ import secrets
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -46,6 +46,9 @@ import numpy.typing as npt
 from . import _accel
 from .principal import APIKeyUser
 from .tokens import MAX_TOKEN_LENGTH
+
+if TYPE_CHECKING:
+    from ._speedups import Table as CompiledTable
 
 __all__ = ["CachedKey", "PyTable", "VerifiedKeyCache"]
 
@@ -266,14 +269,20 @@ class VerifiedKeyCache:
             raise ValueError("max_size must be at least 1")
         if compiled is None:
             compiled = _accel.Table is not None
-        elif compiled and _accel.Table is None:
-            raise RuntimeError("keystile._speedups is not available")
-        self.max_size = max_size
         key = key if key is not None else secrets.token_bytes(32)
-        table: Any = (_accel.Table if compiled else PyTable)(key, MAX_TOKEN_LENGTH)
+        table: CompiledTable | PyTable
+        hit_request = None
+        if not compiled:
+            table = PyTable(key, MAX_TOKEN_LENGTH)
+        elif _accel.Table is None:
+            raise RuntimeError("keystile._speedups is not available")
+        else:
+            table = _accel.Table(key, MAX_TOKEN_LENGTH)
+            hit_request = table.hit
+        self.max_size = max_size
         self._table = table
         #: ``Table.hit``: the whole hit path in one C call, or ``None`` (pure Python).
-        self.hit_request: Any = table.hit if compiled else None
+        self.hit_request: Any = hit_request
         self._slot_of: dict[str, int] = {}
         #: Bumped by every eviction, so a verification that read the store before an
         #: eviction cannot put back the state the eviction removed (``changed_since``).
@@ -290,7 +299,7 @@ class VerifiedKeyCache:
 
     def digest(self, token: bytes) -> bytes:
         """The keyed digest of a presented token (the only form the cache ever holds)."""
-        return self._table.digest(token)  # type: ignore[no-any-return]
+        return self._table.digest(token)
 
     def lookup(self, digest: bytes, now: float) -> CachedKey | None:
         """Find the entry for ``digest`` comparing every entry, with no early exit.
