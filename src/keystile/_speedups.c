@@ -18,6 +18,13 @@
  *
  * BLAKE2b (RFC 7693) is written here from the RFC; the key block is compressed once
  * per table, so a digest costs one compression for any token up to 128 bytes.
+ *
+ * Python code may run inside any call that allocates an object (up to Python 3.11 the
+ * collector runs there, and with it any garbage's finalizer) or drops a reference (the
+ * freed object's finalizer), and that code may use this table. So no slot or borrowed
+ * pointer is kept across such a call: a method changes the table first and drops
+ * references last, and hit() re-checks the table's version and the header list after
+ * allocating its answer (tests/test_speedups_reentry.py).
  */
 
 #define PY_SSIZE_T_CLEAN
