@@ -32,7 +32,7 @@ from keystile.tokens import MAX_TOKEN_LENGTH, generate_key, key_matcher
 pytestmark = pytest.mark.skipif(not COMPILED_AVAILABLE, reason="keystile._speedups not in use")
 
 if COMPILED_AVAILABLE:
-    from keystile import _speedups  # type: ignore[attr-defined]
+    from keystile import _speedups
 
     KERNELS: tuple[str, ...] = _speedups.kernels()
 else:  # pragma: no cover

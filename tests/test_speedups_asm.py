@@ -169,7 +169,7 @@ def check_kernel(rows: list[tuple[int, str, str]]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def so_path() -> str:
-    from keystile import _speedups  # type: ignore[attr-defined]
+    from keystile import _speedups
 
     return str(_speedups.__file__)
 

@@ -12,7 +12,7 @@ build that silently fell back is caught).
 from __future__ import annotations
 
 import os
-from typing import Any
+from collections.abc import Callable
 
 __all__ = ["Table", "compiled_kernel"]
 
@@ -20,12 +20,12 @@ _FORCE_PURE = os.environ.get("KEYSTILE_PURE_PYTHON") == "1"
 _REQUIRE = os.environ.get("KEYSTILE_REQUIRE_SPEEDUPS") == "1"
 
 #: ``keystile._speedups.Table``, or ``None`` when the pure-Python path runs.
-Table: Any = None
-_speedups: Any = None
+Table: type[_speedups.Table] | None = None
+_kernel: Callable[[], str] | None = None
 
 if not _FORCE_PURE:
     try:
-        from . import _speedups  # type: ignore[attr-defined, no-redef]
+        from . import _speedups
     except ImportError as exc:
         if _REQUIRE:
             raise ImportError(
@@ -34,10 +34,11 @@ if not _FORCE_PURE:
             ) from exc
     else:
         Table = _speedups.Table
+        _kernel = _speedups.kernel
 elif _REQUIRE:
     raise ImportError("KEYSTILE_REQUIRE_SPEEDUPS=1 and KEYSTILE_PURE_PYTHON=1 contradict")
 
 
 def compiled_kernel() -> str | None:
     """The compiled scan kernel in use (``avx2``, ``sse2``, ``scalar``), ``None`` if pure."""
-    return None if _speedups is None else str(_speedups.kernel())
+    return None if _kernel is None else _kernel()

@@ -18,6 +18,13 @@
  *
  * BLAKE2b (RFC 7693) is written here from the RFC; the key block is compressed once
  * per table, so a digest costs one compression for any token up to 128 bytes.
+ *
+ * Python code may run inside any call that allocates an object (up to Python 3.11 the
+ * collector runs there, and with it any garbage's finalizer) or drops a reference (the
+ * freed object's finalizer), and that code may use this table. So no slot or borrowed
+ * pointer is kept across such a call: a method changes the table first and drops
+ * references last, and hit() re-checks the table's version and the header list after
+ * allocating its answer (tests/test_speedups_reentry.py).
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -351,6 +358,7 @@ typedef struct {
     uint8_t (*digests)[DIGEST_SIZE];
     double *seen;
     PyObject **entries;        /* strong references, [0, size) */
+    uint64_t version;          /* bumped by every change of the entries (see Table_hit) */
     Py_ssize_t max_token;
     keyed_blake2b key;
 } Table;
@@ -438,12 +446,21 @@ static int Table_traverse(Table *self, visitproc visit, void *arg)
     return 0;
 }
 
+/* The collector's tp_clear, and dealloc: the last entry taken out, the table left whole,
+ * then its reference dropped, one at a time. Dropping one may run a finalizer, which may
+ * use the table (insert, remove, clear); it finds it consistent, and what it inserts is
+ * released in turn. No allocation: tp_clear cannot fail. */
 static int Table_clear_refs(Table *self)
 {
-    Py_ssize_t size = self->size;
-    self->size = 0;
-    for (Py_ssize_t i = 0; i < size; i++)
-        Py_CLEAR(self->entries[i]);
+    while (self->size > 0) {
+        Py_ssize_t last = --self->size;
+        PyObject *entry = self->entries[last];
+        self->entries[last] = NULL;
+        self->tags[last] = 0;
+        memset(self->digests[last], 0, DIGEST_SIZE);
+        self->version++;
+        Py_DECREF(entry);
+    }
     return 0;
 }
 
@@ -671,20 +688,29 @@ static PyObject *Table_hit(Table *self, PyObject *const *args, Py_ssize_t nargs)
         Py_RETURN_NONE;
     self->seen[slot] = now;
 
+    /* Allocating may run the collector, and so any finalizer, which may change the table
+     * (slot then belongs to another key, or to none) or the header list (hits, n). Both
+     * allocations come first; if either changed meanwhile, Python decides afresh. */
+    uint64_t version = self->version;
     PyObject *without = PyList_New(n - count);
     if (without == NULL)
         return NULL;
+    PyObject *result = PyTuple_New(2);
+    if (result == NULL) {
+        Py_DECREF(without);
+        return NULL;
+    }
+    if (self->version != version || PyList_GET_SIZE(headers) != n) {
+        Py_DECREF(result);
+        Py_DECREF(without);
+        Py_RETURN_NONE;
+    }
     for (Py_ssize_t i = 0, j = 0, k = 0; i < n; i++) {
         if (k < count && hits[k] == i) {
             k++;
             continue;
         }
         PyList_SET_ITEM(without, j++, Py_NewRef(PyList_GET_ITEM(headers, i)));
-    }
-    PyObject *result = PyTuple_New(2);
-    if (result == NULL) {
-        Py_DECREF(without);
-        return NULL;
     }
     PyTuple_SET_ITEM(result, 0, Py_NewRef(self->entries[slot]));
     PyTuple_SET_ITEM(result, 1, without);
@@ -713,6 +739,7 @@ static PyObject *Table_append(Table *self, PyObject *const *args, Py_ssize_t nar
     self->seen[slot] = now;
     self->entries[slot] = Py_NewRef(args[1]);
     self->size = slot + 1;
+    self->version++;
     return PyLong_FromSsize_t(slot);
 }
 
@@ -725,14 +752,20 @@ static PyObject *Table_put(Table *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "put(slot, digest, entry, now)");
         return NULL;
     }
-    if (slot_arg(self, args[0], &slot) < 0 || digest_arg(args[1], d) < 0)
+    /* now's conversion may run Python code that changes the table: the slot is checked
+     * after it (slot_arg's own conversion comes before its range check). */
+    if (digest_arg(args[1], d) < 0)
         return NULL;
     double now = PyFloat_AsDouble(args[3]);
     if (now == -1.0 && PyErr_Occurred())
         return NULL;
+    if (slot_arg(self, args[0], &slot) < 0)
+        return NULL;
     memcpy(self->digests[slot], d, DIGEST_SIZE);
     memcpy(&self->tags[slot], d, 8);
     self->seen[slot] = now;
+    self->version++;
+    /* the old entry is released last, the table whole: its finalizer may use it */
     Py_SETREF(self->entries[slot], Py_NewRef(args[2]));
     Py_RETURN_NONE;
 }
@@ -746,6 +779,7 @@ static PyObject *Table_set_entry(Table *self, PyObject *const *args, Py_ssize_t 
     }
     if (slot_arg(self, args[0], &slot) < 0)
         return NULL;
+    self->version++;
     Py_SETREF(self->entries[slot], Py_NewRef(args[1]));
     Py_RETURN_NONE;
 }
@@ -778,6 +812,8 @@ static PyObject *Table_remove(Table *self, PyObject *arg)
     memset(self->digests[last], 0, DIGEST_SIZE);
     self->entries[last] = NULL;
     self->size = last;
+    self->version++;
+    /* released last, the table whole: the removed entry's finalizer may use it */
     Py_INCREF(moved);
     Py_DECREF(removed);
     return moved;
@@ -785,10 +821,27 @@ static PyObject *Table_remove(Table *self, PyObject *arg)
 
 static PyObject *Table_clear(Table *self, PyObject *Py_UNUSED(ignored))
 {
+    /* Every entry taken out and the table emptied before the first reference is dropped:
+     * a finalizer run by a release finds an empty table, and what it inserts stays. */
     Py_ssize_t size = self->size;
+    if (size == 0)
+        Py_RETURN_NONE;
+    PyObject **taken = PyMem_RawMalloc((size_t)size * sizeof *taken);
+    if (taken == NULL) {
+        /* Rather than fail and leave every key cached: one at a time from the end (what a
+         * finalizer inserts meanwhile goes too). */
+        Table_clear_refs(self);
+        Py_RETURN_NONE;
+    }
+    memcpy(taken, self->entries, (size_t)size * sizeof *taken);
+    memset(self->entries, 0, (size_t)size * sizeof *self->entries);
     memset(self->tags, 0, (size_t)size * sizeof *self->tags);
     memset(self->digests, 0, (size_t)size * DIGEST_SIZE);
-    Table_clear_refs(self);
+    self->size = 0;
+    self->version++;
+    for (Py_ssize_t i = 0; i < size; i++)
+        Py_DECREF(taken[i]);
+    PyMem_RawFree(taken);
     Py_RETURN_NONE;
 }
 
@@ -827,12 +880,19 @@ static PyObject *Table_idle(Table *self, PyObject *arg)
 
 static PyObject *Table_entries(Table *self, PyObject *Py_UNUSED(ignored))
 {
-    PyObject *out = PyList_New(self->size);
-    if (out == NULL)
-        return NULL;
-    for (Py_ssize_t i = 0; i < self->size; i++)
-        PyList_SET_ITEM(out, i, Py_NewRef(self->entries[i]));
-    return out;
+    /* Allocating the list may run a finalizer that changes the size: then again. */
+    for (;;) {
+        Py_ssize_t size = self->size;
+        PyObject *out = PyList_New(size);
+        if (out == NULL)
+            return NULL;
+        if (self->size == size) {
+            for (Py_ssize_t i = 0; i < size; i++)
+                PyList_SET_ITEM(out, i, Py_NewRef(self->entries[i]));
+            return out;
+        }
+        Py_DECREF(out);
+    }
 }
 
 static PyObject *Table_digest_at(Table *self, PyObject *arg)
@@ -845,25 +905,34 @@ static PyObject *Table_digest_at(Table *self, PyObject *arg)
 
 static Py_ssize_t Table_len(Table *self) { return self->size; }
 
+/* Each docstring opens with its signature ("name($self, ...)\n--\n\n"), which
+ * inspect.signature reads: tests/test_speedups_stub.py holds _speedups.pyi to it. */
 static PyMethodDef Table_methods[] = {
     {"hit", (PyCFunction)(void (*)(void))Table_hit, METH_FASTCALL,
-     "hit(headers, header_name, prefixes, now) -> (entry, headers without credentials) or None"},
-    {"digest", (PyCFunction)Table_digest, METH_O, "digest(token) -> the keyed digest"},
+     "hit($self, headers, header_name, prefixes, now, /)\n--\n\n"
+     "(entry, headers without credentials), or None to let Python decide"},
+    {"digest", (PyCFunction)Table_digest, METH_O,
+     "digest($self, token, /)\n--\n\nThe keyed digest of token"},
     {"lookup", (PyCFunction)(void (*)(void))Table_lookup, METH_FASTCALL,
-     "lookup(digest, now) -> entry or None (constant-time scan)"},
+     "lookup($self, digest, now, /)\n--\n\nThe entry or None (constant-time scan)"},
     {"append", (PyCFunction)(void (*)(void))Table_append, METH_FASTCALL,
-     "append(digest, entry, now) -> slot"},
-    {"put", (PyCFunction)(void (*)(void))Table_put, METH_FASTCALL, "put(slot, digest, entry, now)"},
+     "append($self, digest, entry, now, /)\n--\n\nThe slot of the new entry"},
+    {"put", (PyCFunction)(void (*)(void))Table_put, METH_FASTCALL,
+     "put($self, slot, digest, entry, now, /)\n--\n\nReplace a slot's digest and entry"},
     {"set_entry", (PyCFunction)(void (*)(void))Table_set_entry, METH_FASTCALL,
-     "set_entry(slot, entry)"},
-    {"entry", (PyCFunction)Table_entry, METH_O, "entry(slot)"},
-    {"digest_at", (PyCFunction)Table_digest_at, METH_O, "digest_at(slot)"},
+     "set_entry($self, slot, entry, /)\n--\n\nReplace a slot's entry"},
+    {"entry", (PyCFunction)Table_entry, METH_O, "entry($self, slot, /)\n--\n\nA slot's entry"},
+    {"digest_at", (PyCFunction)Table_digest_at, METH_O,
+     "digest_at($self, slot, /)\n--\n\nA slot's digest"},
     {"remove", (PyCFunction)Table_remove, METH_O,
-     "remove(slot) -> the entry moved into slot, or None"},
-    {"clear", (PyCFunction)Table_clear, METH_NOARGS, "clear()"},
-    {"oldest", (PyCFunction)Table_oldest, METH_NOARGS, "oldest() -> slot least recently seen"},
-    {"idle", (PyCFunction)Table_idle, METH_O, "idle(since) -> slots seen before since"},
-    {"entries", (PyCFunction)Table_entries, METH_NOARGS, "entries() -> list of entries"},
+     "remove($self, slot, /)\n--\n\nThe entry moved into slot, or None"},
+    {"clear", (PyCFunction)Table_clear, METH_NOARGS, "clear($self, /)\n--\n\nRemove every entry"},
+    {"oldest", (PyCFunction)Table_oldest, METH_NOARGS,
+     "oldest($self, /)\n--\n\nThe slot least recently seen, or -1 when empty"},
+    {"idle", (PyCFunction)Table_idle, METH_O,
+     "idle($self, since, /)\n--\n\nThe slots seen before since, in increasing order"},
+    {"entries", (PyCFunction)Table_entries, METH_NOARGS,
+     "entries($self, /)\n--\n\nEvery entry, in slot order"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -875,7 +944,8 @@ static PyTypeObject TableType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "keystile._speedups.Table",
     .tp_basicsize = sizeof(Table),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
-    .tp_doc = "The verified-key cache's tags, digests, last-use times and entries.",
+    .tp_doc = "Table(key, max_token_length)\n--\n\n"
+              "The verified-key cache's tags, digests, last-use times and entries.",
     .tp_new = Table_new,
     .tp_dealloc = (destructor)Table_dealloc,
     .tp_traverse = (traverseproc)Table_traverse,
@@ -931,9 +1001,11 @@ static PyObject *kernel(PyObject *module, PyObject *Py_UNUSED(ignored))
 }
 
 static PyMethodDef module_methods[] = {
-    {"set_kernel", set_kernel, METH_O, "set_kernel(name): choose the scan kernel (tests)"},
-    {"kernels", kernels, METH_NOARGS, "kernels() -> the scan kernels this CPU runs, best first"},
-    {"kernel", kernel, METH_NOARGS, "kernel() -> the scan kernel in use"},
+    {"set_kernel", set_kernel, METH_O,
+     "set_kernel($module, name, /)\n--\n\nChoose the scan kernel (tests)"},
+    {"kernels", kernels, METH_NOARGS,
+     "kernels($module, /)\n--\n\nThe scan kernels this CPU runs, best first"},
+    {"kernel", kernel, METH_NOARGS, "kernel($module, /)\n--\n\nThe scan kernel in use"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -38,7 +38,7 @@ import secrets
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -46,6 +46,9 @@ import numpy.typing as npt
 from . import _accel
 from .principal import APIKeyUser
 from .tokens import MAX_TOKEN_LENGTH
+
+if TYPE_CHECKING:
+    from ._speedups import Table as CompiledTable
 
 __all__ = ["CachedKey", "PyTable", "VerifiedKeyCache"]
 
@@ -175,10 +178,10 @@ class PyTable:
         return slot
 
     def put(self, slot: int, digest: bytes, entry: Any, now: float) -> None:
-        self._entries[slot] = entry
         self._digests[slot] = digest
         self._tags[slot] = _tag(digest)[0]
         self._seen[slot] = now
+        self._entries[slot] = entry  # last: the old entry's finalizer may use the table
 
     def set_entry(self, slot: int, entry: Any) -> None:
         self._entries[slot] = entry
@@ -190,25 +193,32 @@ class PyTable:
         return self._digests[slot]
 
     def remove(self, slot: int) -> Any:
-        """Remove ``slot``; the entry moved into it from the end, or ``None``."""
+        """Remove ``slot``; the entry moved into it from the end, or ``None``.
+
+        The entries list changes last: dropping the removed entry may run its finalizer,
+        which may use the table, and must find it whole."""
         last = self._size - 1
-        moved = None
         if slot != last:
-            moved = self._entries[slot] = self._entries[last]
             self._digests[slot] = self._digests[last]
             self._tags[slot] = self._tags[last]
             self._seen[slot] = self._seen[last]
-        self._entries.pop()
         self._digests.pop()
         self._size = last
         self._resize_views()
+        moved = self._entries.pop()
+        if slot == last:
+            return None
+        self._entries[slot] = moved
         return moved
 
     def clear(self) -> None:
-        self._entries.clear()
-        self._digests.clear()
+        """Empty the table first, then drop the entries: their finalizers find it empty."""
+        entries = self._entries
+        self._entries = []
+        self._digests = []
         self._size = 0
         self._resize_views()
+        entries.clear()
 
     def oldest(self) -> int:
         return int(np.argmin(self._seen[: self._size])) if self._size else -1
@@ -259,14 +269,20 @@ class VerifiedKeyCache:
             raise ValueError("max_size must be at least 1")
         if compiled is None:
             compiled = _accel.Table is not None
-        elif compiled and _accel.Table is None:
-            raise RuntimeError("keystile._speedups is not available")
-        self.max_size = max_size
         key = key if key is not None else secrets.token_bytes(32)
-        table: Any = (_accel.Table if compiled else PyTable)(key, MAX_TOKEN_LENGTH)
+        table: CompiledTable | PyTable
+        hit_request = None
+        if not compiled:
+            table = PyTable(key, MAX_TOKEN_LENGTH)
+        elif _accel.Table is None:
+            raise RuntimeError("keystile._speedups is not available")
+        else:
+            table = _accel.Table(key, MAX_TOKEN_LENGTH)
+            hit_request = table.hit
+        self.max_size = max_size
         self._table = table
         #: ``Table.hit``: the whole hit path in one C call, or ``None`` (pure Python).
-        self.hit_request: Any = table.hit if compiled else None
+        self.hit_request: Any = hit_request
         self._slot_of: dict[str, int] = {}
         #: Bumped by every eviction, so a verification that read the store before an
         #: eviction cannot put back the state the eviction removed (``changed_since``).
@@ -283,7 +299,7 @@ class VerifiedKeyCache:
 
     def digest(self, token: bytes) -> bytes:
         """The keyed digest of a presented token (the only form the cache ever holds)."""
-        return self._table.digest(token)  # type: ignore[no-any-return]
+        return self._table.digest(token)
 
     def lookup(self, digest: bytes, now: float) -> CachedKey | None:
         """Find the entry for ``digest`` comparing every entry, with no early exit.
@@ -308,12 +324,13 @@ class VerifiedKeyCache:
         if self.changed_since(entry.key_id, epoch):
             return False
         slot = self._slot_of.get(entry.key_id)
-        if slot is None:
-            if len(self._table) >= self.max_size:
-                self._remove(self._table.oldest())
-            self._slot_of[entry.key_id] = self._table.append(digest, entry, now)
-        else:
+        if slot is not None:
             self._table.put(slot, digest, entry, now)
+            return True
+        full = len(self._table) >= self.max_size
+        evicted = self._remove(self._table.oldest()) if full else None
+        self._slot_of[entry.key_id] = self._table.append(digest, entry, now)
+        del evicted  # only now that the key is in: its finalizer may insert the same key id
         return True
 
     def get(self, key_id: str) -> CachedKey | None:
@@ -362,9 +379,10 @@ class VerifiedKeyCache:
     def evict_idle(self, idle_since: float) -> int:
         """Drop entries not used since ``idle_since`` (monotonic); returns how many."""
         idle = self._table.idle(idle_since)
-        for slot in reversed(idle):
-            self._remove(slot)
-        return len(idle)
+        # Held until every slot is gone: a finalizer that ran between two removals could
+        # move the entries the remaining slots name.
+        removed = [self._remove(slot) for slot in reversed(idle)]
+        return len(removed)
 
     def checked_before(self, when: float) -> list[CachedKey]:
         """Entries whose state was last read before ``when`` (monotonic)."""
@@ -378,8 +396,12 @@ class VerifiedKeyCache:
 
     # -- internals --------------------------------------------------------------------
 
-    def _remove(self, slot: int) -> None:
-        del self._slot_of[self._table.entry(slot).key_id]
+    def _remove(self, slot: int) -> CachedKey:
+        """Remove ``slot``; the entry removed, for the caller to drop once the cache is
+        whole again (dropping it may run a finalizer, and a finalizer may use the cache)."""
+        removed: CachedKey = self._table.entry(slot)
+        del self._slot_of[removed.key_id]
         moved = self._table.remove(slot)
         if moved is not None:
             self._slot_of[moved.key_id] = slot
+        return removed
