@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 from .cache import VerifiedKeyCache
+from .config import KeystileConfig
 from .errors import (
     AuthenticationError,
     ConfigurationError,
@@ -67,6 +68,7 @@ __all__ = [
     "KeyNotFound",
     "KeyRecord",
     "KeyStore",
+    "KeystileConfig",
     "KeystileError",
     "KeystileStats",
     "LimitEnforcer",
