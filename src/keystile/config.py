@@ -226,12 +226,6 @@ class KeystileConfig:
         by value and anything else (a store object) by identity."""
         return tuple((name, _by_value(getattr(self, name))) for name in _RUNTIME_OPTIONS)
 
-    def is_exempt(self, path: str) -> bool:
-        """Whether ``path`` (the path the app routes on) needs no key."""
-        return path in self.exempt_exact or bool(
-            self.exempt_prefixes and path.startswith(self.exempt_prefixes)
-        )
-
 
 def _refuse_unknown(options: dict[str, Any]) -> None:
     unknown = sorted(set(options) - KeystileConfig.option_names())

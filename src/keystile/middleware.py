@@ -1,13 +1,14 @@
-"""APIKeyMiddleware: ASGI in, verifier, ASGI out.
+"""APIKeyMiddleware: ASGI dispatch, exempt paths, the request-path stages in order.
 
-A pure ASGI middleware (not ``BaseHTTPMiddleware``). It reads the credential, asks the
-verifier, and either sets Starlette's ``scope["user"]``/``scope["auth"]`` and calls the
-app, or answers with the RFC 6750 response from :mod:`keystile.responses`. It also owns
-the background work (usage flushes, revocation listener, cache upkeep), started by the
-lifespan protocol or, when a server runs without lifespan, lazily on the first request.
-The background work belongs to the middleware, not to the lifespan call, so an app that
-ends the lifespan protocol early does not stop it; a duty that fails is logged and
-restarted.
+A pure ASGI middleware (not ``BaseHTTPMiddleware``). Built from one
+:class:`~keystile.config.KeystileConfig`, it calls the stages of :mod:`keystile.stages`
+once each (read the credential, verify, admit, record, call the app), with the compiled
+hit path inline, and turns the one exception a stage raises into the RFC 6750 response
+from :mod:`keystile.responses` (or the app's ``on_error``). It also owns the background
+work (usage flushes, revocation listener, cache upkeep), started by the lifespan protocol
+or, when a server runs without lifespan, lazily on the first request. The background work
+belongs to the runtime, not to the lifespan call, so an app that ends the lifespan
+protocol early does not stop it; a duty that fails is logged and restarted.
 
 A WebSocket lives only while its key is valid: ``socket_guard`` checks the key at each
 message and closes the socket once it is revoked, disabled or expired.
@@ -220,7 +221,12 @@ class APIKeyMiddleware:
         await self.app(scope, receive, send)
 
     def _is_exempt(self, scope: Scope) -> bool:
-        return self.config.is_exempt(route_path(scope))
+        """Whether the path the app routes on is an exact exempt path or starts with an
+        exempt prefix (``config`` parsed ``exempt_paths`` into both)."""
+        path, config = route_path(scope), self.config
+        return path in config.exempt_exact or bool(
+            config.exempt_prefixes and path.startswith(config.exempt_prefixes)
+        )
 
     async def _pass_exempt(self, scope: Scope, receive: Receive, send: Send) -> None:
         """A path that needs no key. A valid key sent there is still verified, so the route
