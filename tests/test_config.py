@@ -141,6 +141,13 @@ def test_database_url_is_resolved_when_the_config_is_built(
     )
 
 
+def test_repr_never_shows_the_database_password() -> None:
+    """A config in a log line or traceback does not carry the database URL's password."""
+    config = KeystileConfig(database_url="postgresql://app:s3cret@db.internal/app")
+    assert "s3cret" not in repr(config)
+    assert "s3cret" not in str(config)
+
+
 def test_runtime_key_covers_the_runtime_options_only() -> None:
     """Another header or exempt path shares the runtime; another cache TTL does not."""
     store = MemoryKeyStore()

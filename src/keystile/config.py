@@ -118,7 +118,8 @@ class KeystileConfig:
     ``ValueError``, ``TypeError`` or ``ConfigurationError`` here, never on a request.
     """
 
-    database_url: str | None = None
+    #: Not in the repr: a URL may carry a password.
+    database_url: str | None = field(default=None, repr=False)
     store: KeyStore | None = None
     cache_ttl: float = DEFAULT_CACHE_TTL
     cache_idle: float = DEFAULT_CACHE_IDLE
