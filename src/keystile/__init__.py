@@ -7,6 +7,7 @@ app.add_middleware(APIKeyMiddleware, database_url="sqlite:///keystile.db")
 from __future__ import annotations
 
 from .cache import VerifiedKeyCache
+from .config import KeystileConfig
 from .errors import (
     AuthenticationError,
     ConfigurationError,
@@ -66,6 +67,7 @@ __all__ = [
     "KeyNotFound",
     "KeyRecord",
     "KeyStore",
+    "KeystileConfig",
     "KeystileError",
     "KeystileStats",
     "LimitEnforcer",

@@ -1,13 +1,14 @@
-"""APIKeyMiddleware: ASGI in, verifier, ASGI out.
+"""APIKeyMiddleware: ASGI dispatch, exempt paths, the request-path stages in order.
 
-A pure ASGI middleware (not ``BaseHTTPMiddleware``). It reads the credential, asks the
-verifier, and either sets Starlette's ``scope["user"]``/``scope["auth"]`` and calls the
-app, or answers with the RFC 6750 response from :mod:`keystile.responses`. It also owns
-the background work (usage flushes, revocation listener, cache upkeep), started by the
-lifespan protocol or, when a server runs without lifespan, lazily on the first request.
-The background work belongs to the middleware, not to the lifespan call, so an app that
-ends the lifespan protocol early does not stop it; a duty that fails is logged and
-restarted.
+A pure ASGI middleware (not ``BaseHTTPMiddleware``). Built from one
+:class:`~keystile.config.KeystileConfig`, it calls the stages of :mod:`keystile.stages`
+once each (read the credential, verify, admit, record, call the app), with the compiled
+hit path inline, and turns the one exception a stage raises into the RFC 6750 response
+from :mod:`keystile.responses` (or the app's ``on_error``). It also owns the background
+work (usage flushes, revocation listener, cache upkeep), started by the lifespan protocol
+or, when a server runs without lifespan, lazily on the first request. The background work
+belongs to the runtime, not to the lifespan call, so an app that ends the lifespan
+protocol early does not stop it; a duty that fails is logged and restarted.
 
 A WebSocket lives only while its key is valid: ``socket_guard`` checks the key at each
 message and closes the socket once it is revoked, disabled or expired.
@@ -21,10 +22,10 @@ answer carries the CORS preflight headers.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import logging
-from collections.abc import Callable, Iterable
-from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from starlette.authentication import AuthCredentials, UnauthenticatedUser
 from starlette.middleware.cors import CORSMiddleware
@@ -33,48 +34,25 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .cache import CachedKey
-from .config import resolve_database_url
-from .credentials import check_single_token, split_credential, without_credentials
-from .errors import AuthenticationError, IPNotAllowed, MissingCredentials, ServiceUnavailable
-from .hashing import DEFAULT_PARAMETERS, Argon2Parameters, SecretHasher
-from .limits import DEFAULT_RATE_LIMIT_STORAGE, LimitEnforcer, OnError, send_with_headers
-from .principal import APIKeyUser
+from .config import DEFAULT_HEADER_NAME, DEFAULT_REALM, ErrorHandler, KeystileConfig
+from .credentials import split_credential, without_credentials
+from .errors import AuthenticationError, MissingCredentials
+from .limits import LimitEnforcer
 from .responses import WEBSOCKET_POLICY_VIOLATION, error_code, error_response
-from .runtime import KeystileRuntime, configuration_key
+from .runtime import KeystileRuntime
 from .socket_guard import guard_websocket
+from .stages import Headers, admit, read_credential, verify
 from .stats import KeystileStats
-from .stores import store_from_url
-from .stores.protocol import KeyStore
-from .tokens import DEFAULT_PREFIX, key_matcher
-from .usage import DEFAULT_FLUSH_INTERVAL, DEFAULT_FLUSH_MAX, UsageRecorder
-from .verifier import (
-    DEFAULT_ARGON2_CONCURRENCY,
-    DEFAULT_CACHE_IDLE,
-    DEFAULT_CACHE_MAX_SIZE,
-    DEFAULT_CACHE_TTL,
-    DEFAULT_MAX_PENDING_VERIFICATIONS,
-    DEFAULT_NEGATIVE_MAX_SIZE,
-    DEFAULT_NEGATIVE_TTL,
-    DEFAULT_PER_KEY_PENDING,
-    DEFAULT_STALE_IF_ERROR,
-    Verifier,
-)
 
 if TYPE_CHECKING:
-    from .metrics import PrometheusMetrics
+    from typing_extensions import Unpack
 
-__all__ = ["APIKeyMiddleware", "ErrorHandler"]
+    from .config import KeystileOptions
+
+__all__ = ["DEFAULT_HEADER_NAME", "DEFAULT_REALM", "APIKeyMiddleware", "ErrorHandler"]
 
 logger = logging.getLogger("keystile")
 
-ErrorHandler = Callable[[HTTPConnection, AuthenticationError], Response]
-
-DEFAULT_HEADER_NAME = "X-API-Key"
-DEFAULT_REALM = "api"
-#: With ``reap_every``: keys unused for longer than this are revoked.
-DEFAULT_REAP_UNUSED_FOR = timedelta(days=90)
-#: Per-key usage rows older than this are deleted in the background (``None``: kept).
-DEFAULT_USAGE_RETENTION = timedelta(days=90)
 #: The header a CORS preflight answer carries and no other response needs.
 _PREFLIGHT_ANSWER_HEADER = b"access-control-allow-methods"
 
@@ -122,7 +100,9 @@ class APIKeyMiddleware:
 
     ``app.add_middleware(APIKeyMiddleware, database_url="sqlite:///keystile.db")``
 
-    The database comes from ``store=`` (a ``KeyStore``), else ``database_url=``, else the
+    The options are those of :class:`~keystile.config.KeystileConfig`, given as keywords
+    or as ``config=`` (keywords given beside it replace its values). The database comes
+    from ``store=`` (a ``KeyStore``), else ``database_url=``, else the
     ``KEYSTILE_DATABASE_URL`` environment variable, else ``sqlite:///keystile.db``: the
     same order as the ``keystile`` CLI, so both see the same keys. Every option is
     documented in ``docs/operations.md``.
@@ -132,103 +112,55 @@ class APIKeyMiddleware:
     own OAuth layer; a keystile key that is not valid is still refused.
     """
 
+    #: ``app``, ``config`` and every option by name, for ``inspect.signature`` (set below).
+    __signature__: ClassVar[inspect.Signature]
+
     def __init__(
         self,
         app: ASGIApp,
         *,
-        database_url: str | None = None,
-        store: KeyStore | None = None,
-        cache_ttl: float = DEFAULT_CACHE_TTL,
-        cache_idle: float = DEFAULT_CACHE_IDLE,
-        cache_max_size: int = DEFAULT_CACHE_MAX_SIZE,
-        negative_ttl: float = DEFAULT_NEGATIVE_TTL,
-        negative_max_size: int = DEFAULT_NEGATIVE_MAX_SIZE,
-        stale_if_error: float = DEFAULT_STALE_IF_ERROR,
-        flush_interval: float = DEFAULT_FLUSH_INTERVAL,
-        flush_max: int = DEFAULT_FLUSH_MAX,
-        argon2: Argon2Parameters = DEFAULT_PARAMETERS,
-        argon2_concurrency: int = DEFAULT_ARGON2_CONCURRENCY,
-        max_pending_verifications: int = DEFAULT_MAX_PENDING_VERIFICATIONS,
-        per_key_pending: int = DEFAULT_PER_KEY_PENDING,
-        exempt_paths: Iterable[str] = (),
-        required: bool = True,
-        header_name: str = DEFAULT_HEADER_NAME,
-        realm: str = DEFAULT_REALM,
-        key_prefixes: Iterable[str] = (DEFAULT_PREFIX,),
-        allow_preflight: bool = True,
-        strip_credentials: bool = True,
-        on_error: ErrorHandler | None = None,
-        reap_every: float | None = None,
-        reap_unused_for: timedelta = DEFAULT_REAP_UNUSED_FOR,
-        rate_limit_storage: str = DEFAULT_RATE_LIMIT_STORAGE,
-        default_rate_limit: str | None = None,
-        rate_limit_on_error: OnError = "allow",
-        rate_limit_headers: bool = False,
-        usage_retention: timedelta | None = DEFAULT_USAGE_RETENTION,
-        metrics: bool | PrometheusMetrics = False,
+        config: KeystileConfig | None = None,
+        **options: Unpack[KeystileOptions],
     ) -> None:
+        if config is None:
+            config = KeystileConfig.from_options(**options)
+        elif options:
+            config = config.replace(**options)
         self.app = app
-        runtime_options: dict[str, Any] = {
-            "store": store,
-            "database_url": None if store is not None else resolve_database_url(database_url),
-            "cache_ttl": cache_ttl,
-            "cache_idle": cache_idle,
-            "cache_max_size": cache_max_size,
-            "negative_ttl": negative_ttl,
-            "negative_max_size": negative_max_size,
-            "stale_if_error": stale_if_error,
-            "flush_interval": flush_interval,
-            "flush_max": flush_max,
-            "argon2": argon2,
-            "argon2_concurrency": argon2_concurrency,
-            "max_pending_verifications": max_pending_verifications,
-            "per_key_pending": per_key_pending,
-            "reap_every": reap_every,
-            "reap_unused_for": reap_unused_for,
-            "usage_retention": usage_retention,
-        }
-        self.runtime = KeystileRuntime.shared(
-            configuration_key(runtime_options), lambda: _build_runtime(**runtime_options)
-        )
+        self.config = config
+        self.runtime = KeystileRuntime.for_config(config)
         self.store = self.runtime.store
         self.verifier = self.runtime.verifier
         self.recorder = self.runtime.recorder
-        self.required = required
-        self.header_name = header_name
-        self.realm = realm
-        self.allow_preflight = allow_preflight
-        self.strip_credentials = strip_credentials
-        self.on_error = on_error or self.default_on_error
-        self.reap_every = reap_every
-        self.reap_unused_for = reap_unused_for
-        self._header = header_name.lower().encode("latin-1")
-        key_prefixes = tuple(key_prefixes)
-        self._is_key = key_matcher(key_prefixes)
-        #: With required=False a bearer token that is not keystile's is not a credential.
-        self._bearer_filter = None if required else self._is_key
-        #: The compiled hit path (``None`` on the pure-Python path), and the bearer tokens
-        #: it may take as keys with required=False; it leaves any other token to Python.
+        self.required = config.required
+        self.header_name = config.header_name
+        self.realm = config.realm
+        self.strip_credentials = config.strip_credentials
+        self.reap_every = config.reap_every
+        self.on_error = config.on_error or self.default_on_error
+        #: Read on every request, so kept here: one attribute load instead of two.
+        self._header = config.header
+        self._bearer_starts = config.bearer_starts
+        #: The compiled hit path (``None`` on the pure-Python path): stages 1 and 2 in one
+        #: call for a cached key; it leaves anything else to ``read_credential``.
         self._hit_request = self.verifier.hit_request if self.verifier.cache.compiled else None
-        self._bearer_starts = None if required else tuple(f"{p}_".encode() for p in key_prefixes)
-        paths = list(exempt_paths)
-        self._exempt_exact = frozenset(p for p in paths if not p.endswith("*"))
-        self._exempt_prefixes = tuple(p[:-1] for p in paths if p.endswith("*"))
-        self._has_exemptions = bool(paths)
+        self._has_exemptions = bool(config.exempt_paths)
         self._cors_inside: bool | None = None
         #: Usage limits, checked after a key is verified (docs/operations.md, "Limits").
         self.limits = LimitEnforcer.shared(
             self.recorder,
             self.verifier.counters,
-            storage=rate_limit_storage,
-            default_rate_limit=default_rate_limit,
-            on_error=rate_limit_on_error,
-            headers=rate_limit_headers,
+            storage=config.rate_limit_storage,
+            default_rate_limit=config.default_rate_limit,
+            on_error=config.rate_limit_on_error,
+            headers=config.rate_limit_headers,
         )
         self._limit_every_key = self.limits.limits_every_key
-        if metrics:
+        if config.metrics:
             # Read at scrape time from the runtime's counters: the hit path pays nothing.
             from .metrics import PrometheusMetrics
 
+            metrics = config.metrics
             exporter = metrics if isinstance(metrics, PrometheusMetrics) else PrometheusMetrics()
             exporter.install(self.runtime)
 
@@ -248,57 +180,39 @@ class APIKeyMiddleware:
         if self._has_exemptions and self._is_exempt(scope):
             await self._pass_exempt(scope, receive, send)
             return
+        # Stages 1 and 2, read and verify: compiled for a cached key (the stages module
+        # says why inline), else in Python.
+        entry: CachedKey
+        without: Headers | None
         found = (
             self._hit_request(scope["headers"], self._header, self._bearer_starts)
             if self._hit_request is not None
             else None
         )
-        entry: CachedKey | None
-        without: list[tuple[bytes, bytes]] | None
         if found is not None:
             entry, without = found
         else:
             try:
-                token, source, without = split_credential(
-                    scope["headers"], self._header, self._bearer_filter
-                )
+                token, source, without = read_credential(scope["headers"], self.config)
+                if token is not None:
+                    entry = await verify(self.verifier, token, source)
             except AuthenticationError as exc:
                 await self._deny(exc, scope, receive, send)
                 return
             if token is None:
-                if not self.required:
-                    scope["user"], scope["auth"] = UnauthenticatedUser(), AuthCredentials()
-                    await self.app(scope, receive, send)
-                elif self.allow_preflight and is_preflight(scope):
-                    await self._pass_preflight(scope, receive, send)
-                else:
-                    await self._deny(MissingCredentials(), scope, receive, send)
+                scope["user"], scope["auth"] = UnauthenticatedUser(), AuthCredentials()
+                await self.app(scope, receive, send)
                 return
-            entry = self.verifier.hit(token)
-            if entry is None:
-                try:
-                    check_single_token(token, source)
-                    entry = await self.verifier.verify(token)
-                except AuthenticationError as exc:
-                    exc.source = source
-                    await self._deny(exc, scope, receive, send)
-                    return
-                except Exception:
-                    logger.exception("keystile: unexpected error while verifying a key; refusing")
-                    error = ServiceUnavailable("internal_error", source=source)
-                    await self._deny(error, scope, receive, send)
-                    return
         user = scope["user"] = entry.user
         scope["auth"] = AuthCredentials(entry.auth_scopes)
-        # A key without an IP allowlist or limits pays these attribute checks alone.
-        limited = user.limits is not None or self._limit_every_key
-        if limited or user.ip_allowlist is not None:
-            refusal = await self._refusal(user, scope)
-            if refusal is not None:
-                await self._deny(refusal, scope, receive, send)
+        # Stage 3, admit: a key without an IP allowlist or limits pays these checks alone.
+        if user.limits is not None or self._limit_every_key or user.ip_allowlist is not None:
+            try:
+                send = await admit(user, scope, self.limits, send)
+            except AuthenticationError as exc:
+                await self._deny(exc, scope, receive, send)
                 return
-            if limited and self.limits.headers:
-                send = send_with_headers(send, self.limits.success_headers(user))
+        # Stage 4, record; stage 5, call the app.
         self.recorder.touch(user.key_id, self.verifier.clock())
         if self.strip_credentials and without is not None:
             scope["headers"] = without
@@ -307,9 +221,11 @@ class APIKeyMiddleware:
         await self.app(scope, receive, send)
 
     def _is_exempt(self, scope: Scope) -> bool:
-        path = route_path(scope)
-        return path in self._exempt_exact or bool(
-            self._exempt_prefixes and path.startswith(self._exempt_prefixes)
+        """Whether the path the app routes on is an exact exempt path or starts with an
+        exempt prefix (``config`` parsed ``exempt_paths`` into both)."""
+        path, config = route_path(scope), self.config
+        return path in config.exempt_exact or bool(
+            config.exempt_prefixes and path.startswith(config.exempt_prefixes)
         )
 
     async def _pass_exempt(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -318,59 +234,37 @@ class APIKeyMiddleware:
         checked now, is dropped and the request goes on anonymous (the refusal is counted).
         keystile credentials never reach the app (nor its access log); others stay."""
         scope["user"], scope["auth"] = UnauthenticatedUser(), AuthCredentials()
+        headers, config = scope["headers"], self.config
         try:
-            token, source, without = split_credential(scope["headers"], self._header, self._is_key)
+            token, source, without = split_credential(headers, config.header, config.is_key)
         except AuthenticationError as exc:
             self.verifier.counters.rejects[exc.reason] += 1
-            token, without = None, without_credentials(scope["headers"], self._header, self._is_key)
+            token, without = None, without_credentials(headers, config.header, config.is_key)
         if token is not None:
-            entry = self.verifier.hit(token)
-            if entry is None:
-                try:
-                    check_single_token(token, source)
-                    entry = await self.verifier.verify(token)
-                except AuthenticationError as exc:
-                    self.verifier.counters.rejects[exc.reason] += 1
-                except Exception:
-                    logger.exception("keystile: unexpected error while verifying a key")
-            if entry is not None:
-                user = entry.user
-                refusal = await self._refusal(user, scope)
-                if refusal is not None:
-                    # An exempt path never refuses: over its limits, or from outside its
-                    # IP allowlist, the key goes on unseen.
-                    self.verifier.counters.rejects[refusal.reason] += 1
-                else:
-                    scope["user"] = user
-                    scope["auth"] = AuthCredentials(entry.auth_scopes)
-                    self.recorder.touch(user.key_id, self.verifier.clock())
-                    if scope["type"] == "websocket":
-                        receive, send = guard_websocket(self.verifier, entry, receive, send)
+            try:
+                entry = await verify(self.verifier, token, source)
+                # An exempt path never refuses: over its limits, or from outside its IP
+                # allowlist, the key goes on unseen. Nor does it add RateLimit fields.
+                await admit(entry.user, scope, self.limits, send)
+            except AuthenticationError as exc:
+                self.verifier.counters.rejects[exc.reason] += 1
+            else:
+                scope["user"] = entry.user
+                scope["auth"] = AuthCredentials(entry.auth_scopes)
+                self.recorder.touch(entry.key_id, self.verifier.clock())
+                if scope["type"] == "websocket":
+                    receive, send = guard_websocket(self.verifier, entry, receive, send)
         if self.strip_credentials and without is not None:
             scope["headers"] = without
         await self.app(scope, receive, send)
 
-    async def _refusal(self, user: APIKeyUser, scope: Scope) -> AuthenticationError | None:
-        """What refuses a verified key here, if anything: a client outside the key's IP
-        allowlist (parsed when the key was cached; ``scope["client"]`` is what the server
-        says, behind a proxy its proxy-header handling, never ``X-Forwarded-For``), then
-        the key's rate limit or quota."""
-        allowlist = user.ip_allowlist
-        if allowlist is not None and not allowlist.allows(scope.get("client")):
-            return IPNotAllowed()
-        if user.limits is not None or self._limit_every_key:
-            limits = self.limits
-            return await limits.acheck(user) if limits.is_async else limits.check(user)
-        return None
-
-    async def _pass_preflight(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _pass_preflight(self, scope: Scope, receive: Receive, send: Send) -> bool:
         """Forward a keyless CORS preflight to the CORS responder inside, if there is one,
-        and let out only a CORS preflight answer; anything else becomes the 401."""
+        and let out only a CORS preflight answer; whether one went out."""
         if self._cors_inside is None:
             self._cors_inside = has_cors_responder(self.app)
         if not self._cors_inside:
-            await self._deny(MissingCredentials(), scope, receive, send)
-            return
+            return False
         answered: bool | None = None
 
         async def send_preflight_answer(message: Message) -> None:
@@ -388,12 +282,21 @@ class APIKeyMiddleware:
             if answered:
                 raise
             logger.warning("keystile: the app failed on a CORS preflight; refusing it")
-        if not answered:
-            await self._deny(MissingCredentials(), scope, receive, send)
+        return bool(answered)
 
     async def _deny(
         self, exc: AuthenticationError, scope: Scope, receive: Receive, send: Send
     ) -> None:
+        """The one place a refusal becomes a response: a WebSocket close, else the
+        ``on_error`` response. A keyless CORS preflight is first offered to the CORS
+        responder inside; only when none answers is it refused."""
+        if (
+            isinstance(exc, MissingCredentials)
+            and self.config.allow_preflight
+            and is_preflight(scope)
+            and await self._pass_preflight(scope, receive, send)
+        ):
+            return
         self.verifier.counters.rejects[exc.reason] += 1
         if scope["type"] == "websocket":
             close = {"type": "websocket.close", "code": WEBSOCKET_POLICY_VIOLATION}
@@ -452,30 +355,14 @@ class APIKeyMiddleware:
             )
 
 
-def _build_runtime(
-    *,
-    store: KeyStore | None,
-    database_url: str | None,
-    argon2: Argon2Parameters,
-    flush_interval: float,
-    flush_max: int,
-    reap_every: float | None,
-    reap_unused_for: timedelta,
-    usage_retention: timedelta | None,
-    **verifier_options: Any,
-) -> KeystileRuntime:
-    owns_store = store is None
-    if store is None:
-        assert database_url is not None
-        store = store_from_url(database_url)
-    verifier = Verifier(store, hasher=SecretHasher(argon2), **verifier_options)
-    recorder = UsageRecorder(store, flush_interval=flush_interval, flush_max=flush_max)
-    return KeystileRuntime(
-        store,
-        verifier,
-        recorder,
-        owns_store=owns_store,
-        reap_every=reap_every,
-        reap_unused_for=reap_unused_for,
-        usage_retention=usage_retention,
-    )
+APIKeyMiddleware.__signature__ = inspect.Signature(
+    [
+        inspect.Parameter("app", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+        inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None),
+        *(
+            inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default)
+            for f in dataclasses.fields(KeystileConfig)
+            if f.init
+        ),
+    ]
+)

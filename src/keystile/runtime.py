@@ -20,17 +20,22 @@ import threading
 import weakref
 from collections.abc import Awaitable, Callable, Hashable
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING
 
 import anyio
 import anyio.lowlevel
 
 from .errors import StoreError
+from .hashing import SecretHasher
 from .stats import KeystileStats
+from .stores import store_from_url
 from .stores.protocol import KeyStore
 from .stores.records import utcnow
 from .usage import UsageRecorder
 from .verifier import Verifier
+
+if TYPE_CHECKING:
+    from .config import KeystileConfig
 
 __all__ = [
     "BACKGROUND_RETRY_MAX",
@@ -90,6 +95,46 @@ class KeystileRuntime:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
         self._unsubscribe: Callable[[], None] | None = None
+
+    @classmethod
+    def for_config(cls, config: KeystileConfig) -> KeystileRuntime:
+        """The runtime of ``config``, shared by every middleware whose config has the same
+        ``runtime_key`` (store, cache, verification and background options)."""
+        return cls.shared(config.runtime_key, lambda: cls.build(config))
+
+    @classmethod
+    def build(cls, config: KeystileConfig) -> KeystileRuntime:
+        """A new runtime of ``config``: its store (opened from ``database_url`` and owned,
+        unless ``store`` was given), verifier and usage recorder."""
+        store = config.store
+        if store is None:
+            assert config.database_url is not None
+            store = store_from_url(config.database_url)
+        verifier = Verifier(
+            store,
+            hasher=SecretHasher(config.argon2),
+            cache_ttl=config.cache_ttl,
+            cache_idle=config.cache_idle,
+            cache_max_size=config.cache_max_size,
+            negative_ttl=config.negative_ttl,
+            negative_max_size=config.negative_max_size,
+            stale_if_error=config.stale_if_error,
+            argon2_concurrency=config.argon2_concurrency,
+            max_pending_verifications=config.max_pending_verifications,
+            per_key_pending=config.per_key_pending,
+        )
+        recorder = UsageRecorder(
+            store, flush_interval=config.flush_interval, flush_max=config.flush_max
+        )
+        return cls(
+            store,
+            verifier,
+            recorder,
+            owns_store=config.store is None,
+            reap_every=config.reap_every,
+            reap_unused_for=config.reap_unused_for,
+            usage_retention=config.usage_retention,
+        )
 
     @classmethod
     def shared(cls, key: Hashable, build: Callable[[], KeystileRuntime]) -> KeystileRuntime:
@@ -305,17 +350,3 @@ class KeystileRuntime:
                     len(reaped),
                     ", ".join(r.id for r in reaped),
                 )
-
-
-def configuration_key(options: dict[str, Any]) -> Hashable:
-    """A key under which equal configurations share a runtime: hashable option values by
-    value, anything else (a store object, a callable) by identity."""
-
-    def part(value: Any) -> Hashable:
-        try:
-            hash(value)
-        except TypeError:
-            return ("id", id(value))
-        return ("value", type(value).__qualname__, value)
-
-    return tuple(sorted((name, part(value)) for name, value in options.items()))

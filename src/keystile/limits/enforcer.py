@@ -37,7 +37,14 @@ from .policy import (
 from .quota import QuotaBook
 from .redis import RedisRateLimiter
 
-__all__ = ["REDIS_RETRY_INTERVAL", "LimitEnforcer", "LimitedKey", "OnError", "send_with_headers"]
+__all__ = [
+    "REDIS_RETRY_INTERVAL",
+    "LimitEnforcer",
+    "LimitedKey",
+    "OnError",
+    "check_limit_options",
+    "send_with_headers",
+]
 
 logger = logging.getLogger("keystile.limits")
 
@@ -59,6 +66,25 @@ class LimitedKey(Protocol):
 def _seconds(wait: float) -> int:
     """``Retry-After``: whole seconds, rounded up, at least 1."""
     return max(1, math.ceil(wait - 1e-9))
+
+
+def check_limit_options(
+    storage: str | None, default_rate_limit: str | None, on_error: str
+) -> Rate | None:
+    """The default rate of these options, or the ``ConfigurationError`` of a bad one: the
+    one check of the middleware's config and of an enforcer built alone."""
+    if on_error not in ("allow", "deny"):
+        raise ConfigurationError(f"rate_limit_on_error must be 'allow' or 'deny', not {on_error!r}")
+    try:
+        rate = parse_rate_limit(default_rate_limit) if default_rate_limit is not None else None
+    except ValueError as exc:
+        raise ConfigurationError(f"default_rate_limit: {exc}") from None
+    storage = storage or DEFAULT_RATE_LIMIT_STORAGE
+    if storage.split(":", 1)[0].lower() not in ("memory", "redis", "rediss", "unix"):
+        raise ConfigurationError(
+            f"rate_limit_storage must be memory:// or redis://…, not {storage!r}"
+        )
+    return rate
 
 
 class LimitEnforcer:
@@ -87,22 +113,9 @@ class LimitEnforcer:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
-        if on_error not in ("allow", "deny"):
-            raise ConfigurationError(
-                f"rate_limit_on_error must be 'allow' or 'deny', not {on_error!r}"
-            )
-        try:
-            self.default_rate = (
-                parse_rate_limit(default_rate_limit) if default_rate_limit is not None else None
-            )
-        except ValueError as exc:
-            raise ConfigurationError(f"default_rate_limit: {exc}") from None
+        self.default_rate = check_limit_options(storage, default_rate_limit, on_error)
         storage = storage or DEFAULT_RATE_LIMIT_STORAGE
         scheme = storage.split(":", 1)[0].lower()
-        if scheme not in ("memory", "redis", "rediss", "unix"):
-            raise ConfigurationError(
-                f"rate_limit_storage must be memory:// or redis://…, not {storage!r}"
-            )
         self.recorder = recorder
         self.counters = counters
         self.on_error = on_error
