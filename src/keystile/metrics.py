@@ -26,8 +26,8 @@ from __future__ import annotations
 import logging
 import os
 import weakref
-from collections.abc import Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 import anyio.to_thread
@@ -40,7 +40,6 @@ if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
     from prometheus_client.registry import CollectorRegistry
 
-    from .runtime import KeystileRuntime
 
 __all__ = [
     "METRICS_DIR_ENV",
@@ -48,6 +47,18 @@ __all__ = [
     "PrometheusMetrics",
     "metrics_app",
 ]
+
+
+class RuntimeCounters(Protocol):
+    """What the exporter needs of a runtime: its counters, and a place for a duty and a
+    hook at stop. A protocol, so this module does not import the runtime (which is built
+    from a config that names this module's exporter)."""
+
+    extra_duties: dict[str, Callable[[], Awaitable[None]]]
+    stop_hooks: list[Callable[[], None]]
+
+    def stats(self) -> KeystileStats: ...
+
 
 logger = logging.getLogger("keystile")
 
@@ -178,9 +189,9 @@ class KeystileCollector:
 
     def __init__(self, snapshots: SnapshotDirectory | None = None) -> None:
         self.snapshots = snapshots
-        self._runtimes: weakref.WeakSet[KeystileRuntime] = weakref.WeakSet()
+        self._runtimes: weakref.WeakSet[RuntimeCounters] = weakref.WeakSet()
 
-    def add(self, runtime: KeystileRuntime) -> None:
+    def add(self, runtime: RuntimeCounters) -> None:
         self._runtimes.add(runtime)
 
     def local(self) -> dict[str, Any]:
@@ -304,7 +315,7 @@ class PrometheusMetrics:
             collector.snapshots = self.snapshots
         return collector
 
-    def install(self, runtime: KeystileRuntime) -> None:
+    def install(self, runtime: RuntimeCounters) -> None:
         """Export ``runtime``'s counters; with a directory, write snapshots of them."""
         collector = self.collector()
         collector.add(runtime)
