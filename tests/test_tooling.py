@@ -32,6 +32,7 @@ def test_tool_passes(command: list[str]) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+#: import-linter's command (package ``importlinter``; ``python -m importlinter.cli`` runs nothing).
 LINT_IMPORTS = [str(Path(sys.executable).with_name("lint-imports")), "--no-logo", "--no-cache"]
 
 

@@ -1,7 +1,5 @@
 """Quart: the key the middleware verified, and a decorator over its scopes.
 
-::
-
     from quart import Quart
     from keystile import APIKeyMiddleware
     from keystile.quart import current_key, require_scopes
