@@ -1,0 +1,109 @@
+"""Start-up of the ``keystile`` command: ``keystile --help`` in a fresh interpreter, against
+``python -c pass`` in the same run as the baseline.
+
+Every run is a new process (no warm interpreter, the import cache on disk as an operator
+has it after the first run). The arms are interleaved run by run, so a change in the
+machine's load reaches both alike. Reported for each arm: the median wall time, the median
+CPU time (user + system of the child, which a busy machine inflates less than the wall
+time), the median overhead over the baseline, and the 1-minute load average before and
+after. The target is a median wall time under 150 ms: an operator types ``keystile --help``
+and waits for it.
+
+Also, for each arm: ``import keystile.cli`` alone, and ``import keystile`` alone (what
+the package's ``__init__`` costs before the command's own modules load).
+
+    python benchmarks/cli_startup.py [RUNS]
+
+Self-contained: standard library only, no other benchmark module.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+RUNS = 30
+TARGET_MS = 150.0
+
+
+def _arms() -> dict[str, list[str]]:
+    script = shutil.which("keystile")
+    help_command = (
+        [script, "--help"] if script else [sys.executable, "-m", "keystile.cli", "--help"]
+    )
+    return {
+        "python -c pass": [sys.executable, "-c", "pass"],
+        "import keystile": [sys.executable, "-c", "import keystile"],
+        "import keystile.cli": [sys.executable, "-c", "import keystile.cli"],
+        "keystile --help": help_command,
+    }
+
+
+def _cpu_of_children() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _time_once(command: list[str]) -> tuple[float, float]:
+    """Wall and CPU milliseconds from spawn to exit; a failure stops the benchmark."""
+    cpu_before = _cpu_of_children()
+    started = time.perf_counter()
+    done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wall = (time.perf_counter() - started) * 1000
+    cpu = (_cpu_of_children() - cpu_before) * 1000
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed: {done.stderr.decode()[-500:]}")
+    return wall, cpu
+
+
+def _load() -> float:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+
+def run_cli_startup(runs: int = RUNS) -> dict[str, float]:
+    """The median wall milliseconds of each arm over ``runs`` interleaved runs."""
+    arms = _arms()
+    for command in arms.values():  # once each: the import cache written, the disk warm
+        _time_once(command)
+    walls: dict[str, list[float]] = {name: [] for name in arms}
+    cpus: dict[str, list[float]] = {name: [] for name in arms}
+    load_before = _load()
+    for _ in range(runs):
+        for name, command in arms.items():
+            wall, cpu = _time_once(command)
+            walls[name].append(wall)
+            cpus[name].append(cpu)
+    load_after = _load()
+    medians = {name: statistics.median(values) for name, values in walls.items()}
+    cpu_medians = {name: statistics.median(values) for name, values in cpus.items()}
+    baseline, cpu_baseline = medians["python -c pass"], cpu_medians["python -c pass"]
+    print(f"{runs} interleaved runs each; load average (1 min) {load_before:.2f} -> {load_after:.2f}")
+    print(
+        f"{'arm':22} {'wall median':>12} {'wall min':>9} {'over base':>10}"
+        f" {'CPU median':>11} {'over base':>10}"
+    )
+    for name in arms:
+        print(
+            f"{name:22} {medians[name]:10.1f}ms {min(walls[name]):7.1f}ms"
+            f" {medians[name] - baseline:+8.1f}ms {cpu_medians[name]:9.1f}ms"
+            f" {cpu_medians[name] - cpu_baseline:+8.1f}ms"
+        )
+    help_ms = medians["keystile --help"]
+    verdict = "PASS" if help_ms < TARGET_MS else "MISS"
+    print(
+        f"keystile --help: median {help_ms:.1f} ms wall ({help_ms / baseline:.1f}x python -c pass),"
+        f" {cpu_medians['keystile --help']:.1f} ms CPU"
+        f" ({cpu_medians['keystile --help'] / cpu_baseline:.1f}x); target < {TARGET_MS:.0f} ms: {verdict}"
+    )
+    if load_before > 1.5:
+        print(f"warning: load average {load_before:.2f} on {os.cpu_count()} cores; compare ratios")
+    return medians
+
+
+if __name__ == "__main__":
+    run_cli_startup(int(sys.argv[1]) if len(sys.argv) > 1 else RUNS)
