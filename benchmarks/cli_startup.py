@@ -1,16 +1,20 @@
 """Start-up of the ``keystile`` command: ``keystile --help`` in a fresh interpreter, against
 ``python -c pass`` in the same run as the baseline.
 
-Every run is a new process (no warm interpreter, the import cache on disk as an operator
-has it after the first run). The arms are interleaved run by run, so a change in the
+Every run is a new process (no warm interpreter), with compiled bytecode on disk as an
+installed package has it: ``PYTHONDONTWRITEBYTECODE`` is removed from the children's
+environment, so the warm-up run writes the ``__pycache__`` files the measured runs read
+(with it set, every run compiles every keystile module from source again, which costs
+more than importing them). The arms are interleaved run by run, so a change in the
 machine's load reaches both alike. Reported for each arm: the median wall time, the median
 CPU time (user + system of the child, which a busy machine inflates less than the wall
 time), the median overhead over the baseline, and the 1-minute load average before and
 after. The target is a median wall time under 150 ms: an operator types ``keystile --help``
 and waits for it.
 
-Also, for each arm: ``import keystile.cli`` alone, and ``import keystile`` alone (what
-the package's ``__init__`` costs before the command's own modules load).
+Also measured: ``argparse --help``, a parser with one subcommand printing its help (the
+floor for any argparse command), ``import keystile`` alone (what the package's
+``__init__`` costs before the command's own modules load) and ``import keystile.cli``.
 
     python benchmarks/cli_startup.py [RUNS]
 
@@ -29,6 +33,10 @@ import time
 
 RUNS = 30
 TARGET_MS = 150.0
+ARGPARSE_HELP = (
+    "import argparse; p = argparse.ArgumentParser(prog='x');"
+    " p.add_subparsers().add_parser('y'); p.print_help()"
+)
 
 
 def _arms() -> dict[str, list[str]]:
@@ -38,6 +46,7 @@ def _arms() -> dict[str, list[str]]:
     )
     return {
         "python -c pass": [sys.executable, "-c", "pass"],
+        "argparse --help": [sys.executable, "-c", ARGPARSE_HELP],
         "import keystile": [sys.executable, "-c", "import keystile"],
         "import keystile.cli": [sys.executable, "-c", "import keystile.cli"],
         "keystile --help": help_command,
@@ -49,11 +58,16 @@ def _cpu_of_children() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+ENVIRONMENT = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+
+
 def _time_once(command: list[str]) -> tuple[float, float]:
     """Wall and CPU milliseconds from spawn to exit; a failure stops the benchmark."""
     cpu_before = _cpu_of_children()
     started = time.perf_counter()
-    done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    done = subprocess.run(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENVIRONMENT
+    )
     wall = (time.perf_counter() - started) * 1000
     cpu = (_cpu_of_children() - cpu_before) * 1000
     if done.returncode != 0:
@@ -82,7 +96,9 @@ def run_cli_startup(runs: int = RUNS) -> dict[str, float]:
     medians = {name: statistics.median(values) for name, values in walls.items()}
     cpu_medians = {name: statistics.median(values) for name, values in cpus.items()}
     baseline, cpu_baseline = medians["python -c pass"], cpu_medians["python -c pass"]
-    print(f"{runs} interleaved runs each; load average (1 min) {load_before:.2f} -> {load_after:.2f}")
+    print(
+        f"{runs} interleaved runs each; load average (1 min) {load_before:.2f} -> {load_after:.2f}"
+    )
     print(
         f"{'arm':22} {'wall median':>12} {'wall min':>9} {'over base':>10}"
         f" {'CPU median':>11} {'over base':>10}"

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     from ..manager import KeyManager
@@ -28,11 +27,11 @@ class CommandError(Exception):
     """A message for the operator; printed as one line, exit code 1."""
 
 
-@dataclass(frozen=True)
-class Command:
+class Command(NamedTuple):
     """``keystile <name>``: ``help`` is its line in the root's list and its own description,
     ``example`` closes its ``--help``, ``add_arguments`` declares its options, ``run`` is
-    what it does."""
+    what it does. (A named tuple: ``dataclasses`` would import ``inspect``, ``ast`` and
+    ``dis`` for ``--help``.)"""
 
     name: str
     help: str
