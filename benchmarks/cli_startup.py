@@ -16,14 +16,20 @@ Also measured: ``argparse --help``, a parser with one subcommand printing its he
 floor for any argparse command), ``import keystile`` alone (what the package's
 ``__init__`` costs before the command's own modules load) and ``import keystile.cli``.
 
-    python benchmarks/cli_startup.py [RUNS]
+With ``--instructions`` (valgrind installed): the instructions each arm executes, counted
+once by callgrind with ``PYTHONHASHSEED=0``. A count does not depend on the machine's load,
+so it compares two versions measured on a busy machine, or on two machines.
+
+    python benchmarks/cli_startup.py [RUNS] [--instructions]
 
 Self-contained: standard library only, no other benchmark module.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import re
 import resource
 import shutil
 import statistics
@@ -121,5 +127,40 @@ def run_cli_startup(runs: int = RUNS) -> dict[str, float]:
     return medians
 
 
+def count_instructions() -> dict[str, int]:
+    """The instructions each arm executes, by callgrind; empty without valgrind."""
+    valgrind = shutil.which("valgrind")
+    if valgrind is None:
+        print("instructions: valgrind is not installed, skipped")
+        return {}
+    environment = {**ENVIRONMENT, "PYTHONHASHSEED": "0"}
+    counts: dict[str, int] = {}
+    for name, command in _arms().items():
+        subprocess.run(command, stdout=subprocess.DEVNULL, env=environment, check=True)
+        done = subprocess.run(
+            [valgrind, "--tool=callgrind", "--callgrind-out-file=/dev/null", *command],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=environment,
+            check=True,
+        )
+        found = re.search(r"Collected : (\d+)", done.stderr)
+        if found is None:
+            raise SystemExit(f"callgrind printed no count for {name}: {done.stderr[-500:]}")
+        counts[name] = int(found.group(1))
+    baseline = counts["python -c pass"]
+    print(f"{'arm':22} {'instructions':>14} {'x baseline':>11}")
+    for name, count in counts.items():
+        print(f"{name:22} {count / 1e6:12.1f} M {count / baseline:10.2f}x")
+    return counts
+
+
 if __name__ == "__main__":
-    run_cli_startup(int(sys.argv[1]) if len(sys.argv) > 1 else RUNS)
+    options = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    options.add_argument("runs", nargs="?", type=int, default=RUNS)
+    options.add_argument("--instructions", action="store_true")
+    given = options.parse_args()
+    run_cli_startup(given.runs)
+    if given.instructions:
+        count_instructions()
