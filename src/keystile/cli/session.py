@@ -1,7 +1,8 @@
 """The key database and the ``KeyManager`` a command runs on.
 
-The one module of the command that imports the manager, the stores and anyio; it is
-loaded when a command runs (``command.on_keys``), never for ``--help``.
+The one module of the command that imports the manager, the stores and anyio at its top
+(the others import what they need inside the function that needs it); it is loaded when
+a command runs (``command.on_keys``), never for ``--help``.
 """
 
 from __future__ import annotations
