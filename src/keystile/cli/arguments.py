@@ -1,0 +1,182 @@
+"""What each option accepts, as argparse types, and the options several commands share.
+
+A check's ``ValueError`` or ``KeystileError`` becomes argparse's one line, which names the
+option as typed (``argument --scope: …``), so the operator reads the flag they typed,
+never a parameter name of the Python API. The checks themselves (``validation``,
+``limits``, ``principal``, ``tokens``) are imported when an option is converted, not when
+the parser is built: ``keystile --help`` loads none of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from datetime import timedelta
+from typing import TypeVar
+
+from ..durations import format_duration, parse_duration
+from ..errors import KeystileError
+
+__all__ = [
+    "MAX_COUNT",
+    "MAX_QUOTA",
+    "actor",
+    "add_actor_option",
+    "add_key_id",
+    "add_limit_options",
+    "checked",
+    "cidr",
+    "count",
+    "duration",
+    "key_id",
+    "key_name",
+    "metadata_pair",
+    "new_quota",
+    "owner",
+    "port",
+    "positive_duration",
+    "quota",
+    "rate_limit",
+    "scope",
+    "whole",
+]
+
+T = TypeVar("T")
+
+#: Past these a store could not hold the number (a quota is a 62-bit integer; a count is
+#: a 32-bit SQL LIMIT).
+MAX_QUOTA, MAX_COUNT = 2**62 - 1, 2**31 - 1
+
+
+def checked(check: Callable[[str], T]) -> Callable[[str], T]:
+    """An argparse type from a check raising ``ValueError`` or ``KeystileError``."""
+
+    def convert(text: str) -> T:
+        try:
+            return check(text)
+        except (ValueError, KeystileError) as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return convert
+
+
+def whole(what: str, least: int, most: int, hint: str = "") -> Callable[[str], int]:
+    """An argparse type for a whole number from ``least`` to ``most``."""
+
+    def number(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError(f"invalid {what} {text!r}: a whole number") from None
+        if value < least:
+            raise ValueError(f"invalid {what} {text!r}: at least {least}{hint}")
+        if value > most:
+            raise ValueError(f"invalid {what} {text!r}: at most {most}")
+        return value
+
+    return checked(number)
+
+
+def _at_least_duration(shortest: timedelta) -> Callable[[str], timedelta]:
+    def at_least(text: str) -> timedelta:
+        value = parse_duration(text)
+        if value < shortest:
+            raise ValueError(f"invalid duration {text!r}: at least {format_duration(shortest)}")
+        return value
+
+    return checked(at_least)
+
+
+def _owner(text: str) -> str:
+    from ..validation import validate_owner
+
+    return validate_owner(text)
+
+
+def _name(text: str) -> str:
+    from ..validation import validate_name
+
+    return validate_name(text)
+
+
+def _actor(text: str) -> str:
+    from ..validation import validate_actor
+
+    return validate_actor(text)
+
+
+def _scope(text: str) -> str:
+    from ..validation import validate_scopes
+
+    return validate_scopes([text])[0]
+
+
+def _cidr(text: str) -> str:
+    from ..principal import normalize_cidrs
+
+    return normalize_cidrs([text])[0]
+
+
+def _rate_limit(text: str) -> str:
+    from ..limits import normalize_rate_limit
+
+    return str(normalize_rate_limit(text))
+
+
+def _pair(text: str) -> tuple[str, str]:
+    from ..validation import validate_metadata
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"KEY=VALUE, got {text!r}")
+    validate_metadata({key: value})
+    return key, value
+
+
+def key_id(text: str) -> str:
+    """A key's id, or its display form ``ks_<id>…`` (or a whole key pasted by mistake)."""
+    from ..tokens import normalize_key_id
+
+    return normalize_key_id(text)
+
+
+duration = checked(parse_duration)
+positive_duration = _at_least_duration(timedelta(seconds=1))
+rate_limit = checked(_rate_limit)
+quota = whole("quota", 0, MAX_QUOTA)
+new_quota = whole("quota", 1, MAX_QUOTA, " (a key with a quota of 0 could never be used)")
+count = whole("count", 1, MAX_COUNT)
+port = whole("port", 0, 65535)
+owner = checked(_owner)
+key_name = checked(_name)
+scope = checked(_scope)
+cidr = checked(_cidr)
+metadata_pair = checked(_pair)
+actor = checked(_actor)
+
+
+def add_key_id(p: argparse.ArgumentParser) -> None:
+    """KEY_ID (the id or its display form, ``ks_<id>…``) and the ``--owner`` it must have."""
+    p.add_argument("key_id", metavar="KEY_ID", type=key_id)
+    p.add_argument("--owner", required=True, type=owner)
+
+
+def add_actor_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--actor",
+        type=actor,
+        help="who the audit log names for this change (default: cli:<user>@<host>)",
+    )
+
+
+def add_limit_options(p: argparse.ArgumentParser, *, quota: Callable[[str], int]) -> None:
+    p.add_argument(
+        "--rate-limit", type=rate_limit, metavar="N/UNIT", help="e.g. 10/second, 100/minute, 5/day"
+    )
+    p.add_argument("--quota", type=quota, metavar="N", help="uses allowed (in each refill period)")
+    p.add_argument(
+        "--quota-refill",
+        type=positive_duration,
+        metavar="DURATION",
+        help="refill the quota every, e.g. 1d",
+    )
