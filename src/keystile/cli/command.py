@@ -9,22 +9,12 @@ the parser is built, so ``keystile --help`` and a usage error cost argparse alon
 from __future__ import annotations
 
 import argparse
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
-if TYPE_CHECKING:
-    from ..manager import KeyManager
+from .work import CommandError, Run, Work
 
 __all__ = ["Command", "CommandError", "Run", "Work", "on_keys"]
-
-#: What a subcommand runs once its options are parsed; returns the exit code.
-Run = Callable[[argparse.Namespace], int]
-#: A command's work on the key database, with a manager opened on it.
-Work = Callable[[argparse.Namespace, "KeyManager"], Awaitable[None]]
-
-
-class CommandError(Exception):
-    """A message for the operator; printed as one line, exit code 1."""
 
 
 class Command(NamedTuple):

@@ -19,7 +19,7 @@ from ..config import DATABASE_URL_ENV, resolve_database_url
 from ..manager import KeyManager
 from ..stores import SQLiteKeyStore, store_from_url
 from ..stores.protocol import KeyStore
-from .command import CommandError, Work
+from .work import CommandError, Work
 
 __all__ = ["default_actor", "require_database", "run_on_keys"]
 
