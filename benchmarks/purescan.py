@@ -119,7 +119,9 @@ def swar_scan_only(digests: list[bytes]) -> Callable[[bytes], Any]:
         if first == last:
             found = _compare(digests[first] if first >= 0 else bytes(32), digest) and first >= 0
             return first if found else None
-        return first if _compare(digests[first], digest) else last
+        if _compare(digests[first], digest):
+            return first
+        return last if _compare(digests[last], digest) else None
 
     return lookup
 
