@@ -40,7 +40,7 @@ from keystile.cache import SMALL_SCAN_SIZE, PyTable
 from keystile.tagscan import PackedTags
 
 POSITIONS = ("first", "middle", "last", "none")
-CALLS_FLOOR = 3
+CALLS_FLOOR = 1
 #: Short batches: on a shared machine fewer of them are cut by another process.
 BATCH_US = 300
 _compare = hmac.compare_digest
@@ -59,14 +59,17 @@ class NumpyLookup:
         self.probe = np.zeros((), dtype=np.int64)
         self.seen = np.zeros(len(digests), dtype=np.float64)
 
-    def lookup(self, digest: bytes) -> Any:
+    def lookup(self, digest: bytes, now: float) -> Any:
         size = len(self.digests)
         if size <= SMALL_SCAN_SIZE:
             found = -1
             for slot, stored in enumerate(self.digests):
                 if _compare(stored, digest):
                     found = slot
-            return None if found < 0 else self.entries[found]
+            if found < 0:
+                return None
+            self.seen[found] = now
+            return self.entries[found]
         self.probe[()] = struct.unpack_from("<q", digest)[0]
         self.np.equal(self.tags, self.probe, out=self.mask)
         first = self.mask_bytes.find(1, 0, size)
@@ -82,7 +85,7 @@ class NumpyLookup:
             slot = last
         else:
             return None
-        self.seen[slot] = 1.0
+        self.seen[slot] = now
         return self.entries[slot]
 
 
@@ -97,15 +100,21 @@ def hmac_loop(digests: list[bytes]) -> Callable[[bytes], Any]:
     return lookup
 
 
-def swar_lookup(digests: list[bytes]) -> Callable[[bytes], Any]:
+def as_probe(table: Any) -> Callable[[bytes], Any]:
+    """``table.lookup(digest, now)`` as one call of the digest, alike for every table."""
+    table_lookup = table.lookup
+
+    def lookup(digest: bytes) -> Any:
+        return table_lookup(digest, 1.0)
+
+    return lookup
+
+
+def swar_table(digests: list[bytes]) -> PyTable:
     table = PyTable(os.urandom(32))
     for slot, digest in enumerate(digests):
         table.append(digest, slot, 0.0)
-
-    def lookup(digest: bytes) -> Any:
-        return table.lookup(digest, 1.0)
-
-    return lookup
+    return table
 
 
 def swar_scan_only(digests: list[bytes]) -> Callable[[bytes], Any]:
@@ -202,9 +211,9 @@ def run_sizes(sizes: list[int], budget: float, np: Any) -> None:
     print("|---|---|---|---|---|---|---|")
     for n in sizes:
         digests = digests_of(n)
-        methods = {"swar": swar_lookup(digests)}
+        methods = {"swar": as_probe(swar_table(digests))}
         if np is not None:
-            methods["numpy"] = NumpyLookup(digests, np).lookup
+            methods["numpy"] = as_probe(NumpyLookup(digests, np))
         if n <= 20_000:
             methods["hmac loop"] = hmac_loop(digests)
         medians = measure(methods, probes_of(digests), budget)

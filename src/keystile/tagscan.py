@@ -16,9 +16,10 @@ Python's big integers as lanes (SIMD within a register):
 * the last match is the ``bit_length()`` of that, the first the ``bit_length()`` of its
   lowest set bit (``z & -z``): arithmetic over the whole chunk, no search that stops.
 
-Every chunk goes through the same operations whatever it holds, and the per-chunk
-results are folded together with arithmetic, not by stopping at a match: the work
-depends on the number of tags only. Chunks keep each integer near 4.5 KiB, where
+Every chunk goes through the same operations whatever it holds; a byte per chunk (1
+where it matched) makes one small integer whose lowest and highest set bits name the
+chunks of the first and the last match, so no loop stops at a match: the work depends
+on the number of tags only. Chunks keep each integer near 4.5 KiB, where
 CPython's integer operations run fastest (one 100 000-lane integer is several times
 slower per lane: every intermediate is a fresh large allocation), and let a change
 re-pack one chunk, not all. The chunks of a multi-chunk table all have the full width
@@ -41,8 +42,6 @@ _FLAG_BIT = TAG_SIZE * 8 + 1
 #: The spare byte of a tag lane, and a padding lane (bit 64 set: it never matches).
 _TAG_END = b"\x00"
 _PADDING = bytes(TAG_SIZE) + b"\x01"
-#: Greater than any bit position a scan can report: it stands for "no match".
-_NONE = 1 << 62
 _probe_tag = struct.Struct("<Q").unpack_from
 
 
@@ -70,15 +69,17 @@ class PackedTags:
     rebuilt from them, a chunk at a time, by the first scan after a change.
     """
 
-    __slots__ = ("_bytes", "_chunk", "_dirty", "_full", "_plan")
+    __slots__ = ("_bytes", "_chunks", "_dirty", "_full", "_low", "_width")
 
     def __init__(self, chunk_lanes: int = CHUNK_LANES) -> None:
         """``chunk_lanes``: lanes per packed integer (tests make it small)."""
-        self._chunk = chunk_lanes
+        self._width = chunk_lanes
         self._full = lane_masks(chunk_lanes)
         self._bytes = bytearray()
-        #: Per chunk: its packed lanes, its ``LOW`` and ``FLAG``, and its first bit.
-        self._plan: list[tuple[int, int, int, int]] = []
+        #: Per chunk: its packed lanes and its ``FLAG``.
+        self._chunks: list[tuple[int, int]] = []
+        #: ``LOW`` of the first chunk, the widest.
+        self._low = 0
         self._dirty: set[int] = set()
 
     def __len__(self) -> int:
@@ -86,7 +87,7 @@ class PackedTags:
 
     def append(self, tag: bytes) -> None:
         """Put ``tag[:8]`` in a new last slot."""
-        self._dirty.add(len(self) // self._chunk)
+        self._dirty.add(len(self) // self._width)
         self._bytes += tag[:TAG_SIZE]
         self._bytes += _TAG_END
 
@@ -94,7 +95,7 @@ class PackedTags:
         """Make ``tag[:8]`` the tag of ``slot``."""
         start = slot * _LANE_SIZE
         self._bytes[start : start + TAG_SIZE] = tag[:TAG_SIZE]
-        self._dirty.add(slot // self._chunk)
+        self._dirty.add(slot // self._width)
 
     def remove(self, slot: int) -> None:
         """Drop ``slot``: the last tag moves into it (as ``PyTable`` moves its entry)."""
@@ -103,11 +104,11 @@ class PackedTags:
         if slot != last:
             self.put(slot, self._bytes[start : start + TAG_SIZE])
         del self._bytes[start:]
-        self._dirty.add(last // self._chunk)
+        self._dirty.add(last // self._width)
 
     def clear(self) -> None:
         self._bytes.clear()
-        self._plan.clear()
+        self._chunks.clear()
         self._dirty.clear()
 
     def tag(self, slot: int) -> bytes:
@@ -119,38 +120,40 @@ class PackedTags:
         from the same operations on every chunk, whatever matched where."""
         if self._dirty:
             self._repack()
-        plan = self._plan
-        if not plan:
+        if not self._chunks:
             return -1, -1
-        repeated = _probe_tag(probe)[0] * plan[0][1]
-        first_bit = _NONE
-        last_bit = 0
-        for packed, _, flag, offset in plan:
-            zero = zero_lanes(packed ^ repeated, flag)
-            hit = zero != 0
-            last_bit = max(last_bit, hit * (offset + zero.bit_length()))
-            first_bit = min(first_bit, offset + (zero & -zero).bit_length() + (not hit) * _NONE)
-        first_bit *= first_bit < _NONE
-        return lane_of(first_bit), lane_of(last_bit)
+        repeated = _probe_tag(probe)[0] * self._low
+        zeros = [zero_lanes(packed ^ repeated, flag) for packed, flag in self._chunks]
+        # A byte per chunk, 1 where a tag matched; its lowest and highest set bit name the
+        # first and the last chunk with a match (-1 and the last chunk, all zero, if none).
+        hits = int.from_bytes(bytes(map(bool, zeros)), "little")
+        first_chunk = ((hits & -hits).bit_length() - 1) >> 3
+        last_chunk = (hits.bit_length() - 1) >> 3
+        first, last = zeros[first_chunk], zeros[last_chunk]
+        width = self._width
+        return (
+            lane_of((first & -first).bit_length()) + (first != 0) * first_chunk * width,
+            lane_of(last.bit_length()) + (last != 0) * last_chunk * width,
+        )
 
     def _repack(self) -> None:
-        lanes, chunk_lanes = len(self), self._chunk
-        count = -(-lanes // chunk_lanes)
-        plan = self._plan
-        del plan[count:]
-        plan.extend([(0, 0, 0, 0)] * (count - len(plan)))
+        lanes, width = len(self), self._width
+        count = -(-lanes // width)
+        chunks = self._chunks
+        del chunks[count:]
+        chunks.extend([(0, 0)] * (count - len(chunks)))
         if count == 1:
             self._dirty.add(0)  # its width is the table's: its masks change with the size
         for index in self._dirty:
             if index >= count:
                 continue
-            start = index * chunk_lanes
-            width = min(chunk_lanes, lanes - start)
-            chunk = self._bytes[start * _LANE_SIZE : (start + width) * _LANE_SIZE]
+            start = index * width
+            used = min(width, lanes - start)
+            packed = self._bytes[start * _LANE_SIZE : (start + used) * _LANE_SIZE]
             if count == 1:
-                low, flag = lane_masks(width)
+                self._low, flag = lane_masks(used)
             else:
-                chunk += _PADDING * (chunk_lanes - width)
-                low, flag = self._full
-            plan[index] = (int.from_bytes(chunk, "little"), low, flag, start * _LANE_BITS)
+                packed += _PADDING * (width - used)
+                self._low, flag = self._full
+            chunks[index] = (int.from_bytes(packed, "little"), flag)
         self._dirty.clear()
