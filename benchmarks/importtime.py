@@ -1,17 +1,25 @@
-"""Import time: what ``import keystile`` adds to an app that has already imported Starlette.
+"""Import time: what keystile adds to an app that has already imported Starlette.
 
-Each run is a fresh ``python -X importtime -c "<Starlette imports>; import keystile"``
-(the Starlette modules an app imports first: ``starlette.applications``,
-``starlette.responses``, ``starlette.routing``, ``starlette.authentication``), next to
-the same process without ``import keystile`` (the baseline). Arms run interleaved, in a
-new random order each round. Reported, as medians over the runs:
+Each run is a fresh ``python -X importtime -c "<Starlette imports>; <statement>"`` (the
+Starlette modules an app imports first: ``starlette.applications``,
+``starlette.responses``, ``starlette.routing``, ``starlette.authentication``), for two
+statements: ``import keystile``, and ``from keystile import APIKeyMiddleware`` (what an
+app runs; the package imports a public name's module on first use). A baseline process
+runs the Starlette imports alone. Arms run interleaved, in a new random order each
+round. Reported, as medians over the runs:
 
-* ``import keystile``: the cumulative import time of the top-level ``keystile`` entry
-  (what the import costs once Starlette is loaded);
-* ``added wall``: the process's wall time minus the baseline's (start-up and exit
-  included, so noisier; a cross-check);
-* the modules and packages that cost most inside ``import keystile`` (their own time,
-  ``self``), and the third-party packages it loads.
+* keystile's imports: the cumulative import time of the top-level ``keystile`` entries
+  (the package, then the modules a lazily imported name loads): what the statement
+  costs once Starlette is loaded;
+* ``added CPU``: the process's CPU time (user + system, from ``getrusage``) minus the
+  baseline's; start-up and exit included, but not the time spent waiting for a core, so
+  it holds up better than wall-clock times on a loaded machine (a cross-check);
+* the modules and packages that cost most in them (their own time, ``self``), and the
+  third-party packages they load.
+
+Bytecode is compiled once, by a warm-up run, into a temporary ``PYTHONPYCACHEPREFIX``
+(``PYTHONDONTWRITEBYTECODE`` is dropped for the runs): an installed keystile has its
+``.pyc`` files, and compiling the sources anew in every run would swamp the rest.
 
 ``--ref SRC`` adds a second keystile arm from another source tree (e.g. the main
 branch's ``src``), measured in the same run, for a before/after.
@@ -26,10 +34,12 @@ import os
 import pathlib
 import random
 import re
+import resource
+import shutil
 import statistics
 import subprocess
 import sys
-import time
+import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -38,51 +48,63 @@ STARLETTE = (
     "import starlette.applications, starlette.responses, starlette.routing, "
     "starlette.authentication"
 )
+#: ``import keystile``, and what an app runs to add the middleware.
+STATEMENTS = ("import keystile", "from keystile import APIKeyMiddleware")
 LINE = re.compile(r"^import time:\s+(\d+) \|\s+(\d+) \|( *)(\S+)$")
 
 
 @dataclass
 class Run:
-    wall_ms: float
-    #: The top-level entry's cumulative µs, per top-level module.
-    top: dict[str, int] = field(default_factory=dict)
-    #: Each module imported inside ``keystile``: its own µs.
+    cpu_ms: float
+    #: What keystile's imports cost, µs (0 in the baseline).
+    keystile_us: int = 0
+    #: Each module imported by keystile's imports: its own µs.
     inside: dict[str, int] = field(default_factory=dict)
 
 
-def parse(stderr: str) -> tuple[dict[str, int], dict[str, int]]:
-    """Top-level cumulative times, and the self time of each module under ``keystile``.
+def parse(stderr: str) -> tuple[int, dict[str, int]]:
+    """What keystile's imports cost: the cumulative µs of the top-level entries from the
+    first ``keystile…`` one on (the package, then any module a lazily imported name
+    loads), and the self µs of every module under them.
 
     ``-X importtime`` prints a module after the modules it imported, one level deeper
-    each; so the lines before the top-level ``keystile`` line, back to the previous
-    top-level line, are what it imported."""
-    top: dict[str, int] = {}
+    each; so the lines before a top-level line, back to the previous top-level line, are
+    what it imported."""
+    total = 0
     pending: dict[str, int] = {}
     inside: dict[str, int] = {}
+    started = False
     for line in stderr.splitlines():
         match = LINE.match(line)
         if not match:
             continue
         own, cumulative, indent, name = match.groups()
+        pending[name] = int(own)
         if len(indent) == 1:
-            top[name] = int(cumulative)
-            if name == "keystile":
-                inside = {**pending, name: int(own)}
+            started = started or name.split(".")[0] == "keystile"
+            if started:
+                total += int(cumulative)
+                inside.update(pending)
             pending = {}
-        else:
-            pending[name] = int(own)
-    return top, inside
+    return total, inside
+
+
+#: Compiled bytecode for every arm, kept out of the source trees: an installed package
+#: has its ``.pyc`` files, and without them every run would compile keystile anew.
+PYCACHE = tempfile.mkdtemp(prefix="keystile-importtime-")
 
 
 def run_once(code: str, pythonpath: str | None, pure: bool) -> Run:
     env = {k: v for k, v in os.environ.items() if not k.startswith("KEYSTILE_")}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env["PYTHONPYCACHEPREFIX"] = PYCACHE
     if pythonpath is not None:
         env["PYTHONPATH"] = pythonpath
     else:
         env.pop("PYTHONPATH", None)
     if pure:
         env["KEYSTILE_PURE_PYTHON"] = "1"
-    t0 = time.perf_counter()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run(
         [sys.executable, "-X", "importtime", "-c", code],
         env=env,
@@ -90,9 +112,10 @@ def run_once(code: str, pythonpath: str | None, pure: bool) -> Run:
         text=True,
         check=True,
     )
-    wall_ms = (time.perf_counter() - t0) * 1000
-    top, inside = parse(done.stderr)
-    return Run(wall_ms, top, inside)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_ms = (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) * 1000
+    keystile_us, inside = parse(done.stderr)
+    return Run(cpu_ms, keystile_us, inside)
 
 
 def package(module: str) -> str:
@@ -108,18 +131,18 @@ def ms(us: float) -> str:
 
 
 def report(runs: dict[str, list[Run]], top_n: int) -> None:
-    base_wall = statistics.median(r.wall_ms for r in runs["starlette"])
-    print("| arm | import keystile ms | p25 | p75 | added wall ms | runs |")
+    base_cpu = statistics.median(r.cpu_ms for r in runs["starlette"])
+    print("| arm | keystile's imports ms | p25 | p75 | added CPU ms | runs |")
     print("|---|---|---|---|---|---|")
     for arm, arm_runs in runs.items():
         if arm == "starlette":
             continue
-        cost = sorted(r.top.get("keystile", 0) for r in arm_runs)
+        cost = sorted(r.keystile_us for r in arm_runs)
         quartiles = statistics.quantiles(cost, n=4)
-        wall = statistics.median(r.wall_ms for r in arm_runs) - base_wall
+        cpu = statistics.median(r.cpu_ms for r in arm_runs) - base_cpu
         print(
             f"| {arm} | {ms(statistics.median(cost))} | {ms(quartiles[0])} | "
-            f"{ms(quartiles[2])} | {wall:,.1f} | {len(arm_runs)} |"
+            f"{ms(quartiles[2])} | {cpu:,.1f} | {len(arm_runs)} |"
         )
     for arm, arm_runs in runs.items():
         if arm == "starlette":
@@ -168,18 +191,17 @@ def main() -> None:
     parser.add_argument("--pure", action="store_true", help="KEYSTILE_PURE_PYTHON=1")
     parser.add_argument("--top", type=int, default=15)
     args = parser.parse_args()
-    arms: dict[str, tuple[str, str | None]] = {
-        "starlette": (STARLETTE, str(SRC)),
-        "keystile": (f"{STARLETTE}; import keystile", str(SRC)),
-    }
-    if args.ref is not None:
-        arms["keystile (ref)"] = (f"{STARLETTE}; import keystile", str(args.ref.resolve()))
+    trees = {"": SRC} if args.ref is None else {"": SRC, "ref: ": args.ref.resolve()}
+    arms: dict[str, tuple[str, str | None]] = {"starlette": (STARLETTE, str(SRC))}
+    for label, tree in trees.items():
+        for statement in STATEMENTS:
+            arms[f"{label}{statement}"] = (f"{STARLETTE}; {statement}", str(tree))
     for arm, (code, path) in arms.items():
         run_once(code, path, args.pure)  # warm the file cache and the bytecode
         if arm != "starlette":
             where = subprocess.run(
                 [sys.executable, "-c", "import keystile; print(keystile.__file__)"],
-                env={**os.environ, "PYTHONPATH": str(path)},
+                env={**os.environ, "PYTHONPATH": str(path), "PYTHONPYCACHEPREFIX": PYCACHE},
                 capture_output=True,
                 text=True,
                 check=True,
@@ -204,4 +226,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        shutil.rmtree(PYCACHE, ignore_errors=True)
