@@ -12,7 +12,6 @@ middleware needs and no more (not the key manager, not the adapters).
 
 from __future__ import annotations
 
-import sys as _sys
 import typing as _typing
 
 if _typing.TYPE_CHECKING:
@@ -57,75 +56,62 @@ if _typing.TYPE_CHECKING:
     from .usage import UsageRecorder
     from .verifier import Verifier
 
-#: Each public name, and the module of the package it comes from.
-_MODULES = {
-    "VerifiedKeyCache": "cache",
-    "AuthenticationError": "errors",
-    "ConfigurationError": "errors",
-    "DuplicateKeyName": "errors",
-    "IPNotAllowed": "errors",
-    "InsufficientScope": "errors",
-    "InvalidKeyName": "errors",
-    "InvalidRequest": "errors",
-    "InvalidToken": "errors",
-    "KeyAlreadyRotated": "errors",
-    "KeyManagementError": "errors",
-    "KeyNotFound": "errors",
-    "KeystileError": "errors",
-    "MissingCredentials": "errors",
-    "QuotaExceeded": "errors",
-    "RateLimited": "errors",
-    "ServiceUnavailable": "errors",
-    "StoreError": "errors",
-    "TooManyRequests": "errors",
-    "Argon2Parameters": "hashing",
-    "CHEAPEST_PARAMETERS": "hashing",
-    "DEFAULT_PARAMETERS": "hashing",
-    "SecretHasher": "hashing",
-    "LimitEnforcer": "limits",
-    "LimitPolicy": "limits",
-    "RateLimiter": "limits",
-    "revoke_presented": "logout",
-    "CreatedKey": "manager",
-    "KeyManager": "manager",
-    "UNCHANGED": "manager",
-    "APIKeyMiddleware": "middleware",
-    "APIKeyUser": "principal",
-    "IPAllowlist": "principal",
-    "KeystileStats": "stats",
-    "KeyEvent": "stores",
-    "KeyRecord": "stores",
-    "KeyStore": "stores",
-    "MemoryKeyStore": "stores",
-    "SQLiteKeyStore": "stores",
-    "store_from_url": "stores",
-    "UsageBucket": "stores.records",
-    "UsageTotal": "stores.records",
-    "generate_key": "tokens",
-    "parse_key": "tokens",
-    "redact": "tokens",
-    "UsageRecorder": "usage",
-    "Verifier": "verifier",
-}
+if not _typing.TYPE_CHECKING:  # type checkers read the imports above, and no other name
+    from . import _lazy
 
-
-if not _typing.TYPE_CHECKING:  # type checkers see the imports above, and no other name
-
-    def __getattr__(name: str) -> _typing.Any:
-        """Import a public name's module on first use, and keep the name (next time it
-        is found without this call)."""
-        module = _MODULES.get(name)
-        if module is None:
-            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-        qualified = f"{__name__}.{module}"
-        __import__(qualified)  # as an import statement does (-X importtime sees it)
-        value = getattr(_sys.modules[qualified], name)
-        globals()[name] = value
-        return value
-
-    def __dir__() -> list[str]:
-        return sorted({*globals(), *__all__})
-
+    # Each public name, and the module of the package it comes from.
+    _lazy.attach(
+        globals(),
+        {
+            "VerifiedKeyCache": "cache",
+            "AuthenticationError": "errors",
+            "ConfigurationError": "errors",
+            "DuplicateKeyName": "errors",
+            "IPNotAllowed": "errors",
+            "InsufficientScope": "errors",
+            "InvalidKeyName": "errors",
+            "InvalidRequest": "errors",
+            "InvalidToken": "errors",
+            "KeyAlreadyRotated": "errors",
+            "KeyManagementError": "errors",
+            "KeyNotFound": "errors",
+            "KeystileError": "errors",
+            "MissingCredentials": "errors",
+            "QuotaExceeded": "errors",
+            "RateLimited": "errors",
+            "ServiceUnavailable": "errors",
+            "StoreError": "errors",
+            "TooManyRequests": "errors",
+            "Argon2Parameters": "hashing",
+            "CHEAPEST_PARAMETERS": "hashing",
+            "DEFAULT_PARAMETERS": "hashing",
+            "SecretHasher": "hashing",
+            "LimitEnforcer": "limits",
+            "LimitPolicy": "limits",
+            "RateLimiter": "limits",
+            "revoke_presented": "logout",
+            "CreatedKey": "manager",
+            "KeyManager": "manager",
+            "UNCHANGED": "manager",
+            "APIKeyMiddleware": "middleware",
+            "APIKeyUser": "principal",
+            "IPAllowlist": "principal",
+            "KeystileStats": "stats",
+            "KeyEvent": "stores",
+            "KeyRecord": "stores",
+            "KeyStore": "stores",
+            "MemoryKeyStore": "stores",
+            "SQLiteKeyStore": "stores",
+            "store_from_url": "stores",
+            "UsageBucket": "stores.records",
+            "UsageTotal": "stores.records",
+            "generate_key": "tokens",
+            "parse_key": "tokens",
+            "redact": "tokens",
+            "UsageRecorder": "usage",
+            "Verifier": "verifier",
+        },
+    )
 
 __version__ = "0.1.0"
 
