@@ -1,7 +1,7 @@
 """The verified-key cache: a constant-time scan checked against a plain reference oracle.
 
 Every test runs on both tables, the compiled one (``keystile._speedups.Table``) and the
-pure-Python one (``PyTable``), except the structural tests of the pure one's numpy scan.
+pure-Python one (``PyTable``), except the structural tests of the pure one's scan.
 """
 
 from __future__ import annotations
@@ -13,15 +13,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import keystile.cache
+import keystile.tagscan
 from hitpaths import HIT_PATHS, hit_path
-from keystile.cache import CachedKey, PyTable, VerifiedKeyCache
+from keystile.cache import CachedKey, VerifiedKeyCache
 from keystile.principal import APIKeyUser
+from keystile.tagscan import CHUNK_LANES
 
 INITIAL_CAPACITY = 256
 
@@ -445,66 +446,46 @@ def test_digest_is_not_a_plain_hash() -> None:
 # -- structure: the scan reads every entry --------------------------------------------
 
 
-class RecordingMask(bytearray):
-    """The mask buffer, recording every ``find``/``rfind`` with its search range."""
-
-    calls: list[tuple[str, int, int]]
-
-    def find(self, sub: Any, start: Any = None, end: Any = None) -> int:  # type: ignore[override]
-        self.calls.append(("find", *self._range(start, end)))
-        return super().find(sub, start, end)
-
-    def rfind(self, sub: Any, start: Any = None, end: Any = None) -> int:  # type: ignore[override]
-        self.calls.append(("rfind", *self._range(start, end)))
-        return super().rfind(sub, start, end)
-
-    def _range(self, start: int | None, end: int | None) -> tuple[int, int]:
-        return (start or 0, len(self) if end is None else end)
-
-
-def _install_recording_mask(table: PyTable) -> RecordingMask:
-    mask = RecordingMask(len(table._mask_bytes))
-    mask.calls = []
-    table._mask_bytes = mask
-    table._mask = np.frombuffer(mask, dtype=np.bool_)
-    table._resize_views()
-    return mask
-
-
-@pytest.mark.parametrize("where", ["first", "middle", "last", "absent"])
-def test_scan_reads_every_entry_wherever_the_match_is(
-    where: str, table: str, monkeypatch: pytest.MonkeyPatch
+def test_scan_does_the_same_work_wherever_the_match_is(
+    table: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """One ``numpy.equal`` over all tags and both ``find`` and ``rfind`` over the whole mask."""
+    """The packed scan covers every chunk of tags with the same operations, and one
+    ``compare_digest`` follows, for a match in the first, middle or last slot or none."""
     if table != "pure":
-        pytest.skip("the numpy scan of the pure-Python table (test_speedups.py: the C one)")
-    size = INITIAL_CAPACITY + 44
+        pytest.skip("the packed scan of the pure-Python table (test_speedups.py: the C one)")
+    size = 2 * CHUNK_LANES + 44
     cache = VerifiedKeyCache()
     digests = fill(cache, size)
-    mask = _install_recording_mask(cache._table)
-    probe = {
+    cache.lookup(digest_of("absent"), 1e6)  # pack the tags before recording
+    scanned: list[int] = []
+    compared: list[bytes] = []
+    real_zero_lanes, real_compare = keystile.tagscan.zero_lanes, hmac.compare_digest
+
+    def recording_zero_lanes(x: int, flag: int) -> int:
+        scanned.append(flag.bit_length())
+        return real_zero_lanes(x, flag)
+
+    def recording_compare(a: bytes, b: bytes) -> bool:
+        compared.append(a)
+        return real_compare(a, b)
+
+    monkeypatch.setattr(keystile.tagscan, "zero_lanes", recording_zero_lanes)
+    monkeypatch.setattr(keystile.cache, "_compare", recording_compare)
+    traces = {}
+    for where, probe in {
         "first": digests[0],
         "middle": digests[size // 2],
         "last": digests[-1],
         "absent": digest_of("absent"),
-    }[where]
-
-    compared: list[int] = []
-    real_equal = np.equal
-
-    def recording_equal(*args: Any, **kwargs: Any) -> Any:
-        compared.append(args[0].size)  # the tags scanned (the probe is a 0-d array)
-        return real_equal(*args, **kwargs)
-
-    monkeypatch.setattr(np, "equal", recording_equal)
-    found = cache.lookup(probe, 1e6)
-
-    assert (found is None) == (where == "absent")
-    assert compared == [size]
-    kinds = sorted(kind for kind, _, _ in mask.calls)
-    assert kinds == ["find", "rfind"]
-    for _, start, end in mask.calls:
-        assert start == 0 and end >= size
+    }.items():
+        scanned.clear()
+        compared.clear()
+        found = cache.lookup(probe, 1e6)
+        assert (found is None) == (where == "absent")
+        traces[where] = (tuple(scanned), len(compared))
+    chunks = -(-size // CHUNK_LANES)
+    assert chunks == 3
+    assert set(traces.values()) == {((72 * CHUNK_LANES - 6,) * chunks, 1)}
 
 
 @pytest.mark.parametrize("where", ["first", "last", "absent"])

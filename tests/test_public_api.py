@@ -10,11 +10,23 @@ import inspect
 import keystile
 
 
+def _top_level(tree: ast.Module) -> list[ast.stmt]:
+    """The module's statements, those under its ``if TYPE_CHECKING:`` block included
+    (where the public names are imported for type checkers; at run time on first use)."""
+    nodes: list[ast.stmt] = []
+    for node in tree.body:
+        if isinstance(node, ast.If) and ast.unparse(node.test) == "_typing.TYPE_CHECKING":
+            nodes.extend(node.body)
+        else:
+            nodes.append(node)
+    return nodes
+
+
 def _public_names_in_init() -> set[str]:
     """Names ``keystile/__init__.py`` imports or assigns at module level, minus private ones."""
     tree = ast.parse(inspect.getsource(keystile))
     names: set[str] = set()
-    for node in tree.body:
+    for node in _top_level(tree):
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             names.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
         elif isinstance(node, ast.Assign):
@@ -48,6 +60,27 @@ def test_all_has_no_duplicates() -> None:
 def test_all_matches_public_names() -> None:
     """``__all__`` lists exactly the public names ``keystile/__init__.py`` defines or imports."""
     assert set(keystile.__all__) == _public_names_in_init()
+
+
+def test_each_public_name_comes_from_the_module_it_is_imported_from() -> None:
+    """The names imported on first use are ``__all__``, each from the module whose import
+    type checkers read."""
+    tree = ast.parse(inspect.getsource(keystile))
+    imported = {
+        alias.asname or alias.name: node.module
+        for node in _top_level(tree)
+        if isinstance(node, ast.ImportFrom) and node.level == 1
+        for alias in node.names
+    }
+    calls = [
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and ast.unparse(node.func) == "_lazy.attach"
+    ]
+    assert len(calls) == 1
+    lazy = ast.literal_eval(calls[0].args[1])
+    assert lazy == imported
+    assert set(lazy) == set(keystile.__all__)
 
 
 def test_no_unlisted_public_attribute() -> None:

@@ -16,10 +16,11 @@ cache, or the timing leaks which cached digest a guess is close to. So:
 
 The table holding tags, digests, last-use times and entries comes in two builds with one
 interface: ``keystile._speedups.Table`` (C: header walk, BLAKE2b and a branch-free
-AVX2/SSE2/scalar scan in one call, see ``_speedups.c``) and :class:`PyTable` below
-(``numpy.equal`` over the tags, ``find`` and ``rfind`` on the mask, ``hmac.compare_digest``;
-below ``SMALL_SCAN_SIZE`` entries a plain ``compare_digest`` loop). ``keystile._accel``
-picks one at import; the pure one is the fallback and the oracle of the tests.
+AVX2/SSE2/scalar scan in one call, see ``_speedups.c``) and :class:`PyTable` below (a
+SWAR compare of every tag over Python integers, :mod:`keystile.tagscan`, then
+``hmac.compare_digest``; below ``SMALL_SCAN_SIZE`` entries a plain ``compare_digest``
+loop). ``keystile._accel`` picks one at import; the pure one is the fallback and the
+oracle of the tests.
 
 Inserts and evictions are O(1) amortised: arrays are grown by doubling, and an evicted
 slot is filled by moving the last entry into it.
@@ -35,16 +36,16 @@ import hashlib
 import hmac
 import math
 import secrets
-import struct
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import compress, repeat
+from operator import lt
 from typing import TYPE_CHECKING, Any
-
-import numpy as np
-import numpy.typing as npt
 
 from . import _accel
 from .principal import APIKeyUser
+from .tagscan import PackedTags
 from .tokens import MAX_TOKEN_LENGTH
 
 if TYPE_CHECKING:
@@ -53,14 +54,11 @@ if TYPE_CHECKING:
 __all__ = ["CachedKey", "PyTable", "VerifiedKeyCache"]
 
 DIGEST_SIZE = 32
-_INITIAL_CAPACITY = 256
 _NO_DIGEST = bytes(DIGEST_SIZE)
-#: A digest's tag: its first 8 bytes as a little-endian int64.
-_tag = struct.Struct("<q").unpack_from
 _compare = hmac.compare_digest
-#: Up to this many entries a plain loop of ``compare_digest`` is faster than the
-#: vectorised scan (measured: 0.08 µs per entry against about 1.2 µs of numpy overhead).
-SMALL_SCAN_SIZE = 12
+#: Up to this many entries a plain loop of ``compare_digest`` (about 0.1 µs an entry) is
+#: as fast as the packed scan (about 3 µs up to 512): ``benchmarks/purescan.py --crossover``.
+SMALL_SCAN_SIZE = 32
 #: Key ids whose eviction epochs are remembered before the memory is reset.
 _EVICTION_MEMORY = 4096
 
@@ -97,35 +95,18 @@ class CachedKey:
 
 
 class PyTable:
-    """The pure-Python table: what ``keystile._speedups.Table`` does, with numpy."""
+    """The pure-Python table: what ``keystile._speedups.Table`` does, with the standard
+    library only (the tag scan is :mod:`keystile.tagscan`)."""
 
-    __slots__ = (
-        "_capacity",
-        "_digests",
-        "_entries",
-        "_hasher",
-        "_mask",
-        "_mask_bytes",
-        "_mask_view",
-        "_probe",
-        "_seen",
-        "_size",
-        "_tag_view",
-        "_tags",
-    )
+    __slots__ = ("_digests", "_entries", "_hasher", "_seen", "_tags")
 
     def __init__(self, key: bytes, max_token_length: int = MAX_TOKEN_LENGTH) -> None:
         self._hasher = hashlib.blake2b(key=key, digest_size=DIGEST_SIZE)
-        self._size = 0
-        self._capacity = 0
         self._digests: list[bytes] = []
         self._entries: list[Any] = []
-        self._tags: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)
-        self._seen: npt.NDArray[np.float64] = np.zeros(0, dtype=np.float64)
-        self._mask_bytes = bytearray()
-        self._mask: npt.NDArray[np.bool_] = np.zeros(0, dtype=np.bool_)
-        self._probe: npt.NDArray[np.int64] = np.zeros((), dtype=np.int64)
-        self._grow(_INITIAL_CAPACITY)
+        self._tags = PackedTags()
+        #: Monotonic time of each slot's last use.
+        self._seen = array("d")
 
     def digest(self, token: bytes) -> bytes:
         hasher = self._hasher.copy()
@@ -133,10 +114,9 @@ class PyTable:
         return hasher.digest()
 
     def lookup(self, digest: bytes, now: float) -> Any:
-        size = self._size
-        if size <= SMALL_SCAN_SIZE:
-            # Few entries: compare_digest against every one (no early exit) beats
-            # numpy's fixed call cost; still a full scan whose time depends on the size.
+        if len(self._digests) <= SMALL_SCAN_SIZE:
+            # Few entries: compare_digest against every one (no early exit) beats the
+            # packed scan's fixed cost; still a full scan whose time depends on the size.
             found = -1
             for slot, stored in enumerate(self._digests):
                 if _compare(stored, digest):
@@ -145,12 +125,7 @@ class PyTable:
                 return None
             self._seen[found] = now
             return self._entries[found]
-        # A 0-d array probe skips numpy's per-call conversion of a Python int scalar.
-        self._probe[()] = _tag(digest)[0]
-        np.equal(self._tag_view, self._probe, out=self._mask_view)
-        mask = self._mask_bytes
-        first = mask.find(1, 0, size)
-        last = mask.rfind(1, 0, size)
+        first, last = self._tags.first_and_last(digest)
         if first == last:  # one candidate, or none (a dummy is compared then)
             matched = _compare(self._digests[first] if first >= 0 else _NO_DIGEST, digest)
             if not matched or first < 0:
@@ -166,20 +141,16 @@ class PyTable:
         return self._entries[slot]
 
     def append(self, digest: bytes, entry: Any, now: float) -> int:
-        if self._size == self._capacity:
-            self._grow(self._capacity * 2)
-        slot = self._size
-        self._size += 1
+        slot = len(self._digests)
         self._entries.append(entry)
         self._digests.append(digest)
-        self._tags[slot] = _tag(digest)[0]
-        self._seen[slot] = now
-        self._resize_views()
+        self._tags.append(digest)
+        self._seen.append(now)
         return slot
 
     def put(self, slot: int, digest: bytes, entry: Any, now: float) -> None:
         self._digests[slot] = digest
-        self._tags[slot] = _tag(digest)[0]
+        self._tags.put(slot, digest)
         self._seen[slot] = now
         self._entries[slot] = entry  # last: the old entry's finalizer may use the table
 
@@ -197,14 +168,13 @@ class PyTable:
 
         The entries list changes last: dropping the removed entry may run its finalizer,
         which may use the table, and must find it whole."""
-        last = self._size - 1
+        last = len(self._digests) - 1
         if slot != last:
             self._digests[slot] = self._digests[last]
-            self._tags[slot] = self._tags[last]
             self._seen[slot] = self._seen[last]
+        self._tags.remove(slot)
         self._digests.pop()
-        self._size = last
-        self._resize_views()
+        self._seen.pop()
         moved = self._entries.pop()
         if slot == last:
             return None
@@ -216,36 +186,23 @@ class PyTable:
         entries = self._entries
         self._entries = []
         self._digests = []
-        self._size = 0
-        self._resize_views()
+        self._tags.clear()
+        del self._seen[:]
         entries.clear()
 
     def oldest(self) -> int:
-        return int(np.argmin(self._seen[: self._size])) if self._size else -1
+        seen = self._seen
+        return seen.index(min(seen)) if seen else -1
 
     def idle(self, since: float) -> list[int]:
-        return [int(i) for i in np.flatnonzero(self._seen[: self._size] < since)]
+        seen = self._seen
+        return list(compress(range(len(seen)), map(lt, seen, repeat(since))))
 
     def entries(self) -> list[Any]:
         return list(self._entries)
 
     def __len__(self) -> int:
-        return self._size
-
-    def _grow(self, capacity: int) -> None:
-        tags = np.zeros(capacity, dtype=np.int64)
-        seen = np.zeros(capacity, dtype=np.float64)
-        tags[: self._size] = self._tags[: self._size]
-        seen[: self._size] = self._seen[: self._size]
-        self._tags, self._seen = tags, seen
-        self._mask_bytes = bytearray(capacity)
-        self._mask = np.frombuffer(self._mask_bytes, dtype=np.bool_)
-        self._capacity = capacity
-        self._resize_views()
-
-    def _resize_views(self) -> None:
-        self._tag_view = self._tags[: self._size]
-        self._mask_view = self._mask[: self._size]
+        return len(self._digests)
 
 
 class VerifiedKeyCache:

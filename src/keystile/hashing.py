@@ -25,10 +25,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import argon2
-from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
-from argon2.low_level import ARGON2_VERSION
-
 __all__ = ["CHEAPEST_PARAMETERS", "DEFAULT_PARAMETERS", "Argon2Parameters", "SecretHasher"]
 
 
@@ -46,17 +42,28 @@ DEFAULT_PARAMETERS = Argon2Parameters()
 #: For tests only: the cheapest parameters argon2 accepts.
 CHEAPEST_PARAMETERS = Argon2Parameters(time_cost=1, memory_cost=8, parallelism=1, salt_len=8)
 
-#: The variants ranked as password hashes: argon2id resists both the side channels
-#: argon2d is open to and the time-memory trade-offs argon2i is open to.
-_TYPE_STRENGTH = {argon2.Type.D: 0, argon2.Type.I: 0, argon2.Type.ID: 1}
-
 
 class SecretHasher:
-    """Hash and verify key secrets with argon2id. Blocking: call it from a worker thread."""
+    """Hash and verify key secrets with argon2id. Blocking: call it from a worker thread.
 
-    __slots__ = ("_current", "_hasher", "parameters")
+    argon2-cffi (and cffi) is imported by the first hasher made, not by importing keystile:
+    a process that imports keystile and never verifies a secret does not load it, and the
+    hit path never needs it.
+    """
+
+    __slots__ = ("_argon2", "_current", "_hasher", "_mismatch", "_type_strength", "parameters")
 
     def __init__(self, parameters: Argon2Parameters = DEFAULT_PARAMETERS) -> None:
+        import argon2
+        from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+        from argon2.low_level import ARGON2_VERSION
+
+        self._argon2 = argon2
+        #: What a failed verification raises: every one is a mismatch.
+        self._mismatch = (VerifyMismatchError, VerificationError, InvalidHashError, UnicodeError)
+        #: The variants ranked as password hashes: argon2id resists both the side channels
+        #: argon2d is open to and the time-memory trade-offs argon2i is open to.
+        self._type_strength = {argon2.Type.D: 0, argon2.Type.I: 0, argon2.Type.ID: 1}
         self.parameters = parameters
         self._current = argon2.Parameters(
             type=argon2.Type.ID,
@@ -82,7 +89,7 @@ class SecretHasher:
         """
         try:
             self._hasher.verify(secret_hash, secret)
-        except (VerifyMismatchError, VerificationError, InvalidHashError, UnicodeError):
+        except self._mismatch:
             return False, None
         if self.upgrades(secret_hash):
             return True, self._hasher.hash(secret)
@@ -96,17 +103,18 @@ class SecretHasher:
         at least one goes up. Parallelism counts neither way: it spreads the same work
         over lanes rather than adding any. A hash that cannot be parsed is left alone.
         """
+        argon2 = self._argon2
         try:
             stored = argon2.extract_parameters(secret_hash)
-        except InvalidHashError:
+        except argon2.exceptions.InvalidHashError:
             return False
-        current = self._current
+        current, strength = self._current, self._type_strength
         pairs = [
             (current.time_cost, stored.time_cost),
             (current.memory_cost, stored.memory_cost),
             (current.hash_len, stored.hash_len),
             (current.salt_len, stored.salt_len),
-            (_TYPE_STRENGTH[current.type], _TYPE_STRENGTH[stored.type]),
+            (strength[current.type], strength[stored.type]),
             (current.version, stored.version),
         ]
         return all(new >= old for new, old in pairs) and any(new > old for new, old in pairs)
