@@ -1,5 +1,8 @@
 """Shared fixtures: the anyio plugin on asyncio, cheap argon2, and one store per kind.
 
+Starlette's ``TestClient`` imports ``httpx2`` (the dev extra installs it); with plain
+``httpx`` it warns, and the suite turns warnings into errors.
+
 Postgres tests read ``KEYSTILE_TEST_POSTGRES_URL``; without it they skip with the reason,
 unless ``KEYSTILE_REQUIRE_POSTGRES=1`` (set by ``.ci/run``), which turns the skip into a
 failure. Every Postgres test gets its own schema, dropped afterwards, so runs cannot collide.
