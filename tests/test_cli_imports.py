@@ -65,7 +65,7 @@ def test_help_imports_no_manager_store_or_framework(command: list[str], tmp_path
     outside_the_command = {
         m for m in loaded if m.startswith("keystile") and not m.startswith("keystile.cli")
     }
-    assert outside_the_command <= {"keystile.config", "keystile.durations", "keystile.errors"}
+    assert outside_the_command <= {"keystile.database_url", "keystile.durations", "keystile.errors"}
     assert "keystile.cli.session" not in loaded
 
 

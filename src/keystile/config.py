@@ -13,7 +13,6 @@ afterwards. Middlewares whose configs have the same ``runtime_key`` share one ru
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -22,6 +21,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 from starlette.requests import HTTPConnection
 from starlette.responses import Response
 
+from .database_url import DATABASE_URL_ENV, DEFAULT_DATABASE_URL, resolve_database_url
 from .errors import AuthenticationError
 from .hashing import DEFAULT_PARAMETERS, Argon2Parameters
 from .limits.enforcer import OnError, check_limit_options
@@ -57,8 +57,6 @@ __all__ = [
     "resolve_database_url",
 ]
 
-DATABASE_URL_ENV = "KEYSTILE_DATABASE_URL"
-DEFAULT_DATABASE_URL = "sqlite:///keystile.db"
 DEFAULT_HEADER_NAME = "X-API-Key"
 DEFAULT_REALM = "api"
 #: With ``reap_every``: keys unused for longer than this are revoked.
@@ -100,11 +98,6 @@ _NOT_NEGATIVE = (
     "reap_every",
 )
 _NOT_NEGATIVE_DURATIONS = ("reap_unused_for", "usage_retention")
-
-
-def resolve_database_url(explicit: str | None = None) -> str:
-    """An explicit URL beats ``KEYSTILE_DATABASE_URL``, which beats ``sqlite:///keystile.db``."""
-    return explicit or os.environ.get(DATABASE_URL_ENV) or DEFAULT_DATABASE_URL
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

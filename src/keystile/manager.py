@@ -30,7 +30,7 @@ from typing import Any
 
 import anyio.to_thread
 
-from .config import resolve_database_url
+from .database_url import resolve_database_url
 from .errors import KeyAlreadyRotated, KeyNotFound
 from .hashing import DEFAULT_PARAMETERS, Argon2Parameters, SecretHasher
 from .keys import UNCHANGED, CreatedKey, Unchanged

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from ..config import DATABASE_URL_ENV, DEFAULT_DATABASE_URL
+from ..database_url import DATABASE_URL_ENV, DEFAULT_DATABASE_URL
 from ..errors import KeystileError
 from . import demo, keys, maintenance, usage
 from .command import Command, CommandError

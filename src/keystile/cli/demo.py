@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..config import DATABASE_URL_ENV, resolve_database_url
+from ..database_url import DATABASE_URL_ENV, resolve_database_url
 from . import arguments as types
 from .command import Command, CommandError
 

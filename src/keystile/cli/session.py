@@ -15,7 +15,7 @@ from pathlib import Path
 
 import anyio
 
-from ..config import DATABASE_URL_ENV, resolve_database_url
+from ..database_url import DATABASE_URL_ENV, resolve_database_url
 from ..manager import KeyManager
 from ..stores import SQLiteKeyStore, store_from_url
 from ..stores.protocol import KeyStore
