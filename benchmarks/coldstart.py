@@ -127,7 +127,9 @@ def _one(tmp: str, n: int, workers: int) -> dict[str, float]:
     tokens = asyncio.run(_fill(url, n))
     (pathlib.Path(tmp) / "coldapp.py").write_text(APP)
     env = {"KEYSTILE_DATABASE_URL": url}
-    options = ("--workers", str(workers))
+    # A worker busy with argon2 on a loaded machine can miss uvicorn's 5 s health check,
+    # and would be killed mid-request: give it a minute.
+    options = ("--workers", str(workers), "--timeout-worker-healthcheck", "60")
     with uvicorn("coldapp:app", app_dir=tmp, env=env, options=options) as (process, base):
         ping = f"{base}/ping"
         if (first := wait_http(ping, process)).status_code != 401:

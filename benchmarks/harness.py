@@ -55,6 +55,7 @@ __all__ = [
     "time_batch",
     "wait_for_quiet",
     "write_json",
+    "write_result",
 ]
 
 BENCH_DIR = pathlib.Path(__file__).resolve().parent
@@ -114,24 +115,15 @@ def wait_for_quiet(threshold: float, max_wait: float) -> float:
     return load
 
 
-def _versions() -> dict[str, str]:
-    out = {}
-    for dist in (
-        "keystile",
-        "starlette",
-        "fastapi",
-        "numpy",
-        "uvicorn",
-        "httptools",
-        "uvloop",
-        "argon2-cffi",
-        "asyncpg",
-    ):
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            out[dist] = "-"
-    return out
+#: The distributions whose versions every result records.
+DISTRIBUTIONS = "keystile starlette fastapi numpy uvicorn httptools uvloop argon2-cffi asyncpg"
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "-"
 
 
 def _git_commit() -> str:
@@ -156,7 +148,7 @@ def machine(mode: str) -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpus": os.cpu_count() or 1,
-        "versions": _versions(),
+        "versions": {dist: _version(dist) for dist in DISTRIBUTIONS.split()},
         "git": _git_commit(),
     }
 
@@ -341,6 +333,20 @@ def write_json(data: Mapping[str, Any], path: pathlib.Path) -> pathlib.Path:
     return path
 
 
+def write_result(
+    section: str, outcome: Outcome, *, mode: str, path: pathlib.Path | None = None
+) -> pathlib.Path:
+    """One section's result, with the machine it ran on, in ``results/<section>.json``."""
+    data, targets = outcome
+    result = {
+        "section": section,
+        "meta": machine(mode),
+        "results": data,
+        "targets": [t.as_dict() for t in targets],
+    }
+    return write_json(result, path or RESULTS / f"{section}.json")
+
+
 def run_section(name: str, measure: Callable[[], Outcome], *, wait_quiet: float = 0.0) -> Outcome:
     """Run one section, with the load average before and after in its result."""
     before = wait_for_quiet(busy_load(), wait_quiet) if wait_quiet else load_average()
@@ -354,7 +360,7 @@ def run_section(name: str, measure: Callable[[], Outcome], *, wait_quiet: float 
 # -- the command line -------------------------------------------------------------------
 
 
-def options(*, rounds: int | None = None) -> argparse.ArgumentParser:
+def options() -> argparse.ArgumentParser:
     """The options every section's command line has (an argparse parent)."""
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument(
@@ -366,12 +372,7 @@ def options(*, rounds: int | None = None) -> argparse.ArgumentParser:
         metavar="PATH",
         help="where the result goes (default benchmarks/results/<section>.json)",
     )
-    parser.add_argument(
-        "--rounds",
-        type=int,
-        default=rounds,
-        help="interleaved rounds" + (f" (default {rounds})" if rounds else " (default: by time)"),
-    )
+    parser.add_argument("--rounds", type=int, help="interleaved rounds (default: the section's)")
     parser.add_argument(
         "--wait-quiet",
         type=float,
@@ -388,7 +389,6 @@ def cli(
     measure: Callable[[argparse.Namespace], Outcome],
     *,
     configure: Callable[[argparse.ArgumentParser], None] | None = None,
-    rounds: int | None = None,
     argv: Sequence[str] | None = None,
 ) -> int:
     """A section's command line: the shared options and its own (``configure``), then
@@ -398,7 +398,7 @@ def cli(
         description=head,
         epilog=tail,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        parents=[options(rounds=rounds)],
+        parents=[options()],
     )
     if configure is not None:
         configure(parser)
@@ -406,11 +406,6 @@ def cli(
     data, targets = run_section(section, lambda: measure(args), wait_quiet=args.wait_quiet)
     if targets:
         print_targets(targets)
-    result = {
-        "section": section,
-        "meta": machine("quick" if args.quick else "full"),
-        "results": data,
-        "targets": [t.as_dict() for t in targets],
-    }
-    print(f"results: {write_json(result, args.json or RESULTS / f'{section}.json')}")
+    mode = "quick" if args.quick else "full"
+    print(f"results: {write_result(section, (data, targets), mode=mode, path=args.json)}")
     return 0

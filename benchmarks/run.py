@@ -38,6 +38,7 @@ from harness import (
     print_targets,
     run_section,
     write_json,
+    write_result,
 )
 
 SECTIONS = (
@@ -160,10 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         data, section_targets = run_section(name, measure, wait_quiet=args.wait_quiet)
         results["meta"]["load_average"][name] = data["load_average"]
         targets.extend(section_targets)
-        write_json(
-            {"section": name, "results": data, "targets": [t.as_dict() for t in section_targets]},
-            RESULTS / f"{name}.json",
-        )
+        write_result(name, (data, section_targets), mode=results["meta"]["mode"])
         return data
 
     if "hit" in sections:
