@@ -293,7 +293,7 @@ async def _run(args: argparse.Namespace) -> tuple[dict[str, Any], list[Target]]:
     print_table(
         f"{keys} keys per peer, {requests} sequential requests each (after {args.warmup} "
         f"warm-up), httpx.ASGITransport, Python {sys.version.split()[0]}",
-        ("peer", "median µs", "p99 µs", "x bare", "build s", "description"),
+        ("peer", "median µs", "p99 µs", "x bare", "build s"),
         [
             (
                 name,
@@ -301,11 +301,12 @@ async def _run(args: argparse.Namespace) -> tuple[dict[str, Any], list[Target]]:
                 f"{r['p99_us']:,.0f}",
                 f"{r['median_us'] / bare:,.1f}",
                 f"{r['build_s']:.1f}",
-                r["description"],
             )
             for name, r in results.items()
         ],
     )
+    for name, r in results.items():
+        print(f"  - {name}: {r['description']}")
     return {"keys": keys, "requests": requests, "peers": results}, []
 
 
