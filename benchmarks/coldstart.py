@@ -127,9 +127,13 @@ def _one(tmp: str, n: int, workers: int) -> dict[str, float]:
     tokens = asyncio.run(_fill(url, n))
     (pathlib.Path(tmp) / "coldapp.py").write_text(APP)
     env = {"KEYSTILE_DATABASE_URL": url}
-    # A worker busy with argon2 on a loaded machine can miss uvicorn's 5 s health check,
-    # and would be killed mid-request: give it a minute.
-    options = ("--workers", str(workers), "--timeout-worker-healthcheck", "60")
+    # With every core busy with argon2, the load generator can be starved for seconds: a
+    # worker would miss uvicorn's 5 s health check and be killed, or close a keep-alive
+    # connection after 5 s idle just as the next request goes out on it. Two minutes each.
+    options = (
+        *("--workers", str(workers)),
+        *("--timeout-worker-healthcheck", "120", "--timeout-keep-alive", "120"),
+    )
     with uvicorn("coldapp:app", app_dir=tmp, env=env, options=options) as (process, base):
         ping = f"{base}/ping"
         if (first := wait_http(ping, process)).status_code != 401:
