@@ -1,4 +1,5 @@
-"""The minimal apps every section measures, bare and protected, and a direct ASGI caller.
+"""keystile as the sections set it up: the minimal apps, bare and protected, cached keys
+without argon2, keys minted through ``KeyManager``, and Postgres schemas of their own.
 
 Protected apps are ``APIKeyMiddleware(app, store=MemoryKeyStore(), ...)`` with N keys put
 straight into the verified-key cache (``fill_cache``: no store rows, no argon2), so every
@@ -8,37 +9,39 @@ refresh (which would not find these synthetic keys in the store) happens mid-run
 
 from __future__ import annotations
 
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
 from typing import Any
 
-from common import fill_cache
 from fastapi import FastAPI
 from starlette.applications import Starlette
 from starlette.authentication import AuthCredentials
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from keystile import CHEAPEST_PARAMETERS, APIKeyMiddleware, MemoryKeyStore
-from keystile.cache import VerifiedKeyCache
+from keystile import CHEAPEST_PARAMETERS, APIKeyMiddleware, KeyManager, MemoryKeyStore
+from keystile.cache import CachedKey, VerifiedKeyCache
+from keystile.hashing import Argon2Parameters
+from keystile.manager import CreatedKey
+from keystile.principal import APIKeyUser
+from keystile.tokens import generate_key
 
 __all__ = [
-    "BENCH_HEADERS",
     "FloorMiddleware",
-    "call_once",
+    "close_checked",
+    "count_statements",
+    "counted",
     "fastapi_app",
-    "http_scope",
+    "fill_cache",
+    "mint",
+    "postgres_schema",
     "protect",
     "starlette_app",
-]
-
-#: What a typical HTTP/1.1 client sends besides the key.
-BENCH_HEADERS: list[tuple[bytes, bytes]] = [
-    (b"host", b"127.0.0.1:8000"),
-    (b"user-agent", b"keystile-bench/1.0"),
-    (b"accept", b"*/*"),
-    (b"accept-encoding", b"gzip, deflate"),
-    (b"connection", b"keep-alive"),
 ]
 
 
@@ -58,6 +61,30 @@ def fastapi_app() -> FastAPI:
         return {"ok": True}
 
     return app
+
+
+def fill_cache(cache: VerifiedKeyCache, n: int) -> list[bytes]:
+    """Insert ``n`` freshly generated keys straight into ``cache`` (no store, no argon2).
+
+    Returns the tokens in slot order: ``tokens[0]`` sits in the first slot of the scan,
+    ``tokens[-1]`` in the last.
+    """
+    now = time.monotonic()
+    tokens: list[bytes] = []
+    for _ in range(n):
+        plaintext, parsed = generate_key()
+        token = plaintext.encode()
+        user = APIKeyUser(
+            key_id=parsed.key_id, owner="bench", name=f"k-{parsed.key_id}", scopes=("read",)
+        )
+        if not cache.insert(
+            cache.digest(token), CachedKey(user, None, now), now=now, epoch=cache.epoch
+        ):
+            raise RuntimeError("cache refused an insert")
+        tokens.append(token)
+    if len(cache) != n:
+        raise RuntimeError(f"cache holds {len(cache)} keys, expected {n} (max_size too small?)")
+    return tokens
 
 
 def protect(app: ASGIApp, n_keys: int) -> tuple[APIKeyMiddleware, bytes]:
@@ -98,40 +125,75 @@ class FloorMiddleware:
         await self.app(scope, receive, send)
 
 
-def http_scope(path: str, token: bytes) -> dict[str, Any]:
-    """A fresh-able HTTP scope template (copy it per call: the middleware writes to it)."""
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.4"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": b"",
-        "headers": [*BENCH_HEADERS, (b"authorization", b"Bearer " + token)],
-        "client": ("127.0.0.1", 50000),
-        "server": ("127.0.0.1", 8000),
-        "state": {},
-    }
+async def mint(
+    url: str,
+    n: int,
+    *,
+    argon2: Argon2Parameters = CHEAPEST_PARAMETERS,
+    pairs: bool = False,
+    **fields: Any,
+) -> list[CreatedKey]:
+    """``n`` keys minted by ``KeyManager`` in the store at ``url``; ``pairs``: two hashes at
+    a time (argon2 at real parameters on 2 cores)."""
+    async with KeyManager.from_url(url, argon2=argon2) as manager:
+        keys: list[CreatedKey] = []
+        step = 2 if pairs else 1
+        for start in range(0, n, step):
+            batch = [
+                manager.create(owner="bench", name=f"k{i}-{uuid.uuid4().hex[:8]}", **fields)
+                for i in range(start, min(n, start + step))
+            ]
+            keys.extend(await asyncio.gather(*batch))
+    return keys
 
 
-async def _receive() -> Message:
-    return {"type": "http.request", "body": b"", "more_body": False}
+# -- Postgres ---------------------------------------------------------------------------
 
 
-async def call_once(app: ASGIApp, scope: dict[str, Any]) -> tuple[int, bytes]:
-    """One request, checked: the status and body."""
-    status = 0
-    body = b""
+@asynccontextmanager
+async def postgres_schema(url: str) -> AsyncIterator[tuple[str, str]]:
+    """A store URL in a schema of its own, and the schema's name; dropped afterwards."""
+    import asyncpg
 
-    async def send(message: Message) -> None:
-        nonlocal status, body
-        if message["type"] == "http.response.start":
-            status = message["status"]
-        elif message["type"] == "http.response.body":
-            body += message.get("body", b"")
+    schema = f"keystile_bench_{uuid.uuid4().hex[:10]}"
+    sep = "&" if "?" in url else "?"
+    conn = await asyncpg.connect(url)
+    try:
+        yield f"{url}{sep}schema={schema}", schema
+    finally:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        await conn.close()
 
-    await app(dict(scope), _receive, send)
-    return status, body
+
+async def count_statements(conn: Any, schema: str, triggers: dict[str, str]) -> None:
+    """Statement-level triggers counting what Postgres itself runs: ``{kind: "UPDATE ON
+    keystile_keys"}`` counts the UPDATE statements of that table under ``kind``."""
+    q = f'"{schema}"'
+    sql = [f"CREATE TABLE {q}.statements (kind text PRIMARY KEY, n bigint NOT NULL);"]
+    for kind, event in triggers.items():
+        action, table = event.split(" ON ")
+        sql.append(
+            f"""INSERT INTO {q}.statements VALUES ('{kind}', 0);
+            CREATE FUNCTION {q}.count_{kind}() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN UPDATE {q}.statements SET n = n + 1 WHERE kind = '{kind}'; RETURN NULL; END $$;
+            CREATE TRIGGER count_{kind} AFTER {action} ON {q}.{table}
+                FOR EACH STATEMENT EXECUTE FUNCTION {q}.count_{kind}();"""
+        )
+    await conn.execute("\n".join(sql))
+
+
+async def counted(conn: Any, schema: str) -> dict[str, int]:
+    """The statements counted since the last call, per kind (and the counters reset)."""
+    rows = await conn.fetch(f'SELECT kind, n FROM "{schema}".statements')
+    await conn.execute(f'UPDATE "{schema}".statements SET n = 0')
+    return {row["kind"]: row["n"] for row in rows}
+
+
+async def close_checked(middlewares: Iterable[APIKeyMiddleware], *, refusals: bool = False) -> None:
+    """Close the middlewares; a cache miss (or, unless ``refusals``, a refused request)
+    during a run of hits means the run measured something else."""
+    for middleware in middlewares:
+        await middleware.aclose()
+        stats = middleware.stats()
+        if stats.cache_misses or (stats.rejects and not refusals):
+            raise AssertionError(f"misses or refusals during the run: {stats.as_dict()}")

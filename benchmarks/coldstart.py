@@ -9,17 +9,15 @@ first request, retrying a 503 from the argon2 guard (counted). Measured: the wal
 until every key has answered 200, and the CPU time of all worker processes over that
 window divided by N (each key is proven once, by the worker its first request reached).
 
-    python benchmarks/coldstart.py [KEYS]
+    python benchmarks/coldstart.py [KEYS]        # 10 000 keys (--quick: 500)
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import pathlib
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 import zlib
@@ -28,15 +26,12 @@ from typing import Any
 
 import httpx
 import psutil
+from asgi import uvicorn, wait_http
+from harness import Target, cli, print_table
 
-BENCH_DIR = pathlib.Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH_DIR))
-
-from common import Target, print_table  # noqa: E402
-
-from keystile import DEFAULT_PARAMETERS, KeyRecord, SecretHasher  # noqa: E402
-from keystile.stores import store_from_url  # noqa: E402
-from keystile.tokens import CHECKSUM_LENGTH, _base62, new_key_id  # noqa: E402
+from keystile import DEFAULT_PARAMETERS, KeyRecord, SecretHasher
+from keystile.stores import store_from_url
+from keystile.tokens import CHECKSUM_LENGTH, _base62, new_key_id
 
 __all__ = ["run_coldstart"]
 
@@ -89,12 +84,6 @@ async def _fill(url: str, n: int) -> list[str]:
     return tokens
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def _warm(url: str, tokens: list[str]) -> tuple[float, int]:
     queue: asyncio.Queue[str] = asyncio.Queue()
     for t in tokens:
@@ -134,48 +123,26 @@ def _workers_cpu(master: psutil.Process) -> float:
 
 
 def _one(tmp: str, n: int, workers: int) -> dict[str, float]:
-    db = pathlib.Path(tmp) / f"cold-{workers}.db"
-    url = f"sqlite:///{db}"
+    url = f"sqlite:///{pathlib.Path(tmp) / f'cold-{workers}.db'}"
     tokens = asyncio.run(_fill(url, n))
     (pathlib.Path(tmp) / "coldapp.py").write_text(APP)
-    port = _free_port()
-    env = {**os.environ, "KEYSTILE_DATABASE_URL": url}
-    cmd = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "coldapp:app",
-        "--app-dir",
-        tmp,
-        "--port",
-        str(port),
-        "--workers",
-        str(workers),
-        "--log-level",
-        "warning",
-        "--no-access-log",
-    ]
-    process = subprocess.Popen(cmd, env=env)
-    try:
-        ping = f"http://127.0.0.1:{port}/ping"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(ping, timeout=2).status_code == 401:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.2)
+    env = {"KEYSTILE_DATABASE_URL": url}
+    # With every core busy with argon2, the load generator can be starved for seconds: a
+    # worker would miss uvicorn's 5 s health check and be killed, or close a keep-alive
+    # connection after 5 s idle just as the next request goes out on it. Two minutes each.
+    options = (
+        *("--workers", str(workers)),
+        *("--timeout-worker-healthcheck", "120", "--timeout-keep-alive", "120"),
+    )
+    with uvicorn("coldapp:app", app_dir=tmp, env=env, options=options) as (process, base):
+        ping = f"{base}/ping"
+        if (first := wait_http(ping, process)).status_code != 401:
+            raise RuntimeError(f"GET /ping without a key answered {first.status_code}")
         time.sleep(1.0)  # every worker up
         master = psutil.Process(process.pid)
         before = _workers_cpu(master)
         wall, retried = asyncio.run(_warm(ping, tokens))
         cpu = _workers_cpu(master) - before
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
     return {
         "workers": workers,
         "keys": n,
@@ -212,5 +179,18 @@ def run_coldstart(
     return {"keys": n, "clients": CLIENTS, "runs": runs}, []
 
 
+def _options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "keys", type=int, nargs="?", help="active keys (default 10000; --quick 500)"
+    )
+
+
 if __name__ == "__main__":
-    run_coldstart(int(sys.argv[1]) if len(sys.argv) > 1 else 10_000)
+    raise SystemExit(
+        cli(
+            "cold",
+            __doc__,
+            lambda args: run_coldstart(args.keys or (500 if args.quick else 10_000)),
+            configure=_options,
+        )
+    )

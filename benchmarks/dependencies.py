@@ -12,13 +12,12 @@ the route asks for:
 * ``Security(current_key, scopes=["read"])``: FastAPI's own scopes on ``current_key``;
 * ``request.user``: the route reads ``request.user`` itself (a ``Request`` parameter).
 
-Arms are interleaved round by round, the order reversed every other round; each sample
-times a batch of calls with ``time.perf_counter_ns``, and every arm yields to the event
-loop once between batches so the middleware's background work runs outside the timed
-window. Ratios are of medians of one interleaved run; the target is each keystile
+Arms are interleaved round by round, ABBA; each sample times a batch of calls, and every
+arm yields to the event loop once between batches so the middleware's background work
+runs outside the timed window. Ratios are of medians of one interleaved run; the target is each keystile
 dependency at most 5 % above ``minimal``.
 
-    python benchmarks/dependencies.py                # about 20 s
+    python benchmarks/dependencies.py                # about 20 s (--quick: 4 s)
     python benchmarks/dependencies.py --budget 60 --keys 1000
 """
 
@@ -26,26 +25,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import pathlib
-import sys
-import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-
-from common import Target, fmt_us, median, p99, print_table
+from asgi import check_arms, http_scope, timed_arms
 from fastapi import Depends, FastAPI, Request, Security
-from starlette.types import ASGIApp, Message
+from harness import Target, cli, compare, fmt_us, interleave_async, print_table, rounds_for
+from starlette.types import ASGIApp
 
-from apps import call_once, http_scope, protect
-from keystile.fastapi import (
-    APIKey,
-    CurrentKey,
-    OptionalKey,
-    current_key,
-    require_scopes,
-)
+from apps import close_checked, protect
+from keystile.fastapi import APIKey, CurrentKey, OptionalKey, current_key, require_scopes
 
 __all__ = ["DEPENDENCY_TARGET", "run_dependencies"]
 
@@ -67,133 +56,66 @@ ScopedKey = Annotated[APIKey, Depends(require_scopes("read"))]
 SecurityKey = Annotated[APIKey, Security(current_key, scopes=["read"])]
 
 
-def _app_bare() -> FastAPI:
-    app = FastAPI()
-
-    @app.get("/ping")
-    async def ping() -> dict[str, bool]:
-        return {"ok": True}
-
-    return app
+async def _bare() -> dict[str, bool]:
+    return {"ok": True}
 
 
-def _app_minimal() -> FastAPI:
-    app = FastAPI()
-
-    @app.get("/ping")
-    async def ping(key: MinimalKey) -> dict[str, bool]:
-        return {"ok": key is not None}
-
-    return app
+async def _minimal(key: MinimalKey) -> dict[str, bool]:
+    return {"ok": key is not None}
 
 
-def _app_current_key() -> FastAPI:
-    app = FastAPI()
-
-    @app.get("/ping")
-    async def ping(key: CurrentKey) -> dict[str, bool]:
-        return {"ok": key is not None}
-
-    return app
+async def _current_key(key: CurrentKey) -> dict[str, bool]:
+    return {"ok": key is not None}
 
 
-def _app_optional_key() -> FastAPI:
-    app = FastAPI()
-
-    @app.get("/ping")
-    async def ping(key: OptionalKey) -> dict[str, bool]:
-        return {"ok": key is not None}
-
-    return app
+async def _optional_key(key: OptionalKey) -> dict[str, bool]:
+    return {"ok": key is not None}
 
 
-def _app_require_scopes() -> FastAPI:
-    app = FastAPI()
-
-    @app.get("/ping")
-    async def ping(key: ScopedKey) -> dict[str, bool]:
-        return {"ok": key is not None}
-
-    return app
+async def _require_scopes(key: ScopedKey) -> dict[str, bool]:
+    return {"ok": key is not None}
 
 
-def _app_security() -> FastAPI:
-    app = FastAPI()
-
-    @app.get("/ping")
-    async def ping(key: SecurityKey) -> dict[str, bool]:
-        return {"ok": key is not None}
-
-    return app
+async def _security(key: SecurityKey) -> dict[str, bool]:
+    return {"ok": key is not None}
 
 
-def _app_request_user() -> FastAPI:
-    app = FastAPI()
-
-    @app.get("/ping")
-    async def ping(request: Request) -> dict[str, bool]:
-        return {"ok": request.user.is_authenticated}
-
-    return app
+async def _request_user(request: Request) -> dict[str, bool]:
+    return {"ok": request.user.is_authenticated}
 
 
-#: name -> (app factory, what the route asks for).
-ARMS: dict[str, tuple[Callable[[], FastAPI], str]] = {
-    "bare": (_app_bare, "no dependency"),
-    "minimal": (_app_minimal, 'async def minimal(request): return request.scope["user"]'),
-    "CurrentKey": (_app_current_key, "key: CurrentKey"),
-    "OptionalKey": (_app_optional_key, "key: OptionalKey"),
-    "require_scopes": (_app_require_scopes, 'Depends(require_scopes("read"))'),
-    "Security scopes": (_app_security, 'Security(current_key, scopes=["read"])'),
-    "request.user": (_app_request_user, "request: Request; request.user"),
+#: name -> (the route, what it asks for).
+ARMS: dict[str, tuple[Callable[..., Awaitable[dict[str, bool]]], str]] = {
+    "bare": (_bare, "no dependency"),
+    "minimal": (_minimal, 'async def minimal(request): return request.scope["user"]'),
+    "CurrentKey": (_current_key, "key: CurrentKey"),
+    "OptionalKey": (_optional_key, "key: OptionalKey"),
+    "require_scopes": (_require_scopes, 'Depends(require_scopes("read"))'),
+    "Security scopes": (_security, 'Security(current_key, scopes=["read"])'),
+    "request.user": (_request_user, "request: Request; request.user"),
 }
 
 
-async def _receive() -> Message:
-    return {"type": "http.request", "body": b"", "more_body": False}
+def _app(route: Callable[..., Awaitable[dict[str, bool]]]) -> FastAPI:
+    app = FastAPI()
+    app.get("/ping")(route)
+    return app
 
 
-async def _send(message: Message) -> None:
-    return None
-
-
-async def _batch(app: ASGIApp, scope: dict[str, Any], calls: int) -> float:
-    perf = time.perf_counter_ns
-    receive, send = _receive, _send
-    t0 = perf()
-    for _ in range(calls):
-        await app(scope.copy(), receive, send)
-    return (perf() - t0) / calls / 1_000
-
-
-async def _measure(n_keys: int, budget: float) -> dict[str, Any]:
+async def _measure(n_keys: int, budget: float, rounds: int | None) -> dict[str, Any]:
     arms: dict[str, tuple[ASGIApp, dict[str, Any]]] = {}
     middlewares = []
-    for name, (factory, _) in ARMS.items():
-        middleware, token = protect(factory(), n_keys)
+    for name, (route, _) in ARMS.items():
+        middleware, token = protect(_app(route), n_keys)
         middlewares.append(middleware)
         arms[name] = (middleware, http_scope("/ping", token))
-    for name, (app, scope) in arms.items():
-        for _ in range(20):  # warm-up, and proof that every arm answers 200 {"ok": true}
-            status, body = await call_once(app, scope)
-            if status != 200 or body != b'{"ok":true}':
-                raise AssertionError(f"{name}: got {status} {body[:200]!r}")
-
-    estimate = await _batch(*arms["minimal"], CALLS_PER_SAMPLE)
-    rounds = max(15, int(budget * 1e6 / (estimate * CALLS_PER_SAMPLE * len(arms) * 1.2)))
-    samples: dict[str, list[float]] = {name: [] for name in arms}
-    names = list(arms)
-    for r in range(rounds):
-        for name in names if r % 2 == 0 else reversed(names):
-            app, scope = arms[name]
-            samples[name].append(await _batch(app, scope, CALLS_PER_SAMPLE))
-            await asyncio.sleep(0)
-    for middleware in middlewares:
-        await middleware.aclose()
-        stats = middleware.stats()
-        if stats.cache_misses or stats.rejects:
-            raise AssertionError(f"misses or refusals during the run: {stats.as_dict()}")
-    bare, reference = median(samples["bare"]), median(samples["minimal"])
+    await check_arms(arms, body=b'{"ok":true}')
+    sample = timed_arms(arms, CALLS_PER_SAMPLE)
+    if rounds is None:
+        rounds = rounds_for(budget, await sample["minimal"]() * CALLS_PER_SAMPLE, len(arms))
+    samples = await interleave_async(sample, rounds)
+    await close_checked(middlewares)
+    bare = compare(samples, "bare")
     return {
         "cached_keys": n_keys,
         "rounds": rounds,
@@ -201,27 +123,27 @@ async def _measure(n_keys: int, budget: float) -> dict[str, Any]:
         "arms": {
             name: {
                 "route": ARMS[name][1],
-                "median_us": median(s),
-                "p99_us": p99(s),
-                "vs_minimal": median(s) / reference,
-                "added_over_bare_us": median(s) - bare,
+                **arm,
+                "added_over_bare_us": bare[name]["added_us"],
             }
-            for name, s in samples.items()
+            for name, arm in compare(samples, "minimal").items()
         },
     }
 
 
-def run_dependencies(n_keys: int, budget: float) -> tuple[dict[str, Any], list[Target]]:
-    """``budget``: rough seconds of measuring."""
+def run_dependencies(
+    n_keys: int, budget: float, rounds: int | None = None
+) -> tuple[dict[str, Any], list[Target]]:
+    """``budget``: rough seconds of measuring (unless ``rounds`` is given)."""
     print(f"  dependencies (direct ASGI, FastAPI, {n_keys:,} cached keys) ...", flush=True)
-    results = asyncio.run(_measure(n_keys, budget))
+    results = asyncio.run(_measure(n_keys, budget, rounds))
     rows = [
         (
             name,
             arm["route"],
             fmt_us(arm["median_us"]),
             fmt_us(arm["p99_us"]),
-            f"{arm['vs_minimal']:.3f}x",
+            f"{arm['ratio']:.3f}x",
             "-" if name == "bare" else f"{arm['added_over_bare_us']:+.2f}",
         )
         for name, arm in results["arms"].items()
@@ -236,7 +158,7 @@ def run_dependencies(n_keys: int, budget: float) -> tuple[dict[str, Any], list[T
         Target(
             "dependencies",
             f"{name} / minimal dependency at {n_keys:,} keys",
-            results["arms"][name]["vs_minimal"],
+            results["arms"][name]["ratio"],
             DEPENDENCY_TARGET,
             "x",
         )
@@ -245,17 +167,15 @@ def run_dependencies(n_keys: int, budget: float) -> tuple[dict[str, Any], list[T
     return results, targets
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+def _options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keys", type=int, default=1_000, help="cached keys (default 1000)")
-    parser.add_argument("--budget", type=float, default=20.0, help="seconds of measuring")
-    args = parser.parse_args(argv)
-    _, targets = run_dependencies(args.keys, args.budget)
-    print_table(
-        "Targets", ("target", "goal", "measured", "verdict", "note"), [t.row() for t in targets]
-    )
-    return 0
+    parser.add_argument("--budget", type=float, help="seconds of measuring (default 20; --quick 4)")
+
+
+def _measure_args(args: argparse.Namespace) -> tuple[dict[str, Any], list[Target]]:
+    budget = args.budget or (4.0 if args.quick else 20.0)
+    return run_dependencies(args.keys, budget, args.rounds)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(cli("dependencies", __doc__, _measure_args, configure=_options))

@@ -29,6 +29,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from asgi import call_once, http_scope, ok_app
+from harness import Target, cli, median, p99, print_table
+
 from keystile import DEFAULT_PARAMETERS, APIKeyMiddleware, KeyManager, MemoryKeyStore
 from keystile.tokens import generate_key
 
@@ -58,37 +61,8 @@ class CountingHasher:
         return result
 
 
-async def ok_app(scope: Any, receive: Any, send: Any) -> None:
-    await send({"type": "http.response.start", "status": 200, "headers": []})
-    await send({"type": "http.response.body", "body": b"ok"})
-
-
 async def call(app: APIKeyMiddleware, token: str) -> int:
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": "/",
-        "raw_path": b"/",
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"x-api-key", token.encode())],
-        "client": ("127.0.0.1", 1),
-        "server": ("127.0.0.1", 80),
-    }
-    status = 0
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        nonlocal status
-        if message["type"] == "http.response.start":
-            status = message["status"]
-
-    await app(scope, receive, send)
+    status, _ = await call_once(app, http_scope("/", headers=[(b"x-api-key", token.encode())]))
     return status
 
 
@@ -101,11 +75,6 @@ class Result:
     refused_latency: list[float] = field(default_factory=list)
     max_in_flight: int = 0
     max_threads: int = 0
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * q))] * 1e6 if ordered else 0.0
 
 
 async def scenario(
@@ -172,7 +141,11 @@ async def scenario(
     return result
 
 
-async def main(args: argparse.Namespace) -> None:
+def _us(seconds: list[float], stat: Any) -> float:
+    return stat([v * 1e6 for v in seconds]) if seconds else 0.0
+
+
+async def _run(args: argparse.Namespace) -> tuple[dict[str, Any], list[Target]]:
     store = MemoryKeyStore()
     manager = KeyManager(store)  # production argon2 parameters
     keys = [await manager.create(owner="bench", name=f"k{i}") for i in range(args.keys)]
@@ -184,46 +157,80 @@ async def main(args: argparse.Namespace) -> None:
     for token in valid:  # warm the cache: every valid key proven once
         assert await call(app, token) == 200
 
+    seconds = args.seconds or (1.0 if args.quick else 3.0)
     print(
         f"flood benchmark: {args.keys} cached valid keys; valid requests at "
         f"{args.legit_rate:.0f}/s, flood at {args.flood_rate:.0f}/s; "
-        f"{args.seconds:.0f} s per scenario; argon2 "
+        f"{seconds:g} s per scenario; argon2 "
         f"t={DEFAULT_PARAMETERS.time_cost} m={DEFAULT_PARAMETERS.memory_cost} KiB, "
         f"argon2_concurrency={app.verifier.argon2_concurrency}, "
         f"max_pending_verifications={app.verifier.max_pending_verifications}"
     )
-    results = []
+    scenarios = {}
     for name in ("idle", "wrong-secret", "unknown", "both"):
-        results.append(
-            await scenario(
+        r = await scenario(
+            name,
+            app,
+            hasher,
+            valid,
+            real_ids,
+            seconds=seconds,
+            legit_rate=args.legit_rate,
+            flood_rate=args.flood_rate,
+        )
+        scenarios[name] = {
+            "valid_requests": len(r.valid),
+            "valid_p50_us": _us(r.valid, median),
+            "valid_p99_us": _us(r.valid, p99),
+            "valid_max_us": _us(r.valid, max),
+            "valid_answered_wrong": r.valid_wrong,
+            "flood_requests": sum(r.flood.values()),
+            "flood_statuses": dict(r.flood),
+            "refused_p50_us": _us(r.refused_latency, median),
+            "refused_p99_us": _us(r.refused_latency, p99),
+            "argon2_admitted_max": r.max_in_flight,
+            "argon2_threads_max": r.max_threads,
+        }
+    idle_p99 = scenarios["idle"]["valid_p99_us"]
+    print_table(
+        f"Valid cached requests under a flood of bad keys ({args.flood_rate:.0f}/s), µs",
+        (
+            "scenario",
+            "valid req",
+            "p50",
+            "p99",
+            "max",
+            "p99/idle",
+            "wrong",
+            "flood req",
+            "401",
+            "503",
+            "503 p50",
+            "503 p99",
+            "in flight",
+            "threads",
+        ),
+        [
+            (
                 name,
-                app,
-                hasher,
-                valid,
-                real_ids,
-                seconds=args.seconds,
-                legit_rate=args.legit_rate,
-                flood_rate=args.flood_rate,
+                str(s["valid_requests"]),
+                f"{s['valid_p50_us']:.0f}",
+                f"{s['valid_p99_us']:.0f}",
+                f"{s['valid_max_us']:.0f}",
+                f"{s['valid_p99_us'] / idle_p99:.1f}",
+                str(s["valid_answered_wrong"]),
+                str(s["flood_requests"]),
+                str(s["flood_statuses"].get(401, 0)),
+                str(s["flood_statuses"].get(503, 0)),
+                f"{s['refused_p50_us']:.0f}",
+                f"{s['refused_p99_us']:.0f}",
+                str(s["argon2_admitted_max"]),
+                str(s["argon2_threads_max"]),
             )
-        )
-    idle = results[0]
-    header = (
-        f"{'scenario':<13}{'valid req':>10}{'p50 µs':>9}{'p99 µs':>9}{'max µs':>9}"
-        f"{'p99/idle':>9}{'wrong':>6}{'flood req':>10}{'401':>8}{'503':>8}"
-        f"{'503 p50 µs':>11}{'503 p99 µs':>11}{'in flight':>10}{'threads':>8}"
+            for name, s in scenarios.items()
+        ],
     )
-    print(header)
-    print("-" * len(header))
-    for r in results:
-        print(
-            f"{r.scenario:<13}{len(r.valid):>10}{pct(r.valid, 0.5):>9.0f}"
-            f"{pct(r.valid, 0.99):>9.0f}{max(r.valid) * 1e6:>9.0f}"
-            f"{pct(r.valid, 0.99) / pct(idle.valid, 0.99):>9.1f}{r.valid_wrong:>6}"
-            f"{sum(r.flood.values()):>10}{r.flood[401]:>8}{r.flood[503]:>8}"
-            f"{pct(r.refused_latency, 0.5):>11.0f}{pct(r.refused_latency, 0.99):>11.0f}"
-            f"{r.max_in_flight:>10}{r.max_threads:>8}"
-        )
-    others = set().union(*(r.flood for r in results)) - {401, 503}
+    others = set().union(*(s["flood_statuses"] for s in scenarios.values())) - {401, 503}
     print(f"flood statuses other than 401/503: {sorted(others) or 'none'}")
     stats = app.stats()
     print(
@@ -232,12 +239,17 @@ async def main(args: argparse.Namespace) -> None:
         f"rejects {dict(stats.rejects)}"
     )
     await app.aclose()
+    return {"seconds": seconds, "scenarios": scenarios}, []
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=3.0)
+def _options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seconds", type=float, help="per scenario (default 3; --quick 1)")
     parser.add_argument("--keys", type=int, default=100)
     parser.add_argument("--legit-rate", type=float, default=500.0, help="valid requests/s")
     parser.add_argument("--flood-rate", type=float, default=3000.0, help="bad requests/s")
-    asyncio.run(main(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    raise SystemExit(
+        cli("flood", __doc__, lambda args: asyncio.run(_run(args)), configure=_options)
+    )

@@ -15,7 +15,7 @@ header list (so they differ only in the lookup):
 
 Each sample times a batch of calls with ``time.perf_counter_ns`` (GC off during the
 batch, as ``timeit`` does); the four positions (match in the first, middle and last slot,
-and no match) are interleaved round by round. Reported: the median and p99 of the
+and no match) are interleaved round by round, ABBA. Reported: the median and p99 of the
 per-call time of the samples. ``Verifier.verify`` (async, end to end) is measured too,
 for context.
 """
@@ -30,8 +30,20 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from common import Target, fill_cache, fmt_us, median, p99, print_table
+from asgi import BENCH_HEADERS
+from harness import (
+    Target,
+    batch_arms,
+    fmt_us,
+    interleave,
+    median,
+    p99,
+    print_table,
+    rounds_for,
+    time_batch,
+)
 
+from apps import fill_cache
 from keystile import MemoryKeyStore, Verifier
 from keystile._accel import compiled_kernel
 from keystile.cache import VerifiedKeyCache
@@ -52,26 +64,7 @@ HEADER = b"x-api-key"
 CALLS_PER_SAMPLE = 200
 
 
-def _timer(fn: Callable[[Any], object], token: Any, calls: int) -> float:
-    """µs per call of ``fn(token)``, averaged over one batch of ``calls``."""
-    perf = time.perf_counter_ns
-    r = range(calls)
-    gc_was = gc.isenabled()
-    gc.disable()
-    try:
-        t0 = perf()
-        for _ in r:
-            fn(token)
-        elapsed = perf() - t0
-    finally:
-        if gc_was:
-            gc.enable()
-    return elapsed / calls / 1_000
-
-
 def _headers(token: bytes) -> list[tuple[bytes, bytes]]:
-    from apps import BENCH_HEADERS
-
     return [*BENCH_HEADERS, (b"authorization", b"Bearer " + token)]
 
 
@@ -142,16 +135,12 @@ def _measure_size(n: int, budget: float) -> dict[str, Any]:
                 raise AssertionError(f"{name} got position {pos} wrong at N={n}")
     result: dict[str, Any] = {"n": n}
     for name, fn in fns.items():
-        estimate = min(_timer(fn, probe["middle"], 3) for _ in range(3))
+        estimate = min(time_batch(fn, probe["middle"], 3) for _ in range(3))
         calls = CALLS_PER_SAMPLE
         if name == "hmac loop":
             calls = max(1, min(CALLS_PER_SAMPLE, int(2_000 / max(estimate, 1e-3))))
-        samples_per_position = int(budget * 1e6 / (estimate * calls * len(POSITIONS)))
-        samples_per_position = max(7, min(2_000, samples_per_position))
-        samples: dict[str, list[float]] = {p: [] for p in POSITIONS}
-        for _ in range(samples_per_position):
-            for pos in POSITIONS:
-                samples[pos].append(_timer(fn, probe[pos], calls))
+        rounds = rounds_for(budget, estimate * calls, len(POSITIONS), minimum=7, maximum=2_000)
+        samples = interleave(batch_arms(fn, probe, calls), rounds)
         everything = [s for pos in POSITIONS for s in samples[pos]]
         per_position = {
             pos: {"median_us": median(samples[pos]), "p99_us": p99(samples[pos])}
@@ -162,7 +151,7 @@ def _measure_size(n: int, budget: float) -> dict[str, Any]:
         matched = median(medians)
         result[name] = {
             "calls_per_sample": calls,
-            "samples_per_position": samples_per_position,
+            "samples_per_position": rounds,
             "median_us": overall,
             "p99_us": p99(everything),
             "worst_position_median_us": max(v["median_us"] for v in per_position.values()),
@@ -174,7 +163,7 @@ def _measure_size(n: int, budget: float) -> dict[str, Any]:
         }
     digest = cache.digest
     result["digest_only_us"] = median(
-        [_timer(digest, tokens[n // 2], CALLS_PER_SAMPLE) for _ in range(50)]
+        [time_batch(digest, tokens[n // 2], CALLS_PER_SAMPLE) for _ in range(50)]
     )
     result["verifier_verify"] = asyncio.run(_measure_verify(cache, tokens[n // 2], budget / 4))
     return result

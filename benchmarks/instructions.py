@@ -2,15 +2,21 @@
 
 Instruction counts do not drift with the machine's load the way times do. Each arm (the
 bare route, and the route behind keystile with N cached keys) runs in a process of its
-own under ``valgrind --tool=callgrind`` twice, with two numbers of requests; start-up
-(imports, filling the cache) is the same in both runs and cancels out of
+own under ``valgrind --tool=callgrind --dump-before=getppid``. The process builds its arm,
+answers 50 checked requests, then calls ``os.getppid()`` right before and right after its
+loop of N direct ASGI requests (as in ``overhead.py``): callgrind writes out its counters
+and starts again from zero on entering ``getppid``, so the second of those dumps holds
+the request loop and nothing else (imports, filling the cache and drawing random keys
+are in the first; shutting down in the last).
 
-    instructions per request = (total(long run) - total(short run)) / (long - short)
+    instructions per request = instructions in the loop / N
 
-Requests are direct ASGI calls, as in ``overhead.py``. ``PYTHONHASHSEED=0`` keeps the two
-runs of an arm alike. Needs valgrind (``apt-get install valgrind``); skipped without it.
+Each arm runs twice, with 1 000 and 3 000 requests: the two counts per request must
+agree (their spread is printed, and the section fails past 1 %). ``PYTHONHASHSEED=0``
+keeps the runs alike. Needs valgrind (``apt-get install valgrind``); skipped without it.
 
     python benchmarks/instructions.py                  # 10, 1 000 and 10 000 keys
+    python benchmarks/instructions.py --quick          # 1 000 keys
     python benchmarks/instructions.py --child ARM N    # one run (what callgrind runs)
 """
 
@@ -27,21 +33,26 @@ import sys
 import tempfile
 from typing import Any
 
-BENCH_DIR = pathlib.Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH_DIR))
-
-from common import Target, print_table  # noqa: E402
+from harness import Target, cli, print_table
 
 __all__ = ["INSTRUCTION_TARGETS", "run_instructions"]
 
 #: Instructions keystile may add per request (Starlette, direct ASGI), by cached keys.
 INSTRUCTION_TARGETS = {10: 18_000, 1_000: 21_000, 10_000: 45_000}
 DEFAULT_LENGTHS = (1_000, 3_000)
+#: The libc function whose entry marks the loop's start and end (Python calls it only
+#: through ``os.getppid``).
+MARKER = "getppid"
+#: The most two runs of one arm may differ per request before the count is not trusted.
+MAX_SPREAD_PCT = 1.0
 
 
 def _child(arm: str, requests: int) -> None:
-    """Build the arm, warm it up, then serve ``requests`` direct ASGI calls."""
-    from apps import call_once, http_scope, protect, starlette_app
+    """Build the arm, warm it up, then serve ``requests`` direct ASGI calls between two
+    calls of the marker."""
+    from asgi import call_once, discard, http_scope, receive
+
+    from apps import protect, starlette_app
     from keystile.tokens import generate_key
 
     if arm == "bare":
@@ -51,18 +62,14 @@ def _child(arm: str, requests: int) -> None:
         app, token = protect(starlette_app(), int(arm))
         scope = http_scope("/ping", token)
 
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        return None
-
     async def main() -> None:
         for _ in range(50):
             status, _ = await call_once(app, scope)
             assert status == 200, status
+        os.getppid()
         for _ in range(requests):
-            await app(scope.copy(), receive, send)
+            await app(scope.copy(), receive, discard)
+        os.getppid()
         if arm != "bare":
             stats = app.stats()
             assert stats.cache_misses == 0, stats
@@ -71,11 +78,23 @@ def _child(arm: str, requests: int) -> None:
     asyncio.run(main())
 
 
-def _count(arm: str, requests: int, out_dir: str) -> int:
-    out = os.path.join(out_dir, f"callgrind.{arm}.{requests}")
+def _total(path: pathlib.Path) -> tuple[str, int]:
+    """The trigger of one callgrind dump and the instructions it counted."""
+    text = path.read_text()
+    trigger = re.search(r"^desc: Trigger: (.*)$", text, re.MULTILINE)
+    total = re.search(r"^(?:summary|totals):\s+(\d+)", text, re.MULTILINE)
+    if trigger is None or total is None:
+        raise RuntimeError(f"no trigger or no total in {path}")
+    return trigger.group(1), int(total.group(1))
+
+
+def _count(arm: str, requests: int, out_dir: str) -> dict[str, int]:
+    """Instructions of one run: in the loop, and in the whole process."""
+    out = pathlib.Path(out_dir) / f"callgrind.{arm}.{requests}"
     cmd = [
         "valgrind",
         "--tool=callgrind",
+        f"--dump-before={MARKER}",
         f"--callgrind-out-file={out}",
         sys.executable,
         str(pathlib.Path(__file__).resolve()),
@@ -85,11 +104,14 @@ def _count(arm: str, requests: int, out_dir: str) -> int:
     ]
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     subprocess.run(cmd, check=True, env=env, capture_output=True)
-    text = pathlib.Path(out).read_text()
-    m = re.search(r"^(?:summary|totals):\s+(\d+)", text, re.MULTILINE)
-    if m is None:
-        raise RuntimeError(f"no instruction total in {out}")
-    return int(m.group(1))
+    parts = [
+        _total(path)
+        for path in (out.with_name(f"{out.name}.1"), out.with_name(f"{out.name}.2"), out)
+    ]
+    marked = [trigger for trigger, _ in parts[:2]]
+    if any(MARKER not in t for t in marked) or out.with_name(f"{out.name}.3").exists():
+        raise RuntimeError(f"expected exactly two dumps at {MARKER}, got {marked} ({out})")
+    return {"loop": parts[1][1], "whole_process": sum(n for _, n in parts)}
 
 
 def run_instructions(
@@ -100,32 +122,36 @@ def run_instructions(
         return {"skipped": "valgrind not installed"}, []
     from keystile._accel import compiled_kernel
 
-    short, long = lengths
     arms = ["bare", *(str(n) for n in sizes)]
+    runs: dict[str, list[dict[str, int]]] = {}
     per_request: dict[str, float] = {}
-    totals: dict[str, list[int]] = {}
+    spread: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="keystile-callgrind-") as tmp:
         for arm in arms:
             print(f"  instructions (callgrind): {arm} ...", flush=True)
-            counts = [_count(arm, short, tmp), _count(arm, long, tmp)]
-            totals[arm] = counts
-            per_request[arm] = (counts[1] - counts[0]) / (long - short)
-    bare = per_request["bare"]
-    added = {arm: per_request[arm] - bare for arm in arms if arm != "bare"}
+            runs[arm] = [_count(arm, n, tmp) for n in lengths]
+            each = [run["loop"] / n for run, n in zip(runs[arm], lengths, strict=True)]
+            per_request[arm] = sum(each) / len(each)
+            spread[arm] = (max(each) - min(each)) / per_request[arm] * 100
+    added = {arm: per_request[arm] - per_request["bare"] for arm in arms if arm != "bare"}
     hit_path = compiled_kernel() or "pure Python"
     print_table(
-        f"Instructions per request, Starlette route, direct ASGI (callgrind; runs of {short:,} "
-        f"and {long:,} requests; hit path: {hit_path})",
-        ("app", "instructions/request", "added by keystile"),
+        f"Instructions per request, Starlette route, direct ASGI (callgrind, the request loop "
+        f"alone; runs of {lengths[0]:,} and {lengths[1]:,} requests; hit path: {hit_path})",
+        ("app", *(f"per request, {n:,} requests" for n in lengths), "spread", "added by keystile"),
         [
             (
                 "bare" if arm == "bare" else f"keystile, {int(arm):,} keys",
-                f"{per_request[arm]:,.0f}",
+                *(f"{run['loop'] / n:,.0f}" for run, n in zip(runs[arm], lengths, strict=True)),
+                f"{spread[arm]:.2f}%",
                 "-" if arm == "bare" else f"{added[arm]:+,.0f}",
             )
             for arm in arms
         ],
     )
+    unstable = {arm: s for arm, s in spread.items() if s > MAX_SPREAD_PCT}
+    if unstable:
+        raise AssertionError(f"per-request counts differ between runs by more than 1%: {unstable}")
     targets = [
         Target(
             "instructions",
@@ -140,26 +166,25 @@ def run_instructions(
     return {
         "hit_path": hit_path,
         "lengths": list(lengths),
-        "totals": totals,
+        "runs": runs,
         "per_request": per_request,
+        "spread_pct": spread,
         "added": added,
     }, targets
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--child", nargs=2, metavar=("ARM", "REQUESTS"))
-    parser.add_argument("--sizes", type=int, nargs="+", default=list(INSTRUCTION_TARGETS))
+def _options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sizes", type=int, nargs="+", help="cached keys (default 10 1000 10000)")
     parser.add_argument("--lengths", type=int, nargs=2, default=list(DEFAULT_LENGTHS))
-    args = parser.parse_args()
-    if args.child:
-        _child(args.child[0], int(args.child[1]))
-        return 0
-    _, targets = run_instructions(args.sizes, (args.lengths[0], args.lengths[1]))
-    for t in targets:
-        print(" | ".join(t.row()))
-    return 0
+
+
+def _measure_args(args: argparse.Namespace) -> tuple[dict[str, Any], list[Target]]:
+    sizes = args.sizes or ([1_000] if args.quick else list(INSTRUCTION_TARGETS))
+    return run_instructions(sizes, (args.lengths[0], args.lengths[1]))
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    if sys.argv[1:2] == ["--child"]:
+        _child(sys.argv[2], int(sys.argv[3]))
+    else:
+        raise SystemExit(cli("instructions", __doc__, _measure_args, configure=_options))

@@ -6,11 +6,12 @@ ids, the entries ``apps.protect`` uses), both after ``gc.collect()``. RSS delta 
 everything a cached key costs: the table's arrays, the key id index, the entry and its
 principal, and the allocator's slack.
 
-    python benchmarks/memory.py [N]
+    python benchmarks/memory.py [N]        # 100 000 keys (--quick: 10 000)
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import pathlib
@@ -18,10 +19,7 @@ import subprocess
 import sys
 from typing import Any
 
-BENCH_DIR = pathlib.Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH_DIR))
-
-from common import Target, print_table  # noqa: E402
+from harness import Target, cli, print_table
 
 __all__ = ["MEMORY_TARGET", "run_memory"]
 
@@ -33,8 +31,8 @@ def _child(n: int, compiled: bool) -> dict[str, float]:
     import gc
 
     import psutil
-    from common import fill_cache
 
+    from apps import fill_cache
     from keystile.cache import VerifiedKeyCache
 
     process = psutil.Process()
@@ -89,8 +87,21 @@ def run_memory(n: int = MEMORY_TARGET[0]) -> tuple[dict[str, Any], list[Target]]
     return results, targets
 
 
+def _options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "keys", type=int, nargs="?", help="cached keys (default 100000; --quick 10000)"
+    )
+
+
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+    if sys.argv[1:2] == ["--child"]:
         print(json.dumps(_child(int(sys.argv[2]), sys.argv[3] == "compiled")))
     else:
-        run_memory(int(sys.argv[1]) if len(sys.argv) > 1 else MEMORY_TARGET[0])
+        raise SystemExit(
+            cli(
+                "memory",
+                __doc__,
+                lambda args: run_memory(args.keys or (10_000 if args.quick else MEMORY_TARGET[0])),
+                configure=_options,
+            )
+        )

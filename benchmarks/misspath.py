@@ -16,24 +16,21 @@ from __future__ import annotations
 import asyncio
 import pathlib
 import secrets
-import statistics
 import tempfile
 import time
-import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import argon2
-from common import fmt_us, median, p99, print_table
+from asgi import call_once, http_scope
+from harness import Target, fmt_us, median, p99, print_table
 
-from apps import call_once, http_scope, starlette_app
-from keystile import DEFAULT_PARAMETERS, APIKeyMiddleware, KeyManager, SecretHasher
+from apps import mint, postgres_schema, starlette_app
+from keystile import DEFAULT_PARAMETERS, APIKeyMiddleware, SecretHasher
 from keystile.manager import CreatedKey
 from keystile.stores import store_from_url
 from keystile.verifier import DEFAULT_ARGON2_CONCURRENCY
 
-__all__ = ["postgres_schema", "run_misspath"]
+__all__ = ["run_misspath"]
 
 COLD_START_CLIENTS = 32
 
@@ -68,33 +65,6 @@ def _argon2_costs(samples_chosen: int, samples_default: int) -> dict[str, Any]:
         f"t={lib.time_cost}, m={lib.memory_cost // 1024} MiB, p={lib.parallelism}"
     )
     return out
-
-
-@asynccontextmanager
-async def postgres_schema(url: str) -> AsyncIterator[str]:
-    """A store URL in a schema of its own, dropped afterwards."""
-    import asyncpg
-
-    schema = f"keystile_bench_{uuid.uuid4().hex[:10]}"
-    sep = "&" if "?" in url else "?"
-    conn = await asyncpg.connect(url)
-    try:
-        yield f"{url}{sep}schema={schema}"
-    finally:
-        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        await conn.close()
-
-
-async def _mint(url: str, n: int) -> list[CreatedKey]:
-    """``n`` keys at the default argon2 parameters (two hashes at a time: 2 cores)."""
-    async with KeyManager.from_url(url, argon2=DEFAULT_PARAMETERS) as manager:
-        keys: list[CreatedKey] = []
-        for start in range(0, n, 2):
-            batch = [
-                manager.create(owner="bench", name=f"k{i}") for i in range(start, min(n, start + 2))
-            ]
-            keys.extend(await asyncio.gather(*batch))
-    return keys
 
 
 async def _miss_latency(url: str, key: CreatedKey, requests: int) -> dict[str, float]:
@@ -184,12 +154,12 @@ async def _run(postgres_url: str | None, n_cold: int, miss_requests: int) -> dic
     with tempfile.TemporaryDirectory(prefix="keystile-bench-") as tmp:
         sqlite_url = f"sqlite:///{pathlib.Path(tmp) / 'keys.db'}"
         t0 = time.perf_counter()
-        keys = await _mint(sqlite_url, n_cold)
+        keys = await mint(sqlite_url, n_cold, argon2=DEFAULT_PARAMETERS, pairs=True)
         out["mint_seconds"] = time.perf_counter() - t0
         out["sqlite"] = await _run_store(sqlite_url, n_cold, miss_requests, keys)
         if postgres_url:
             # The same rows (same hashes) copied into Postgres: no second round of hashing.
-            async with postgres_schema(postgres_url) as pg_url:
+            async with postgres_schema(postgres_url) as (pg_url, _):
                 source, target = store_from_url(sqlite_url), store_from_url(pg_url)
                 await source.open()
                 await target.open()
@@ -218,7 +188,7 @@ async def _reachable(url: str) -> str | None:
 
 def run_misspath(
     *, postgres_url: str | None, n_cold: int, miss_requests: int, argon2_samples: tuple[int, int]
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], list[Target]]:
     print("  miss path: argon2 costs ...", flush=True)
     results: dict[str, Any] = {"argon2": _argon2_costs(*argon2_samples)}
     skip = None
@@ -277,6 +247,7 @@ def run_misspath(
     )
     if skip:
         print(f"(Postgres: {skip})\n")
-    expected = statistics.fmean([a["keystile"]["median_us"]]) / 1e3 / DEFAULT_ARGON2_CONCURRENCY
-    results["cold_start_floor_ms_per_key"] = expected
-    return results
+    results["cold_start_floor_ms_per_key"] = (
+        a["keystile"]["median_us"] / 1e3 / DEFAULT_ARGON2_CONCURRENCY
+    )
+    return results, []

@@ -1,7 +1,7 @@
 """Peers: the same FastAPI route and the same N keys behind keystile and behind the peer
 libraries a user could pick instead (built by ``peers.py``, each as its README sets it up).
 
-Every app is measured the same way: ``peers.measure_asgi`` (sequential GETs through
+Every app is measured the same way: ``asgi.measure_asgi`` (sequential GETs through
 httpx's ASGITransport, the full HTTP request/response cycle without a socket), and again
 called directly through ASGI (no client in the timing), each request timed on its own.
 
@@ -21,12 +21,13 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from common import Target, fmt_us, median, p99, print_table
+from asgi import BENCH_HEADERS, http_scope, measure_asgi, receive, run_lifespan
 from fastapi import FastAPI
+from harness import Target, fmt_us, median, p99, print_table
 from starlette.types import ASGIApp, Message
 
-from apps import http_scope
-from keystile import DEFAULT_PARAMETERS, APIKeyMiddleware, KeyManager
+from apps import mint
+from keystile import DEFAULT_PARAMETERS, APIKeyMiddleware
 from keystile.fastapi import CurrentKey
 
 __all__ = ["DEFAULT_PEERS", "PEER_TARGET", "QUICK_PEERS", "run_peers"]
@@ -49,14 +50,7 @@ async def _build_keystile(n_keys: int, workdir: pathlib.Path, *, dependency: boo
     import peers
 
     url = f"sqlite:///{workdir / f'keystile-{dependency}.db'}"
-    async with KeyManager.from_url(url) as manager:
-        keys = []
-        for start in range(0, n_keys, 2):
-            batch = [
-                manager.create(owner=f"owner-{i}", name="bench")
-                for i in range(start, min(n_keys, start + 2))
-            ]
-            keys.extend(await asyncio.gather(*batch))
+    keys = await mint(url, n_keys, argon2=DEFAULT_PARAMETERS, pairs=True)
     app = FastAPI()
     if dependency:
 
@@ -97,15 +91,9 @@ async def _build_keystile(n_keys: int, workdir: pathlib.Path, *, dependency: boo
 
 async def _direct(app: ASGIApp, headers: dict[str, str], requests: int) -> list[float]:
     """Per-request µs of direct ASGI calls (inside the app's lifespan)."""
-    import peers
-
     raw = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
-    template = http_scope("/ping", b"")
-    template["headers"] = [h for h in template["headers"] if h[0] != b"authorization"] + raw
+    template = http_scope("/ping", headers=[*BENCH_HEADERS, *raw])
     status = 0
-
-    async def receive() -> Message:
-        return {"type": "http.request", "body": b"", "more_body": False}
 
     async def send(message: Message) -> None:
         nonlocal status
@@ -113,7 +101,7 @@ async def _direct(app: ASGIApp, headers: dict[str, str], requests: int) -> list[
             status = message["status"]
 
     times: list[float] = []
-    async with peers.run_lifespan(app):
+    async with run_lifespan(app):
         for i in range(requests + 3):
             t0 = time.perf_counter_ns()
             await app(dict(template), receive, send)
@@ -133,16 +121,14 @@ async def _measure(
     budget: float,
     max_requests: int,
 ) -> dict[str, Any]:
-    import peers
-
     t0 = time.perf_counter()
     peer = await build(n_keys, workdir)
     build_s = time.perf_counter() - t0
     try:
-        probe = await peers.measure_asgi(peer.app, peer.headers, requests=3, warmup=2)
+        probe = await measure_asgi(peer.app, peer.headers, requests=3, warmup=2)
         estimate = median(probe) / 1e6
         requests = max(5, min(max_requests, int(budget / 2 / estimate)))
-        httpx_times = await peers.measure_asgi(peer.app, peer.headers, requests=requests, warmup=3)
+        httpx_times = await measure_asgi(peer.app, peer.headers, requests=requests, warmup=3)
         direct_times = await _direct(peer.app, peer.headers, requests)
     finally:
         if peer.aclose is not None:
@@ -214,7 +200,7 @@ def run_peers(
             r["direct_added_us"] = r["direct_median_us"] - bare["direct_median_us"]
     print_table(
         f"Peers: one authenticated GET /ping, {n_keys:,} keys, FastAPI "
-        "(httpx = peers.measure_asgi through httpx.ASGITransport; direct = ASGI call, no client)",
+        "(httpx = asgi.measure_asgi through httpx.ASGITransport; direct = ASGI call, no client)",
         (
             "app",
             "httpx median µs",

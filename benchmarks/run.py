@@ -28,23 +28,25 @@ on a busy machine the CPU time says what the run costs on a quiet one.
 from __future__ import annotations
 
 import argparse
-import datetime
-import importlib.metadata
-import json
-import math
 import os
 import pathlib
 import platform
 import resource
-import subprocess
-import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
-BENCH_DIR = pathlib.Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH_DIR))
-
-from common import Target, load_average, print_table, wait_for_quiet  # noqa: E402
+from harness import (
+    RESULTS,
+    Outcome,
+    Target,
+    load_average,
+    machine,
+    print_targets,
+    run_section,
+    write_json,
+    write_result,
+)
 
 SECTIONS = (
     "hit",
@@ -62,46 +64,7 @@ SECTIONS = (
 SLOW_SECTIONS = ("instructions",)
 #: What --quick promises; benchmarks/README.md and the README say the same.
 QUICK_PROMISE = "under two minutes"
-DEFAULT_RESULTS = BENCH_DIR / "results"
-
-
-def _versions() -> dict[str, str]:
-    out = {}
-    for dist in (
-        "keystile",
-        "starlette",
-        "fastapi",
-        "numpy",
-        "uvicorn",
-        "httptools",
-        "uvloop",
-        "argon2-cffi",
-        "asyncpg",
-    ):
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            out[dist] = "-"
-    return out
-
-
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(BENCH_DIR), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        dirty = subprocess.run(
-            ["git", "-C", str(BENCH_DIR), "status", "--porcelain", "--", "../src"],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return "-"
-    return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+DEFAULT_RESULTS = RESULTS
 
 
 def _cpu_seconds() -> float:
@@ -203,13 +166,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[str, Any] = {
         "meta": {
-            "mode": "quick" if args.quick else "full",
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "cpus": cpus,
-            "versions": _versions(),
-            "git": _git_commit(),
+            **machine("quick" if args.quick else "full"),
             "settings": settings,
             "load_average": {},
             "section_seconds": {},
@@ -223,128 +180,114 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
 
-    running: dict[str, Any] = {}
-
-    def section_done() -> None:
-        """Record and print the wall and CPU time of the section that just ran."""
-        if running:
-            wall, cpu = time.perf_counter() - running["wall"], _cpu_seconds() - running["cpu"]
-            results["meta"]["section_seconds"][running["name"]] = {"wall": wall, "cpu": cpu}
-            print(f"  [{running['name']}] {wall:.0f} s, CPU {cpu:.0f} s", flush=True)
-
-    def section(name: str) -> None:
-        section_done()
-        load = (
-            wait_for_quiet(max(1.0, cpus * 0.75), args.wait_quiet)
-            if args.wait_quiet
-            else load_average()
-        )
-        results["meta"]["load_average"][name] = load
-        warn = "  (busy machine: numbers are noisy)" if load > cpus * 0.75 else ""
-        print(f"\n[{name}] load average {load:.2f}{warn}", flush=True)
-        running.update(name=name, wall=time.perf_counter(), cpu=_cpu_seconds())
+    def section(name: str, measure: Callable[[], Outcome]) -> dict[str, Any]:
+        """One section: its load average before and after, its targets, its own JSON, and
+        the wall and CPU time it took (printed, and kept in the results)."""
+        wall, cpu = time.perf_counter(), _cpu_seconds()
+        data, section_targets = run_section(name, measure, wait_quiet=args.wait_quiet)
+        wall, cpu = time.perf_counter() - wall, _cpu_seconds() - cpu
+        results["meta"]["section_seconds"][name] = {"wall": wall, "cpu": cpu}
+        print(f"  [{name}] {wall:.0f} s, CPU {cpu:.0f} s", flush=True)
+        results["meta"]["load_average"][name] = data["load_average"]
+        targets.extend(section_targets)
+        write_result(name, (data, section_targets), mode=results["meta"]["mode"])
+        return data
 
     if "hit" in sections:
         from hitpath import HIT_TARGETS, run_hitpath
 
-        section("hit")
-        results["hit_path"], t = run_hitpath(settings["hit_sizes"], settings["hit_budget"])
+        results["hit_path"] = section(
+            "hit", lambda: run_hitpath(settings["hit_sizes"], settings["hit_budget"])
+        )
         results["hit_path"]["targets"] = {str(n): v for n, v in HIT_TARGETS.items()}
-        targets += t
     if "overhead" in sections:
         from overhead import run_overhead
 
-        section("overhead")
-        results["overhead"], t = run_overhead(
-            settings["overhead_sizes"], settings["overhead_budget"]
+        results["overhead"] = section(
+            "overhead",
+            lambda: run_overhead(settings["overhead_sizes"], settings["overhead_budget"]),
         )
-        targets += t
     if "dependencies" in sections:
         from dependencies import run_dependencies
 
-        section("dependencies")
-        results["dependencies"], t = run_dependencies(1_000, settings["dependencies_budget"])
-        targets += t
+        results["dependencies"] = section(
+            "dependencies", lambda: run_dependencies(1_000, settings["dependencies_budget"])
+        )
     if "instructions" in sections:
         from instructions import run_instructions
 
-        section("instructions")
-        results["instructions"], t = run_instructions(settings["instruction_sizes"])
-        targets += t
+        results["instructions"] = section(
+            "instructions", lambda: run_instructions(settings["instruction_sizes"])
+        )
     if "memory" in sections:
         from memory import run_memory
 
-        section("memory")
-        results["memory"], t = run_memory(settings["memory_keys"])
-        targets += t
+        results["memory"] = section("memory", lambda: run_memory(settings["memory_keys"]))
     if "server" in sections:
         from server import run_server
 
-        section("server")
-        results["server"], t = run_server(
-            settings["server_keys"],
-            duration=settings["server_duration"],
-            rounds=settings["server_rounds"],
-            use_wrk=not args.no_wrk,
+        results["server"] = section(
+            "server",
+            lambda: run_server(
+                settings["server_keys"],
+                duration=settings["server_duration"],
+                rounds=settings["server_rounds"],
+                use_wrk=not args.no_wrk,
+            ),
         )
-        targets += t
     if "miss" in sections:
         from misspath import run_misspath
 
-        section("miss")
-        results["miss_path"] = run_misspath(
-            postgres_url=args.postgres_url,
-            n_cold=settings["cold_keys"],
-            miss_requests=settings["miss_requests"],
-            argon2_samples=settings["argon2_samples"],
+        results["miss_path"] = section(
+            "miss",
+            lambda: run_misspath(
+                postgres_url=args.postgres_url,
+                n_cold=settings["cold_keys"],
+                miss_requests=settings["miss_requests"],
+                argon2_samples=settings["argon2_samples"],
+            ),
         )
     if "cold" in sections:
         from coldstart import run_coldstart
 
-        section("cold")
-        results["cold_workers"], t = run_coldstart(settings["cold_workers_keys"])
-        targets += t
+        results["cold_workers"] = section(
+            "cold", lambda: run_coldstart(settings["cold_workers_keys"])
+        )
     if "last-used" in sections:
         from usagewrites import run_usage_writes
 
-        section("last-used")
-        results["last_used"], t = run_usage_writes(
-            args.postgres_url,
-            requests=settings["last_used_requests"],
-            n_keys=settings["last_used_keys"],
-            latency_requests=settings["last_used_latency_requests"],
+        results["last_used"] = section(
+            "last-used",
+            lambda: run_usage_writes(
+                args.postgres_url,
+                requests=settings["last_used_requests"],
+                n_keys=settings["last_used_keys"],
+                latency_requests=settings["last_used_latency_requests"],
+            ),
         )
-        targets += t
     if "peers" in sections:
         from peercompare import DEFAULT_PEERS, QUICK_PEERS, run_peers
 
-        section("peers")
         names = args.peers or (QUICK_PEERS if args.quick else DEFAULT_PEERS)
-        results["peers"], t = run_peers(
-            names,
-            n_keys=settings["peer_keys"],
-            budget=settings["peer_budget"],
-            max_requests=settings["peer_max_requests"],
+        results["peers"] = section(
+            "peers",
+            lambda: run_peers(
+                names,
+                n_keys=settings["peer_keys"],
+                budget=settings["peer_budget"],
+                max_requests=settings["peer_max_requests"],
+            ),
         )
-        targets += t
 
-    section_done()
     elapsed = time.perf_counter() - started
     results["meta"]["seconds"] = elapsed
     results["targets"] = [t.as_dict() for t in targets]
-    print_table(
+    print_targets(
+        targets,
         f"Targets ({results['meta']['mode']} run, {elapsed:.0f} s, "
         f"load average {load_average():.2f})",
-        ("target", "goal", "measured", "verdict", "note"),
-        [t.row() for t in targets],
     )
-    missed = [t for t in targets if t.verdict == "MISS"]
-    print(f"{len(targets) - len(missed)} of {len(targets)} targets met.", flush=True)
-
-    json_path = args.json or DEFAULT_RESULTS / "latest.json"
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(results, indent=2, default=_json_default) + "\n")
-    print(f"results: {json_path}")
+    print(f"results: {write_json(results, args.json or DEFAULT_RESULTS / 'latest.json')}")
     plot_path = args.plot or DEFAULT_RESULTS / "latency.png"
     try:
         from plot import write_plot
@@ -354,14 +297,6 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as exc:
         print(f"plot skipped: {exc} (pip install matplotlib)")
     return 0
-
-
-def _json_default(value: object) -> object:
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, tuple):
-        return list(value)
-    return str(value)
 
 
 if __name__ == "__main__":

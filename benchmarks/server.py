@@ -24,9 +24,7 @@ import os
 import pathlib
 import re
 import shutil
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -35,7 +33,8 @@ from typing import Any
 
 import httpx
 import psutil
-from common import Target, fmt_us, median, print_table
+from asgi import uvicorn, wait_http
+from harness import Target, fmt_us, interleave, median, print_table
 
 __all__ = ["SERVER_CPU_TARGET", "run_server"]
 
@@ -60,95 +59,56 @@ def _pin(cpu: int) -> list[str]:
 @dataclass
 class Server:
     name: str
-    n_keys: int
-    port: int
     process: subprocess.Popen[bytes]
+    url: str
     token: str
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/ping"
 
     def cpu_seconds(self) -> float:
         t = psutil.Process(self.process.pid).cpu_times()
         return t.user + t.system
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
 def _servers(framework: str, arms: dict[str, int]) -> Iterator[dict[str, Server]]:
-    started: dict[str, Server] = {}
-    with tempfile.TemporaryDirectory(prefix="keystile-bench-") as tmp:
-        try:
-            for index, (name, n_keys) in enumerate(arms.items()):
-                port = _free_port()
-                token_file = pathlib.Path(tmp) / f"arm{index}.token"
-                env = {
-                    **os.environ,
-                    "KEYSTILE_BENCH_FRAMEWORK": framework,
-                    "KEYSTILE_BENCH_KEYS": str(n_keys),
-                    "KEYSTILE_BENCH_TOKEN_FILE": str(token_file),
-                }
-                cmd = [
-                    *_pin(SERVER_CPU),
-                    sys.executable,
-                    "-m",
-                    "uvicorn",
+    """One uvicorn per arm, all started side by side, each checked: 200 with its token,
+    401 without (protected arms)."""
+    with (
+        tempfile.TemporaryDirectory(prefix="keystile-bench-") as tmp,
+        contextlib.ExitStack() as stack,
+    ):
+        started: dict[str, tuple[subprocess.Popen[bytes], str, pathlib.Path]] = {}
+        for index, (name, n_keys) in enumerate(arms.items()):
+            token_file = pathlib.Path(tmp) / f"arm{index}.token"
+            env = {
+                "KEYSTILE_BENCH_FRAMEWORK": framework,
+                "KEYSTILE_BENCH_KEYS": str(n_keys),
+                "KEYSTILE_BENCH_TOKEN_FILE": str(token_file),
+            }
+            process, base = stack.enter_context(
+                uvicorn(
                     "server_app:create",
-                    "--factory",
-                    "--app-dir",
-                    str(BENCH_DIR),
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
-                    "--log-level",
-                    "warning",
-                    "--no-access-log",
-                    *STACK_OPTIONS,
-                ]
-                process = subprocess.Popen(cmd, env=env)
-                server = Server(name, n_keys, port, process, "")
-                started[name] = server
-                server.token = _wait_ready(server, token_file)
-            yield started
-        finally:
-            for server in started.values():
-                server.process.terminate()
-            for server in started.values():
-                try:
-                    server.process.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    server.process.kill()
-                    server.process.wait()
-
-
-def _wait_ready(server: Server, token_file: pathlib.Path, timeout: float = 60.0) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            raise RuntimeError(f"uvicorn ({server.name}) exited with {server.process.returncode}")
-        if token_file.exists():
+                    app_dir=BENCH_DIR,
+                    env=env,
+                    options=("--factory", *STACK_OPTIONS),
+                    prefix=_pin(SERVER_CPU),
+                )
+            )
+            started[name] = (process, f"{base}/ping", token_file)
+        servers = {}
+        for name, (process, url, token_file) in started.items():
+            deadline = time.monotonic() + 60
+            while not token_file.exists():
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"uvicorn ({name}) did not start")
+                time.sleep(0.1)
             token = token_file.read_text()
-            try:
-                r = httpx.get(server.url, headers={"Authorization": f"Bearer {token}"}, timeout=2)
-            except httpx.TransportError:
-                pass
-            else:
-                if r.status_code != 200:
-                    raise RuntimeError(f"{server.name}: GET /ping answered {r.status_code}")
-                if server.n_keys:
-                    denied = httpx.get(server.url, timeout=2)
-                    if denied.status_code != 401:
-                        raise RuntimeError(f"{server.name}: no key got {denied.status_code}")
-                return token
-        time.sleep(0.1)
-    raise RuntimeError(f"uvicorn ({server.name}) not ready after {timeout}s")
+            ok = wait_http(url, process, headers={"Authorization": f"Bearer {token}"})
+            if ok.status_code != 200:
+                raise RuntimeError(f"{name}: GET /ping answered {ok.status_code}")
+            if arms[name] and (denied := httpx.get(url, timeout=2)).status_code != 401:
+                raise RuntimeError(f"{name}: no key got {denied.status_code}")
+            servers[name] = Server(name, process, url, token)
+        yield servers
 
 
 # -- load generators ------------------------------------------------------------------
@@ -242,20 +202,23 @@ def run_server(
         f"connections, {rounds} x {duration:g}s each, {pinning} ...",
         flush=True,
     )
-    runs: dict[str, list[dict[str, float]]] = {name: [] for name in arms}
+    drive = _wrk if wrk else _python_client
+
+    def sample(server: Server) -> Any:
+        def run() -> dict[str, float]:
+            before = server.cpu_seconds()
+            result = drive(server, connections, duration)
+            result["cpu_us_per_request"] = (
+                (server.cpu_seconds() - before) / result["requests"] * 1e6
+            )
+            return result
+
+        return run
+
     with _servers(framework, arms) as servers:
-        names = list(arms)
         for server in servers.values():  # warm-up
-            (_wrk if wrk else _python_client)(server, connections, 1.0)
-        for r in range(rounds):
-            for name in names if r % 2 == 0 else reversed(names):
-                server = servers[name]
-                before = server.cpu_seconds()
-                result = (_wrk if wrk else _python_client)(server, connections, duration)
-                result["cpu_us_per_request"] = (
-                    (server.cpu_seconds() - before) / result["requests"] * 1e6
-                )
-                runs[name].append(result)
+            drive(server, connections, 1.0)
+        runs = interleave({name: sample(server) for name, server in servers.items()}, rounds)
     summary: dict[str, dict[str, float]] = {}
     for name, rs in runs.items():
         summary[name] = {

@@ -17,17 +17,18 @@ reference condition measured twice): its difference and p show what noise alone 
 this machine. A small p with a tiny difference is noise the test can resolve, not a leak
 an attacker over a network could; read both.
 
-    python benchmarks/timing.py                 # 300 rounds
+    python benchmarks/timing.py                 # 300 rounds (--quick: 50, 10 000 keys)
     python benchmarks/timing.py --rounds 2000 --sizes 1000 10000 100000
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
-import random
-import statistics
-import time
+from typing import Any
+
+from harness import Target, batch_arms, cli, interleave, median, print_table, quartiles
 
 from keystile.cache import CachedKey, VerifiedKeyCache
 from keystile.principal import APIKeyUser
@@ -58,50 +59,50 @@ def sharing(stored: bytes, n: int) -> bytes:
 
 
 def measure(
-    cache: VerifiedKeyCache, probes: dict[str, bytes], rounds: int, batch: int
-) -> dict[str, list[float]]:
-    samples: dict[str, list[float]] = {name: [] for name in probes}
-    names = list(probes)
-    lookup = cache.lookup
-    for _ in range(rounds):
-        random.shuffle(names)
-        for name in names:
-            digest = probes[name]
-            started = time.perf_counter_ns()
-            for _ in range(batch):
-                lookup(digest, 1.0)
-            samples[name].append((time.perf_counter_ns() - started) / batch)
-    return samples
-
-
-def report(title: str, samples: dict[str, list[float]], reference: str) -> None:
-    print(f"\n{title}")
-    header = f"{'condition':<34}{'median ns':>10}{'IQR ns':>14}{'vs ref':>9}{'MWU p':>9}"
-    print(header)
-    print("-" * len(header))
-    ref = statistics.median(samples[reference])
+    title: str, cache: VerifiedKeyCache, probes: dict[str, bytes], reference: str, args: Any
+) -> dict[str, Any]:
+    """The conditions in a fresh random order every round; per condition: median ns per
+    lookup, the quartiles, the difference against ``reference`` and a Mann-Whitney U p."""
+    lookup = functools.partial(cache.lookup, now=1.0)
+    samples = interleave(batch_arms(lookup, probes, args.batch), args.rounds, order="shuffle")
+    ref = median(samples[reference])
+    out: dict[str, Any] = {}
     for name, values in samples.items():
-        q1, median, q3 = statistics.quantiles(values, n=4)
-        median = statistics.median(values)
-        delta = (median - ref) / ref * 100
+        ns = [v * 1_000 for v in values]
+        q1, q3 = quartiles(ns)
+        p = None
         if mannwhitneyu is not None and name != reference:
-            p = f"{mannwhitneyu(values, samples[reference], alternative='two-sided').pvalue:.3f}"
-        else:
-            p = "-"
-        mark = " (ref)" if name == reference else ""
-        print(f"{name + mark:<34}{median:>10.0f}{f'{q1:.0f}-{q3:.0f}':>14}{delta:>+8.1f}%{p:>9}")
+            p = float(mannwhitneyu(values, samples[reference], alternative="two-sided").pvalue)
+        out[name] = {
+            "median_ns": median(ns),
+            "q1_ns": q1,
+            "q3_ns": q3,
+            "vs_reference_pct": (median(values) - ref) / ref * 100,
+            "mann_whitney_p": p,
+        }
+    print_table(
+        title,
+        ("condition", "median ns", "IQR ns", "vs ref", "MWU p"),
+        [
+            (
+                name + (" (ref)" if name == reference else ""),
+                f"{r['median_ns']:.0f}",
+                f"{r['q1_ns']:.0f}-{r['q3_ns']:.0f}",
+                f"{r['vs_reference_pct']:+.1f}%",
+                "-" if r["mann_whitney_p"] is None else f"{r['mann_whitney_p']:.3f}",
+            )
+            for name, r in out.items()
+        ],
+    )
+    return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
-    parser.add_argument("--rounds", type=int, default=300)
-    parser.add_argument("--batch", type=int, default=20)
-    args = parser.parse_args()
+def run_timing(args: argparse.Namespace) -> tuple[dict[str, Any], list[Target]]:
     print(
         f"cache lookup timing: {args.rounds} interleaved rounds x {args.batch} lookups "
         f"per condition; Mann-Whitney U {'via scipy' if mannwhitneyu else 'unavailable'}"
     )
+    results: dict[str, Any] = {"rounds": args.rounds, "batch": args.batch, "sizes": {}}
     for size in args.sizes:
         cache, digests = build(size)
         position = {
@@ -114,23 +115,37 @@ def main() -> None:
         for name, digest in position.items():
             found = cache.lookup(digest, 1.0)
             assert (found is None) == name.startswith("no entry")
-        report(
-            f"match position, {size} cached keys",
-            measure(cache, position, args.rounds, args.batch),
-            reference="middle entry",
-        )
         stored = digests[size // 2]
         prefix = {f"{n} leading bytes match": sharing(stored, n) for n in (0, 4, 7, 8)}
         prefix["8 bytes match (tag), rest differs"] = prefix.pop("8 leading bytes match")
         prefix["0 bytes again (A/A control)"] = sharing(stored, 0)
         for digest in prefix.values():
             assert cache.lookup(digest, 1.0) is None
-        report(
-            f"leading bytes of a stored digest matched (all misses), {size} cached keys",
-            measure(cache, prefix, args.rounds, args.batch),
-            reference="0 leading bytes match",
-        )
+        results["sizes"][str(size)] = {
+            "position": measure(
+                f"match position, {size} cached keys", cache, position, "middle entry", args
+            ),
+            "leading_bytes": measure(
+                f"leading bytes of a stored digest matched (all misses), {size} cached keys",
+                cache,
+                prefix,
+                "0 leading bytes match",
+                args,
+            ),
+        }
+    return results, []
+
+
+def _options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sizes", type=int, nargs="+", help="cached keys (default 10000 100000)")
+    parser.add_argument("--batch", type=int, default=20, help="lookups per sample (default 20)")
+
+
+def _measure_args(args: argparse.Namespace) -> tuple[dict[str, Any], list[Target]]:
+    args.sizes = args.sizes or ([10_000] if args.quick else [10_000, 100_000])
+    args.rounds = args.rounds or (50 if args.quick else 300)
+    return run_timing(args)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(cli("timing", __doc__, _measure_args, configure=_options))

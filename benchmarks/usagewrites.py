@@ -1,7 +1,7 @@
 """last_used_at on Postgres: keystile's batched recorder vs one UPDATE per request.
 
-Statements and database time come from ``last_used.py`` (run as is, its report echoed
-and its table read back). Request latency is measured here: the same keystile app over
+Statements and database time come from ``last_used.py`` (its ``measure``, its report
+printed as is). Request latency is measured here: the same keystile app over
 direct ASGI, every key cached, twice side by side with requests alternating between
 the two: once with the batched recorder (flushing every second, as in ``last_used.py``)
 and once with an inner ASGI middleware that awaits ``UPDATE keystile_keys SET
@@ -13,48 +13,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import io
-import re
+import itertools
 import time
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 from typing import Any
 
 import asyncpg
 import last_used
-from common import Target, fmt_us, median, p99, print_table
-from misspath import postgres_schema
+from asgi import call_once, http_scope
+from harness import Target, fmt_us, interleave_async, median, p99, print_table
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from apps import call_once, http_scope, starlette_app
-from keystile import CHEAPEST_PARAMETERS, APIKeyMiddleware, KeyManager
+from apps import mint, postgres_schema, starlette_app
+from keystile import CHEAPEST_PARAMETERS, APIKeyMiddleware
 from keystile.stores import store_from_url
 
 __all__ = ["LAST_USED_TARGET", "run_usage_writes"]
 
 #: naive / batched total database time, 10 000 requests over 100 keys.
 LAST_USED_TARGET = 50.0
-
-
-def _parse_last_used(report: str) -> dict[str, float]:
-    """The numbers of ``last_used.py``'s table."""
-
-    def row(label: str) -> list[str]:
-        for line in report.splitlines():
-            if line.startswith(label):
-                return re.split(r"\s{2,}", line.strip())
-        raise ValueError(f"no {label!r} row in last_used.py's report")
-
-    batched, naive = row("keystile batched"), row("one UPDATE per request")
-    flushes = re.search(r"recorder: (\d+) flushes, (\d+) rows written", report)
-    return {
-        "batched_statements": float(batched[1]),
-        "batched_db_seconds": float(batched[2]),
-        "naive_statements": float(naive[1]),
-        "naive_db_seconds": float(naive[2]),
-        "flushes": float(flushes.group(1)) if flushes else float("nan"),
-        "rows_written": float(flushes.group(2)) if flushes else float("nan"),
-    }
 
 
 class NaiveLastUsed:
@@ -93,10 +71,8 @@ async def _replay_flushes(url: str, key_ids: list[str], flushes: int, rows: int)
 async def _latency(
     postgres_url: str, requests: int, n_keys: int, flushes: int, rows_per_flush: int
 ) -> dict[str, Any]:
-    async with postgres_schema(postgres_url) as url:
-        async with KeyManager.from_url(url, argon2=CHEAPEST_PARAMETERS) as manager:
-            keys = [await manager.create(owner="bench", name=f"k{i}") for i in range(n_keys)]
-        schema = url.rsplit("schema=", 1)[1]
+    async with postgres_schema(postgres_url) as (url, schema):
+        keys = await mint(url, n_keys)
         pool = await asyncpg.create_pool(postgres_url, min_size=1, max_size=4)
         batched = APIKeyMiddleware(
             starlette_app(),
@@ -112,27 +88,32 @@ async def _latency(
             flush_max=10**9,
         )
         scopes = [http_scope("/ping", k.key.encode()) for k in keys]
-        arms: dict[str, tuple[ASGIApp, list[float]]] = {
-            "batched": (batched, []),
-            "naive": (naive, []),
-        }
+
+        def one_request(name: str, app: ASGIApp) -> Callable[[], Awaitable[float]]:
+            """µs of one request, the keys taken in turn."""
+            turn = itertools.cycle(scopes)
+
+            async def sample() -> float:
+                t0 = time.perf_counter()
+                status, _ = await call_once(app, next(turn))
+                elapsed = (time.perf_counter() - t0) * 1e6
+                if status != 200:
+                    raise AssertionError(f"{name} got {status}")
+                return elapsed
+
+            return sample
+
         try:
-            for app, _ in arms.values():
+            for app in (batched, naive):
                 for scope in scopes:  # every key proven once: then only cache hits
                     status, body = await call_once(app, scope)
                     if status != 200:
                         raise AssertionError(f"warm-up got {status}: {body[:200]!r}")
-            for i in range(requests):
-                scope = scopes[i % n_keys]
-                for name in ("batched", "naive") if i % 2 == 0 else ("naive", "batched"):
-                    app, times = arms[name]
-                    t0 = time.perf_counter()
-                    status, _ = await call_once(app, scope)
-                    times.append((time.perf_counter() - t0) * 1e6)
-                    if status != 200:
-                        raise AssertionError(f"{name} got {status}")
-                # A real server yields between requests (socket reads): so does this loop.
-                await asyncio.sleep(0)
+            # A real server yields between requests (socket reads): so does the harness.
+            samples = await interleave_async(
+                {"batched": one_request("batched", batched), "naive": one_request("naive", naive)},
+                requests,
+            )
             flushes_during_run = batched.recorder.flushes
         finally:
             await batched.aclose()
@@ -141,7 +122,7 @@ async def _latency(
         replay = await _replay_flushes(url, [k.id for k in keys], flushes, rows_per_flush)
     return {
         name: {"median_us": median(times), "p99_us": p99(times), "requests": len(times)}
-        for name, (_, times) in arms.items()
+        for name, times in samples.items()
     } | {"batched_flushes_during_run": flushes_during_run, "replayed_flush_seconds": replay}
 
 
@@ -161,11 +142,7 @@ def run_usage_writes(
     args = argparse.Namespace(
         postgres_url=postgres_url, requests=requests, keys=n_keys, flush_interval=1.0, seed=1
     )
-    buffer = io.StringIO()
-    with contextlib.redirect_stdout(buffer):
-        asyncio.run(last_used.run(args))
-    report = buffer.getvalue()
-    numbers = _parse_last_used(report)
+    numbers = asyncio.run(last_used.measure(args))
     print(f"  last_used_at: request latency, {latency_requests:,} requests per arm ...", flush=True)
     flushes = int(numbers["flushes"])
     rows = max(1, round(numbers["rows_written"] / max(flushes, 1)))
@@ -174,8 +151,7 @@ def run_usage_writes(
     ratio_replayed = numbers["naive_db_seconds"] / replayed
     ratio_db = numbers["naive_db_seconds"] / numbers["batched_db_seconds"]
     ratio_statements = numbers["naive_statements"] / max(numbers["batched_statements"], 1)
-    print("\n## last_used_at on Postgres (benchmarks/last_used.py)\n")
-    print("    " + report.strip().replace("\n", "\n    "))
+    last_used.report(numbers, args)
     print_table(
         f"last_used_at on Postgres: {requests:,} requests over {n_keys} keys; latency: direct "
         f"ASGI, {latency_requests:,} requests per arm, alternating",
@@ -238,5 +214,4 @@ def run_usage_writes(
         "replayed_batched_db_seconds": replayed,
         "statement_ratio": ratio_statements,
         "latency": latency,
-        "report": report,
     }, [target]
