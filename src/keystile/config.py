@@ -1,5 +1,5 @@
-"""KeystileConfig: every option of the middleware, validated once; and where the database
-URL comes from (the same order for the middleware and the CLI).
+"""KeystileConfig: every option of the middleware, validated once. Where the database URL
+comes from is ``database_url.py`` (re-exported here), shared with the CLI.
 
 Why one value: the options used to be read in several places (the middleware's
 constructor, the verifier's, the limit enforcer's, each framework adapter again with its
