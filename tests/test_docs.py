@@ -366,7 +366,13 @@ def test_benchmark_run_times_agree() -> None:
 # -- the API reference ------------------------------------------------------------------
 
 REFERENCE = ROOT / "docs" / "reference.md"
-FRAMEWORK_MODULES = ("keystile.fastapi", "keystile.litestar", "keystile.django", "keystile.quart")
+FRAMEWORK_MODULES = (
+    "keystile.fastapi",
+    "keystile.litestar",
+    "keystile.django",
+    "keystile.quart",
+    "keystile.adapters",
+)
 
 
 def test_reference_lists_every_public_name_once_the_middleware_first() -> None:
