@@ -9,19 +9,12 @@ from contextlib import asynccontextmanager
 import anyio
 import pytest
 
-from keystile import (
-    CHEAPEST_PARAMETERS,
-    CreatedKey,
-    InvalidToken,
-    KeyManager,
-    KeyRecord,
-    MemoryKeyStore,
-    SecretHasher,
-    ServiceUnavailable,
-    Verifier,
-)
+from keystile import CHEAPEST_PARAMETERS, CreatedKey, KeyManager, KeyRecord, MemoryKeyStore
 from keystile.admission import SUSPECTS_AT_ONCE, Admission, FailureBudget
+from keystile.errors import InvalidToken, ServiceUnavailable
+from keystile.hashing import SecretHasher
 from keystile.tokens import generate_key
+from keystile.verifier import Verifier
 
 pytestmark = pytest.mark.anyio
 

@@ -21,16 +21,10 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from apps import client, protect
-from keystile import (
-    CHEAPEST_PARAMETERS,
-    APIKeyMiddleware,
-    KeyManager,
-    KeyStore,
-    SecretHasher,
-    revoke_presented,
-)
+from keystile import CHEAPEST_PARAMETERS, APIKeyMiddleware, KeyManager, KeyStore, revoke_presented
 from keystile.cli import main
 from keystile.errors import DuplicateKeyName, StoreError
+from keystile.hashing import SecretHasher
 from keystile.stores import store_from_url
 from keystile.stores.records import utcnow
 from keystile.tokens import generate_key

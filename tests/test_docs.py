@@ -267,7 +267,7 @@ def test_oauth_docs_block_is_the_example() -> None:
 @pytest.mark.parametrize("reason", ["malformed", "expired", "revoked"])
 def test_readme_error_table_quotes_the_real_descriptions(reason: str) -> None:
     """The README's error table gives each invalid-key row the description keystile sends."""
-    from keystile import InvalidToken
+    from keystile.errors import InvalidToken
 
     description = InvalidToken(reason).description
     label = {"malformed": "malformed key", "expired": "expired key", "revoked": "revoked key"}
@@ -366,24 +366,53 @@ def test_benchmark_run_times_agree() -> None:
 # -- the API reference ------------------------------------------------------------------
 
 REFERENCE = ROOT / "docs" / "reference.md"
-FRAMEWORK_MODULES = ("keystile.fastapi", "keystile.litestar", "keystile.django", "keystile.quart")
+FRAMEWORK_MODULES = (
+    "keystile.fastapi",
+    "keystile.litestar",
+    "keystile.django",
+    "keystile.quart",
+    "keystile.adapters",
+)
 
 
 def test_reference_lists_every_public_name_once_the_middleware_first() -> None:
     """docs/reference.md renders each name of keystile.__all__ once, APIKeyMiddleware first,
-    and the framework modules."""
+    the framework modules, and each name that left ``keystile`` once, under its module."""
+    import importlib
+    import inspect
+    import warnings
+
     import keystile
 
     shown = re.findall(r"^::: ([\w.]+)\s*$", REFERENCE.read_text(encoding="utf-8"), re.M)
     assert shown[0] == "keystile.APIKeyMiddleware"
-    names = [name.removeprefix("keystile.") for name in shown if name not in FRAMEWORK_MODULES]
-    assert sorted(names) == sorted(keystile.__all__)
     assert set(FRAMEWORK_MODULES) <= set(shown)
+    names = [name for name in shown if name not in FRAMEWORK_MODULES]
+    public = [name.removeprefix("keystile.") for name in names if name.count(".") == 1]
+    assert sorted(public) == sorted(keystile.__all__)
+    qualified = [name for name in names if name.count(".") > 1]
+    assert len(set(qualified)) == len(qualified)
+    for name in qualified:
+        module, _, attribute = name.rpartition(".")
+        value = getattr(importlib.import_module(module), attribute)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert getattr(keystile, attribute) is value, name  # a name that moved
+        assert [w.category for w in caught] == [DeprecationWarning], name
+    tree = ast.parse(inspect.getsource(keystile))
+    (attach,) = (
+        n
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Call) and ast.unparse(n.func) == "_lazy.attach"
+    )
+    moved = ast.literal_eval(attach.args[2])
+    assert sorted(name.rpartition(".")[2] for name in qualified) == sorted(moved)
 
 
 def rendered_docstrings() -> list[tuple[str, str]]:
     """(where, docstring) of every object the reference page renders: the public names,
-    the framework modules and their public members, with their methods."""
+    the names shown under their modules, the framework modules and their public members,
+    with their methods."""
     import importlib
     import inspect
 
@@ -392,6 +421,11 @@ def rendered_docstrings() -> list[tuple[str, str]]:
     objects: list[tuple[str, Any]] = [
         (f"keystile.{n}", getattr(keystile, n)) for n in keystile.__all__
     ]
+    for name in re.findall(r"^::: keystile\.(\w+\.\w+)\s*$", REFERENCE.read_text(), re.M):
+        module, _, attribute = name.rpartition(".")
+        objects.append(
+            (f"keystile.{name}", getattr(importlib.import_module(f"keystile.{module}"), attribute))
+        )
     for module_name in FRAMEWORK_MODULES:
         module = importlib.import_module(module_name)
         objects.append((module_name, module))

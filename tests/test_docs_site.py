@@ -33,7 +33,7 @@ def test_site_builds_strict(tmp_path: Path) -> None:
     assert "APIKeyMiddleware" in reference and "KeyManager" in reference
     objects = re.findall(r'<h\d id="(keystile\.[\w.]+)"', reference)
     assert objects[0] == "keystile.APIKeyMiddleware"  # the public API first
-    assert objects.index("keystile.KeyManager") < objects.index("keystile.VerifiedKeyCache")
+    assert objects.index("keystile.KeyManager") < objects.index("keystile.cache.VerifiedKeyCache")
     article = reference[reference.index("<article") : reference.index("</article>")]
     text = [line.strip() for line in html.unescape(re.sub(r"<[^>]+>", "\n", article)).splitlines()]
     assert [line for line in text if line == "::" or re.search(r"\w::$", line)] == []

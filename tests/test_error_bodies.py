@@ -21,11 +21,11 @@ from keystile import (
     CHEAPEST_PARAMETERS,
     APIKeyMiddleware,
     AuthenticationError,
-    InsufficientScope,
     KeyManager,
     KeyStore,
     MemoryKeyStore,
 )
+from keystile.errors import InsufficientScope
 from keystile.fastapi import CurrentKey  # imported here: FastAPI resolves annotations here
 from openapi_conformance import KEYSTILE_HEADERS
 

@@ -11,7 +11,8 @@ import pytest
 from fastapi import FastAPI, Request
 
 from apps import client, installed_middleware, load_example
-from keystile import CHEAPEST_PARAMETERS, CreatedKey, KeyManager, MemoryKeyStore, generate_key
+from keystile import CHEAPEST_PARAMETERS, CreatedKey, KeyManager, MemoryKeyStore
+from keystile.tokens import generate_key
 
 pytestmark = pytest.mark.anyio
 

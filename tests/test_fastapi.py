@@ -20,12 +20,12 @@ from keystile import (
     APIKeyMiddleware,
     APIKeyUser,
     CreatedKey,
-    InsufficientScope,
     KeyManager,
     MemoryKeyStore,
     StoreError,
     revoke_presented,
 )
+from keystile.errors import InsufficientScope
 from keystile.fastapi import (
     APIKey,
     CurrentKey,

@@ -8,13 +8,14 @@ import argon2
 import pytest
 
 from apps import client, protect
-from keystile import KeyManager, KeyStore, Verifier
+from keystile import KeyManager, KeyStore
 from keystile.hashing import (
     CHEAPEST_PARAMETERS,
     DEFAULT_PARAMETERS,
     Argon2Parameters,
     SecretHasher,
 )
+from keystile.verifier import Verifier
 
 SECRET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefg"
 #: Weaker than CHEAPEST_PARAMETERS (a shorter hash) and nowhere stronger.

@@ -28,13 +28,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from hitpaths import HIT_PATHS, hit_path
-from keystile import (
-    CHEAPEST_PARAMETERS,
-    APIKeyMiddleware,
-    KeyRecord,
-    MemoryKeyStore,
-    SecretHasher,
-)
+from keystile import CHEAPEST_PARAMETERS, APIKeyMiddleware, KeyRecord, MemoryKeyStore
+from keystile.hashing import SecretHasher
 from keystile.tokens import generate_key
 
 pytestmark = pytest.mark.anyio

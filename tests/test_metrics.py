@@ -20,9 +20,11 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from apps import client, protect
-from keystile import CHEAPEST_PARAMETERS, KeyManager, KeystileStats, generate_key
+from keystile import CHEAPEST_PARAMETERS, KeyManager
 from keystile.metrics import COUNTERS, GAUGES, PrometheusMetrics, metrics_app
+from keystile.stats import KeystileStats
 from keystile.stores import store_from_url
+from keystile.tokens import generate_key
 
 pytestmark = pytest.mark.anyio
 

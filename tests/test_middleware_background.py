@@ -15,14 +15,8 @@ import pytest
 from starlette.types import Message, Receive, Scope, Send
 
 from apps import client, inner_app
-from keystile import (
-    CHEAPEST_PARAMETERS,
-    APIKeyMiddleware,
-    KeyManager,
-    KeyRecord,
-    MemoryKeyStore,
-    SQLiteKeyStore,
-)
+from keystile import CHEAPEST_PARAMETERS, APIKeyMiddleware, KeyManager, KeyRecord, MemoryKeyStore
+from keystile.stores import SQLiteKeyStore
 
 pytestmark = pytest.mark.anyio
 

@@ -1,4 +1,4 @@
-"""The public surface: ``keystile.__all__`` and the typing marker."""
+"""The public surface: ``keystile.__all__``, the names that left it, and the typing marker."""
 
 from __future__ import annotations
 
@@ -6,8 +6,51 @@ import ast
 import importlib
 import importlib.resources
 import inspect
+import subprocess
+import sys
+import warnings
+
+import pytest
 
 import keystile
+
+#: What an app imports from ``keystile``, and nothing else, by topic: pinned, so that a name
+#: joins or leaves the package's surface only by a change here (and in CHANGELOG.md).
+PUBLIC = [
+    *("APIKeyMiddleware", "KeystileConfig", "APIKeyUser", "revoke_presented"),
+    *("KeyManager", "CreatedKey", "UNCHANGED", "KeyRecord", "KeyEvent"),
+    *("UsageBucket", "UsageTotal", "store_from_url", "KeyStore", "MemoryKeyStore"),
+    *("Argon2Parameters", "DEFAULT_PARAMETERS", "CHEAPEST_PARAMETERS"),
+    *("KeystileError", "AuthenticationError", "ConfigurationError", "StoreError"),
+    *("KeyManagementError", "KeyNotFound", "DuplicateKeyName"),
+    *("InvalidKeyName", "KeyAlreadyRotated"),
+]
+
+#: The names that were public here before, and the module each is imported from now.
+MOVED = {
+    "IPAllowlist": "keystile.principal",
+    "IPNotAllowed": "keystile.errors",
+    "InsufficientScope": "keystile.errors",
+    "InvalidRequest": "keystile.errors",
+    "InvalidToken": "keystile.errors",
+    "KeystileStats": "keystile.stats",
+    "LimitEnforcer": "keystile.limits",
+    "LimitPolicy": "keystile.limits",
+    "MissingCredentials": "keystile.errors",
+    "QuotaExceeded": "keystile.errors",
+    "RateLimited": "keystile.errors",
+    "RateLimiter": "keystile.limits",
+    "SQLiteKeyStore": "keystile.stores",
+    "SecretHasher": "keystile.hashing",
+    "ServiceUnavailable": "keystile.errors",
+    "TooManyRequests": "keystile.errors",
+    "UsageRecorder": "keystile.usage",
+    "VerifiedKeyCache": "keystile.cache",
+    "Verifier": "keystile.verifier",
+    "generate_key": "keystile.tokens",
+    "parse_key": "keystile.tokens",
+    "redact": "keystile.tokens",
+}
 
 
 def _top_level(tree: ast.Module) -> list[ast.stmt]:
@@ -20,6 +63,18 @@ def _top_level(tree: ast.Module) -> list[ast.stmt]:
         else:
             nodes.append(node)
     return nodes
+
+
+def _attach_call() -> ast.Call:
+    """The one ``_lazy.attach(...)`` call of ``keystile/__init__.py``."""
+    tree = ast.parse(inspect.getsource(keystile))
+    calls = [
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and ast.unparse(node.func) == "_lazy.attach"
+    ]
+    assert len(calls) == 1
+    return calls[0]
 
 
 def _public_names_in_init() -> set[str]:
@@ -72,13 +127,7 @@ def test_each_public_name_comes_from_the_module_it_is_imported_from() -> None:
         if isinstance(node, ast.ImportFrom) and node.level == 1
         for alias in node.names
     }
-    calls = [
-        node
-        for node in ast.walk(tree)
-        if isinstance(node, ast.Call) and ast.unparse(node.func) == "_lazy.attach"
-    ]
-    assert len(calls) == 1
-    lazy = ast.literal_eval(calls[0].args[1])
+    lazy = ast.literal_eval(_attach_call().args[1])
     assert lazy == imported
     assert set(lazy) == set(keystile.__all__)
 
@@ -116,3 +165,58 @@ def test_version_is_a_string() -> None:
 def test_py_typed_is_shipped() -> None:
     """The package carries the PEP 561 ``py.typed`` marker."""
     assert importlib.resources.files("keystile").joinpath("py.typed").is_file()
+
+
+def test_all_is_the_pinned_list() -> None:
+    """``keystile.__all__`` is exactly what an app imports (its order is ruff's, checked
+    above)."""
+    assert sorted(keystile.__all__) == sorted(PUBLIC)
+    assert len(PUBLIC) == len(set(PUBLIC)) == 26
+
+
+def test_moved_names_are_the_ones_the_package_still_finds() -> None:
+    """The names that left ``__all__`` are those ``__init__.py`` still finds (with a
+    warning), each from the module this test names; none is public any more."""
+    found = ast.literal_eval(_attach_call().args[2])
+    assert {name: f"keystile.{module}" for name, module in found.items()} == MOVED
+    assert set(MOVED).isdisjoint(keystile.__all__)
+
+
+@pytest.mark.parametrize("name", sorted(MOVED))
+def test_moved_name_warns_and_names_its_module(name: str) -> None:
+    """``from keystile import <moved name>`` still works for one release: the same object
+    as from its module, with a DeprecationWarning saying where to import it now, at each
+    use (the package does not keep it)."""
+    module = importlib.import_module(MOVED[name])
+    for _ in range(2):
+        with pytest.warns(DeprecationWarning, match=rf"from {MOVED[name]} import {name}\b"):
+            value = getattr(keystile, name)
+        assert value is getattr(module, name)
+    assert name not in vars(keystile)
+    assert name not in dir(keystile)
+
+
+def test_moved_name_warning_points_at_the_import() -> None:
+    """The warning names the line that imports the moved name, not keystile's loader."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        exec("from keystile import Verifier", {"__name__": "an_app"})  # noqa: S102
+    assert [w.category for w in caught] == [DeprecationWarning]
+    assert caught[0].filename == "<string>"
+
+
+def test_unknown_name_is_an_attribute_error() -> None:
+    """A name keystile never had is an AttributeError (an ImportError on import), not a
+    warning."""
+    with pytest.raises(AttributeError, match="no_such_name"):
+        _ = keystile.no_such_name  # type: ignore[attr-defined]
+
+
+def test_public_import_does_not_warn() -> None:
+    """Importing every public name, in a fresh interpreter with warnings as errors, warns
+    of nothing."""
+    code = f"from keystile import {', '.join(PUBLIC)}"
+    done = subprocess.run(
+        [sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr

@@ -29,13 +29,12 @@ from keystile import (
     KeyManager,
     KeyRecord,
     StoreError,
-    parse_key,
 )
 from keystile.cli import main as cli
 from keystile.credentials import extract_credential
 from keystile.responses import error_response
 from keystile.stores import store_from_url
-from keystile.tokens import generate_key
+from keystile.tokens import generate_key, parse_key
 
 pytestmark = pytest.mark.anyio
 

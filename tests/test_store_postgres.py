@@ -282,7 +282,10 @@ async def test_revoke_unheard_before_the_first_listen_takes_effect(
     postgres_database_url: str, raw: asyncpg.Connection
 ) -> None:
     """A key cached before LISTEN was up and revoked unheard is refused once LISTEN is up."""
-    from keystile import CHEAPEST_PARAMETERS, InvalidToken, KeyManager, SecretHasher, Verifier
+    from keystile import CHEAPEST_PARAMETERS, KeyManager
+    from keystile.errors import InvalidToken
+    from keystile.hashing import SecretHasher
+    from keystile.verifier import Verifier
 
     async with KeyManager.from_url(postgres_database_url, argon2=CHEAPEST_PARAMETERS) as manager:
         created = await manager.create(owner="acme", name="ci")

@@ -10,8 +10,9 @@ import pytest
 from starlette.testclient import TestClient
 
 from apps import protect
-from keystile import CHEAPEST_PARAMETERS, KeyManager, KeyStore, StoreError, UsageRecorder
+from keystile import CHEAPEST_PARAMETERS, KeyManager, KeyStore, StoreError
 from keystile.stores import store_from_url
+from keystile.usage import UsageRecorder
 
 pytestmark = pytest.mark.anyio
 

@@ -16,18 +16,11 @@ import anyio
 import pytest
 
 from apps import client, protect
-from keystile import (
-    CHEAPEST_PARAMETERS,
-    KeyManager,
-    KeyNotFound,
-    KeyStore,
-    StoreError,
-    UsageBucket,
-    UsageRecorder,
-    generate_key,
-)
+from keystile import CHEAPEST_PARAMETERS, KeyManager, KeyNotFound, KeyStore, StoreError, UsageBucket
 from keystile.cli import main as cli
 from keystile.stores import store_from_url
+from keystile.tokens import generate_key
+from keystile.usage import UsageRecorder
 
 pytestmark = pytest.mark.anyio
 

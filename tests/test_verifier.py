@@ -15,18 +15,17 @@ from keystile import (
     CHEAPEST_PARAMETERS,
     Argon2Parameters,
     CreatedKey,
-    InvalidToken,
     KeyManager,
     KeyRecord,
     MemoryKeyStore,
-    SecretHasher,
-    ServiceUnavailable,
     StoreError,
-    Verifier,
 )
+from keystile.errors import InvalidToken, ServiceUnavailable
+from keystile.hashing import SecretHasher
 from keystile.metrics import PrometheusMetrics
 from keystile.stores.records import utcnow
 from keystile.tokens import generate_key
+from keystile.verifier import Verifier
 
 pytestmark = pytest.mark.anyio
 

@@ -28,9 +28,9 @@ from keystile import (
     APIKeyMiddleware,
     KeyManager,
     KeyStore,
-    SecretHasher,
     store_from_url,
 )
+from keystile.hashing import SecretHasher
 from keystile.tokens import generate_key
 
 pytestmark = pytest.mark.anyio

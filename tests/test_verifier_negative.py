@@ -7,18 +7,13 @@ import dataclasses
 
 import pytest
 
-from keystile import (
-    CHEAPEST_PARAMETERS,
-    InvalidToken,
-    KeyManager,
-    KeyRecord,
-    MemoryKeyStore,
-    SecretHasher,
-    Verifier,
-)
+from keystile import CHEAPEST_PARAMETERS, KeyManager, KeyRecord, MemoryKeyStore
+from keystile.errors import InvalidToken
+from keystile.hashing import SecretHasher
 from keystile.negative import NegativeCache
 from keystile.stores.records import utcnow
 from keystile.tokens import generate_key
+from keystile.verifier import Verifier
 
 pytestmark = pytest.mark.anyio
 

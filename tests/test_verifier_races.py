@@ -15,16 +15,15 @@ from keystile import (
     CHEAPEST_PARAMETERS,
     AuthenticationError,
     CreatedKey,
-    InvalidToken,
     KeyManager,
     KeyRecord,
     KeyStore,
-    SecretHasher,
-    ServiceUnavailable,
-    Verifier,
     store_from_url,
 )
+from keystile.errors import InvalidToken, ServiceUnavailable
+from keystile.hashing import SecretHasher
 from keystile.tokens import generate_key
+from keystile.verifier import Verifier
 
 pytestmark = pytest.mark.anyio
 
