@@ -502,7 +502,7 @@ def test_json_is_one_object_per_key_and_one_line_per_row(
 
 def test_readme_documents_the_json_shapes() -> None:
     """The README's CLI section says what --json prints: one object, or JSON Lines."""
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
     section = readme[readme.index("## Managing keys") : readme.index("### Changing, disabling")]
     assert "JSON Lines" in section and "one object" in section
     assert "keystile --json" in section and "--database-url" in section

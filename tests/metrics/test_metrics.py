@@ -26,7 +26,8 @@ from keystile.stores import store_from_url
 
 pytestmark = pytest.mark.anyio
 
-HERE = Path(__file__).resolve().parent
+#: tests/, where ``metrics_workers_app`` lives.
+TESTS = Path(__file__).resolve().parents[1]
 
 
 async def mint(url: str) -> tuple[str, str]:
@@ -149,7 +150,7 @@ def test_two_workers_scrape_reports_the_whole_service(
         **os.environ,
         "KEYSTILE_DATABASE_URL": sqlite_database_url,
         "KEYSTILE_METRICS_DIR": str(metrics_dir),
-        "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
+        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
     }
     argv = [sys.executable, "-m", "uvicorn", "metrics_workers_app:app", "--workers", "2"]
     argv += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]

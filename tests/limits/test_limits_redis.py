@@ -15,11 +15,11 @@ import uuid
 from collections.abc import AsyncIterator
 
 import pytest
+from test_limits import enforcer_of, limited_app, mint, statuses
 
 from apps import client
 from keystile import KeyManager
 from keystile.stores import store_from_url
-from test_limits import enforcer_of, limited_app, mint, statuses
 
 pytestmark = pytest.mark.anyio
 

@@ -29,7 +29,8 @@ import uvicorn
 from keystile import CHEAPEST_PARAMETERS, CreatedKey, KeyManager
 from keystile.stores import store_from_url
 
-TESTS = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent
+TESTS = HERE.parent
 ROOT = TESTS.parent
 #: The address a client on this host claims to be, the only one the key allows.
 SPOOFED = "203.0.113.7"
@@ -53,12 +54,13 @@ def server(argv: list[str], database_url: str, log: Path) -> Iterator[str]:
     sock.bind(("127.0.0.1", 0))
     sock.listen(64)
     base = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    env = {**os.environ, "KEYSTILE_DATABASE_URL": database_url}
+    pythonpath = os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "KEYSTILE_DATABASE_URL": database_url, "PYTHONPATH": pythonpath}
     env.pop("FORWARDED_ALLOW_IPS", None)
     argv = [part.replace("{fd}", str(sock.fileno())) for part in argv]
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            argv, pass_fds=[sock.fileno()], stdout=out, stderr=out, env=env, cwd=TESTS
+            argv, pass_fds=[sock.fileno()], stdout=out, stderr=out, env=env, cwd=HERE
         )
     sock.close()
     try:

@@ -8,7 +8,7 @@ self-hosting recipe), because the tests run without network access.
 Without ``/usr/bin/chromium`` (or playwright) the tests skip, unless
 ``KEYSTILE_REQUIRE_BROWSER=1`` (set by ``.ci/run``) turns the skip into a failure.
 
-Run as a script, this module is the server: ``python tests/test_swagger_browser.py --fd N
+Run as a script, this module is the server: ``python tests/adapters/test_swagger_browser.py --fd N
 --database-url URL``. The parent binds the socket (port 0) and passes it on, as
 ``tests/servers.py`` does.
 """

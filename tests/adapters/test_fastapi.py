@@ -208,7 +208,7 @@ def test_require_scopes_needs_a_scope() -> None:
         require_scopes()
 
 
-# -- OpenAPI: protect() documents the API (tests/test_fastapi_protect.py) -------------------
+# -- OpenAPI: protect() documents the API (tests/adapters/test_fastapi_protect.py) ----------------
 
 
 def openapi() -> dict[str, Any]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CODE = [p for p in ("src", "tests", "examples", "benchmarks") if (ROOT / p).is_dir()]
 
 

@@ -13,7 +13,7 @@ clients no more than 249 others can be. (The flood benchmark, ``benchmarks/flood
 is where 503s are expected and measured.)
 
 CI size: ``KEYSTILE_LOAD_REQUESTS`` requests (default 10 000). Longer on demand:
-``KEYSTILE_LOAD_SECONDS=600 pytest tests/test_load.py -s`` runs for that long instead.
+``KEYSTILE_LOAD_SECONDS=600 pytest tests/middleware/test_load.py -s`` runs for that long instead.
 Run with ``-s`` to see the figures.
 
 The clients are plain HTTP/1.1 keep-alive connections (one per client), not httpx: at

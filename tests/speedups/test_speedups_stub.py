@@ -28,7 +28,7 @@ if COMPILED_AVAILABLE:
 
 PACKAGE = Path(keystile.__file__).resolve().parent
 STUB = PACKAGE / "_speedups.pyi"
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 _KINDS = inspect.Parameter
 
 

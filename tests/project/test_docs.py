@@ -11,84 +11,29 @@ from __future__ import annotations
 import ast
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from apps import client, installed_middleware
-from keystile import CHEAPEST_PARAMETERS, KeyManager
+from docblocks import (
+    DOCS,
+    EXAMPLES,
+    INTEGRATION,
+    README,
+    ROOT,
+    Block,
+    block_under,
+    code_blocks,
+    mint,
+    python_blocks,
+    run_block,
+)
 from keystile.config import DEFAULT_DATABASE_URL
 
-ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
-INTEGRATION = ROOT / "docs" / "integration.md"
-DOCS = [README, *sorted((ROOT / "docs").glob("*.md"))]
-EXAMPLES = sorted((ROOT / "examples").rglob("*.py"))
-FRAGMENT_MARK = "<!-- fragment -->"
 SQLITE_URL = re.compile(r"sqlite:///[^\s\"'`)\]>]*")
 ORIGIN = "https://app.example.com"
-
-
-@dataclass(frozen=True)
-class Block:
-    """A fenced code block of a Markdown file."""
-
-    path: Path
-    line: int  # of the opening fence, 1-based
-    heading: str  # the nearest heading above it, without the #s
-    language: str
-    code: str
-    fragment: bool
-
-    @property
-    def where(self) -> str:
-        return f"{self.path.relative_to(ROOT)}:{self.line}"
-
-
-def code_blocks(path: Path) -> list[Block]:
-    """Every fenced block of ``path``, with the heading it sits under."""
-    blocks: list[Block] = []
-    heading = ""
-    previous = ""
-    lines = path.read_text(encoding="utf-8").splitlines()
-    i = 0
-    while i < len(lines):
-        line = lines[i]
-        stripped = line.strip()
-        if stripped.startswith("```"):
-            indent = len(line) - len(line.lstrip())
-            fence = stripped[: len(stripped) - len(stripped.lstrip("`"))]
-            language = stripped[len(fence) :].strip().split(" ")[0]
-            body: list[str] = []
-            j = i + 1
-            while j < len(lines) and lines[j].strip() != fence:
-                body.append(lines[j][indent:])
-                j += 1
-            assert j < len(lines), f"{path.name}:{i + 1}: unclosed code fence"
-            code = "\n".join(body) + "\n"
-            blocks.append(Block(path, i + 1, heading, language, code, previous == FRAGMENT_MARK))
-            i = j + 1
-            previous = ""
-            continue
-        if line.startswith("#"):
-            heading = line.lstrip("#").strip()
-        if stripped:
-            previous = stripped
-        i += 1
-    return blocks
-
-
-def python_blocks(*paths: Path) -> list[Block]:
-    return [b for path in paths for b in code_blocks(path) if b.language == "python"]
-
-
-def block_under(path: Path, heading: str, *, containing: str = "") -> Block:
-    """The one Python block of ``path`` under ``heading`` (and containing ``containing``)."""
-    found = [b for b in python_blocks(path) if b.heading == heading and containing in b.code]
-    assert len(found) == 1, f"{path.name}: {len(found)} python blocks under {heading!r}"
-    return found[0]
 
 
 # -- every block ------------------------------------------------------------------------
@@ -164,19 +109,6 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("KEYSTILE_DATABASE_URL", raising=False)
     return tmp_path
-
-
-async def mint(*, scopes: list[str] | None = None) -> str:
-    """A key in the default database, as ``keystile create`` in the same directory makes it."""
-    async with KeyManager.from_url(argon2=CHEAPEST_PARAMETERS) as manager:
-        created = await manager.create(owner="acme", name="laptop", scopes=scopes or [])
-    return created.key
-
-
-def run_block(block: Block) -> dict[str, Any]:
-    namespace: dict[str, Any] = {"__name__": f"snippet_{block.line}"}
-    exec(compile(block.code, block.where, "exec", dont_inherit=True), namespace)  # noqa: S102
-    return namespace
 
 
 @pytest.mark.anyio
@@ -437,7 +369,7 @@ def test_readme_demo_line_installs_the_demo_extra() -> None:
 def test_readme_says_how_to_turn_on_every_service_test() -> None:
     """Every KEYSTILE_TEST_* and KEYSTILE_REQUIRE_* variable the tests read for a service
     is named on the README's first screen, with how to start the service."""
-    tests_text = "\n".join(p.read_text(encoding="utf-8") for p in (ROOT / "tests").glob("*.py"))
+    tests_text = "\n".join(p.read_text(encoding="utf-8") for p in (ROOT / "tests").rglob("*.py"))
     variables = set(re.findall(r"KEYSTILE_(?:TEST|REQUIRE)_[A-Z_]+", tests_text))
     variables -= {"KEYSTILE_REQUIRE_SPEEDUPS"}  # the compiled path, not a service
     assert {"KEYSTILE_TEST_POSTGRES_URL", "KEYSTILE_TEST_REDIS_URL"} <= variables

@@ -22,9 +22,9 @@ from litestar.middleware import DefineMiddleware
 from litestar.testing import AsyncTestClient
 
 from apps import EXAMPLES, client
+from docblocks import INTEGRATION, block_under, mint
 from keystile import CHEAPEST_PARAMETERS, APIKeyMiddleware, APIKeyUser, KeyManager
 from keystile.litestar import KeystilePlugin, require_scopes
-from test_docs import INTEGRATION, block_under, mint
 
 pytestmark = pytest.mark.anyio
 

@@ -10,8 +10,8 @@ from quart import Quart, websocket
 from quart.testing.connections import WebsocketDisconnectError, WebsocketResponseError
 
 from apps import client, load_example
+from docblocks import INTEGRATION, block_under, mint, run_block
 from keystile import CHEAPEST_PARAMETERS, APIKeyMiddleware, KeyManager
-from test_docs import INTEGRATION, block_under, mint, run_block
 
 pytestmark = pytest.mark.anyio
 

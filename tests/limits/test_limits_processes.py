@@ -9,10 +9,10 @@ from typing import Any
 
 import anyio
 import pytest
+from test_limits import limited_app, mint, statuses
 
 from apps import client
 from keystile.stores import store_from_url
-from test_limits import limited_app, mint, statuses
 
 pytestmark = pytest.mark.anyio
 

@@ -38,8 +38,9 @@ collector_in_allocations = pytest.mark.skipif(
 
 def run_alone(scenario: Scenario, path: str) -> None:
     """Run ``scenario(path)`` in a child process; a crash or a failed assert fails the test."""
-    tests = str(Path(__file__).resolve().parent)
-    pythonpath = os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p)
+    here = Path(__file__).resolve().parent
+    folders = (str(here), str(here.parent), os.environ.get("PYTHONPATH"))
+    pythonpath = os.pathsep.join(p for p in folders if p)
     code = f"import {Path(__file__).stem} as m; m.checked({scenario.__name__!r}, {path!r})"
     done = subprocess.run(
         [sys.executable, "-X", "faulthandler", "-c", code],

@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 
 from apps import client, load_example
+from docblocks import INTEGRATION, block_under, mint, run_block
 from keystile import CHEAPEST_PARAMETERS, APIKeyMiddleware, KeyManager
 from lifespans import lifespan
-from test_docs import INTEGRATION, block_under, mint, run_block
 
 pytestmark = pytest.mark.anyio
 

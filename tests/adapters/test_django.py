@@ -19,10 +19,10 @@ from typing import Any
 import pytest
 
 from apps import EXAMPLES, client
+from docblocks import INTEGRATION, block_under
 from keystile import CHEAPEST_PARAMETERS, APIKeyMiddleware, KeyManager
 from keystile.django import KeystileUser, protect, require_scopes
 from lifespans import lifespan
-from test_docs import INTEGRATION, block_under
 
 pytestmark = pytest.mark.anyio
 
