@@ -27,7 +27,6 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from hitpaths import HIT_PATHS, hit_path
 from keystile import (
     CHEAPEST_PARAMETERS,
     APIKeyMiddleware,
@@ -37,7 +36,7 @@ from keystile import (
 )
 from keystile.tokens import generate_key
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("hit_path")]
 
 SETTINGS = settings(
     max_examples=300,
@@ -74,8 +73,8 @@ class World:
     reached: Reached
 
 
-@pytest.fixture(params=HIT_PATHS)
-async def world(request: pytest.FixtureRequest) -> AsyncIterator[World]:
+@pytest.fixture
+async def world(hit_path: str) -> AsyncIterator[World]:
     """The middleware on the compiled hit path and on the pure-Python one."""
     store = MemoryKeyStore()
     hasher = SecretHasher(CHEAPEST_PARAMETERS)
@@ -105,9 +104,8 @@ async def world(request: pytest.FixtureRequest) -> AsyncIterator[World]:
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"reached"})
 
-    with hit_path(request.param):
-        app = APIKeyMiddleware(inner, store=store, argon2=CHEAPEST_PARAMETERS)
-    assert app.verifier.cache.compiled == (request.param == "compiled")
+    app = APIKeyMiddleware(inner, store=store, argon2=CHEAPEST_PARAMETERS)
+    assert app.verifier.cache.compiled == (hit_path == "compiled")
     yield World(app, reached)
     await app.aclose()
 

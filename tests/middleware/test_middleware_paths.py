@@ -13,7 +13,7 @@ from apps import client, protect
 from keystile import CHEAPEST_PARAMETERS, APIKeyMiddleware, CreatedKey, KeyManager, MemoryKeyStore
 from servers import uvicorn_server
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("hit_path")]
 
 #: A JWT as an OAuth provider would issue it: not in keystile's key format.
 JWT = (

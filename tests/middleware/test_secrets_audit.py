@@ -37,7 +37,7 @@ from keystile.responses import error_response
 from keystile.stores import store_from_url
 from keystile.tokens import generate_key
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("hit_path")]
 
 
 def forbidden(plaintext: str) -> list[str]:

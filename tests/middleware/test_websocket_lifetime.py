@@ -19,7 +19,6 @@ import pytest
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from apps import client
-from hitpaths import HIT_PATHS, hit_path
 from keystile import (
     CHEAPEST_PARAMETERS,
     APIKeyMiddleware,
@@ -32,7 +31,7 @@ from keystile import (
 from keystile.stores import store_from_url
 from socket_apps import Clocks, Inner, listening
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("hit_path")]
 
 POLICY_VIOLATION = 1008
 TRY_AGAIN_LATER = 1013
@@ -140,14 +139,13 @@ async def app(store: KeyStore, inner: Inner) -> AsyncIterator[APIKeyMiddleware]:
 # -- a healthy socket -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", HIT_PATHS)
 async def test_healthy_socket_keeps_working_without_store_reads(
-    store: KeyStore, key: CreatedKey, inner: Inner, path: str
+    store: KeyStore, key: CreatedKey, inner: Inner, hit_path: str
 ) -> None:
     """A socket whose key stays valid answers message after message, opened on a cache
     miss or a cache hit, and its checks read no store."""
-    with hit_path(path):
-        app = APIKeyMiddleware(inner.app, store=store, argon2=CHEAPEST_PARAMETERS)
+    app = APIKeyMiddleware(inner.app, store=store, argon2=CHEAPEST_PARAMETERS)
+    assert app.verifier.cache.compiled == (hit_path == "compiled")
     try:
         async with open_socket(app, key.key) as first, open_socket(app, key.key) as second:
             await listening(app)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import itertools
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,19 +18,17 @@ from hypothesis import strategies as st
 
 import keystile.cache
 import keystile.tagscan
-from hitpaths import HIT_PATHS, hit_path
 from keystile.cache import CachedKey, VerifiedKeyCache
 from keystile.principal import APIKeyUser
 from keystile.tagscan import CHUNK_LANES
 
 INITIAL_CAPACITY = 256
+#: The structural tests of the pure-Python table's scan run on that table alone.
+PURE_TABLE_ONLY = pytest.mark.parametrize("hit_path", ["pure"], indirect=True)
 
 
-@pytest.fixture(autouse=True, params=HIT_PATHS)
-def table(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Every cache made in the test uses this table."""
-    with hit_path(request.param):
-        yield request.param
+#: Every cache made in a test uses the table of the ``hit_path`` fixture.
+pytestmark = pytest.mark.usefixtures("hit_path")
 
 
 def entry(key_id: str) -> CachedKey:
@@ -446,13 +443,11 @@ def test_digest_is_not_a_plain_hash() -> None:
 # -- structure: the scan reads every entry --------------------------------------------
 
 
-def test_scan_does_the_same_work_wherever_the_match_is(
-    table: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@PURE_TABLE_ONLY
+def test_scan_does_the_same_work_wherever_the_match_is(monkeypatch: pytest.MonkeyPatch) -> None:
     """The packed scan covers every chunk of tags with the same operations, and one
-    ``compare_digest`` follows, for a match in the first, middle or last slot or none."""
-    if table != "pure":
-        pytest.skip("the packed scan of the pure-Python table (test_speedups.py: the C one)")
+    ``compare_digest`` follows, for a match in the first, middle or last slot or none
+    (the pure-Python table's scan; ``speedups/test_speedups.py``: the C one)."""
     size = 2 * CHUNK_LANES + 44
     cache = VerifiedKeyCache()
     digests = fill(cache, size)
@@ -488,15 +483,13 @@ def test_scan_does_the_same_work_wherever_the_match_is(
     assert set(traces.values()) == {((72 * CHUNK_LANES - 6,) * chunks, 1)}
 
 
+@PURE_TABLE_ONLY
 @pytest.mark.parametrize("where", ["first", "last", "absent"])
-def test_small_scan_compares_every_entry(
-    where: str, table: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Below SMALL_SCAN_SIZE, compare_digest runs once per entry wherever the match is."""
+def test_small_scan_compares_every_entry(where: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Below SMALL_SCAN_SIZE, compare_digest runs once per entry wherever the match is
+    (the pure-Python table's small scan)."""
     from keystile.cache import SMALL_SCAN_SIZE
 
-    if table != "pure":
-        pytest.skip("the small scan of the pure-Python table")
     cache = VerifiedKeyCache()
     digests = fill(cache, SMALL_SCAN_SIZE)
     probe = {"first": digests[0], "last": digests[-1], "absent": digest_of("absent")}[where]

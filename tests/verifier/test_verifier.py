@@ -28,7 +28,7 @@ from keystile.metrics import PrometheusMetrics
 from keystile.stores.records import utcnow
 from keystile.tokens import generate_key
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("hit_path")]
 
 
 class CountingStore(MemoryKeyStore):
@@ -68,6 +68,19 @@ async def key(store: CountingStore) -> CreatedKey:
 
 def verifier(store: CountingStore, **options: object) -> Verifier:
     return Verifier(store, hasher=SecretHasher(CHEAPEST_PARAMETERS), **options)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def built_by_a_fixture(store: CountingStore) -> Verifier:
+    return verifier(store)
+
+
+async def test_the_hit_path_reaches_what_fixtures_build(
+    built_by_a_fixture: Verifier, hit_path: str
+) -> None:
+    """``usefixtures("hit_path")`` sets the path before any fixture a test names, so a
+    verifier a fixture builds is on it too: this module's tests hold on both paths."""
+    assert built_by_a_fixture.cache.compiled == (hit_path == "compiled")
 
 
 async def test_second_verify_is_a_cache_hit(store: CountingStore, key: CreatedKey) -> None:

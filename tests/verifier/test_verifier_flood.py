@@ -33,7 +33,7 @@ from keystile import (
 )
 from keystile.tokens import generate_key
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("hit_path")]
 
 #: Key ids the attacker knows (a self-service owner mints 64; two owners here).
 FLOOD_IDS = 80

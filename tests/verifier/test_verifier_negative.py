@@ -20,7 +20,7 @@ from keystile.negative import NegativeCache
 from keystile.stores.records import utcnow
 from keystile.tokens import generate_key
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("hit_path")]
 
 
 class Clock:

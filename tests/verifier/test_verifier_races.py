@@ -26,7 +26,7 @@ from keystile import (
 )
 from keystile.tokens import generate_key
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("hit_path")]
 
 
 class GatedHasher(SecretHasher):
