@@ -253,20 +253,22 @@ def test_without_authorize_is_401(browser: Any, server: str) -> None:
     assert outcome.body["error"] == "unauthorized"
 
 
-def test_authorize_both_with_different_keys_is_400(
-    browser: Any, server: str, keys: dict[str, str]
-) -> None:
+@pytest.fixture(scope="module")
+def different_keys(browser: Any, server: str, keys: dict[str, str]) -> Outcome:
+    """Two different keys in the two fields: the page is driven once for both tests."""
+    return try_whoami(browser, server, bearer=keys["first"], api_key=keys["second"])
+
+
+def test_authorize_both_with_different_keys_is_400(different_keys: Outcome) -> None:
     """Two different keys in the two fields: 400 invalid_request."""
-    outcome = try_whoami(browser, server, bearer=keys["first"], api_key=keys["second"])
+    outcome = different_keys
     assert outcome.status == 400
     assert outcome.body["error"] == "invalid_request"
 
 
-def test_different_keys_400_names_both_sources(
-    browser: Any, server: str, keys: dict[str, str]
-) -> None:
+def test_different_keys_400_names_both_sources(different_keys: Outcome) -> None:
     """The 400 for two different keys says which two headers disagreed."""
-    outcome = try_whoami(browser, server, bearer=keys["first"], api_key=keys["second"])
+    outcome = different_keys
     assert outcome.status == 400
     detail = outcome.body["detail"].lower()
     assert "authorization" in detail, detail
