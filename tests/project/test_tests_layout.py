@@ -11,6 +11,7 @@ must the test a ``path::name`` citation names.
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from collections import Counter
 from pathlib import Path
@@ -69,6 +70,7 @@ def test_no_folder_is_a_package() -> None:
     assert sorted(str(p.relative_to(TESTS)) for p in TESTS.rglob("__init__.py")) == []
 
 
+@functools.cache
 def _defined_names(path: Path) -> set[str]:
     tree = ast.parse(path.read_text(encoding="utf-8"))
     return {
