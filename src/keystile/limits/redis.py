@@ -15,7 +15,14 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from ..errors import ConfigurationError
 from .policy import Rate
 
-__all__ = ["REDIS_TIMEOUT", "RedisRateLimiter"]
+__all__ = [
+    "REDIS_TIMEOUT",
+    "RedisRateLimiter",
+    "connect_redis",
+    "redact_redis_url",
+    "require_redis_client",
+    "split_key_prefix",
+]
 
 #: Seconds to connect to Redis and to wait for an answer before it counts as down.
 REDIS_TIMEOUT = 0.25
@@ -57,13 +64,33 @@ return {0, remaining, reset}
 """
 
 
-def _redis_url(url: str) -> tuple[str, str]:
+def split_key_prefix(url: str) -> tuple[str, str]:
     """``url`` without keystile's own ``key_prefix`` parameter, and the prefix."""
     parts = urlsplit(url)
     query = parse_qsl(parts.query, keep_blank_values=True)
     prefix = next((v for k, v in query if k == "key_prefix"), "keystile")
     rest = urlencode([(k, v) for k, v in query if k != "key_prefix"])
     return urlunsplit(parts._replace(query=rest)), prefix
+
+
+def require_redis_client(option: str) -> None:
+    """The ``ConfigurationError`` of an ``option`` set to Redis without the redis client."""
+    try:
+        import redis.asyncio  # noqa: F401
+    except ImportError:  # pragma: no cover - depends on the installation
+        raise ConfigurationError(
+            f"{option}='redis://…' needs the redis client: python -m pip install 'keystile[redis]'"
+        ) from None
+
+
+def connect_redis(url: str, timeout: float) -> Any:
+    """A client of ``url`` that gives up after ``timeout`` seconds, for one event loop
+    (its connections belong to the loop that made them)."""
+    import redis.asyncio as aioredis
+
+    return aioredis.Redis.from_url(
+        url, socket_connect_timeout=timeout, socket_timeout=timeout, retry_on_timeout=False
+    )
 
 
 class RedisRateLimiter:
@@ -76,16 +103,10 @@ class RedisRateLimiter:
     """
 
     def __init__(self, url: str, *, timeout: float = REDIS_TIMEOUT) -> None:
-        try:
-            import redis.asyncio  # noqa: F401
-        except ImportError:  # pragma: no cover - depends on the installation
-            raise ConfigurationError(
-                "rate_limit_storage='redis://…' needs the redis client: "
-                "python -m pip install 'keystile[redis]'"
-            ) from None
-        self.url, self.prefix = _redis_url(url)
+        require_redis_client("rate_limit_storage")
+        self.url, self.prefix = split_key_prefix(url)
         self.timeout = timeout
-        self.display_url = _redact(self.url)
+        self.display_url = redact_redis_url(self.url)
         self._client: Any = None
         self._script: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -94,14 +115,7 @@ class RedisRateLimiter:
     def _get_script(self) -> Any:
         loop = asyncio.get_running_loop()
         if self._client is None or self._loop is not loop:
-            import redis.asyncio as aioredis
-
-            self._client = aioredis.Redis.from_url(
-                self.url,
-                socket_connect_timeout=self.timeout,
-                socket_timeout=self.timeout,
-                retry_on_timeout=False,
-            )
+            self._client = connect_redis(self.url, self.timeout)
             self._script = self._client.register_script(_LUA)
             self._loop = loop
         return self._script
@@ -159,7 +173,8 @@ class RedisRateLimiter:
             await client.aclose()
 
 
-def _redact(url: str) -> str:
+def redact_redis_url(url: str) -> str:
+    """``url`` with its password, if any, as ``***``."""
     parts = urlsplit(url)
     if parts.password is None:
         return url
