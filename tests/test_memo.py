@@ -156,7 +156,7 @@ def test_no_secret_means_no_memo_and_one_warning(
 
 def test_names_and_values_depend_on_the_secret_the_token_and_the_hash() -> None:
     """An entry's name hides the token and its key id; its value changes with any input."""
-    token, parsed = generate_key()
+    _, parsed = generate_key()
     keys, other = MemoKeys(SECRET), MemoKeys(SECRET + "!")
     name = keys.name(parsed)
     assert parsed.key_id not in name and parsed.secret not in name and len(name) == 32
@@ -311,8 +311,8 @@ async def test_redis_down_means_argon2_never_a_500(
     closed_port_url: str, sqlite_database_url: str
 ) -> None:
     """A memo on a dead Redis: keys are admitted by argon2, wrong ones refused, nothing else."""
-    key, key_id = await mint(sqlite_database_url)
     app = app_on(sqlite_database_url, verification_memo=closed_port_url)
+    key, key_id = await mint(sqlite_database_url)
     wrong, _ = generate_key(key_id=key_id)
     assert await status(app, key) == 200
     assert await status(app, wrong) == 401
