@@ -1,7 +1,8 @@
 """Fleet warm-up on one Redis: N keys served by every one of 4 uvicorn workers, with and
 without the verification memo, in the same run.
 
-A SQLite database holds N active keys at keystile's default argon2 parameters (one secret
+Postgres (``--postgres-url``, a schema of its own, dropped afterwards; a fleet's store) or
+else a SQLite file holds N active keys at keystile's default argon2 parameters (one secret
 shared by all keys, so minting costs one hash; every verification still costs a full
 argon2 run). Each arm starts 4 uvicorn processes of one worker each (a fleet: every
 process has its own runtime and cache, as ``uvicorn --workers 4`` gives, but each on a
@@ -16,10 +17,12 @@ worker) in one shuffled order, the same in both arms, retrying a 503 from the ar
 guard (counted). Measured per arm: argon2 verifications and memo hits summed from each
 worker's ``/stats``, the wall time until every worker has answered every key with 200,
 the CPU time of the 4 workers over that window (``psutil``) and Redis's own CPU
-(``INFO cpu``, the whole server). Targets, for any N: at most 1.05 x N argon2 runs with the
+(``INFO cpu``, the whole server); then the same requests again, all cache hits, for the
+CPU a request costs without any miss. Targets, for any N: at most 1.05 x N argon2 runs with the
 memo (10 500 at 10 000 keys, 40 000 without), and at most a third of the CPU.
 
-    python benchmarks/fleet.py [KEYS] [--redis-url URL]   # 10 000 keys (--quick: 100)
+    python benchmarks/fleet.py [KEYS] [--redis-url URL] [--postgres-url URL]
+                                                # 10 000 keys (--quick: 100)
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ CLIENTS = 64
 ARGON2_PER_KEY_TARGET = 1.05
 CPU_RATIO_TARGET = 1 / 3
 DEFAULT_REDIS_URL = os.environ.get("KEYSTILE_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+DEFAULT_POSTGRES_URL = os.environ.get("KEYSTILE_BENCH_POSTGRES_URL")
 ARMS = ("without memo", "with memo")
 APP = """
 import os
@@ -89,6 +93,30 @@ def _fleet(tmp: str, env: dict[str, str]) -> Iterator[list[tuple[psutil.Process,
             if (first := wait_http(f"{base}/ping", process)).status_code != 401:
                 raise RuntimeError(f"GET /ping without a key answered {first.status_code}")
         yield [(psutil.Process(process.pid), base) for process, base in started]
+
+
+@contextlib.contextmanager
+def _database(tmp: str, postgres_url: str | None) -> Iterator[str]:
+    """The store's URL: a Postgres schema of its own (dropped afterwards), else SQLite."""
+    if postgres_url is None:
+        yield f"sqlite:///{pathlib.Path(tmp) / 'fleet.db'}"
+        return
+    schema = f"keystile_fleet_{uuid.uuid4().hex[:10]}"
+    sep = "&" if "?" in postgres_url else "?"
+    try:
+        yield f"{postgres_url}{sep}schema={schema}"
+    finally:
+
+        async def drop() -> None:
+            import asyncpg
+
+            conn = await asyncpg.connect(postgres_url)
+            try:
+                await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+            finally:
+                await conn.close()
+
+        asyncio.run(drop())
 
 
 def _redis_cpu(url: str) -> float:
@@ -134,6 +162,9 @@ def _arm(
         ]
         redis_cpu = _redis_cpu(redis_url) - redis_before
         stats = [httpx.get(f"{base}/stats", timeout=30).json() for _, base in workers]
+        hits_before = sum(workers_cpu(process) for process, _ in workers)
+        asyncio.run(warm(order))
+        hit_pass = sum(workers_cpu(process) for process, _ in workers) - hits_before
     return {
         "wall_s": wall,
         "served": len(order),
@@ -147,19 +178,27 @@ def _arm(
         "worker_cpu_per_worker_s": cpu,
         "worker_cpu_s": sum(cpu),
         "redis_cpu_s": redis_cpu,
+        "hit_pass_cpu_s": hit_pass,
     }
 
 
 def run_fleet(
-    n: int = 10_000, *, redis_url: str = DEFAULT_REDIS_URL, rounds: int = 1
+    n: int = 10_000,
+    *,
+    redis_url: str = DEFAULT_REDIS_URL,
+    postgres_url: str | None = DEFAULT_POSTGRES_URL,
+    rounds: int = 1,
 ) -> tuple[dict[str, Any], list[Target]]:
     """Both arms, ``rounds`` times (the order swapped every other round)."""
     runs: dict[str, list[dict[str, Any]]] = {arm: [] for arm in ARMS}
     prefix = f"keystile-bench-{uuid.uuid4().hex[:12]}"
     sep = "&" if "?" in redis_url else "?"
-    with tempfile.TemporaryDirectory(prefix="keystile-fleet-") as tmp:
+    store = "Postgres" if postgres_url else "SQLite"
+    with (
+        tempfile.TemporaryDirectory(prefix="keystile-fleet-") as tmp,
+        _database(tmp, postgres_url) as database_url,
+    ):
         (pathlib.Path(tmp) / "fleetapp.py").write_text(APP)
-        database_url = f"sqlite:///{pathlib.Path(tmp) / 'fleet.db'}"
         print(f"  fleet: minting {n:,} keys ...", flush=True)
         tokens = asyncio.run(fill_keys(database_url, n))
         try:
@@ -178,7 +217,14 @@ def run_fleet(
     summary = {
         arm: {
             key: median([r[key] for r in arm_runs])
-            for key in ("argon2", "memo_hits", "wall_s", "worker_cpu_s", "redis_cpu_s")
+            for key in (
+                "argon2",
+                "memo_hits",
+                "wall_s",
+                "worker_cpu_s",
+                "redis_cpu_s",
+                "hit_pass_cpu_s",
+            )
         }
         for arm, arm_runs in runs.items()
     }
@@ -189,7 +235,7 @@ def run_fleet(
     )
     print_table(
         f"Fleet warm-up: {n:,} keys, every key to each of {WORKERS} uvicorn workers, "
-        f"{CLIENTS} clients (SQLite, default argon2, {os.cpu_count()} CPUs, one Redis)",
+        f"{CLIENTS} clients ({store}, default argon2, {os.cpu_count()} CPUs, one Redis)",
         (
             "arm",
             "argon2 runs",
@@ -215,9 +261,23 @@ def run_fleet(
             for r in runs[arm]
         ],
     )
+    # Worker CPU per request: an argon2 miss (the arm without the memo), a cache hit (the
+    # second pass), and what is left per memo-verified miss once the argon2 runs are paid.
+    per_argon2 = without["worker_cpu_s"] / (WORKERS * n)
+    per_hit = with_memo["hit_pass_cpu_s"] / (WORKERS * n)
+    per_memo_hit = (with_memo["worker_cpu_s"] - with_memo["argon2"] * per_argon2) / max(
+        1, with_memo["memo_hits"]
+    )
+    floor = (with_memo["argon2"] * per_argon2 + with_memo["memo_hits"] * per_hit) / without[
+        "worker_cpu_s"
+    ]
     print(
         f"  worker CPU with / without the memo: {cpu_ratio:.3f} "
-        f"({cpu_ratio_redis:.3f} counting Redis's CPU, which other clients of it share)"
+        f"({cpu_ratio_redis:.3f} counting Redis's CPU, which other clients of it share)\n"
+        f"  worker CPU per request: {per_argon2 * 1e3:.2f} ms an argon2 miss, "
+        f"{per_memo_hit * 1e3:.2f} ms a miss the memo answered (store read, Redis round trip), "
+        f"{per_hit * 1e3:.2f} ms a cache hit (the same requests again); the ratio if the "
+        f"memo's misses cost a cache hit: {floor:.3f}"
     )
     targets = [
         Target(
@@ -239,12 +299,19 @@ def run_fleet(
     ]
     data = {
         "keys": n,
+        "store": store,
         "workers": WORKERS,
         "clients": CLIENTS,
         "runs": runs,
         "summary": summary,
         "cpu_ratio": cpu_ratio,
         "cpu_ratio_with_redis": cpu_ratio_redis,
+        "cpu_ms_per_request": {
+            "argon2_miss": per_argon2 * 1e3,
+            "memo_answered_miss": per_memo_hit * 1e3,
+            "cache_hit": per_hit * 1e3,
+        },
+        "cpu_ratio_if_memo_misses_cost_a_hit": floor,
     }
     return data, targets
 
@@ -259,6 +326,12 @@ def _options(parser: argparse.ArgumentParser) -> None:
         help="the Redis of the memo (default $KEYSTILE_BENCH_REDIS_URL or "
         "redis://127.0.0.1:6379/0); the run works under a key prefix of its own",
     )
+    parser.add_argument(
+        "--postgres-url",
+        default=DEFAULT_POSTGRES_URL,
+        help="the key store (default $KEYSTILE_BENCH_POSTGRES_URL; a schema of its own, "
+        "dropped afterwards); without it, a SQLite file",
+    )
 
 
 if __name__ == "__main__":
@@ -269,6 +342,7 @@ if __name__ == "__main__":
             lambda args: run_fleet(
                 args.keys or (100 if args.quick else 10_000),
                 redis_url=args.redis_url,
+                postgres_url=args.postgres_url,
                 rounds=args.rounds or 1,
             ),
             configure=_options,

@@ -269,7 +269,10 @@ def main(argv: list[str] | None = None) -> int:
             from fleet import run_fleet
 
             results["fleet"] = section(
-                "fleet", lambda: run_fleet(settings["fleet_keys"], redis_url=args.redis_url)
+                "fleet",
+                lambda: run_fleet(
+                    settings["fleet_keys"], redis_url=args.redis_url, postgres_url=args.postgres_url
+                ),
             )
         else:
             print("\n[fleet] skipped: needs --redis-url (or KEYSTILE_BENCH_REDIS_URL)")

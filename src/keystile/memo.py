@@ -45,7 +45,6 @@ from urllib.parse import urlsplit
 
 from .errors import ConfigurationError
 from .limits.redis import (
-    REDIS_TIMEOUT,
     connect_redis,
     redact_redis_url,
     require_redis_client,
@@ -60,6 +59,7 @@ __all__ = [
     "DEFAULT_MEMO_TTL",
     "MEMO_RETRY_INTERVAL",
     "MEMO_SECRET_ENV",
+    "MEMO_TIMEOUT",
     "MIN_MEMO_SECRET_LENGTH",
     "MemoKeys",
     "NullMemo",
@@ -82,6 +82,10 @@ DEFAULT_MEMO_TTL = 86_400.0
 #: Seconds Redis is left alone after a failure: misses run argon2 meanwhile, without
 #: a round trip (or a connect timeout) each.
 MEMO_RETRY_INTERVAL = 5.0
+#: Seconds to connect to Redis and to wait for an answer before the memo counts as down.
+#: Longer than the rate limiter's (0.25 s): only misses wait for it, giving up costs an
+#: argon2 run, and on a busy host a tight timeout fires while Redis is merely slow.
+MEMO_TIMEOUT = 0.5
 #: The URL schemes of a Redis the memo can use.
 _SCHEMES = ("redis", "rediss", "unix")
 #: Bytes of the name's HMAC in the Redis key: 128 bits, no two tokens share one.
@@ -161,7 +165,7 @@ class RedisVerificationMemo:
         secret: str | bytes,
         *,
         ttl: float = DEFAULT_MEMO_TTL,
-        timeout: float = REDIS_TIMEOUT,
+        timeout: float = MEMO_TIMEOUT,
         retry_interval: float = MEMO_RETRY_INTERVAL,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
