@@ -19,7 +19,8 @@ import httpx
 import pytest
 import redis
 
-from keystile import CHEAPEST_PARAMETERS, KeyManager, SecretHasher
+from keystile import CHEAPEST_PARAMETERS, KeyManager
+from keystile.hashing import SecretHasher
 from keystile.memo import RedisVerificationMemo
 from keystile.stores import store_from_url
 from keystile.tokens import generate_key, parse_key
