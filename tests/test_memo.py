@@ -127,11 +127,14 @@ def test_a_short_memo_secret_is_a_configuration_error(monkeypatch: pytest.Monkey
 def test_the_memo_secret_comes_from_the_environment_and_never_shows(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """KEYSTILE_MEMO_SECRET is read with a memo URL; memo_secret= beats it; repr hides both."""
+    """KEYSTILE_MEMO_SECRET is read with a memo URL; memo_secret= beats it; the repr shows
+    neither, nor the URL's password."""
     monkeypatch.setenv(MEMO_SECRET_ENV, "e" * 40)
-    config = KeystileConfig(store=MemoryKeyStore(), verification_memo="redis://cache:6379/2")
+    config = KeystileConfig(
+        store=MemoryKeyStore(), verification_memo="redis://:hunter2@cache:6379/2"
+    )
     assert config.memo_secret == "e" * 40
-    assert "e" * 40 not in repr(config)
+    assert "e" * 40 not in repr(config) and "hunter2" not in repr(config)
     explicit = config.replace(memo_secret=SECRET)
     assert explicit.memo_secret == SECRET and SECRET not in repr(explicit)
     assert explicit.runtime_key != config.runtime_key

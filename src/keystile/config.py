@@ -148,8 +148,9 @@ class KeystileConfig:
     rate_limit_headers: bool = False
     usage_retention: timedelta | None = DEFAULT_USAGE_RETENTION
     metrics: bool | PrometheusMetrics = False
-    #: The fleet's verification memo (``redis://host:port/db``), or ``None``: no memo.
-    verification_memo: str | None = None
+    #: The fleet's verification memo (``redis://host:port/db``), or ``None``: no memo. Not
+    #: in the repr: a URL may carry a password.
+    verification_memo: str | None = field(default=None, repr=False)
     #: The memo's secret; ``None``: ``KEYSTILE_MEMO_SECRET``, read when the config is built
     #: with a ``verification_memo``. Not in the repr.
     memo_secret: str | None = field(default=None, repr=False)
