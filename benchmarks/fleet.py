@@ -6,7 +6,9 @@ else a SQLite file holds N active keys at keystile's default argon2 parameters (
 shared by all keys, so minting costs one hash; every verification still costs a full
 argon2 run). Each arm starts 4 uvicorn processes of one worker each (a fleet: every
 process has its own runtime and cache, as ``uvicorn --workers 4`` gives, but each on a
-port of its own, so the load generator can send every key to every worker). The arms:
+port of its own, so the load generator can send every key to every worker), all pinned
+to the last CPU and the load generator to the first (``taskset``, as in ``server.py``).
+The arms:
 
 * ``without memo``: as keystile runs with no ``verification_memo``;
 * ``with memo``: ``verification_memo`` on the Redis of ``--redis-url`` (a key prefix of
@@ -44,6 +46,7 @@ import psutil
 from asgi import uvicorn, wait_http
 from coldstart import fill_keys, warm, workers_cpu
 from harness import Target, cli, median, print_table
+from server import CLIENT_CPU, PINNED, SERVER_CPU
 
 __all__ = ["run_fleet"]
 
@@ -84,9 +87,12 @@ def _fleet(tmp: str, env: dict[str, str]) -> Iterator[list[tuple[psutil.Process,
     # As in coldstart.py: with every core on argon2, the load generator may be starved for
     # seconds; keep-alive connections must not close under it.
     options = ("--timeout-keep-alive", "120")
+    prefix = ("taskset", "-c", str(SERVER_CPU)) if PINNED else ()
     with contextlib.ExitStack() as stack:
         started = [
-            stack.enter_context(uvicorn("fleetapp:app", app_dir=tmp, env=env, options=options))
+            stack.enter_context(
+                uvicorn("fleetapp:app", app_dir=tmp, env=env, options=options, prefix=prefix)
+            )
             for _ in range(WORKERS)
         ]
         for process, base in started:
@@ -117,6 +123,21 @@ def _database(tmp: str, postgres_url: str | None) -> Iterator[str]:
                 await conn.close()
 
         asyncio.run(drop())
+
+
+@contextlib.contextmanager
+def _pinned(cpu: int) -> Iterator[None]:
+    """This process (the load generator) on ``cpu`` meanwhile, when the workers are pinned
+    to another: unpinned, they take each other's core at the scheduler's whim."""
+    if not PINNED:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def _redis_cpu(url: str) -> float:
@@ -155,7 +176,8 @@ def _arm(
         random.Random(len(tokens)).shuffle(order)
         cpu_before = [workers_cpu(process) for process, _ in workers]
         redis_before = _redis_cpu(redis_url)
-        wall, retried = asyncio.run(warm(order))
+        with _pinned(CLIENT_CPU):
+            wall, retried = asyncio.run(warm(order))
         cpu = [
             workers_cpu(process) - before
             for (process, _), before in zip(workers, cpu_before, strict=True)
@@ -163,7 +185,8 @@ def _arm(
         redis_cpu = _redis_cpu(redis_url) - redis_before
         stats = [httpx.get(f"{base}/stats", timeout=30).json() for _, base in workers]
         hits_before = sum(workers_cpu(process) for process, _ in workers)
-        asyncio.run(warm(order))
+        with _pinned(CLIENT_CPU):
+            asyncio.run(warm(order))
         hit_pass = sum(workers_cpu(process) for process, _ in workers) - hits_before
     return {
         "wall_s": wall,
