@@ -2,7 +2,7 @@
 refuses what it did not write, and how it steps aside when Redis fails.
 
 These tests run two middlewares with two runtimes in one process on one SQLite file and
-the real Redis of ``KEYSTILE_TEST_REDIS_URL`` (``tests/test_memo_processes.py`` runs two
+the real Redis of ``KEYSTILE_TEST_REDIS_URL`` (``tests/verifier/test_memo_processes.py`` runs two
 processes). Every test gets a Redis key prefix of its own, deleted afterwards.
 """
 
