@@ -42,6 +42,14 @@ def entry(key_id: str) -> CachedKey:
     )
 
 
+def same(found: CachedKey | None, entry: CachedKey | None) -> bool:
+    """``found`` is ``entry``'s state: the same principal, expiry and read time (a lookup
+    answers with a snapshot of the slot, not the object inserted); or both are None."""
+    if found is None or entry is None:
+        return found is entry
+    return found == entry and found.user is entry.user
+
+
 def digest_of(label: str) -> bytes:
     return hashlib.sha256(label.encode()).digest()
 
@@ -183,7 +191,7 @@ def test_lookup_agrees_with_reference_oracle(ops: list[tuple[Any, ...]], max_siz
             else:
                 continue
             now = float(next(clock))
-            assert cache.lookup(digest, now) is oracle.lookup(digest, now)
+            assert same(cache.lookup(digest, now), oracle.lookup(digest, now))
         elif kind == "evict":
             assert cache.evict(op[1]) == oracle.evict(op[1])
         elif kind == "evict_idle":
@@ -194,8 +202,8 @@ def test_lookup_agrees_with_reference_oracle(ops: list[tuple[Any, ...]], max_siz
             oracle.clear()
         assert len(cache) == len(oracle.entries)
     for key_id, digest in oracle.digests.items():
-        assert cache.get(key_id) is oracle.entries[key_id]
-        assert cache.lookup(digest, 0.0) is oracle.entries[key_id]
+        assert same(cache.get(key_id), oracle.entries[key_id])
+        assert same(cache.lookup(digest, 0.0), oracle.entries[key_id])
     assert {e.key_id for e in cache} == set(oracle.entries)
 
 
@@ -233,8 +241,8 @@ def test_colliding_tags_each_find_their_own_entry(filler: int) -> None:
     for i, digest in enumerate(fill_more):
         cache.insert(digest, entry(f"m{i}"), now=2000.0 + i, epoch=cache.epoch)
     cache.insert(second, b, now=3000.0, epoch=cache.epoch)
-    assert cache.lookup(first, 4000.0) is a
-    assert cache.lookup(second, 4001.0) is b
+    assert same(cache.lookup(first, 4000.0), a)
+    assert same(cache.lookup(second, 4001.0), b)
     assert cache.lookup(with_tag(b"T" * 8, b"c" * 24), 4002.0) is None
 
 
@@ -251,7 +259,7 @@ def test_zero_digest_can_be_cached() -> None:
     cache = VerifiedKeyCache()
     zero = entry("zero")
     cache.insert(bytes(32), zero, now=1.0, epoch=cache.epoch)
-    assert cache.lookup(bytes(32), 2.0) is zero
+    assert same(cache.lookup(bytes(32), 2.0), zero)
 
 
 # -- epochs, swap-remove, size and idle bounds ----------------------------------------
@@ -285,7 +293,7 @@ def test_replace_state_after_eviction_is_refused() -> None:
     newer = entry("a")
     cache.insert(digest_of("a"), newer, now=1.0, epoch=after)
     assert cache.replace_state(entry("a"), epoch=before) is False
-    assert cache.get("a") is newer
+    assert same(cache.get("a"), newer)
 
 
 def test_forgetting_eviction_history_is_conservative() -> None:
@@ -313,7 +321,7 @@ def test_insert_with_current_epoch_is_accepted() -> None:
     cache.evict("x")
     item = entry("a")
     assert cache.insert(digest_of("a"), item, now=1.0, epoch=cache.epoch) is True
-    assert cache.lookup(digest_of("a"), 2.0) is item
+    assert same(cache.lookup(digest_of("a"), 2.0), item)
 
 
 def test_entry_moved_by_swap_remove_is_found() -> None:
@@ -321,11 +329,11 @@ def test_entry_moved_by_swap_remove_is_found() -> None:
     cache = VerifiedKeyCache()
     digests = fill(cache, 5)
     assert cache.evict("k0")
-    assert cache.lookup(digests[4], 10.0) is cache.get("k4")
+    assert same(cache.lookup(digests[4], 10.0), cache.get("k4"))
     assert cache.get("k4") is not None and cache.get("k4").key_id == "k4"
     assert cache.lookup(digests[0], 11.0) is None
     for i in (1, 2, 3):
-        assert cache.lookup(digests[i], 12.0) is cache.get(f"k{i}")
+        assert same(cache.lookup(digests[i], 12.0), cache.get(f"k{i}"))
 
 
 def test_evict_unknown_key_returns_false() -> None:
@@ -345,7 +353,7 @@ def test_reinsert_same_key_replaces_digest() -> None:
     cache.insert(new, item, now=2.0, epoch=cache.epoch)
     assert len(cache) == 1
     assert cache.lookup(old, 3.0) is None
-    assert cache.lookup(new, 4.0) is item
+    assert same(cache.lookup(new, 4.0), item)
 
 
 def test_growth_past_initial_capacity_keeps_every_entry() -> None:
@@ -387,7 +395,7 @@ def test_evict_idle_drops_only_idle_entries() -> None:
     assert cache.evict_idle(4.0) == 3  # k0, k2, k3
     assert sorted(e.key_id for e in cache) == ["k1", "k4", "k5"]
     for i in (1, 4, 5):
-        assert cache.lookup(digests[i], 200.0) is cache.get(f"k{i}")
+        assert same(cache.lookup(digests[i], 200.0), cache.get(f"k{i}"))
 
 
 def test_clear_empties_the_cache() -> None:
@@ -400,13 +408,13 @@ def test_clear_empties_the_cache() -> None:
 
 
 def test_checked_before_lists_stale_entries() -> None:
-    """``checked_before`` returns the entries whose state was read before the bound."""
+    """``checked_before`` returns the key ids whose state was read before the bound."""
     cache = VerifiedKeyCache()
     old = CachedKey(APIKeyUser(key_id="old", owner="o", name="n"), None, checked_at=1.0)
     fresh = CachedKey(APIKeyUser(key_id="fresh", owner="o", name="n"), None, checked_at=9.0)
     cache.insert(digest_of("old"), old, now=1.0, epoch=cache.epoch)
     cache.insert(digest_of("fresh"), fresh, now=1.0, epoch=cache.epoch)
-    assert cache.checked_before(5.0) == [old]
+    assert cache.checked_before(5.0) == ["old"]
 
 
 def test_replace_state_keeps_digest() -> None:
@@ -416,7 +424,7 @@ def test_replace_state_keeps_digest() -> None:
     cache.insert(digest, entry("a"), now=1.0, epoch=cache.epoch)
     fresh = entry("a")
     cache.replace_state(fresh, epoch=cache.epoch)
-    assert cache.lookup(digest, 2.0) is fresh
+    assert same(cache.lookup(digest, 2.0), fresh)
 
 
 # -- the keyed digest -----------------------------------------------------------------

@@ -87,6 +87,9 @@ class KeystileRuntime:
         self.usage_prune_every = usage_prune_every
         #: Rejected attempts against a key id are counted in its usage, per minute.
         verifier.on_reject = self._count_reject
+        #: The compiled hit path counts the uses of plain hits in the cache's table.
+        if verifier.cache.compiled:
+            recorder.attach(verifier.cache.table)
         #: Duties others attach (the metrics snapshot writer), and calls made at ``stop``.
         self.extra_duties: dict[str, Callable[[], Awaitable[None]]] = {}
         self.stop_hooks: list[Callable[[], None]] = []
@@ -218,11 +221,12 @@ class KeystileRuntime:
 
     def stats(self) -> KeystileStats:
         c = self.verifier.counters
-        lookups = c.cache_hits + c.cache_misses
+        hits = c.cache_hits + self.verifier.cache.hits
+        lookups = hits + c.cache_misses
         return KeystileStats(
-            cache_hits=c.cache_hits,
+            cache_hits=hits,
             cache_misses=c.cache_misses,
-            hit_ratio=c.cache_hits / lookups if lookups else 0.0,
+            hit_ratio=hits / lookups if lookups else 0.0,
             negative_hits=c.negative_hits,
             argon2_verifications=c.argon2_verifications,
             argon2_seconds=c.argon2_seconds,
