@@ -32,6 +32,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <time.h>
+#include <sys/mman.h>
 #include <structmember.h>
 
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
@@ -44,6 +45,8 @@
 #define KS_EXPORT __attribute__((noinline, visibility("hidden")))
 
 #define DIGEST_SIZE 32
+#define TAG_SIZE 8
+#define TAIL_SIZE (DIGEST_SIZE - TAG_SIZE)
 #define BLOCK_SIZE 128
 #define MAX_CREDENTIAL_HEADERS 8
 
@@ -352,9 +355,9 @@ KS_EXPORT int ks_equal32(const uint8_t *a, const uint8_t *b)
 
 /* -- the table -------------------------------------------------------------------------
  *
- * Per slot: the tag (tags[], scanned), the digest (digests[], two compared per lookup) and
- * a slot_state (state[], read once the slot is known): the key's state as last read from
- * the store, its principal, and its usage since the last harvest. A key id index
+ * Per slot: the tag (tags[], scanned), the rest of the digest (tails[], two compared per
+ * lookup) and a slot_state (state[], read once the slot is known): the key's state as last
+ * read from the store, its principal, and its usage since the last harvest. A key id index
  * (open addressing, linear probing, slot numbers) finds a key's slot for the maintenance
  * calls. The arrays grow by doubling into zeroed memory that is only written as slots fill,
  * so the pages past the last slot cost no resident memory.
@@ -385,7 +388,7 @@ typedef struct {
     Py_ssize_t capacity;       /* a multiple of 8; arrays are zero past size */
     uint64_t *tags;            /* 32-byte aligned, for the vector loads */
     void *tags_block;          /* the allocation tags is aligned in */
-    uint8_t (*digests)[DIGEST_SIZE];
+    uint8_t (*tails)[TAIL_SIZE]; /* each digest past its tag */
     slot_state *state;
     int32_t *index;            /* key id -> slot; -1: empty */
     size_t index_mask;
@@ -451,6 +454,46 @@ static void index_delete(Table *self, size_t pos)
     self->index[hole] = -1;
 }
 
+/* Zeroed memory. A large block is mapped on its own: its pages past the slots in use are
+ * never touched, so they cost no resident memory, and freeing it gives it all back (a
+ * heap block would leave its pages behind after the table grows out of it). */
+#define MAPPED_SIZE ((size_t)64 * 1024)
+
+static void *zero_alloc(size_t size)
+{
+    if (size >= MAPPED_SIZE) {
+        void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        return p == MAP_FAILED ? NULL : p;
+    }
+    return PyMem_RawCalloc(1, size);
+}
+
+static void zero_free(void *p, size_t size)
+{
+    if (p == NULL)
+        return;
+    if (size >= MAPPED_SIZE)
+        munmap(p, size);
+    else
+        PyMem_RawFree(p);
+}
+
+/* The sizes of a table's blocks at a capacity. 8 tags of padding past capacity: the AVX2
+ * scan reads the block after the last whole one even when the table is full (those lanes
+ * are masked off); 4 more to align. */
+static size_t tags_bytes(Py_ssize_t capacity) { return ((size_t)capacity + 12) * sizeof(uint64_t); }
+static size_t tails_bytes(Py_ssize_t capacity) { return (size_t)capacity * TAIL_SIZE; }
+static size_t state_bytes(Py_ssize_t capacity) { return (size_t)capacity * sizeof(slot_state); }
+static size_t index_bytes(size_t mask) { return (mask + 1) * sizeof(int32_t); }
+
+static void table_free_blocks(Table *self)
+{
+    zero_free(self->tags_block, tags_bytes(self->capacity));
+    zero_free(self->tails, tails_bytes(self->capacity));
+    zero_free(self->state, state_bytes(self->capacity));
+    zero_free(self->index, index_bytes(self->index_mask));
+}
+
 static int table_grow(Table *self, Py_ssize_t capacity)
 {
     capacity = (capacity + 7) & ~(Py_ssize_t)7; /* the AVX2 scan reads 8 tags at a time */
@@ -463,34 +506,29 @@ static int table_grow(Table *self, Py_ssize_t capacity)
     size_t index_size = 16;
     while (index_size < 2 * (size_t)capacity)
         index_size <<= 1;
-    /* 8 tags of padding past capacity: the AVX2 scan reads the block after the last whole
-     * one even when the table is full (those lanes are masked off); 4 more to align. */
-    void *tags_block = PyMem_RawCalloc((size_t)capacity + 12, sizeof(uint64_t));
-    uint8_t(*digests)[DIGEST_SIZE] = PyMem_RawCalloc((size_t)capacity, DIGEST_SIZE);
-    slot_state *state = PyMem_RawCalloc((size_t)capacity, sizeof(slot_state));
-    int32_t *index = PyMem_RawMalloc(index_size * sizeof(int32_t));
-    if (tags_block == NULL || digests == NULL || state == NULL || index == NULL) {
-        PyMem_RawFree(tags_block);
-        PyMem_RawFree(digests);
-        PyMem_RawFree(state);
-        PyMem_RawFree(index);
+    void *tags_block = zero_alloc(tags_bytes(capacity));
+    uint8_t(*tails)[TAIL_SIZE] = zero_alloc(tails_bytes(capacity));
+    slot_state *state = zero_alloc(state_bytes(capacity));
+    int32_t *index = zero_alloc(index_bytes(index_size - 1));
+    if (tags_block == NULL || tails == NULL || state == NULL || index == NULL) {
+        zero_free(tags_block, tags_bytes(capacity));
+        zero_free(tails, tails_bytes(capacity));
+        zero_free(state, state_bytes(capacity));
+        zero_free(index, index_bytes(index_size - 1));
         PyErr_NoMemory();
         return -1;
     }
     uint64_t *tags = (uint64_t *)(((uintptr_t)tags_block + 31) & ~(uintptr_t)31);
     if (self->size) {
         memcpy(tags, self->tags, (size_t)self->size * sizeof *tags);
-        memcpy(digests, self->digests, (size_t)self->size * DIGEST_SIZE);
+        memcpy(tails, self->tails, (size_t)self->size * TAIL_SIZE);
         memcpy(state, self->state, (size_t)self->size * sizeof *state);
     }
-    memset(index, 0xff, index_size * sizeof(int32_t));
-    PyMem_RawFree(self->tags_block);
-    PyMem_RawFree(self->digests);
-    PyMem_RawFree(self->state);
-    PyMem_RawFree(self->index);
+    memset(index, 0xff, index_bytes(index_size - 1));
+    table_free_blocks(self);
     self->tags_block = tags_block;
     self->tags = tags;
-    self->digests = digests;
+    self->tails = tails;
     self->state = state;
     self->index = index;
     self->index_mask = index_size - 1;
@@ -577,14 +615,14 @@ static void table_take(Table *self, Py_ssize_t slot, PyObject *out[3])
     }
     Py_ssize_t last = self->size - 1;
     if (slot != last) {
-        memcpy(self->digests[slot], self->digests[last], DIGEST_SIZE);
+        memcpy(self->tails[slot], self->tails[last], TAIL_SIZE);
         self->tags[slot] = self->tags[last];
         self->state[slot] = self->state[last];
         PyObject *moved = self->state[slot].key_id;
         self->index[index_probe(self, moved, key_hash(moved))] = (int32_t)slot;
     }
     self->tags[last] = 0;
-    memset(self->digests[last], 0, DIGEST_SIZE);
+    memset(self->tails[last], 0, TAIL_SIZE);
     memset(&self->state[last], 0, sizeof(slot_state));
     self->size = last;
     self->version++;
@@ -664,11 +702,15 @@ static void Table_dealloc(Table *self)
 {
     PyObject_GC_UnTrack(self);
     Table_clear_refs(self);
-    PyMem_RawFree(self->tags_block);
-    PyMem_RawFree(self->digests);
-    PyMem_RawFree(self->state);
-    PyMem_RawFree(self->index);
+    table_free_blocks(self);
     Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* A slot's whole digest: its tag, then its tail. */
+static inline void slot_digest(const Table *self, Py_ssize_t slot, uint8_t out[DIGEST_SIZE])
+{
+    memcpy(out, &self->tags[slot], TAG_SIZE);
+    memcpy(out + TAG_SIZE, self->tails[slot], TAIL_SIZE);
 }
 
 /* The slot whose full digest equals d, or -1: the tag scan, then both candidates compared. */
@@ -683,8 +725,11 @@ static Py_ssize_t table_find(Table *self, const uint8_t d[DIGEST_SIZE])
     uint64_t fi = select64(found, (uint64_t)first, 0);
     uint64_t li = select64(found, (uint64_t)last, 0);
     /* Slot 0 exists even in an empty table (capacity >= 8, zeroed past size). */
-    uint64_t ok_first = found & (0 - (uint64_t)ks_equal32(self->digests[fi], d));
-    uint64_t ok_last = found & (0 - (uint64_t)ks_equal32(self->digests[li], d));
+    uint8_t first_digest[DIGEST_SIZE], last_digest[DIGEST_SIZE];
+    slot_digest(self, (Py_ssize_t)fi, first_digest);
+    slot_digest(self, (Py_ssize_t)li, last_digest);
+    uint64_t ok_first = found & (0 - (uint64_t)ks_equal32(first_digest, d));
+    uint64_t ok_last = found & (0 - (uint64_t)ks_equal32(last_digest, d));
     return (Py_ssize_t)select64(ok_first, fi, select64(ok_last, li, (uint64_t)-1));
 }
 
@@ -1082,8 +1127,8 @@ static PyObject *Table_insert(Table *self, PyObject *const *args, Py_ssize_t nar
         self->index[index_probe(self, a.key_id, key_hash(a.key_id))] = (int32_t)slot;
         self->size = slot + 1;
     }
-    memcpy(self->digests[slot], d, DIGEST_SIZE);
-    memcpy(&self->tags[slot], d, 8);
+    memcpy(&self->tags[slot], d, TAG_SIZE);
+    memcpy(self->tails[slot], d + TAG_SIZE, TAIL_SIZE);
     self->state[slot].seen = now;
     self->version++;
     drop_refs(old);

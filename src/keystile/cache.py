@@ -52,7 +52,7 @@ from .tokens import MAX_TOKEN_LENGTH
 if TYPE_CHECKING:
     from ._speedups import Table as CompiledTable
 
-__all__ = ["CachedKey", "PyTable", "VerifiedKeyCache", "is_plain"]
+__all__ = ["CachedKey", "PyTable", "VerifiedKeyCache", "auth_scopes", "is_plain"]
 
 DIGEST_SIZE = 32
 _NO_DIGEST = bytes(DIGEST_SIZE)
@@ -65,7 +65,7 @@ _EVICTION_MEMORY = 4096
 
 
 @functools.lru_cache(maxsize=1024)
-def _auth_scopes(scopes: tuple[str, ...]) -> tuple[str, ...]:
+def auth_scopes(scopes: tuple[str, ...]) -> tuple[str, ...]:
     """One shared tuple per distinct scope set (most keys share a few)."""
     return ("authenticated", *scopes)
 
@@ -95,7 +95,7 @@ class CachedKey(NamedTuple):
         authentication backends set it, so ``@requires("authenticated")`` works. A tuple
         shared by every key with the same scopes: each request gets its own
         ``AuthCredentials`` list built from it."""
-        return _auth_scopes(self.user.scopes)
+        return auth_scopes(self.user.scopes)
 
 
 class _Slot:
@@ -426,7 +426,7 @@ class VerifiedKeyCache:
             digest,
             user.key_id,
             user,
-            _auth_scopes(user.scopes),
+            auth_scopes(user.scopes),
             entry.expires_at,
             entry.checked_at,
             is_plain(user),
@@ -448,7 +448,7 @@ class VerifiedKeyCache:
         return self._table.set_state(
             user.key_id,
             user,
-            _auth_scopes(user.scopes),
+            auth_scopes(user.scopes),
             entry.expires_at,
             entry.checked_at,
             is_plain(user),
