@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import keystile.cache
+import keystile.pytable
 import keystile.tagscan
 from hitpaths import HIT_PATHS, hit_path
 from keystile.cache import CachedKey, VerifiedKeyCache
@@ -478,7 +478,7 @@ def test_scan_does_the_same_work_wherever_the_match_is(
         return real_compare(a, b)
 
     monkeypatch.setattr(keystile.tagscan, "zero_lanes", recording_zero_lanes)
-    monkeypatch.setattr(keystile.cache, "_compare", recording_compare)
+    monkeypatch.setattr(keystile.pytable, "_compare", recording_compare)
     traces = {}
     for where, probe in {
         "first": digests[0],
@@ -515,7 +515,7 @@ def test_small_scan_compares_every_entry(
         calls.append(a)
         return real(a, b)
 
-    monkeypatch.setattr(keystile.cache, "_compare", counting)
+    monkeypatch.setattr(keystile.pytable, "_compare", counting)
     found = cache.lookup(probe, 1.0)
     assert (found is None) == (where == "absent")
     assert len(calls) == SMALL_SCAN_SIZE

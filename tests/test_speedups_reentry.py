@@ -138,7 +138,7 @@ class Releasing(APIKeyUser):
 def put(table: Any, user: APIKeyUser, checked_at: Any = 0.0, now: float = 0.0) -> None:
     """``user`` into the compiled table under its token."""
     digest = table.digest(token(user.key_id))
-    table.insert(digest, user.key_id, user, (), None, checked_at, True, now, 100)
+    table.insert(digest, (user.key_id, user, (), None, checked_at, True), now, 100)
 
 
 def users(table: Any) -> list[APIKeyUser]:
@@ -313,7 +313,7 @@ def insert_whose_time_clears_the_table(path: str) -> None:
     assert table.lookup(table.digest(token("d")), 1.0)[0] is d
     for name in "abc":
         assert table.lookup(table.digest(token(name)), 1.0) is None and name not in table
-    assert not table.set_state("a", d, (), None, Clearing(), True)  # a is gone
+    assert not table.set_state(("a", d, (), None, Clearing(), True))  # a is gone
 
 
 @compiled_only

@@ -1051,26 +1051,33 @@ static Py_ssize_t table_oldest(const Table *self)
     return best;
 }
 
-/* The arguments of a slot's state: key_id, user, scopes, expires_at, checked_at, plain. */
+/* A slot's state as Python gives it: (key_id, user, scopes, expires_at, checked_at,
+ * plain). The tuple's items stay alive with the tuple the caller holds. */
 typedef struct {
     PyObject *key_id, *user, *scopes;
     double expires, checked;
     uint32_t plain;
 } state_args;
 
-static int state_args_parse(PyObject *const *args, state_args *out)
+static int state_args_parse(PyObject *state, state_args *out)
 {
-    if (key_id_arg(args[0]) < 0 || expiry_arg(args[3], &out->expires) < 0 ||
-        time_arg(args[4], &out->checked) < 0)
+    if (!PyTuple_CheckExact(state) || PyTuple_GET_SIZE(state) != 6) {
+        PyErr_SetString(PyExc_TypeError,
+                        "a state is (key_id, user, scopes, expires_at, checked_at, plain)");
         return -1;
-    if (!PyBool_Check(args[5])) {
+    }
+    PyObject **items = &PyTuple_GET_ITEM(state, 0);
+    if (key_id_arg(items[0]) < 0 || expiry_arg(items[3], &out->expires) < 0 ||
+        time_arg(items[4], &out->checked) < 0)
+        return -1;
+    if (!PyBool_Check(items[5])) {
         PyErr_SetString(PyExc_TypeError, "plain is a bool");
         return -1;
     }
-    out->key_id = args[0];
-    out->user = args[1];
-    out->scopes = args[2];
-    out->plain = args[5] == Py_True;
+    out->key_id = items[0];
+    out->user = items[1];
+    out->scopes = items[2];
+    out->plain = items[5] == Py_True;
     return 0;
 }
 
@@ -1089,22 +1096,19 @@ static void state_set(slot_state *st, const state_args *a, PyObject *old[3])
 
 static PyObject *Table_insert(Table *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    /* insert(digest, key_id, user, scopes, expires_at, checked_at, plain, now, max_size):
-     * a key's slot, new or replaced; a new key past max_size takes the place of the one
-     * least recently seen. */
+    /* insert(digest, state, now, max_size): a key's slot, new or replaced; a new key past
+     * max_size takes the place of the one least recently seen. */
     uint8_t d[DIGEST_SIZE];
     state_args a;
     double now;
-    if (nargs != 9) {
-        PyErr_SetString(PyExc_TypeError,
-                        "insert(digest, key_id, user, scopes, expires_at, checked_at, plain, "
-                        "now, max_size)");
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "insert(digest, state, now, max_size)");
         return NULL;
     }
-    if (digest_arg(args[0], d) < 0 || state_args_parse(args + 1, &a) < 0 ||
-        time_arg(args[7], &now) < 0)
+    if (digest_arg(args[0], d) < 0 || state_args_parse(args[1], &a) < 0 ||
+        time_arg(args[2], &now) < 0)
         return NULL;
-    Py_ssize_t max_size = PyLong_AsSsize_t(args[8]);
+    Py_ssize_t max_size = PyLong_AsSsize_t(args[3]);
     if (max_size == -1 && PyErr_Occurred())
         return NULL;
     /* No Python code runs from here until the references are dropped. */
@@ -1136,16 +1140,11 @@ static PyObject *Table_insert(Table *self, PyObject *const *args, Py_ssize_t nar
     Py_RETURN_NONE;
 }
 
-static PyObject *Table_set_state(Table *self, PyObject *const *args, Py_ssize_t nargs)
+static PyObject *Table_set_state(Table *self, PyObject *state)
 {
-    /* set_state(key_id, user, scopes, expires_at, checked_at, plain) -> whether it is here */
+    /* set_state(state) -> whether its key is here (then its state is replaced) */
     state_args a;
-    if (nargs != 6) {
-        PyErr_SetString(PyExc_TypeError,
-                        "set_state(key_id, user, scopes, expires_at, checked_at, plain)");
-        return NULL;
-    }
-    if (state_args_parse(args, &a) < 0)
+    if (state_args_parse(state, &a) < 0)
         return NULL;
     Py_ssize_t slot = index_find(self, a.key_id);
     if (slot < 0)
@@ -1382,11 +1381,11 @@ static PyMethodDef Table_methods[] = {
      "lookup($self, digest, now, /)\n--\n\n"
      "(user, expires_at, checked_at) or None (constant-time scan)"},
     {"insert", (PyCFunction)(void (*)(void))Table_insert, METH_FASTCALL,
-     "insert($self, digest, key_id, user, scopes, expires_at, checked_at, plain, now, "
-     "max_size, /)\n--\n\nCache a key, or replace its slot"},
-    {"set_state", (PyCFunction)(void (*)(void))Table_set_state, METH_FASTCALL,
-     "set_state($self, key_id, user, scopes, expires_at, checked_at, plain, /)\n--\n\n"
-     "Replace a cached key's state; whether it is cached"},
+     "insert($self, digest, state, now, max_size, /)\n--\n\n"
+     "Cache a key, or replace its slot; state is (key_id, user, scopes, expires_at, "
+     "checked_at, plain)"},
+    {"set_state", (PyCFunction)Table_set_state, METH_O,
+     "set_state($self, state, /)\n--\n\nReplace a cached key's state; whether it is cached"},
     {"get", (PyCFunction)Table_get, METH_O,
      "get($self, key_id, /)\n--\n\n(user, expires_at, checked_at) or None"},
     {"evict", (PyCFunction)Table_evict, METH_O,

@@ -16,6 +16,9 @@ _Time: TypeAlias = SupportsFloat | SupportsIndex
 DIGEST_SIZE: Final = 32
 
 _State: TypeAlias = tuple[Any, float | None, float]
+#: What ``insert`` and ``set_state`` take: key id, principal, ``request.auth`` scopes,
+#: expiry (None: none), when the state was read, whether the key is plain.
+_SlotState: TypeAlias = tuple[str, Any, Any, float | None, float, bool]
 
 @final
 class Table:
@@ -34,28 +37,9 @@ class Table:
     def digest(self, token: Buffer, /) -> bytes: ...
     def lookup(self, digest: bytes, now: _Time, /) -> _State | None: ...
     def insert(
-        self,
-        digest: bytes,
-        key_id: str,
-        user: object,
-        scopes: object,
-        expires_at: _Time | None,
-        checked_at: _Time,
-        plain: bool,
-        now: _Time,
-        max_size: SupportsIndex,
-        /,
+        self, digest: bytes, state: _SlotState, now: _Time, max_size: SupportsIndex, /
     ) -> None: ...
-    def set_state(
-        self,
-        key_id: str,
-        user: object,
-        scopes: object,
-        expires_at: _Time | None,
-        checked_at: _Time,
-        plain: bool,
-        /,
-    ) -> bool: ...
+    def set_state(self, state: _SlotState, /) -> bool: ...
     def get(self, key_id: str, /) -> _State | None: ...
     def evict(self, key_id: str, /) -> bool: ...
     def evict_idle(self, since: _Time, /) -> int: ...

@@ -14,16 +14,21 @@ cache, or the timing leaks which cached digest a guess is close to. So:
   tag of a secretly keyed digest, between the first and the last, would only ever be
   missed, never confused: it is re-verified on the miss path.)
 
-The table holding tags, digests, last-use times and entries comes in two builds with one
-interface: ``keystile._speedups.Table`` (C: header walk, BLAKE2b and a branch-free
-AVX2/SSE2/scalar scan in one call, see ``_speedups.c``) and :class:`PyTable` below (a
-SWAR compare of every tag over Python integers, :mod:`keystile.tagscan`, then
-``hmac.compare_digest``; below ``SMALL_SCAN_SIZE`` entries a plain ``compare_digest``
-loop). ``keystile._accel`` picks one at import; the pure one is the fallback and the
-oracle of the tests.
+The table holds, per key, its tag and digest and its state: the principal, its
+``request.auth`` scopes, its expiry, when its state was read from the store and when it
+was last found, and the uses a compiled hit counted since the usage recorder last
+harvested them; and an index from key id to slot. A lookup answers with a
+:class:`CachedKey`, the slot's state as of that lookup: no object per key is kept. It
+comes in two builds with one interface: ``keystile._speedups.Table`` (C: header walk,
+BLAKE2b, a branch-free AVX2/SSE2/scalar scan, freshness, expiry and the use counted in
+one call; the layout is in ``docs/architecture.md``, "The verified-key table") and
+:class:`~keystile.pytable.PyTable` (a SWAR compare of every tag over Python integers,
+:mod:`keystile.tagscan`, then ``hmac.compare_digest``; below ``SMALL_SCAN_SIZE`` entries
+a plain ``compare_digest`` loop). ``keystile._accel`` picks one at import; the pure one is
+the fallback and the oracle of the tests.
 
 Inserts and evictions are O(1) amortised: arrays are grown by doubling, and an evicted
-slot is filled by moving the last entry into it.
+slot is filled by moving the last slot into it.
 
 The cache knows nothing of stores: the verifier decides what goes in and when an
 entry's state must be re-read. It is not thread-safe; use it from one event loop.
@@ -32,34 +37,29 @@ entry's state must be re-read. It is not thread-safe; use it from one event loop
 from __future__ import annotations
 
 import functools
-import hashlib
-import hmac
 import math
 import secrets
-import sys
 import time
-from array import array
 from collections.abc import Callable, Iterator
-from itertools import compress, repeat
-from operator import lt
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import _accel
 from .principal import APIKeyUser
-from .tagscan import PackedTags
+from .pytable import SMALL_SCAN_SIZE, PyTable, SlotState, State
 from .tokens import MAX_TOKEN_LENGTH
 
 if TYPE_CHECKING:
     from ._speedups import Table as CompiledTable
 
-__all__ = ["CachedKey", "PyTable", "VerifiedKeyCache", "auth_scopes", "is_plain"]
+__all__ = [
+    "SMALL_SCAN_SIZE",
+    "CachedKey",
+    "PyTable",
+    "VerifiedKeyCache",
+    "auth_scopes",
+    "is_plain",
+]
 
-DIGEST_SIZE = 32
-_NO_DIGEST = bytes(DIGEST_SIZE)
-_compare = hmac.compare_digest
-#: Up to this many entries a plain loop of ``compare_digest`` (about 0.1 µs an entry) is
-#: as fast as the packed scan (about 3 µs up to 512): ``benchmarks/purescan.py --crossover``.
-SMALL_SCAN_SIZE = 32
 #: Key ids whose eviction epochs are remembered before the memory is reset.
 _EVICTION_MEMORY = 4096
 
@@ -96,226 +96,6 @@ class CachedKey(NamedTuple):
         shared by every key with the same scopes: each request gets its own
         ``AuthCredentials`` list built from it."""
         return auth_scopes(self.user.scopes)
-
-
-class _Slot:
-    """One key's state and usage in the pure-Python table (``slot_state`` in C)."""
-
-    __slots__ = ("checked", "expires", "key_id", "last_used", "plain", "scopes", "user", "uses")
-
-    def __init__(self, key_id: str) -> None:
-        self.key_id = key_id
-        self.uses = 0
-        self.last_used = 0.0
-
-    def set(
-        self, user: Any, scopes: Any, expires: float | None, checked: float, plain: bool
-    ) -> None:
-        self.user = user
-        self.scopes = scopes
-        self.expires = math.inf if expires is None else float(expires)
-        self.checked = float(checked)
-        self.plain = plain
-
-    def state(self) -> tuple[Any, float | None, float]:
-        return (self.user, None if self.expires == math.inf else self.expires, self.checked)
-
-
-class PyTable:
-    """The pure-Python table: what ``keystile._speedups.Table`` does, with the standard
-    library only (the tag scan is :mod:`keystile.tagscan`). The oracle of the tests."""
-
-    __slots__ = (
-        "_digests",
-        "_hasher",
-        "_index",
-        "_released",
-        "_seen",
-        "_slots",
-        "_tags",
-        "count_uses",
-        "hits",
-        "minute_end",
-        "pending",
-        "pending_limit",
-        "ttl",
-    )
-
-    def __init__(self, key: bytes, max_token_length: int = MAX_TOKEN_LENGTH) -> None:
-        self._hasher = hashlib.blake2b(key=key, digest_size=DIGEST_SIZE)
-        self._digests: list[bytes] = []
-        self._slots: list[_Slot] = []
-        self._index: dict[str, int] = {}
-        self._tags = PackedTags()
-        #: Monotonic time of each slot's last use.
-        self._seen = array("d")
-        self._released: list[tuple[str, float, int]] = []
-        self.ttl = math.inf
-        self.count_uses = False
-        self.minute_end = math.inf
-        self.pending = 0
-        self.pending_limit = sys.maxsize
-        self.hits = 0
-
-    def digest(self, token: bytes) -> bytes:
-        hasher = self._hasher.copy()
-        hasher.update(token)
-        return hasher.digest()
-
-    def lookup(self, digest: bytes, now: float) -> tuple[Any, float | None, float] | None:
-        slot = self._find(digest)
-        if slot < 0:
-            return None
-        self._seen[slot] = now
-        return self._slots[slot].state()
-
-    def _find(self, digest: bytes) -> int:
-        if len(self._digests) <= SMALL_SCAN_SIZE:
-            # Few entries: compare_digest against every one (no early exit) beats the
-            # packed scan's fixed cost; still a full scan whose time depends on the size.
-            found = -1
-            for slot, stored in enumerate(self._digests):
-                if _compare(stored, digest):
-                    found = slot
-            return found
-        first, last = self._tags.first_and_last(digest)
-        if first == last:  # one candidate, or none (a dummy is compared then)
-            matched = _compare(self._digests[first] if first >= 0 else _NO_DIGEST, digest)
-            return first if matched and first >= 0 else -1
-        if _compare(self._digests[first], digest):
-            return first
-        if _compare(self._digests[last], digest):
-            return last
-        return -1
-
-    def insert(
-        self,
-        digest: bytes,
-        key_id: str,
-        user: Any,
-        scopes: Any,
-        expires_at: float | None,
-        checked_at: float,
-        plain: bool,
-        now: float,
-        max_size: int,
-    ) -> None:
-        slot = self._index.get(key_id)
-        old: Any = None
-        evicted: Any = None
-        if slot is not None:
-            entry = self._slots[slot]
-            old = (entry.user, entry.scopes)
-        else:
-            if len(self._slots) >= max_size and self._slots:
-                evicted = self._take(self._oldest())
-            slot = len(self._slots)
-            entry = _Slot(key_id)
-            self._slots.append(entry)
-            self._digests.append(digest)
-            self._tags.append(digest)
-            self._seen.append(now)
-            self._index[key_id] = slot
-        entry.set(user, scopes, expires_at, checked_at, plain)
-        self._digests[slot] = digest
-        self._tags.put(slot, digest)
-        self._seen[slot] = now
-        del old, evicted  # last: a finalizer may use the table, and finds it whole
-
-    def set_state(
-        self,
-        key_id: str,
-        user: Any,
-        scopes: Any,
-        expires_at: float | None,
-        checked_at: float,
-        plain: bool,
-    ) -> bool:
-        slot = self._index.get(key_id)
-        if slot is None:
-            return False
-        entry = self._slots[slot]
-        old = (entry.user, entry.scopes)
-        entry.set(user, scopes, expires_at, checked_at, plain)
-        del old
-        return True
-
-    def get(self, key_id: str) -> tuple[Any, float | None, float] | None:
-        slot = self._index.get(key_id)
-        return None if slot is None else self._slots[slot].state()
-
-    def evict(self, key_id: str) -> bool:
-        slot = self._index.get(key_id)
-        if slot is None:
-            return False
-        taken = self._take(slot)
-        del taken
-        return True
-
-    def evict_idle(self, since: float) -> int:
-        seen = self._seen
-        idle = list(compress(range(len(seen)), map(lt, seen, repeat(since))))
-        # Held until every slot is gone: a finalizer run between two removals could move
-        # the slots the others name.
-        taken = [self._take(slot) for slot in reversed(idle)]
-        return len(taken)
-
-    def clear(self) -> None:
-        """Empty the table first, then drop the slots: their finalizers find it empty."""
-        taken = [self._take(slot) for slot in reversed(range(len(self._slots)))]
-        del taken
-
-    def invalidate(self) -> None:
-        for entry in self._slots:
-            entry.checked = -math.inf
-
-    def stale(self, before: float) -> list[str]:
-        return [e.key_id for e in self._slots if e.checked < before]
-
-    def states(self) -> list[tuple[Any, float | None, float]]:
-        return [e.state() for e in self._slots]
-
-    def harvest(self) -> list[tuple[str, float, int]]:
-        out, self._released = self._released, []
-        for entry in self._slots:
-            if entry.uses:
-                out.append((entry.key_id, entry.last_used, entry.uses))
-                entry.uses = 0
-        self.pending = 0
-        return out
-
-    def set_clocks(self, monotonic: Any, clock: Any) -> None:
-        """The pure path reads its clocks in Python (``Verifier.hit``); nothing to keep."""
-
-    def __contains__(self, key_id: str) -> bool:
-        return key_id in self._index
-
-    def __len__(self) -> int:
-        return len(self._slots)
-
-    def _oldest(self) -> int:
-        seen = self._seen
-        return seen.index(min(seen))
-
-    def _take(self, slot: int) -> _Slot:
-        """Remove ``slot`` (the last slot moves into it); the slot removed, for the caller
-        to drop once the table is whole again."""
-        taken = self._slots[slot]
-        del self._index[taken.key_id]
-        if taken.uses:
-            self.pending -= 1
-            self._released.append((taken.key_id, taken.last_used, taken.uses))
-        last = len(self._slots) - 1
-        if slot != last:
-            moved = self._slots[slot] = self._slots[last]
-            self._digests[slot] = self._digests[last]
-            self._seen[slot] = self._seen[last]
-            self._index[moved.key_id] = slot
-        self._tags.remove(slot)
-        self._digests.pop()
-        self._seen.pop()
-        self._slots.pop()
-        return taken
 
 
 class VerifiedKeyCache:
@@ -421,18 +201,7 @@ class VerifiedKeyCache:
         cache takes the place of the one least recently used."""
         if self.changed_since(entry.key_id, epoch):
             return False
-        user = entry.user
-        self._table.insert(
-            digest,
-            user.key_id,
-            user,
-            auth_scopes(user.scopes),
-            entry.expires_at,
-            entry.checked_at,
-            is_plain(user),
-            now,
-            self.max_size,
-        )
+        self._table.insert(digest, _slot_state(entry), now, self.max_size)
         return True
 
     def get(self, key_id: str) -> CachedKey | None:
@@ -444,15 +213,7 @@ class VerifiedKeyCache:
         (``False``) if the key was evicted since ``epoch``, as ``insert`` is."""
         if entry.key_id not in self._table or self.changed_since(entry.key_id, epoch):
             return False
-        user = entry.user
-        return self._table.set_state(
-            user.key_id,
-            user,
-            auth_scopes(user.scopes),
-            entry.expires_at,
-            entry.checked_at,
-            is_plain(user),
-        )
+        return self._table.set_state(_slot_state(entry))
 
     def evict(self, key_id: str) -> bool:
         self.epoch += 1
@@ -493,5 +254,17 @@ class VerifiedKeyCache:
         return iter([_snapshot(state) for state in self._table.states()])
 
 
-def _snapshot(state: tuple[Any, float | None, float]) -> CachedKey:
+def _slot_state(entry: CachedKey) -> SlotState:
+    user = entry.user
+    return (
+        user.key_id,
+        user,
+        auth_scopes(user.scopes),
+        entry.expires_at,
+        entry.checked_at,
+        is_plain(user),
+    )
+
+
+def _snapshot(state: State) -> CachedKey:
     return tuple.__new__(CachedKey, state)

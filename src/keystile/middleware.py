@@ -209,16 +209,18 @@ class APIKeyMiddleware:
             user, auth_scopes, counted = entry.user, entry.auth_scopes, False
         scope["user"] = user
         scope["auth"] = AuthCredentials(auth_scopes)
-        # Stage 3, admit: a key without an IP allowlist or limits pays these checks alone.
-        if user.limits is not None or self._limit_every_key or user.ip_allowlist is not None:
-            try:
-                send = await admit(user, scope, self.limits, send)
-            except AuthenticationError as exc:
-                await self._deny(exc, scope, receive, send)
-                return
-        # Stage 4, record (unless the compiled hit counted the use); stage 5, call the app.
+        # Stages 3 and 4, admit and record: a use the compiled hit counted is of a key
+        # without an IP allowlist or limits, admitted as it is; any other key pays these
+        # checks, and a key with limits or an allowlist is admitted by them.
         if not counted:
+            if user.limits is not None or self._limit_every_key or user.ip_allowlist is not None:
+                try:
+                    send = await admit(user, scope, self.limits, send)
+                except AuthenticationError as exc:
+                    await self._deny(exc, scope, receive, send)
+                    return
             self.recorder.touch(user.key_id, self.verifier.clock())
+        # Stage 5, call the app.
         if self.strip_credentials and without is not None:
             scope["headers"] = without
         if kind == "websocket":
