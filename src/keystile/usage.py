@@ -94,7 +94,9 @@ class UsageRecorder:
             raise ValueError("flush_interval must be positive and flush_max at least 1")
         self.store = store
         self.flush_interval = flush_interval
-        self.flush_max = flush_max
+        #: The compiled cache's table, which counts the uses of plain cache hits itself.
+        self._table: UsageTable | None = None
+        self._flush_max = flush_max
         self.flush_timeout = flush_timeout
         self.max_backoff = max_backoff
         self.flushes = 0
@@ -118,9 +120,18 @@ class UsageRecorder:
         self._minute = 0
         self._minute_end = -math.inf
         self._counts: dict[tuple[str, int], list[int]] = {}
-        #: The compiled cache's table, which counts the uses of plain cache hits itself.
-        self._table: UsageTable | None = None
         self.count_usage = count_usage
+
+    @property
+    def flush_max(self) -> int:
+        """Pending keys that trigger an early flush."""
+        return self._flush_max
+
+    @flush_max.setter
+    def flush_max(self, flush_max: int) -> None:
+        self._flush_max = flush_max
+        if self._table is not None:
+            self._table.pending_limit = flush_max
 
     def attach(self, table: UsageTable) -> None:
         """Take the uses ``table`` counts (the compiled hit path counts a plain hit's use in

@@ -126,7 +126,7 @@ class Verifier:
             raise ValueError("cache_ttl and cache_idle must be positive")
         self.store = store
         self.hasher = hasher or SecretHasher(DEFAULT_PARAMETERS)
-        self.cache_ttl = cache_ttl
+        self._cache_ttl = cache_ttl
         self.cache_idle = cache_idle
         self.stale_if_error = stale_if_error
         self.argon2_concurrency = argon2_concurrency
@@ -177,6 +177,16 @@ class Verifier:
         return self.admission.pending
 
     @property
+    def cache_ttl(self) -> float:
+        """Seconds a cached key's state may be old before it is read again."""
+        return self._cache_ttl
+
+    @cache_ttl.setter
+    def cache_ttl(self, ttl: float) -> None:
+        self._cache_ttl = ttl
+        self.cache.set_clocks(self._monotonic, self._clock, ttl=ttl)
+
+    @property
     def clock(self) -> Callable[[], float]:
         """The wall clock (expiry, usage); tests may replace it, and ``monotonic``."""
         return self._clock
@@ -184,7 +194,7 @@ class Verifier:
     @clock.setter
     def clock(self, clock: Callable[[], float]) -> None:
         self._clock = clock
-        self.cache.set_clocks(self.monotonic, clock, ttl=self.cache_ttl)
+        self.cache.set_clocks(self.monotonic, clock, ttl=self._cache_ttl)
 
     @property
     def monotonic(self) -> Callable[[], float]:
@@ -194,7 +204,7 @@ class Verifier:
     @monotonic.setter
     def monotonic(self, monotonic: Callable[[], float]) -> None:
         self._monotonic = monotonic
-        self.cache.set_clocks(monotonic, self._clock, ttl=self.cache_ttl)
+        self.cache.set_clocks(monotonic, self._clock, ttl=self._cache_ttl)
 
     # -- the request path -----------------------------------------------------------
 
