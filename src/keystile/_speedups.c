@@ -1,18 +1,20 @@
 /*
  * keystile._speedups: the cache-hit path in C.
  *
- * One Table holds what a cache hit reads: the 8-byte tag and the full 32-byte keyed
- * BLAKE2b digest of every cached key, when it was last used, and its entry (a Python
- * object). Table.hit() takes an ASGI header list and does in one call what the
- * pure-Python path does in three (keystile.credentials.split_credential, the keyed
- * digest, the tag scan), and declines (returns None) whenever the request is not a
- * plain hit, so that Python decides everything unusual.
+ * One Table holds what a cache hit reads: the 32-byte keyed BLAKE2b digest of every
+ * cached key (its 8-byte tag apart, for the scan) and the key's state: its principal,
+ * expiry, when its state was read and when it was last used, and its uses since they were
+ * last harvested (see "the table" below). Table.hit() takes an ASGI header list and does
+ * in one call what the pure-Python path does in several (split_credential, the keyed
+ * digest, the tag scan, the freshness and expiry checks, UsageRecorder.touch), and
+ * declines (returns None) whenever the request is not a plain hit, so that Python decides
+ * everything unusual.
  *
  * Constant time is the point:
  *   - the tag scan reads every tag and has no data-dependent branch: matches are
  *     OR-accumulated into masks, the first and last matching index are selected with
  *     masks (scan_avx2, scan_sse2, scan_scalar; docs/architecture.md shows how to check
- *     the built object's disassembly, tests/test_speedups_asm.py does it);
+ *     the built object's disassembly, tests/speedups/test_speedups_asm.py does it);
  *   - both candidates (first and last match, or a dummy) are always compared on their
  *     full 32 bytes, without early exit (ct_equal32).
  *
@@ -24,7 +26,7 @@
  * freed object's finalizer), and that code may use this table. So no slot or borrowed
  * pointer is kept across such a call: a method changes the table first and drops
  * references last, and hit() re-checks the table's version and the header list after
- * allocating its answer (tests/test_speedups_reentry.py).
+ * allocating its answer (tests/speedups/test_speedups_reentry.py).
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -1369,7 +1371,7 @@ static int Table_contains(Table *self, PyObject *key_id)
 static Py_ssize_t Table_len(Table *self) { return self->size; }
 
 /* Each docstring opens with its signature ("name($self, ...)\n--\n\n"), which
- * inspect.signature reads: tests/test_speedups_stub.py holds _speedups.pyi to it. */
+ * inspect.signature reads: tests/speedups/test_speedups_stub.py holds _speedups.pyi to it. */
 static PyMethodDef Table_methods[] = {
     {"hit", (PyCFunction)(void (*)(void))Table_hit, METH_FASTCALL,
      "hit($self, headers, header_name, prefixes, count, /)\n--\n\n"
