@@ -25,7 +25,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from keystile import CHEAPEST_PARAMETERS, APIKeyMiddleware, KeyManager, MemoryKeyStore
-from keystile.cache import CachedKey, VerifiedKeyCache
+from keystile.cache import CachedKey, VerifiedKeyCache, auth_scopes
 from keystile.hashing import Argon2Parameters
 from keystile.manager import CreatedKey
 from keystile.principal import APIKeyUser
@@ -63,11 +63,13 @@ def fastapi_app() -> FastAPI:
     return app
 
 
-def fill_cache(cache: VerifiedKeyCache, n: int) -> list[bytes]:
+def fill_cache(cache: VerifiedKeyCache, n: int, *, keep_tokens: bool = True) -> list[bytes]:
     """Insert ``n`` freshly generated keys straight into ``cache`` (no store, no argon2).
 
     Returns the tokens in slot order: ``tokens[0]`` sits in the first slot of the scan,
-    ``tokens[-1]`` in the last.
+    ``tokens[-1]`` in the last. With ``keep_tokens=False`` none are kept (and none
+    returned): each key's token and other passing objects are freed before the next key
+    is made, as when a server proves its keys one request at a time.
     """
     now = time.monotonic()
     tokens: list[bytes] = []
@@ -81,7 +83,8 @@ def fill_cache(cache: VerifiedKeyCache, n: int) -> list[bytes]:
             cache.digest(token), CachedKey(user, None, now), now=now, epoch=cache.epoch
         ):
             raise RuntimeError("cache refused an insert")
-        tokens.append(token)
+        if keep_tokens:
+            tokens.append(token)
     if len(cache) != n:
         raise RuntimeError(f"cache holds {len(cache)} keys, expected {n} (max_size too small?)")
     return tokens
@@ -110,6 +113,8 @@ class FloorMiddleware:
     def __init__(self, app: ASGIApp, cache: VerifiedKeyCache) -> None:
         self.app = app
         self.cache = cache
+        #: The table's own lookup: the state of the slot found, no wrapper around it.
+        self.lookup = cache.table.lookup
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -117,11 +122,11 @@ class FloorMiddleware:
             for name, value in scope["headers"]:
                 if name == b"authorization":
                     token = value[7:]
-            entry = self.cache.lookup(self.cache.digest(token), 0.0)
-            if entry is None:
+            found = self.lookup(self.cache.digest(token), 0.0)
+            if found is None:
                 raise RuntimeError("the floor middleware only measures hits")
-            scope["user"] = entry.user
-            scope["auth"] = AuthCredentials(entry.auth_scopes)
+            user = scope["user"] = found[0]
+            scope["auth"] = AuthCredentials(auth_scopes(user.scopes))
         await self.app(scope, receive, send)
 
 

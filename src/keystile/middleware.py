@@ -33,11 +33,11 @@ from starlette.requests import HTTPConnection
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .cache import CachedKey
 from .config import DEFAULT_HEADER_NAME, DEFAULT_REALM, ErrorHandler, KeystileConfig
 from .credentials import split_credential, without_credentials
 from .errors import AuthenticationError, MissingCredentials
 from .limits import LimitEnforcer
+from .principal import APIKeyUser
 from .responses import WEBSOCKET_POLICY_VIOLATION, error_code, error_response
 from .runtime import KeystileRuntime
 from .socket_guard import guard_websocket
@@ -143,7 +143,7 @@ class APIKeyMiddleware:
         self._bearer_starts = config.bearer_starts
         #: The compiled hit path (``None`` on the pure-Python path): stages 1 and 2 in one
         #: call for a cached key; it leaves anything else to ``read_credential``.
-        self._hit_request = self.verifier.hit_request if self.verifier.cache.compiled else None
+        self._hit_request = self.verifier.cache.hit_request
         self._has_exemptions = bool(config.exempt_paths)
         self._cors_inside: bool | None = None
         #: Usage limits, checked after a key is verified (docs/operations.md, "Limits").
@@ -156,6 +156,9 @@ class APIKeyMiddleware:
             headers=config.rate_limit_headers,
         )
         self._limit_every_key = self.limits.limits_every_key
+        #: Whether the compiled hit may count a use as it answers: not when every key is
+        #: limited, since the use is recorded only once the limit admits the request.
+        self._count = not self._limit_every_key
         if config.metrics:
             # Read at scrape time from the runtime's counters: the hit path pays nothing.
             from .metrics import PrometheusMetrics
@@ -182,15 +185,15 @@ class APIKeyMiddleware:
             return
         # Stages 1 and 2, read and verify: compiled for a cached key (the stages module
         # says why inline), else in Python.
-        entry: CachedKey
+        user: APIKeyUser
         without: Headers | None
         found = (
-            self._hit_request(scope["headers"], self._header, self._bearer_starts)
+            self._hit_request(scope["headers"], self._header, self._bearer_starts, self._count)
             if self._hit_request is not None
             else None
         )
         if found is not None:
-            entry, without = found
+            user, auth_scopes, without, counted = found
         else:
             try:
                 token, source, without = read_credential(scope["headers"], self.config)
@@ -203,21 +206,25 @@ class APIKeyMiddleware:
                 scope["user"], scope["auth"] = UnauthenticatedUser(), AuthCredentials()
                 await self.app(scope, receive, send)
                 return
-        user = scope["user"] = entry.user
-        scope["auth"] = AuthCredentials(entry.auth_scopes)
-        # Stage 3, admit: a key without an IP allowlist or limits pays these checks alone.
-        if user.limits is not None or self._limit_every_key or user.ip_allowlist is not None:
-            try:
-                send = await admit(user, scope, self.limits, send)
-            except AuthenticationError as exc:
-                await self._deny(exc, scope, receive, send)
-                return
-        # Stage 4, record; stage 5, call the app.
-        self.recorder.touch(user.key_id, self.verifier.clock())
+            user, auth_scopes, counted = entry.user, entry.auth_scopes, False
+        scope["user"] = user
+        scope["auth"] = AuthCredentials(auth_scopes)
+        # Stages 3 and 4, admit and record: a use the compiled hit counted is of a key
+        # without an IP allowlist or limits, admitted as it is; any other key pays these
+        # checks, and a key with limits or an allowlist is admitted by them.
+        if not counted:
+            if user.limits is not None or self._limit_every_key or user.ip_allowlist is not None:
+                try:
+                    send = await admit(user, scope, self.limits, send)
+                except AuthenticationError as exc:
+                    await self._deny(exc, scope, receive, send)
+                    return
+            self.recorder.touch(user.key_id, self.verifier.clock())
+        # Stage 5, call the app.
         if self.strip_credentials and without is not None:
             scope["headers"] = without
         if kind == "websocket":
-            receive, send = guard_websocket(self.verifier, entry, receive, send)
+            receive, send = guard_websocket(self.verifier, user, receive, send)
         await self.app(scope, receive, send)
 
     def _is_exempt(self, scope: Scope) -> bool:
@@ -253,7 +260,7 @@ class APIKeyMiddleware:
                 scope["auth"] = AuthCredentials(entry.auth_scopes)
                 self.recorder.touch(entry.key_id, self.verifier.clock())
                 if scope["type"] == "websocket":
-                    receive, send = guard_websocket(self.verifier, entry, receive, send)
+                    receive, send = guard_websocket(self.verifier, entry.user, receive, send)
         if self.strip_credentials and without is not None:
             scope["headers"] = without
         await self.app(scope, receive, send)

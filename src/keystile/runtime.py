@@ -93,6 +93,9 @@ class KeystileRuntime:
         )
         #: Rejected attempts against a key id are counted in its usage, per minute.
         self.verifier.on_reject = self._count_reject
+        #: The compiled hit path counts the uses of plain hits in the cache's table.
+        if self.verifier.cache.compiled:
+            self.recorder.attach(self.verifier.cache.table)
         #: Duties others attach (the metrics snapshot writer), and calls made at ``stop``.
         self.extra_duties: dict[str, Callable[[], Awaitable[None]]] = {}
         self.stop_hooks: list[Callable[[], None]] = []
@@ -193,6 +196,7 @@ class KeystileRuntime:
         verifier, recorder = self.verifier, self.recorder
         return KeystileStats.of(
             verifier.counters,
+            table_hits=verifier.cache.hits,
             argon2_in_flight=verifier.argon2_in_flight,
             cache_size=len(verifier.cache),
             cache_max_size=verifier.cache.max_size,

@@ -11,20 +11,22 @@ app's ``on_error``). The stages:
    ``MissingCredentials`` for none when a key is required.
 2. :func:`verify`: the cached entry of a valid key, or why it is not valid.
 3. :func:`admit`: the key's IP allowlist, then its limits; the ``send`` to answer with.
-4. Record: ``UsageRecorder.touch(key_id, now)``, a dict write.
+4. Record: ``UsageRecorder.touch(key_id, now)``, a dict write; on the compiled hit path
+   the cache's table counts a plain key's use itself (``usage.py``, ``attach``).
 5. Call the app: the headers without the credential, a WebSocket under
    ``socket_guard``.
 
 Why the middleware inlines the hit path instead of calling these: a request for a cached
-key is served by one compiled call, ``Verifier.hit_request``, which does stages 1 and 2
-(header walk, digest, constant-time scan) and declines anything unusual, which then goes
-through :func:`read_credential` and :func:`verify`. A cached key without an allowlist or
-limits is then admitted by three attribute checks in the middleware, and recorded by
-calling ``touch`` directly. Measured with ``benchmarks/instructions.py`` (callgrind, 10
-cached keys): awaiting ``admit`` and calling a ``record`` function on every hit cost about
-1 500 instructions per request (keystile's share from about 16 100 to 18 400, past its
-18 000 target). So the hit path stays inline; the stages are still one each, in this
-order, on every path.
+key is served by one compiled call, ``VerifiedKeyCache.hit_request``, which does stages 1
+and 2 (header walk, digest, constant-time scan, the key's freshness and expiry) and, for a
+key without limits or an allowlist, stage 4 (its use counted in the table); it declines
+anything unusual, which then goes through :func:`read_credential` and :func:`verify`. A
+cached key without an allowlist or limits is then admitted by three attribute checks in
+the middleware; a key with them is admitted by :func:`admit` and recorded by ``touch``.
+Measured with ``benchmarks/instructions.py`` (callgrind, 10 cached keys): awaiting
+``admit`` and calling a ``record`` function on every hit cost about 1 500 instructions per
+request (keystile's share from about 16 100 to 18 400, past its 18 000 target). So the
+hit path stays inline; the stages are still one each, in this order, on every path.
 """
 
 from __future__ import annotations

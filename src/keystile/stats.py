@@ -96,14 +96,17 @@ class KeystileStats:
     memo_errors: int = 0
 
     @classmethod
-    def of(cls, counters: Counters, **others: Any) -> KeystileStats:
+    def of(cls, counters: Counters, *, table_hits: int = 0, **others: Any) -> KeystileStats:
         """A snapshot of the request path's ``counters``, each under its own name, and of
-        ``others``: what the cache and the usage recorder report."""
+        ``others``: what the cache and the usage recorder report. ``table_hits``: the hits
+        the compiled cache table answered, counted there (with ``counters.cache_hits``,
+        those Python answered, they are ``cache_hits``)."""
         values = {f.name: getattr(counters, f.name) for f in fields(counters)}
         values["rejects"] = dict(counters.rejects)
         values["argon2_buckets"] = tuple(counters.argon2_buckets)
-        lookups = counters.cache_hits + counters.cache_misses
-        hit_ratio = counters.cache_hits / lookups if lookups else 0.0
+        values["cache_hits"] = hits = counters.cache_hits + table_hits
+        lookups = hits + counters.cache_misses
+        hit_ratio = hits / lookups if lookups else 0.0
         return cls(**values, **others, hit_ratio=hit_ratio)
 
     def as_dict(self) -> dict[str, Any]:

@@ -29,6 +29,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
+from typing import Protocol
 
 import anyio
 
@@ -42,7 +43,22 @@ __all__ = [
     "DEFAULT_MAX_USAGE_ROWS",
     "QuotaListener",
     "UsageRecorder",
+    "UsageTable",
 ]
+
+
+class UsageTable(Protocol):
+    """What the recorder reads of a table that counts uses itself (the compiled cache's)."""
+
+    count_uses: bool
+    minute_end: float
+    pending_limit: int
+
+    @property
+    def pending(self) -> int: ...
+
+    def harvest(self) -> list[tuple[str, float, int]]: ...
+
 
 #: Called after each flush that wrote uses with the quota state the store returned.
 QuotaListener = Callable[[Mapping[str, QuotaState]], None]
@@ -78,7 +94,9 @@ class UsageRecorder:
             raise ValueError("flush_interval must be positive and flush_max at least 1")
         self.store = store
         self.flush_interval = flush_interval
-        self.flush_max = flush_max
+        #: The compiled cache's table, which counts the uses of plain cache hits itself.
+        self._table: UsageTable | None = None
+        self._flush_max = flush_max
         self.flush_timeout = flush_timeout
         self.max_backoff = max_backoff
         self.flushes = 0
@@ -105,8 +123,49 @@ class UsageRecorder:
         self.count_usage = count_usage
 
     @property
+    def flush_max(self) -> int:
+        """Pending keys that trigger an early flush."""
+        return self._flush_max
+
+    @flush_max.setter
+    def flush_max(self, flush_max: int) -> None:
+        self._flush_max = flush_max
+        if self._table is not None:
+            self._table.pending_limit = flush_max
+
+    def attach(self, table: UsageTable) -> None:
+        """Take the uses ``table`` counts (the compiled hit path counts a plain hit's use in
+        the cache's table, with no dict write): harvested into this recorder at each minute
+        boundary, each flush, and whenever ``pending`` is read. The table declines to count
+        past the current minute or past ``flush_max`` pending keys, so the request that
+        finds it so comes through ``touch``, which harvests (and wakes the flush)."""
+        self._table = table
+        table.pending_limit = self.flush_max
+        table.minute_end = self._minute_end if self.count_usage else math.inf
+        table.count_uses = True
+
+    def _collect(self) -> None:
+        """Move the uses the table counted into the pending touches and this minute's
+        request counts."""
+        table = self._table
+        if table is None:
+            return
+        pending, requests, counting = self._pending, self._requests, self.count_usage
+        for key_id, at, uses in table.harvest():
+            if at > pending.get(key_id, -math.inf):
+                pending[key_id] = at
+            if counting:
+                requests[key_id] += uses
+
+    def _pending_keys(self) -> int:
+        """Keys pending here and in the table (a key in both counted twice: a bound)."""
+        table = self._table
+        return len(self._pending) + (table.pending if table is not None else 0)
+
+    @property
     def pending(self) -> int:
         """Keys whose latest use is not in the store yet (including a flush under way)."""
+        self._collect()
         if not self._in_flight:
             return len(self._pending)
         return len(self._pending.keys() | self._in_flight.keys())
@@ -123,10 +182,13 @@ class UsageRecorder:
             self.__dict__.pop("touch", None)
         else:
             self.__dict__["touch"] = self._touch_uncounted
+        if self._table is not None:
+            self._table.minute_end = self._minute_end if on else math.inf
 
     @property
     def pending_usage(self) -> int:
         """Usage rows (key, minute) counted and not yet in the store."""
+        self._collect()
         return len(self._counts) + len(self._requests.keys() | self._rejected.keys())
 
     def touch(self, key_id: str, at: float) -> None:
@@ -137,7 +199,7 @@ class UsageRecorder:
         last = pending.get(key_id)
         if last is None:
             pending[key_id] = at
-            if len(pending) >= self.flush_max and self._wakeup is not None:
+            if self._pending_keys() >= self.flush_max and self._wakeup is not None:
                 self._wakeup.set()
         elif at > last:
             pending[key_id] = at
@@ -151,7 +213,7 @@ class UsageRecorder:
         last = pending.get(key_id)
         if last is None:
             pending[key_id] = at
-            if len(pending) >= self.flush_max and self._wakeup is not None:
+            if self._pending_keys() >= self.flush_max and self._wakeup is not None:
                 self._wakeup.set()
         elif at > last:
             pending[key_id] = at
@@ -168,8 +230,11 @@ class UsageRecorder:
         minute = int(at // 60) * 60
         self._minute = minute
         self._minute_end = minute + 60.0
+        if self._table is not None and self.count_usage:
+            self._table.minute_end = self._minute_end
 
     def _fold(self) -> None:
+        self._collect()
         minute, counts = self._minute, self._counts
         if self._requests:
             requests, self._requests = self._requests, defaultdict(int)
@@ -303,7 +368,7 @@ class UsageRecorder:
             self._wakeup = anyio.Event()
             if failing:
                 await anyio.sleep(delay)
-            elif len(self._pending) < self.flush_max:
+            elif self._pending_keys() < self.flush_max:
                 with anyio.move_on_after(delay):
                     await self._wakeup.wait()
             try:
