@@ -359,7 +359,9 @@ class KeyManager:
             created_at=now,
             expires_at=self._successor_expiry(old, now),
             replaces=old.id,
-            # The successor keeps the key's plan and what is left of its quota.
+            # The successor keeps the key's plan and spends the same budget: while the
+            # old key is in grace both draw on one rate limit and one quota.
+            budget_id=old.budget_id,
             rate_limit=old.rate_limit,
             quota=old.quota,
             quota_remaining=old.quota_left(now),

@@ -41,7 +41,7 @@ from .limits import LimitEnforcer
 from .responses import WEBSOCKET_POLICY_VIOLATION, error_code, error_response
 from .runtime import KeystileRuntime
 from .socket_guard import guard_websocket
-from .stages import Headers, admit, read_credential, verify
+from .stages import Headers, admit, check_allowlist, read_credential, verify
 from .stats import KeystileStats
 
 if TYPE_CHECKING:
@@ -243,9 +243,9 @@ class APIKeyMiddleware:
         if token is not None:
             try:
                 entry = await verify(self.verifier, token, source)
-                # An exempt path never refuses: over its limits, or from outside its IP
-                # allowlist, the key goes on unseen. Nor does it add RateLimit fields.
-                await admit(entry.user, scope, self.limits, send)
+                # An exempt path never refuses and never spends: from outside its IP
+                # allowlist the key goes on unseen; its limits are not touched.
+                check_allowlist(entry.user, scope)
             except AuthenticationError as exc:
                 self.verifier.counters.rejects[exc.reason] += 1
             else:

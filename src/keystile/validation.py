@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from .durations import parse_duration
 from .errors import InvalidKeyName, KeyManagementError
-from .limits import normalize_rate_limit, quota_changes
+from .limits import MAX_QUOTA, normalize_rate_limit, quota_changes
 from .principal import normalize_cidrs
 from .stores.records import KeyRecord
 
@@ -105,8 +105,10 @@ def validate_rate_limit(rate_limit: str | None) -> str | None:
 def validate_quota(quota: int | None) -> int | None:
     if quota is None:
         return None
-    if isinstance(quota, bool) or not isinstance(quota, int) or not 0 <= quota < 2**62:
-        raise KeyManagementError(f"quota must be a whole number of uses >= 0, got {quota!r}")
+    if isinstance(quota, bool) or not isinstance(quota, int) or not 0 <= quota <= MAX_QUOTA:
+        raise KeyManagementError(
+            f"quota must be a whole number of uses from 0 to {MAX_QUOTA} (2**53 - 1), got {quota!r}"
+        )
     return quota
 
 

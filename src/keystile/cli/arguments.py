@@ -43,9 +43,10 @@ __all__ = [
 
 T = TypeVar("T")
 
-#: Past these a store could not hold the number (a quota is a 62-bit integer; a count is
-#: a 32-bit SQL LIMIT).
-MAX_QUOTA, MAX_COUNT = 2**62 - 1, 2**31 - 1
+#: Past these a number is refused: a quota is exact up to 2**53 - 1 everywhere (the
+#: stores, Redis's Lua, JSON: ``limits.MAX_QUOTA``, not imported so that ``--help`` stays
+#: light); a count is a 32-bit SQL LIMIT.
+MAX_QUOTA, MAX_COUNT = 2**53 - 1, 2**31 - 1
 
 
 def checked(check: Callable[[str], T]) -> Callable[[str], T]:

@@ -25,6 +25,7 @@ from .enforcer import REDIS_RETRY_INTERVAL, LimitEnforcer, OnError, send_with_he
 from .gcra import MemoryRateLimiter, RateLimiter
 from .policy import (
     DEFAULT_RATE_LIMIT_STORAGE,
+    MAX_QUOTA,
     POLICY_NAME,
     LimitPolicy,
     QuotaPolicy,
@@ -38,6 +39,7 @@ from .redis import REDIS_TIMEOUT, RedisRateLimiter
 
 __all__ = [
     "DEFAULT_RATE_LIMIT_STORAGE",
+    "MAX_QUOTA",
     "POLICY_NAME",
     "REDIS_RETRY_INTERVAL",
     "REDIS_TIMEOUT",

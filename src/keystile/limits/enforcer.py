@@ -35,7 +35,7 @@ from .policy import (
     parse_rate_limit,
 )
 from .quota import QuotaBook
-from .redis import RedisRateLimiter
+from .redis import RedisRateLimiter, RedisScriptError
 
 __all__ = [
     "REDIS_RETRY_INTERVAL",
@@ -149,22 +149,21 @@ class LimitEnforcer:
         """The in-process decision for ``user`` (``memory://``, or Redis's fallback)."""
         policy = user.limits
         if policy is None:
-            rate, quota = self.default_rate, None
+            rate, quota, budget = self.default_rate, None, user.key_id
             if rate is None:
                 return None
         else:
-            rate, quota = policy.rate or self.default_rate, policy.quota
-        key_id = user.key_id
+            rate, quota, budget = policy.rate or self.default_rate, policy.quota, policy.budget
         if quota is not None:
-            wait = self.quotas.wait(key_id, quota, self.clock())
+            wait = self.quotas.wait(budget, quota, self.clock())
             if wait is not None:
                 return self._quota_refusal(quota, wait)
         if rate is not None:
-            wait = self.local.take(key_id, rate, self.monotonic())
+            wait = self.local.take(budget, rate, self.monotonic())
             if wait:
                 return self._rate_refusal(rate, wait)
         if quota is not None:
-            self.quotas.use(key_id)
+            self.quotas.use(budget)
         return None
 
     async def acheck(
@@ -180,15 +179,20 @@ class LimitEnforcer:
             return None
         if self.monotonic() < self._redis_down_until:
             return self._fallback(user)
-        key_id = user.key_id
+        budget = user.key_id if policy is None else policy.budget
         now = self.clock()
         counter = None
         if quota is not None:
-            start, initial = self.quotas.period(key_id, quota, now)
+            start, left = self.quotas.period(budget, quota, now)
             lifetime = int(quota.refill + 60) if quota.refill else 86_400
-            counter = (self.redis.quota_key(key_id, quota.quota, start), initial, lifetime)
+            counter = (self.redis.quota_key(budget, quota.quota, start), left, lifetime)
         try:
-            code, wait = await self.redis.decide(key_id, rate, counter)
+            code, wait = await self.redis.decide(budget, rate, counter)
+        except RedisScriptError as exc:
+            # Redis answered, so it is up: this request's state is what is broken.
+            self.counters.rate_limit_errors += 1
+            logger.error("keystile: the Redis limit script failed for one request: %s", exc)
+            return _unavailable()
         except Exception as exc:  # any client or socket failure: never a 500
             self._redis_failed(exc)
             return self._fallback(user)
@@ -200,10 +204,10 @@ class LimitEnforcer:
             return self._rate_refusal(rate, wait)
         if code == 2:
             assert quota is not None
-            wait_quota = self.quotas.wait(key_id, quota, now)
+            wait_quota = self.quotas.wait(budget, quota, now)
             return self._quota_refusal(quota, math.inf if wait_quota is None else wait_quota)
         if quota is not None:
-            self.quotas.use(key_id)  # the store follows the Redis counter in the flush
+            self.quotas.use(budget)  # the store follows the Redis counter in the flush
         return None
 
     def success_headers(self, user: LimitedKey) -> list[tuple[bytes, bytes]]:
@@ -214,7 +218,7 @@ class LimitEnforcer:
         if rate is None:
             return []
         limiter: Any = self.redis if self.redis is not None else self.local
-        remaining, reset = limiter.state(user.key_id, rate)
+        remaining, reset = limiter.state(user.key_id if policy is None else policy.budget, rate)
         return [
             (b"ratelimit-policy", rate.policy_field.encode()),
             (
@@ -267,11 +271,15 @@ class LimitEnforcer:
     ) -> RateLimited | QuotaExceeded | ServiceUnavailable | None:
         self.counters.rate_limit_errors += 1
         if self.on_error == "deny":
-            return ServiceUnavailable(
-                "rate_limiter_unavailable",
-                "The key's usage limits could not be checked right now; retry shortly.",
-            )
+            return _unavailable()
         return self.check(user)
+
+
+def _unavailable() -> ServiceUnavailable:
+    return ServiceUnavailable(
+        "rate_limiter_unavailable",
+        "The key's usage limits could not be checked right now; retry shortly.",
+    )
 
 
 def send_with_headers(send: Send, headers: list[tuple[bytes, bytes]]) -> Send:

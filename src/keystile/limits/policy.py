@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 __all__ = [
     "DEFAULT_RATE_LIMIT_STORAGE",
+    "MAX_QUOTA",
     "POLICY_NAME",
     "LimitFields",
     "LimitPolicy",
@@ -34,6 +35,9 @@ __all__ = [
 ]
 
 DEFAULT_RATE_LIMIT_STORAGE = "memory://"
+#: The largest quota (and cost): 2**53 - 1, the largest integer every store, Redis's Lua
+#: and JSON all hold exactly.
+MAX_QUOTA = 2**53 - 1
 #: The name of the rate-limit policy in the ``RateLimit-Policy``/``RateLimit`` fields.
 POLICY_NAME = "default"
 
@@ -122,6 +126,11 @@ class LimitFields(Protocol):
     (``stores.records.KeyRecord`` has them)."""
 
     @property
+    def id(self) -> str: ...
+    @property
+    def budget_id(self) -> str: ...
+
+    @property
     def rate_limit(self) -> str | None: ...
     @property
     def quota(self) -> int | None: ...
@@ -141,11 +150,16 @@ class LimitPolicy:
 
     rate: Rate | None
     quota: QuotaPolicy | None
+    #: What the limits are spent from: the key's id, or its rotation chain's budget, so
+    #: an old key in grace and its successors share one rate limit and one quota.
+    budget: str = ""
 
     @classmethod
     def from_record(cls, record: LimitFields) -> LimitPolicy | None:
-        """The policy of ``record``, or ``None`` when it has no limit of its own."""
-        if record.rate_limit is None and record.quota is None:
+        """The policy of ``record``, or ``None`` when it has no limit of its own and
+        spends its own budget (a successor without limits still shares its chain's
+        budget under the middleware's default rate)."""
+        if record.rate_limit is None and record.quota is None and record.budget_id == record.id:
             return None
         rate = parse_rate_limit(record.rate_limit) if record.rate_limit is not None else None
         quota = None
@@ -159,7 +173,7 @@ class LimitPolicy:
                 refill=record.quota_refill.total_seconds() if record.quota_refill else None,
                 reset_at=reset.timestamp(),
             )
-        return cls(rate, quota)
+        return cls(rate, quota, record.budget_id or record.id)
 
 
 def quota_changes(quota: int | None, refill: timedelta | None, now: datetime) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""What this process knows of each key's remaining quota.
+"""What this process knows of each budget's remaining quota (a key's, or its rotation
+chain's: the book is keyed by ``LimitPolicy.budget``).
 
 The remaining count lives in the key store. Uses are counted in memory and taken from it
 by the usage recorder's batched flush (the same statement that writes ``last_used_at``),
@@ -71,21 +72,22 @@ class QuotaBook:
             return None
         return float(slot[5] - now)
 
-    def use(self, key_id: str) -> None:
-        """Count a use (after ``wait`` said one is left)."""
-        self._slots[key_id][4] += 1
-        self.recorder.count_use(key_id)
+    def use(self, budget: str, n: int = 1) -> None:
+        """Count ``n`` uses (after ``wait`` said one is left)."""
+        self._slots[budget][4] += n
+        self.recorder.count_use(budget, n)
 
     def left(self, key_id: str) -> int | None:
         slot = self._slots.get(key_id)
         return None if slot is None else max(0, slot[3] - slot[4])
 
-    def period(self, key_id: str, q: QuotaPolicy, now: float) -> tuple[float, int]:
-        """The current period's start (epoch seconds) and the count it starts from: the
-        key's snapshot if the period is the one it was read in, else the full quota."""
-        slot = self._slot(key_id, q, now)
-        start = slot[2]
-        return start, (q.remaining if start == q.reset_at else q.quota)
+    def period(self, budget: str, q: QuotaPolicy, now: float) -> tuple[float, int]:
+        """The current period's start (epoch seconds) and what this process knows is left
+        in it: the count the store last said (the key's state, or a flush's answer) minus
+        this process's uses since. A Redis counter that was lost (restart, failover,
+        eviction) starts again from this."""
+        slot = self._slot(budget, q, now)
+        return slot[2], max(0, slot[3] - slot[4])
 
     def _synced(self, states: Mapping[str, QuotaState]) -> None:
         for key_id, state in states.items():

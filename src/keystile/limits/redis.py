@@ -15,7 +15,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from ..errors import ConfigurationError
 from .policy import Rate
 
-__all__ = ["REDIS_TIMEOUT", "RedisRateLimiter"]
+__all__ = ["REDIS_TIMEOUT", "RedisRateLimiter", "RedisScriptError"]
 
 #: Seconds to connect to Redis and to wait for an answer before it counts as down.
 REDIS_TIMEOUT = 0.25
@@ -23,17 +23,18 @@ REDIS_TIMEOUT = 0.25
 #: KEYS: rate key (or ""), quota key (or ""). ARGV: period, count, quota start value,
 #: quota key lifetime (s). Returns {0, remaining, reset} (passed), {1, wait} (rate
 #: limited), {2} (quota used up); numbers as strings (Lua numbers become integers).
+#: The quota counter is only ever written as the decimal text it was given and changed
+#: by DECR, never through a Lua number (which prints 10**17 as "1e+17"), so it stays an
+#: exact integer.
 _LUA = """
 local rkey, qkey = KEYS[1], KEYS[2]
 if qkey ~= '' then
     local left = redis.call('GET', qkey)
     if left == false then
-        left = tonumber(ARGV[3])
+        left = ARGV[3]
         redis.call('SET', qkey, left, 'EX', ARGV[4])
-    else
-        left = tonumber(left)
     end
-    if left <= 0 then return {2} end
+    if tonumber(left) <= 0 then return {2} end
 end
 local remaining, reset = '-1', '0'
 if rkey ~= '' then
@@ -55,6 +56,11 @@ end
 if qkey ~= '' then redis.call('DECR', qkey) end
 return {0, remaining, reset}
 """
+
+
+class RedisScriptError(Exception):
+    """Redis answered the limit script with an error (a counter of the wrong type, a
+    value that is not a number): this request's state is broken, not the connection."""
 
 
 def _redis_url(url: str) -> tuple[str, str]:
@@ -83,6 +89,9 @@ class RedisRateLimiter:
                 "rate_limit_storage='redis://…' needs the redis client: "
                 "python -m pip install 'keystile[redis]'"
             ) from None
+        from redis.exceptions import ResponseError
+
+        self._script_error = ResponseError
         self.url, self.prefix = _redis_url(url)
         self.timeout = timeout
         self.display_url = _redact(self.url)
@@ -131,7 +140,10 @@ class RedisRateLimiter:
             quota[1] if quota is not None else 0,
             quota[2] if quota is not None else 0,
         ]
-        result = await script(keys=keys, args=args)
+        try:
+            result = await script(keys=keys, args=args)
+        except self._script_error as exc:
+            raise RedisScriptError(str(exc).split("\n", 1)[0][:200]) from None
         code = int(result[0])
         if code == 1:
             return 1, float(result[1])

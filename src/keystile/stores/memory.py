@@ -17,7 +17,15 @@ from .bus import LocalChangeBus
 from .calls import Change, EventQuery, Insertion, Reaping, Rotation, UsageQuery
 from .common import CommonStore
 from .records import KeyEvent, KeyRecord, QuotaState, UsageBucket, UsageCounts, UsageTotal, utcnow
-from .rules import SYSTEM_ACTOR, apply_uses, grace_expiry, pruned_event, rotatable
+from .rules import (
+    BATCH_MEMORY,
+    SYSTEM_ACTOR,
+    apply_uses,
+    budget_states,
+    grace_expiry,
+    pruned_event,
+    rotatable,
+)
 
 __all__ = ["MemoryKeyStore"]
 
@@ -28,17 +36,20 @@ class MemoryKeyStore(CommonStore):
     _named: dict[str, dict[str, KeyRecord]] = {}
     _named_events: dict[str, list[KeyEvent]] = {}
     _named_usage: dict[str, dict[tuple[str, datetime], list[int]]] = {}
+    _named_batches: dict[str, dict[str, datetime]] = {}
 
     def __init__(self, name: str | None = None) -> None:
         if name:
             self._rows = self._named.setdefault(name, {})
             self._events = self._named_events.setdefault(name, [])
             self._usage = self._named_usage.setdefault(name, {})
+            self._batches = self._named_batches.setdefault(name, {})
             identity = f"memory://{name}"
         else:
             self._rows = {}
             self._events = []
             self._usage = {}
+            self._batches = {}
             identity = f"memory://#{next(_anonymous)}"
         self.display_url = identity
         self._bus = LocalChangeBus.for_identity(identity)
@@ -142,21 +153,44 @@ class MemoryKeyStore(CommonStore):
         return updated
 
     async def touch_many(
-        self, touches: Mapping[str, datetime], uses: Mapping[str, int] | None = None
+        self,
+        touches: Mapping[str, datetime],
+        uses: Mapping[str, int] | None = None,
+        *,
+        batch: str | None = None,
     ) -> dict[str, QuotaState]:
-        quotas: dict[str, QuotaState] = {}
+        rows = self._rows
         for key_id, at in touches.items():
-            record = self._rows.get(key_id)
+            record = rows.get(key_id)
             if record is None:
                 continue
             if record.last_used_at is None or record.last_used_at < at:
                 record = dataclasses.replace(record, last_used_at=at)
-            if record.quota is not None:
-                record = apply_uses(record, at, (uses or {}).get(key_id, 0))
-                assert record.quota_remaining is not None
-                quotas[key_id] = QuotaState(record.quota_remaining, record.quota_reset_at)
-            self._rows[key_id] = record
-        return quotas
+            rows[key_id] = apply_uses(record, at, 0)
+        budgets = {r.budget_id for k in touches if (r := rows.get(k)) is not None}
+        if uses and self._fresh_batch(batch):
+            now = utcnow()
+            for record in [r for r in rows.values() if r.budget_id in uses]:
+                at = touches.get(record.budget_id, now)
+                rows[record.id] = apply_uses(record, at, uses[record.budget_id])
+            budgets.update(uses)
+        return budget_states(
+            (r.budget_id, r.created_at, r.quota_remaining, r.quota_reset_at)
+            for r in rows.values()
+            if r.budget_id in budgets and r.quota is not None
+        )
+
+    def _fresh_batch(self, batch: str | None) -> bool:
+        """Whether ``batch`` was not taken yet (now it is); unnamed batches always are."""
+        if batch is None:
+            return True
+        now = utcnow()
+        for old in [b for b, at in self._batches.items() if at < now - BATCH_MEMORY]:
+            del self._batches[old]
+        if batch in self._batches:
+            return False
+        self._batches[batch] = now
+        return True
 
     async def add_usage(self, counts: UsageCounts) -> None:
         for key, (requests, rejected) in counts.items():

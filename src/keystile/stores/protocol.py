@@ -106,15 +106,26 @@ class KeyStore(Protocol):
         left alone unless ``include_disabled``. Returns them as they were before."""
 
     async def touch_many(
-        self, touches: Mapping[str, datetime], uses: Mapping[str, int] | None = None
+        self,
+        touches: Mapping[str, datetime],
+        uses: Mapping[str, int] | None = None,
+        *,
+        batch: str | None = None,
     ) -> dict[str, QuotaState]:
         """Write ``last_used_at`` for many keys in one statement/transaction, never
-        moving a timestamp backwards, and take ``uses[key_id]`` from the remaining quota
-        of keys that have one (never below 0; a refill due by the key's ``touches`` time
-        first sets it back to ``quota``, and ``quota_reset_at`` to the period's start).
+        moving a timestamp backwards, and take ``uses[budget_id]`` from the remaining
+        quota of every key of that budget that has one (a rotation chain: all spent
+        together; never below 0; a refill due by the budget's ``touches`` time, else
+        now, first sets it back to ``quota``, and ``quota_reset_at`` to the period's
+        start).
 
-        Returns the quota state after the write of every touched key that has a quota,
-        so each process learns what the others used."""
+        ``batch`` names the uses: a store that took a batch of that name (within
+        ``BATCH_MEMORY``) takes nothing again, decided in the same transaction, so a
+        flush retried after a lost acknowledgement is a no-op.
+
+        Returns the quota state after the write of every budget touched or spent that
+        has a quota (``rules.budget_states``), so each process learns what the others
+        used."""
 
     async def add_usage(self, counts: UsageCounts) -> None:
         """Add per-minute request and rejection counts, in one statement (Postgres: an

@@ -127,6 +127,14 @@ class KeyRecord:
     disabled_at: datetime | None = None
     #: CIDRs (IPv4 and IPv6, normalised) the key may be used from; empty: anywhere.
     ip_allowlist: tuple[str, ...] = ()
+    #: The budget the key spends its rate limits and quota from: its own id, or for a
+    #: successor the budget of the key it rotated (a rotation chain spends one budget).
+    #: ``None`` when built becomes the key's own id.
+    budget_id: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.budget_id:
+            object.__setattr__(self, "budget_id", self.id)
 
     def status(self, now: datetime | None = None) -> str:
         """``active``, ``disabled``, ``expired`` or ``revoked``."""

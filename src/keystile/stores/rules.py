@@ -9,20 +9,22 @@ statements (``sql.py`` holds those predicates, each named after its rule here).
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
 from ..errors import DuplicateKeyName, KeyManagementError
-from .records import KeyEvent, KeyRecord, refills_due, utcnow
+from .records import KeyEvent, KeyRecord, QuotaState, refills_due, utcnow
 
 __all__ = [
+    "BATCH_MEMORY",
     "EVENT_ACTIONS",
     "LIMIT_FIELDS",
     "SYSTEM_ACTOR",
     "UPDATABLE_FIELDS",
     "apply_uses",
+    "budget_states",
     "check_name_free",
     "check_updatable",
     "created_detail",
@@ -88,6 +90,27 @@ def apply_uses(record: KeyRecord, at: datetime, uses: int) -> KeyRecord:
         reset_at = reset_at + due * record.quota_refill
         remaining = record.quota
     return replace(record, quota_remaining=max(remaining - uses, 0), quota_reset_at=reset_at)
+
+
+#: How long a store remembers a quota batch it took, so a replay (a flush retried after its
+#: acknowledgement was lost) takes nothing twice; a recorder retries far sooner.
+BATCH_MEMORY = timedelta(days=1)
+
+
+def budget_states(
+    rows: Iterable[tuple[str, datetime, int | None, datetime | None]],
+) -> dict[str, QuotaState]:
+    """The quota state of each budget from its keys' rows ``(budget_id, created_at,
+    remaining, reset_at)``: the newest key's (a rotation chain's head, whose limits apply
+    from now on; the keys of one chain are spent together, so they agree)."""
+    newest: dict[str, tuple[datetime, QuotaState]] = {}
+    for budget, created, remaining, reset_at in rows:
+        if remaining is None:
+            continue
+        seen = newest.get(budget)
+        if seen is None or created > seen[0]:
+            newest[budget] = (created, QuotaState(remaining, reset_at))
+    return {budget: state for budget, (_, state) in newest.items()}
 
 
 # -- names ----------------------------------------------------------------------------

@@ -56,6 +56,7 @@ KEY_COLUMNS: dict[str, Kind] = {
     "quota_reset_at": "time",
     "disabled_at": "time",
     "ip_allowlist": "strings",
+    "budget_id": "text",
 }
 COLUMNS = ", ".join(KEY_COLUMNS)
 #: The event table's columns but its sequence number (``Dialect.seq`` names that).
@@ -84,9 +85,9 @@ STALE = (
 #: right-hand side reads the row as it was before the UPDATE. The dialect supplies the
 #: time arithmetic: ``{refill_due}`` (a refill period has passed since
 #: ``quota_reset_at``) and ``{periods}`` (how many whole ones).
+_LAST_USED = "last_used_at = {greatest}(COALESCE({k}last_used_at, {at}), {at}), "
 _TOUCH = (
-    "last_used_at = {greatest}(COALESCE({k}last_used_at, {at}), {at}),"
-    " quota_reset_at = CASE WHEN {due} THEN {k}quota_reset_at + {k}quota_refill * {periods}"
+    "quota_reset_at = CASE WHEN {due} THEN {k}quota_reset_at + {k}quota_refill * {periods}"
     " ELSE {k}quota_reset_at END,"
     " quota_remaining = CASE WHEN {k}quota IS NULL THEN {k}quota_remaining"
     " WHEN {due} THEN {greatest}({k}quota - {n}, 0)"
@@ -102,12 +103,22 @@ class Row(Protocol):
 
 
 def touch_assignments(
-    dialect: Dialect, *, k: str, at: str, n: str, zero: str, refill_due: str, periods: str
+    dialect: Dialect,
+    *,
+    k: str,
+    at: str,
+    n: str,
+    zero: str,
+    refill_due: str,
+    periods: str,
+    last_used: bool = True,
 ) -> str:
-    """The ``SET`` list of a usage write (``_TOUCH``) in ``dialect``'s arithmetic."""
+    """The ``SET`` list of a usage write (``_TOUCH``) in ``dialect``'s arithmetic; without
+    ``last_used``, the quota's part alone (uses taken from a budget, not a key's touch)."""
     due = _DUE.format(k=k, zero=zero) + f" AND {refill_due}"
     fields = {"k": k, "at": at, "n": n, "due": due, "periods": periods}
-    return _TOUCH.format(greatest=dialect.greatest, **fields)
+    template = _LAST_USED + _TOUCH if last_used else _TOUCH
+    return template.format(greatest=dialect.greatest, **fields)
 
 
 @dataclass(frozen=True)
@@ -181,6 +192,7 @@ class Statements:
         self.keys = keys = f"{prefix}keystile_keys"
         self.events = events = f"{prefix}keystile_events"
         self.usage = f"{prefix}keystile_usage"
+        self.batches = f"{prefix}keystile_quota_batches"
         r = dialect.render
         select = f"SELECT {COLUMNS} FROM {keys}"  # noqa: S608
         self.get = r(f"{select} WHERE id = $1")

@@ -90,6 +90,16 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX keystile_usage_minute ON {schema}.keystile_usage (minute);
     """,
+    """
+    ALTER TABLE {schema}.keystile_keys ADD COLUMN budget_id text;
+    UPDATE {schema}.keystile_keys SET budget_id = id;
+    CREATE INDEX keystile_keys_budget ON {schema}.keystile_keys (budget_id);
+    CREATE TABLE {schema}.keystile_quota_batches (
+        batch text PRIMARY KEY,
+        at timestamptz NOT NULL
+    );
+    CREATE INDEX keystile_quota_batches_at ON {schema}.keystile_quota_batches (at);
+    """,
 ]
 
 POSTGRES = Dialect(

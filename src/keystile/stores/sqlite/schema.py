@@ -76,6 +76,16 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX keystile_usage_minute ON keystile_usage (minute);
     """,
+    """
+    ALTER TABLE keystile_keys ADD COLUMN budget_id TEXT;
+    UPDATE keystile_keys SET budget_id = id;
+    CREATE INDEX keystile_keys_budget ON keystile_keys (budget_id);
+    CREATE TABLE keystile_quota_batches (
+        batch TEXT PRIMARY KEY,
+        at REAL NOT NULL
+    );
+    CREATE INDEX keystile_quota_batches_at ON keystile_quota_batches (at);
+    """,
 ]
 
 SQLITE = Dialect(
