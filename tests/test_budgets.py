@@ -12,7 +12,7 @@ import pytest
 
 from apps import client
 from keystile import KeyManagementError, KeyManager, KeyStore, StoreError
-from keystile.limits import MAX_QUOTA
+from keystile.limits import MAX_QUOTA, parse_rate_limit
 from keystile.stores import store_from_url
 from keystile.stores.records import QuotaState
 from test_limits import limited_app, mint, statuses
@@ -174,3 +174,72 @@ async def test_a_lost_flush_acknowledgement_never_takes_the_uses_twice(database_
         assert await statuses(http, key, 1) == [200]
     await app.aclose()
     assert (await show(database_url, key_id)).quota_remaining == 88
+
+
+# -- named limits ----------------------------------------------------------------------------
+
+
+async def test_named_limits_all_need_room_and_the_429_names_the_refusing_one(
+    database_url: str,
+) -> None:
+    """default 10/minute, burst 2/second, hour 3/hour: the third request is refused by
+    burst, named in the body and the fields; the refused request spends no limit."""
+    key, key_id = await mint(
+        database_url, rate_limit="10/minute", rate_limits={"burst": "2/second", "hour": "3/hour"}
+    )
+    app = limited_app(store_from_url(database_url), rate_limit_headers=True)
+    async with client(app) as http:
+        first = await http.get("/whoami", headers={"X-API-Key": key})
+        assert await statuses(http, key, 1) == [200]
+        refused = await http.get("/whoami", headers={"X-API-Key": key})
+    assert first.status_code == 200 and refused.status_code == 429
+    policies = '"default";q=10;w=60, "burst";q=2;w=1, "hour";q=3;w=3600'
+    assert first.headers["ratelimit-policy"] == policies
+    assert first.headers["ratelimit"].startswith('"default";r=9;t=6, "burst";r=1;t=1, "hour";r=2;')
+    body = refused.json()
+    assert (body["error"], body["policy"], body["limit"]) == ("rate_limited", "burst", "2/second")
+    assert refused.headers["ratelimit-policy"] == policies
+    seconds = refused.headers["retry-after"]
+    assert refused.headers["ratelimit"].split(", ")[1] == f'"burst";r=0;t={seconds}'
+    hour_left, _ = app.limits.local.state(f"{key_id}#hour", parse_rate_limit("3/hour"))
+    assert hour_left == 1  # spent by the two that passed, not by the refused one
+    await app.aclose()
+
+
+async def test_named_limits_are_stored_updated_and_reach_a_running_middleware(
+    database_url: str,
+) -> None:
+    """``rate_limits`` replaces the named limits; a ``default`` among them is rate_limit."""
+    key, key_id = await mint(database_url, rate_limits={"burst": "1/minute"})
+    assert (await show(database_url, key_id)).rate_limits == {"burst": "1/minute"}
+    app = limited_app(store_from_url(database_url))
+    async with client(app) as http, KeyManager(store_from_url(database_url)) as keys:
+        assert await statuses(http, key, 2) == [200, 429]
+        updated = await keys.update(
+            key_id, owner="acme", rate_limits={"default": "3/minute", "b": "5/hour"}
+        )
+        assert (updated.rate_limit, updated.rate_limits) == ("3/minute", {"b": "5/hour"})
+        assert await statuses(http, key, 4) == [200, 200, 200, 429]
+        await keys.update(key_id, owner="acme", rate_limit=None, rate_limits=None)
+        assert await statuses(http, key, 5) == [200] * 5
+    await app.aclose()
+
+
+async def test_malformed_named_limits_are_one_clear_error(database_url: str) -> None:
+    """Bad names, bad rates, a default given twice: KeyManagementError, nothing stored."""
+    async with KeyManager(store_from_url(database_url)) as keys:
+        for bad in (
+            {"Burst": "1/s"},
+            {"": "1/s"},
+            {"burst": "0/s"},
+            {"burst": 5},
+            {f"n{i}": "1/s" for i in range(17)},
+            ["burst"],
+        ):
+            with pytest.raises(KeyManagementError, match="rate_limits"):
+                await keys.create(owner="acme", name="bad", rate_limits=bad)  # type: ignore[arg-type]
+        with pytest.raises(KeyManagementError, match="default"):
+            await keys.create(
+                owner="acme", name="bad", rate_limit="1/s", rate_limits={"default": "2/s"}
+            )
+        assert await keys.list("acme") == []

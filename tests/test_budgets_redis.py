@@ -53,7 +53,7 @@ async def test_largest_quota_stays_an_exact_integer_in_redis(
     async with client(app) as http:
         assert await statuses(http, key, 3) == [200] * 3
     assert app.stats().rate_limit_errors == 0
-    [counter] = await redis_keys(redis_url, f"{{{key_id}}}:quota:*")
+    [counter] = await redis_keys(redis_url, f"*{key_id}:quota:*")
     assert await redis_call(redis_url, "GET", counter) == str(MAX_QUOTA - 3).encode()
     await app.aclose()
     assert (await show(sqlite_database_url, key_id)).quota_remaining == MAX_QUOTA - 3
@@ -71,7 +71,7 @@ async def test_a_script_error_is_that_requests_503_not_an_outage(
     app = limited_app(store_from_url(sqlite_database_url), rate_limit_storage=redis_url)
     async with client(app) as http:
         assert await statuses(http, broken, 1) == [200]
-        [counter] = await redis_keys(redis_url, f"{{{broken_id}}}:quota:*")
+        [counter] = await redis_keys(redis_url, f"*{broken_id}:quota:*")
         await redis_call(redis_url, "DEL", counter)
         await redis_call(redis_url, "HSET", counter, "x", "1")
         with caplog.at_level(logging.ERROR, logger="keystile.limits"):
@@ -79,7 +79,7 @@ async def test_a_script_error_is_that_requests_503_not_an_outage(
         assert await statuses(http, fine, 2) == [200, 200]
     assert r.status_code == 503
     assert app.stats().rate_limit_errors == 1
-    [fine_counter] = await redis_keys(redis_url, f"{{{fine_id}}}:quota:*")
+    [fine_counter] = await redis_keys(redis_url, f"*{fine_id}:quota:*")
     assert await redis_call(redis_url, "GET", fine_counter) == b"8"
     assert [rec.levelname for rec in caplog.records if "script" in rec.getMessage()] == ["ERROR"]
     assert broken not in caplog.text
@@ -97,7 +97,7 @@ async def test_a_lost_counter_is_rebuilt_from_the_store_minus_uses_since(
         assert await statuses(http, key, 4) == [200] * 4
         await app.recorder.flush()
         assert await statuses(http, key, 2) == [200] * 2
-        for counter in await redis_keys(redis_url, f"{{{key_id}}}:quota:*"):
+        for counter in await redis_keys(redis_url, f"*{key_id}:quota:*"):
             await redis_call(redis_url, "DEL", counter)
         codes = await statuses(http, key, 8)
     assert codes == [200] * 4 + [429] * 4
@@ -120,5 +120,32 @@ async def test_rotation_chain_shares_one_redis_budget(
     async with client(apps[0]) as first, client(apps[1]) as second:
         codes = await statuses(first, key, 2) + await statuses(second, new.key, 2)
     assert codes == [200, 200, 200, 429]
+    for app in apps:
+        await app.aclose()
+
+
+async def test_named_limits_through_redis_all_or_nothing(
+    redis_url: str,  # noqa: F811
+    sqlite_database_url: str,
+) -> None:
+    """Two runtimes, one Redis: burst 2/minute refuses the third, named; the refused
+    request spends nothing of the default 3/minute."""
+    key, key_id = await mint(
+        sqlite_database_url, rate_limit="3/minute", rate_limits={"burst": "2/minute"}
+    )
+    apps = [
+        limited_app(store_from_url(sqlite_database_url), rate_limit_storage=redis_url)
+        for _ in range(2)
+    ]
+    async with client(apps[0]) as first, client(apps[1]) as second:
+        assert await statuses(first, key, 1) + await statuses(second, key, 1) == [200, 200]
+        refused = await first.get("/whoami", headers={"X-API-Key": key})
+    assert refused.status_code == 429 and refused.json()["policy"] == "burst"
+    assert refused.headers["ratelimit-policy"] == '"default";q=3;w=60, "burst";q=2;w=60'
+    [default_key] = await redis_keys(redis_url, f"*{key_id}:rate:3/60")
+    tat = float(await redis_call(redis_url, "GET", default_key))  # type: ignore[arg-type]
+    [burst_key] = await redis_keys(redis_url, f"*{key_id}#burst:rate:2/60")
+    burst_tat = float(await redis_call(redis_url, "GET", burst_key))  # type: ignore[arg-type]
+    assert burst_tat - tat == pytest.approx(60 - 40, abs=1.0)  # 2x30 s vs 2x20 s, no more
     for app in apps:
         await app.aclose()

@@ -126,6 +126,7 @@ class KeyManager:
         quota_refill: timedelta | str | None = None,
         ip_allowlist: Iterable[str] | None = None,
         actor: str | None = None,
+        rate_limits: Mapping[str, str] | None = None,
     ) -> CreatedKey:
         """Mint a key. Raises ``DuplicateKeyName`` if ``(owner, name)`` already has an
         active (or disabled) key, unless ``replace=True`` (then the old key is revoked
@@ -134,10 +135,12 @@ class KeyManager:
         ``rate_limit`` (``"10/second"``, ``"100/minute"``, ``"1000/hour"``, ``"N/day"``)
         and ``quota`` (uses, refilled every ``quota_refill``, e.g. ``"1d"``) are the key's
         usage limits, enforced by the middleware after the key is verified;
-        ``ip_allowlist`` (CIDRs) the addresses it may be used from."""
+        ``rate_limits`` adds named ones (``{"burst": "5/second"}``; ``rate_limit`` is the
+        one named ``default``), every one needing room; ``ip_allowlist`` (CIDRs) the
+        addresses it may be used from."""
         now = utcnow()
         expires_at = expiry(now, expires_at, expires_in, self.default_expires_in)
-        limits = create_limits(rate_limit, quota, quota_refill, now)
+        limits = create_limits(rate_limit, quota, quota_refill, now, rate_limits)
         allowlist = validate_ip_allowlist(ip_allowlist)
         who = self._actor(actor)
         new = await self._mint(
@@ -287,6 +290,7 @@ class KeyManager:
         quota: int | Unchanged | None = UNCHANGED,
         quota_refill: timedelta | str | Unchanged | None = UNCHANGED,
         actor: str | None = None,
+        rate_limits: Mapping[str, str] | Unchanged | None = UNCHANGED,
     ) -> KeyRecord:
         """Change ``owner``'s key (by id or display form) without changing its secret;
         returns it as updated. Every running middleware hears of the change as of a
@@ -299,11 +303,13 @@ class KeyManager:
         key of ``owner`` holding that name: ``DuplicateKeyName``); ``expires_at=None``
         removes the expiry, ``expires_in`` sets it from now; ``ip_allowlist`` (IPv4/IPv6
         CIDRs) replaces the allowlist, ``None`` or ``[]`` removes it. ``rate_limit=None``
-        clears it; a new ``quota`` starts full (its period, for ``quota_refill``, starts
-        now); ``quota=None`` removes the quota and its refill. Raises ``KeyNotFound`` for
-        an unknown id or another owner's key, and ``KeyManagementError`` for a revoked
-        key: a revocation is final, decided by the store in the write itself, so an
-        update racing a revocation never changes the revoked record."""
+        clears it; ``rate_limits`` replaces the named ones (``None``: none; a ``default``
+        among them sets ``rate_limit``); a new ``quota`` starts full (its period, for
+        ``quota_refill``, starts now); ``quota=None`` removes the quota and its refill.
+        Raises ``KeyNotFound`` for an unknown id or another owner's key, and
+        ``KeyManagementError`` for a revoked key: a revocation is final, decided by the
+        store in the write itself, so an update racing a revocation never changes the
+        revoked record."""
         key_id = normalize_key_id(key_id)
         who = self._actor(actor)
         fields = {
@@ -314,6 +320,7 @@ class KeyManager:
             "expires_in": expires_in,
             "ip_allowlist": ip_allowlist,
             "rate_limit": rate_limit,
+            "rate_limits": rate_limits,
             "quota": quota,
             "quota_refill": quota_refill,
         }
@@ -363,6 +370,7 @@ class KeyManager:
             # old key is in grace both draw on one rate limit and one quota.
             budget_id=old.budget_id,
             rate_limit=old.rate_limit,
+            rate_limits=dict(old.rate_limits),
             quota=old.quota,
             quota_remaining=old.quota_left(now),
             quota_refill=old.quota_refill,

@@ -68,6 +68,7 @@ async def _create(args: argparse.Namespace, manager: KeyManager) -> None:
         expires_in=args.expires_in,
         replace=args.replace,
         rate_limit=args.rate_limit,
+        rate_limits=dict(args.limits or ()),
         quota=args.quota,
         quota_refill=args.quota_refill,
         ip_allowlist=args.ip_allow,

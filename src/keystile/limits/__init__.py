@@ -32,6 +32,7 @@ from .policy import (
     Rate,
     normalize_rate_limit,
     parse_rate_limit,
+    parse_rate_limits,
     quota_changes,
 )
 from .quota import QuotaBook
@@ -54,6 +55,7 @@ __all__ = [
     "RedisRateLimiter",
     "normalize_rate_limit",
     "parse_rate_limit",
+    "parse_rate_limits",
     "quota_changes",
     "send_with_headers",
 ]

@@ -65,10 +65,11 @@ class QuotaBook:
             slot[3], slot[4] = slot[0], 0
         return slot
 
-    def wait(self, key_id: str, q: QuotaPolicy, now: float) -> float | None:
-        """``None`` if a use is left, else the seconds until the refill (``inf``: never)."""
-        slot = self._slot(key_id, q, now)
-        if slot[3] - slot[4] > 0:
+    def wait(self, budget: str, q: QuotaPolicy, now: float, cost: int = 1) -> float | None:
+        """``None`` if ``cost`` uses are left, else the seconds until the refill (``inf``:
+        never)."""
+        slot = self._slot(budget, q, now)
+        if slot[3] - slot[4] >= cost:
             return None
         return float(slot[5] - now)
 

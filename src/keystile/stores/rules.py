@@ -48,7 +48,7 @@ __all__ = [
 
 #: The usage-limit fields of a key.
 LIMIT_FIELDS = frozenset(
-    {"rate_limit", "quota", "quota_remaining", "quota_refill", "quota_reset_at"}
+    {"rate_limit", "rate_limits", "quota", "quota_remaining", "quota_refill", "quota_reset_at"}
 )
 #: The fields ``KeyStore.update`` may change: everything but the id, the owner, the
 #: secret and the lifecycle links (revocation and rotation have calls of their own).
@@ -230,6 +230,8 @@ def created_detail(record: KeyRecord, replaces: str | None) -> dict[str, Any]:
         "ip_allowlist": list(record.ip_allowlist),
         "metadata_keys": sorted(record.metadata),
     }
+    if record.rate_limits:
+        detail["rate_limits"] = dict(record.rate_limits)
     if replaces is not None:
         detail["replaces"] = replaces
     return detail

@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 #: How a column's values are stored; a ``Dialect`` converts each kind its own way.
-Kind = Literal["text", "int", "time", "period", "strings", "json"]
+Kind = Literal["text", "int", "time", "period", "strings", "json", "owner"]
 Convert = Callable[[Any], Any]
 
 #: The key table's columns, in ``KeyRecord``'s field order.
@@ -57,6 +57,8 @@ KEY_COLUMNS: dict[str, Kind] = {
     "disabled_at": "time",
     "ip_allowlist": "strings",
     "budget_id": "text",
+    "rate_limits": "json",
+    "owner_limits": "owner",
 }
 COLUMNS = ", ".join(KEY_COLUMNS)
 #: The event table's columns but its sequence number (``Dialect.seq`` names that).

@@ -14,6 +14,7 @@ import re
 from typing import Any
 
 from ...errors import ConfigurationError
+from ..records import OwnerLimits
 from ..sql import Dialect
 
 __all__ = [
@@ -92,6 +93,8 @@ MIGRATIONS: list[str] = [
     """,
     """
     ALTER TABLE {schema}.keystile_keys ADD COLUMN budget_id text;
+    ALTER TABLE {schema}.keystile_keys ADD COLUMN rate_limits jsonb NOT NULL DEFAULT '{{}}';
+    ALTER TABLE {schema}.keystile_keys ADD COLUMN owner_limits jsonb;
     UPDATE {schema}.keystile_keys SET budget_id = id;
     CREATE INDEX keystile_keys_budget ON {schema}.keystile_keys (budget_id);
     CREATE TABLE {schema}.keystile_quota_batches (
@@ -107,8 +110,16 @@ POSTGRES = Dialect(
     seq="id",
     greatest="GREATEST",
     least="LEAST",
-    encoders={"strings": list, "json": lambda v: json.dumps(dict(v))},
-    decoders={"strings": tuple, "json": json.loads},
+    encoders={
+        "strings": list,
+        "json": lambda v: json.dumps(dict(v)),
+        "owner": lambda v: json.dumps(v.to_row()),
+    },
+    decoders={
+        "strings": tuple,
+        "json": json.loads,
+        "owner": lambda v: OwnerLimits.from_row(json.loads(v)),
+    },
     casts={
         "text": "text",
         "int": "bigint",
@@ -116,6 +127,7 @@ POSTGRES = Dialect(
         "period": "interval",
         "strings": "text[]",
         "json": "jsonb",
+        "owner": "jsonb",
     },
 )
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 
-from ..records import utcnow
+from ..records import OwnerLimits, utcnow
 from ..sql import Dialect, Statements
 
 __all__ = ["MIGRATIONS", "SQL", "SQLITE", "migrate", "transaction"]
@@ -78,6 +78,8 @@ MIGRATIONS: list[str] = [
     """,
     """
     ALTER TABLE keystile_keys ADD COLUMN budget_id TEXT;
+    ALTER TABLE keystile_keys ADD COLUMN rate_limits TEXT NOT NULL DEFAULT '{}';
+    ALTER TABLE keystile_keys ADD COLUMN owner_limits TEXT;
     UPDATE keystile_keys SET budget_id = id;
     CREATE INDEX keystile_keys_budget ON keystile_keys (budget_id);
     CREATE TABLE keystile_quota_batches (
@@ -98,12 +100,14 @@ SQLITE = Dialect(
         "period": timedelta.total_seconds,
         "strings": lambda v: json.dumps(list(v)),
         "json": lambda v: json.dumps(dict(v)),
+        "owner": lambda v: json.dumps(v.to_row()),
     },
     decoders={
         "time": lambda v: datetime.fromtimestamp(v, timezone.utc),
         "period": lambda v: timedelta(seconds=v),
         "strings": lambda v: tuple(json.loads(v)),
         "json": json.loads,
+        "owner": lambda v: OwnerLimits.from_row(json.loads(v)),
     },
 )
 SQL = Statements(SQLITE)
