@@ -4,29 +4,18 @@ for a malformed one (exit 1, nothing written)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
-from keystile.cli import main
 from keystile.cli.arguments import MAX_QUOTA as CLI_MAX_QUOTA
 from keystile.limits import MAX_QUOTA
+from test_cli import run, url  # noqa: F401  (url: the fixture)
 
 
-@pytest.fixture
-def url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.delenv("KEYSTILE_DATABASE_URL", raising=False)
-    monkeypatch.chdir(tmp_path)
-    return f"sqlite:///{tmp_path / 'cli.db'}"
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def test_named_limits_and_the_largest_quota(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_named_limits_and_the_largest_quota(
+    url: str,  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     assert CLI_MAX_QUOTA == MAX_QUOTA
     code, out, _ = run(
         capsys, "--database-url", url, "create", "--owner", "acme", "--name", "ci", "--json",
@@ -56,7 +45,9 @@ def test_named_limits_and_the_largest_quota(url: str, capsys: pytest.CaptureFixt
     ],
 )
 def test_malformed_limits_are_refused_before_anything_is_written(
-    url: str, capsys: pytest.CaptureFixture[str], bad: list[str]
+    url: str,  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
+    bad: list[str],
 ) -> None:
     code, out, err = run(
         capsys, "--database-url", url, "create", "--owner", "acme", "--name", "ci", *bad

@@ -58,6 +58,17 @@ def _next_refill(q: KeyRecord | OwnerLimits, now: datetime | None) -> datetime |
     return reset_at + (refills_due(refill, reset_at, now or utcnow()) + 1) * refill
 
 
+def _public_limits(q: KeyRecord | OwnerLimits, now: datetime | None) -> dict[str, Any]:
+    refill = q.quota_refill
+    return {
+        "rate_limits": dict(q.rate_limits),
+        "quota": q.quota,
+        "quota_remaining": _quota_left(q, now),
+        "quota_refill": refill.total_seconds() if refill is not None else None,
+        "quota_next_refill": _iso(_next_refill(q, now)),
+    }
+
+
 @dataclass(frozen=True, slots=True)
 class OwnerLimits:
     """An owner's own limits, shared by every key of the owner: named rate limits and a
@@ -116,13 +127,7 @@ class OwnerLimits:
         """JSON-ready (``keystile owner show --json``)."""
         return {
             "owner": self.owner,
-            "rate_limits": dict(self.rate_limits),
-            "quota": self.quota,
-            "quota_remaining": self.quota_left(now),
-            "quota_refill": (
-                self.quota_refill.total_seconds() if self.quota_refill is not None else None
-            ),
-            "quota_next_refill": _iso(self.next_refill(now)),
+            **_public_limits(self, now),
             "updated_at": _iso(self.updated_at),
         }
 
@@ -278,13 +283,7 @@ class KeyRecord:
             "replaces": self.replaces,
             "replaced_by": self.replaced_by,
             "rate_limit": self.rate_limit,
-            "rate_limits": dict(self.rate_limits),
-            "quota": self.quota,
-            "quota_remaining": self.quota_left(now),
-            "quota_refill": (
-                self.quota_refill.total_seconds() if self.quota_refill is not None else None
-            ),
-            "quota_next_refill": _iso(self.next_refill(now)),
+            **_public_limits(self, now),
             "disabled_at": _iso(self.disabled_at),
             "ip_allowlist": list(self.ip_allowlist),
         }
