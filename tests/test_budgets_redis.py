@@ -10,7 +10,7 @@ from datetime import timedelta
 import pytest
 
 from apps import client
-from keystile import KeyManager
+from keystile import APIKeyMiddleware, KeyManager
 from keystile.limits import MAX_QUOTA
 from keystile.stores import store_from_url
 from test_budgets import show
@@ -41,6 +41,11 @@ async def redis_call(url: str, *args: object) -> object:
         return await conn.execute_command(*args)
     finally:
         await conn.aclose()
+
+
+def two_runtimes(url: str, redis_url: str) -> list[APIKeyMiddleware]:  # noqa: F811
+    """Two middlewares, each with a runtime of its own, on one store and one Redis."""
+    return [limited_app(store_from_url(url), rate_limit_storage=redis_url) for _ in range(2)]
 
 
 async def test_largest_quota_stays_an_exact_integer_in_redis(
@@ -113,10 +118,7 @@ async def test_rotation_chain_shares_one_redis_budget(
     key, key_id = await mint(sqlite_database_url, quota=5, rate_limit="3/minute")
     async with KeyManager(store_from_url(sqlite_database_url)) as keys:
         new = await keys.rotate(key_id, owner="acme", grace=timedelta(hours=1))
-    apps = [
-        limited_app(store_from_url(sqlite_database_url), rate_limit_storage=redis_url)
-        for _ in range(2)
-    ]
+    apps = two_runtimes(sqlite_database_url, redis_url)
     async with client(apps[0]) as first, client(apps[1]) as second:
         codes = await statuses(first, key, 2) + await statuses(second, new.key, 2)
     assert codes == [200, 200, 200, 429]
@@ -133,10 +135,7 @@ async def test_named_limits_through_redis_all_or_nothing(
     key, key_id = await mint(
         sqlite_database_url, rate_limit="3/minute", rate_limits={"burst": "2/minute"}
     )
-    apps = [
-        limited_app(store_from_url(sqlite_database_url), rate_limit_storage=redis_url)
-        for _ in range(2)
-    ]
+    apps = two_runtimes(sqlite_database_url, redis_url)
     async with client(apps[0]) as first, client(apps[1]) as second:
         assert await statuses(first, key, 1) + await statuses(second, key, 1) == [200, 200]
         refused = await first.get("/whoami", headers={"X-API-Key": key})
@@ -149,3 +148,55 @@ async def test_named_limits_through_redis_all_or_nothing(
     assert burst_tat - tat == pytest.approx(60 - 40, abs=1.0)  # 2x30 s vs 2x20 s, no more
     for app in apps:
         await app.aclose()
+
+
+async def test_two_runtimes_on_one_redis_share_one_owner_budget_exactly(
+    redis_url: str,  # noqa: F811
+    sqlite_database_url: str,
+) -> None:
+    """The owner's quota of 4 and burst of 3/minute, two keys, two runtimes: exactly 3 pass
+    the burst, then the quota holds what is left exactly, and the store follows."""
+    async with KeyManager(store_from_url(sqlite_database_url)) as keys:
+        await keys.set_owner_limits("acme", quota=4, rate_limits={"burst": "3/minute"})
+    first, _ = await mint(sqlite_database_url)
+    second, _ = await mint(sqlite_database_url)
+    apps = two_runtimes(sqlite_database_url, redis_url)
+    codes: list[int] = []
+    policies: list[str] = []
+    async with client(apps[0]) as a, client(apps[1]) as b:
+        for i in range(8):
+            r = await (a if i % 2 else b).get(
+                "/whoami", headers={"X-API-Key": first if i < 4 else second}
+            )
+            codes.append(r.status_code)
+            if r.status_code == 429:
+                policies.append(r.json()["policy"])
+    assert codes.count(200) == 3 and codes[:3] == [200] * 3
+    assert set(policies) == {"owner.burst"}
+    for app in apps:
+        await app.aclose()
+    async with KeyManager(store_from_url(sqlite_database_url)) as keys:
+        limits = await keys.owner_limits("acme")
+    assert limits is not None and limits.quota_remaining == 1
+
+
+async def test_owner_quota_through_redis_is_exact_across_runtimes(
+    redis_url: str,  # noqa: F811
+    sqlite_database_url: str,
+) -> None:
+    """The owner's quota of 5 over two keys and two runtimes on one Redis: exactly 5."""
+    async with KeyManager(store_from_url(sqlite_database_url)) as keys:
+        await keys.set_owner_limits("acme", quota=5)
+    first, _ = await mint(sqlite_database_url)
+    second, _ = await mint(sqlite_database_url)
+    apps = two_runtimes(sqlite_database_url, redis_url)
+    codes: list[int] = []
+    async with client(apps[0]) as a, client(apps[1]) as b:
+        for i in range(12):
+            codes += await statuses(a if i % 2 else b, first if i % 3 else second, 1)
+    assert codes.count(200) == 5 and codes[:5] == [200] * 5
+    for app in apps:
+        await app.aclose()
+    async with KeyManager(store_from_url(sqlite_database_url)) as keys:
+        limits = await keys.owner_limits("acme")
+    assert limits is not None and limits.quota_remaining == 0

@@ -34,23 +34,20 @@ from .database_url import resolve_database_url
 from .errors import KeyAlreadyRotated, KeyNotFound
 from .hashing import DEFAULT_PARAMETERS, Argon2Parameters, SecretHasher
 from .keys import UNCHANGED, CreatedKey, Unchanged
+from .owners import OwnerOperations
 from .stores import store_from_url
 from .stores.protocol import KeyStore
-from .stores.records import KeyEvent, KeyRecord, UsageBucket, UsageTotal, utcnow
+from .stores.records import KeyEvent, KeyRecord, utcnow
 from .stores.rules import SYSTEM_ACTOR, revoked_error
 from .tokens import DEFAULT_PREFIX, generate_key, normalize_key_id, validate_prefix
 from .validation import (
-    UsageGranularity,
     aware,
     create_limits,
     expiry,
     later,
     not_negative,
     quota_update,
-    since_moment,
     update_changes,
-    usage_seconds,
-    usage_start,
     validate_actor,
     validate_ip_allowlist,
     validate_limit,
@@ -66,8 +63,9 @@ __all__ = ["DEFAULT_ROTATION_GRACE", "UNCHANGED", "CreatedKey", "KeyManager"]
 DEFAULT_ROTATION_GRACE = timedelta(hours=1)
 
 
-class KeyManager:
-    """Async key management over a ``KeyStore``. Usable as ``async with``."""
+class KeyManager(OwnerOperations):
+    """Async key management over a ``KeyStore``. Usable as ``async with``. An owner's
+    limits and usage: :class:`~keystile.owners.OwnerOperations`."""
 
     def __init__(
         self,
@@ -240,40 +238,6 @@ class KeyManager:
         older_than = not_negative(older_than, "older_than")
         who = self._actor(actor)
         return await self.store.prune_events(before=utcnow() - older_than, actor=who)
-
-    async def usage(
-        self,
-        key_id: str,
-        *,
-        owner: str,
-        since: timedelta | datetime,
-        until: datetime | None = None,
-        by: UsageGranularity = "minute",
-    ) -> builtins.list[UsageBucket]:
-        """``owner``'s key's usage (by id or display form): per ``by`` period (``minute``,
-        ``hour`` or ``day``, UTC), the requests it authenticated and the attempts refused
-        against it (wrong secret, revoked, expired, disabled), oldest first, periods
-        without any omitted. ``since`` (a moment, or a ``timedelta`` back from now) is
-        rounded down to the start of its period, so the first bucket is whole; ``until``
-        is exclusive. Counts reach the store with each process's flush (``flush_interval``).
-        Another owner's key raises ``KeyNotFound``."""
-        seconds = usage_seconds(by)
-        record = await self.get(key_id, owner=owner)
-        start = usage_start(since, seconds, utcnow())
-        until = None if until is None else aware(until, "until")
-        return await self.store.usage(
-            record.id, owner, since=start, until=until, bucket_seconds=seconds
-        )
-
-    async def top_keys(
-        self, owner: str, *, since: timedelta | datetime, limit: int = 10
-    ) -> builtins.list[UsageTotal]:
-        """``owner``'s ``limit`` busiest keys since ``since`` (most requests first), with
-        the attempts refused against each."""
-        limit = validate_limit(limit)
-        return await self.store.top_usage(
-            owner, since=since_moment(since, utcnow()), until=None, limit=limit
-        )
 
     async def update(
         self,

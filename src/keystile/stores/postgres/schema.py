@@ -102,6 +102,15 @@ MIGRATIONS: list[str] = [
         at timestamptz NOT NULL
     );
     CREATE INDEX keystile_quota_batches_at ON {schema}.keystile_quota_batches (at);
+    CREATE TABLE {schema}.keystile_owner_limits (
+        owner text PRIMARY KEY,
+        limits jsonb NOT NULL,
+        quota bigint,
+        quota_remaining bigint,
+        quota_refill interval,
+        quota_reset_at timestamptz,
+        updated_at timestamptz NOT NULL
+    );
     """,
 ]
 

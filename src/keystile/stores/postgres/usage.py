@@ -10,7 +10,7 @@ from typing import Any
 
 from ..calls import UsageQuery
 from ..records import QuotaState, UsageBucket, UsageCounts, UsageTotal, utcnow
-from ..rules import BATCH_MEMORY, budget_states
+from ..rules import BATCH_MEMORY, budget_states, split_uses
 from ..sql import touch_assignments
 from .connection import Connection
 from .schema import POSTGRES
@@ -71,20 +71,28 @@ class Usage(Connection):
             rows = await conn.fetch(touch_sql, ids, ats) if ids else []
             return budget_states(tuple(r)[:4] for r in rows if r["quota"] is not None)
 
-        spent = {b: n for b, n in (uses or {}).items() if n}
-        if not spent:
-            return await self._idempotent("touch_many", touch) if ids else {}
         now = utcnow()
-        budgets = list(spent)
-        spend_ats = [touches.get(b, now) for b in budgets]
+        spent, owners = split_uses(uses or {}, touches, now)
+        if not spent and not owners:
+            return await self._idempotent("touch_many", touch) if ids else {}
+        budgets = [b for b, _, _ in spent]
         spend_sql = (
             f"UPDATE {keys} AS k SET {_SPEND}"  # noqa: S608
             " FROM unnest($1::text[], $2::timestamptz[], $3::bigint[]) AS t(b, at, n)"
             " WHERE k.budget_id = t.b"
         )
+        owner_sql = (
+            f"UPDATE {q.owners} AS k SET {_SPEND}"  # noqa: S608
+            " FROM unnest($1::text[], $2::timestamptz[], $3::bigint[]) AS t(b, at, n)"
+            " WHERE k.owner = t.b"
+        )
         states_sql = (
             f"SELECT {_STATE} FROM {keys} AS k"  # noqa: S608
             " WHERE k.budget_id = ANY($1::text[]) AND k.quota IS NOT NULL"
+        )
+        owner_states_sql = (
+            f"SELECT owner, quota_remaining, quota_reset_at FROM {q.owners}"  # noqa: S608
+            " WHERE owner = ANY($1::text[]) AND quota IS NOT NULL"
         )
         # One transaction: the batch's name is stored with its uses, so a retry after a
         # lost commit acknowledgement finds it and takes nothing twice.
@@ -102,9 +110,16 @@ class Usage(Connection):
                     now - BATCH_MEMORY,
                 )
             if fresh:
-                await conn.execute(spend_sql, budgets, spend_ats, [spent[b] for b in budgets])
+                for statement, spends in ((spend_sql, spent), (owner_sql, owners)):
+                    if spends:
+                        columns = [list(column) for column in zip(*spends, strict=True)]
+                        await conn.execute(statement, *columns)
             rows = await conn.fetch(states_sql, [*touched.keys() | set(budgets)])
-        return budget_states(tuple(r) for r in rows)
+            owner_rows = await conn.fetch(owner_states_sql, [o for o, _, _ in owners])
+        states = budget_states(tuple(r) for r in rows)
+        for r in owner_rows:
+            states[f"owner:{r['owner']}"] = QuotaState(r["quota_remaining"], r["quota_reset_at"])
+        return states
 
     async def add_usage(self, counts: UsageCounts) -> None:
         if not counts:
@@ -127,7 +142,7 @@ class Usage(Connection):
             "SELECT to_timestamp(floor(extract(epoch FROM u.minute) / $5) * $5) AS start,"  # noqa: S608
             " sum(u.requests)::bigint AS requests, sum(u.rejected)::bigint AS rejected"
             f" FROM {self._sql.usage} AS u JOIN {self._sql.keys} AS k ON k.id = u.key_id"
-            " WHERE u.key_id = $1 AND k.owner = $2 AND u.minute >= $3"
+            " WHERE ($1::text IS NULL OR u.key_id = $1) AND k.owner = $2 AND u.minute >= $3"
             " AND ($4::timestamptz IS NULL OR u.minute < $4) GROUP BY 1 ORDER BY 1"
         )
 

@@ -87,6 +87,15 @@ MIGRATIONS: list[str] = [
         at REAL NOT NULL
     );
     CREATE INDEX keystile_quota_batches_at ON keystile_quota_batches (at);
+    CREATE TABLE keystile_owner_limits (
+        owner TEXT PRIMARY KEY,
+        limits TEXT NOT NULL,
+        quota INTEGER,
+        quota_remaining INTEGER,
+        quota_refill REAL,
+        quota_reset_at REAL,
+        updated_at REAL NOT NULL
+    );
     """,
 ]
 

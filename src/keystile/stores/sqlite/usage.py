@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 
 from ..calls import UsageQuery
 from ..records import QuotaState, UsageBucket, UsageCounts, UsageTotal, utcnow
-from ..rules import BATCH_MEMORY, budget_states
+from ..rules import BATCH_MEMORY, budget_states, split_uses
 from ..sql import touch_assignments
 from .connection import Connection, select_in
 from .schema import SQLITE, transaction
@@ -39,6 +39,14 @@ _TOUCH = SQLITE.render(
 _SPEND = SQLITE.render(
     f"UPDATE keystile_keys SET {_assignments(last_used=False)} WHERE budget_id = $3"  # noqa: S608
 )
+#: One owner's uses: parameters ``(at, uses, owner)``.
+_OWNER_SPEND = SQLITE.render(
+    f"UPDATE keystile_owner_limits SET {_assignments(last_used=False)} WHERE owner = $3"  # noqa: S608
+)
+_OWNER_QUOTAS = (
+    "SELECT owner, quota_remaining, quota_reset_at FROM keystile_owner_limits"
+    " WHERE owner IN ({marks}) AND quota IS NOT NULL"
+)
 _BUDGETS_OF = "SELECT DISTINCT budget_id FROM keystile_keys WHERE id IN ({marks})"
 _QUOTAS = (
     "SELECT budget_id, created_at, quota_remaining, quota_reset_at FROM keystile_keys"
@@ -53,9 +61,10 @@ _USAGE_UPSERT = (
     " rejected = rejected + excluded.rejected"
 )
 _BUCKETS = (
-    "SELECT (u.minute / ?) * ? AS start, SUM(u.requests), SUM(u.rejected)"
+    "SELECT (u.minute / :step) * :step AS start, SUM(u.requests), SUM(u.rejected)"
     " FROM keystile_usage AS u JOIN keystile_keys AS k ON k.id = u.key_id"
-    " WHERE u.key_id = ? AND k.owner = ? AND u.minute >= ? AND u.minute < ?"
+    " WHERE (:key IS NULL OR u.key_id = :key) AND k.owner = :owner"
+    " AND u.minute >= :since AND u.minute < :until"
     " GROUP BY start ORDER BY start"
 )
 _TOP = (
@@ -97,20 +106,24 @@ class Usage(Connection):
     ) -> dict[str, QuotaState]:
         rows = [(at.timestamp(), 0, k) for k, at in touches.items()]
         now = utcnow()
-        spent = [(touches.get(b, now).timestamp(), n, b) for b, n in (uses or {}).items() if n]
+        spent, owners = split_uses(uses or {}, touches, now)
         ids = list(touches)
 
         def touch(conn: sqlite3.Connection) -> dict[str, QuotaState]:
             with transaction(conn):
                 conn.executemany(_TOUCH, rows)
                 budgets = {row[0] for row in select_in(conn, _BUDGETS_OF, ids)}
-                if spent and _fresh(conn, batch, now):
-                    conn.executemany(_SPEND, spent)
-                budgets.update(b for _, _, b in spent)
-                return budget_states(
+                if (spent or owners) and _fresh(conn, batch, now):
+                    conn.executemany(_SPEND, [(at.timestamp(), n, b) for b, at, n in spent])
+                    conn.executemany(_OWNER_SPEND, [(at.timestamp(), n, o) for o, at, n in owners])
+                budgets.update(b for b, _, _ in spent)
+                states = budget_states(
                     (r[0], SQLITE.decode("time", r[1]), r[2], SQLITE.decode("time", r[3]))
                     for r in select_in(conn, _QUOTAS, list(budgets))
                 )
+                for r in select_in(conn, _OWNER_QUOTAS, [o for o, _, _ in owners]):
+                    states[f"owner:{r[0]}"] = QuotaState(r[1], SQLITE.decode("time", r[2]))
+                return states
 
         return await self._run(touch)
 
@@ -129,9 +142,13 @@ class Usage(Connection):
         await self._run(add)
 
     async def _buckets(self, query: UsageQuery) -> list[UsageBucket]:
-        step = query.bucket_seconds
-        period = (_minute(query.since), _minute(query.until))
-        params = (step, step, query.key_id, query.owner, *period)
+        params = {
+            "step": query.bucket_seconds,
+            "key": query.key_id,
+            "owner": query.owner,
+            "since": _minute(query.since),
+            "until": _minute(query.until),
+        }
         rows = await self._run(lambda conn: conn.execute(_BUCKETS, params).fetchall())
         return [UsageBucket(datetime.fromtimestamp(r[0], timezone.utc), r[1], r[2]) for r in rows]
 
