@@ -14,6 +14,7 @@ import typing as _typing
 
 if _typing.TYPE_CHECKING:
     from .cache import VerifiedKeyCache
+    from .charging import charge
     from .config import KeystileConfig
     from .errors import (
         AuthenticationError,
@@ -50,7 +51,7 @@ if _typing.TYPE_CHECKING:
         SQLiteKeyStore,
         store_from_url,
     )
-    from .stores.records import UsageBucket, UsageTotal
+    from .stores.records import OwnerLimits, UsageBucket, UsageTotal
     from .tokens import generate_key, parse_key, redact
     from .usage import UsageRecorder
     from .verifier import Verifier
@@ -82,6 +83,7 @@ if not _typing.TYPE_CHECKING:  # type checkers read the imports above, and no ot
             "ServiceUnavailable": "errors",
             "StoreError": "errors",
             "TooManyRequests": "errors",
+            "charge": "charging",
             "Argon2Parameters": "hashing",
             "CHEAPEST_PARAMETERS": "hashing",
             "DEFAULT_PARAMETERS": "hashing",
@@ -103,6 +105,7 @@ if not _typing.TYPE_CHECKING:  # type checkers read the imports above, and no ot
             "MemoryKeyStore": "stores",
             "SQLiteKeyStore": "stores",
             "store_from_url": "stores",
+            "OwnerLimits": "stores.records",
             "UsageBucket": "stores.records",
             "UsageTotal": "stores.records",
             "generate_key": "tokens",
@@ -146,6 +149,7 @@ __all__ = [
     "LimitPolicy",
     "MemoryKeyStore",
     "MissingCredentials",
+    "OwnerLimits",
     "QuotaExceeded",
     "RateLimited",
     "RateLimiter",
@@ -159,6 +163,7 @@ __all__ = [
     "UsageTotal",
     "VerifiedKeyCache",
     "Verifier",
+    "charge",
     "generate_key",
     "parse_key",
     "redact",

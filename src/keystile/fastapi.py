@@ -65,6 +65,7 @@ from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
 
 from .errors import AuthenticationError, InsufficientScope, MissingCredentials
+from .limits.cost import RequestCost
 from .middleware import DEFAULT_HEADER_NAME, APIKeyMiddleware
 from .openapi import (
     DEFAULT_BEARER_SCHEME_NAME,
@@ -323,7 +324,8 @@ def protect(app: FastAPI, *, exempt_docs: bool = True, **options: Any) -> None:
       on exempt ones that do not, and documents every refusal an operation can meet
       (:mod:`keystile.openapi`): 400, 401 with its challenge, 403 (an address outside the
       key's allowlist, a missing scope), 429 with ``Retry-After`` and the ``RateLimit``
-      fields, 503 with ``Retry-After``, each with the error body as a schema.
+      fields, 503 with ``Retry-After``, each with the error body as a schema;
+    * with ``cost=``, says in each operation's description how many uses it spends.
 
     The OpenAPI part wraps ``app.openapi``: it runs when the document is generated (routes
     added after ``protect()`` are included), keeps FastAPI's caching in
@@ -411,6 +413,7 @@ class _Documenter:
         self.app_known = handler is keystile_exception_handler
         self.exact = frozenset(p for p in exempt_paths if not p.endswith("*"))
         self.prefixes = tuple(p[:-1] for p in exempt_paths if p.endswith("*"))
+        self.cost = RequestCost(options.get("cost"))
 
     def document(self, schema: dict[str, Any]) -> None:
         components = schema.setdefault("components", {})
@@ -438,5 +441,10 @@ class _Documenter:
                         app_known=self.app_known,
                         rate_limit_headers=self.rate_limit_headers,
                     )
+                    note = None if exempt else self.cost.describe(method.upper(), path)
+                    if note:
+                        operation["description"] = "\n\n".join(
+                            filter(None, (operation.get("description"), note))
+                        )
         if with_body:
             components.setdefault("schemas", {})[ERROR_SCHEMA_NAME] = error_schema()

@@ -156,6 +156,8 @@ class APIKeyMiddleware:
             headers=config.rate_limit_headers,
         )
         self._limit_every_key = self.limits.limits_every_key
+        #: ``cost=``, asked only for a limited key's request.
+        self._cost = config.request_cost
         if config.metrics:
             # Read at scrape time from the runtime's counters: the hit path pays nothing.
             from .metrics import PrometheusMetrics
@@ -208,7 +210,8 @@ class APIKeyMiddleware:
         # Stage 3, admit: a key without an IP allowlist or limits pays these checks alone.
         if user.limits is not None or self._limit_every_key or user.ip_allowlist is not None:
             try:
-                send = await admit(user, scope, self.limits, send)
+                cost = self._cost.of(scope, route_path(scope)) if self._cost else 1
+                send = await admit(user, scope, self.limits, send, cost)
             except AuthenticationError as exc:
                 await self._deny(exc, scope, receive, send)
                 return

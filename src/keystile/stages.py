@@ -91,15 +91,18 @@ def check_allowlist(user: APIKeyUser, scope: Scope) -> None:
         raise IPNotAllowed()
 
 
-async def admit(user: APIKeyUser, scope: Scope, limits: LimitEnforcer, send: Send) -> Send:
+async def admit(
+    user: APIKeyUser, scope: Scope, limits: LimitEnforcer, send: Send, cost: int = 1
+) -> Send:
     """Let a verified key's request on, or raise why not: a client outside the key's IP
-    allowlist (:func:`check_allowlist`), then the key's rate limit or quota. Returns
+    allowlist (:func:`check_allowlist`), then the limits of the key and its owner, each
+    with room for the request's ``cost`` (``cost=``; none spent if one refuses). Returns
     ``send``, with the ``RateLimit`` fields on the response when ``rate_limit_headers`` is
     on and the key is limited."""
     check_allowlist(user, scope)
     if user.limits is None and not limits.limits_every_key:
         return send
-    refusal = await limits.acheck(user) if limits.is_async else limits.check(user)
+    refusal = await limits.acheck(user, cost) if limits.is_async else limits.check(user, cost)
     if refusal is not None:
         raise refusal
     return send_with_headers(send, limits.success_headers(user)) if limits.headers else send

@@ -21,6 +21,7 @@ One idea a module, each importing only those above it:
 
 from __future__ import annotations
 
+from .cost import CostOption, RequestCost
 from .enforcer import REDIS_RETRY_INTERVAL, LimitEnforcer, OnError, send_with_headers
 from .gcra import MemoryRateLimiter, RateLimiter
 from .policy import (
@@ -44,6 +45,7 @@ __all__ = [
     "POLICY_NAME",
     "REDIS_RETRY_INTERVAL",
     "REDIS_TIMEOUT",
+    "CostOption",
     "LimitEnforcer",
     "LimitPolicy",
     "MemoryRateLimiter",
@@ -53,6 +55,7 @@ __all__ = [
     "Rate",
     "RateLimiter",
     "RedisRateLimiter",
+    "RequestCost",
     "normalize_rate_limit",
     "parse_rate_limit",
     "parse_rate_limits",

@@ -135,6 +135,8 @@ class LimitEnforcer:
         self.limits_every_key = self.default_rate is not None
         #: The middleware's default rate as each unlimited key's one limit, built once.
         self._defaults: dict[str, tuple[NamedRate, ...]] = {}
+        #: Uses charged after the fact and not yet taken from the Redis counters.
+        self._charged: dict[str, int] = {}
         self._redis_down_until = -math.inf
         self._redis_failing = False
 
@@ -216,20 +218,25 @@ class LimitEnforcer:
         tag = policy.tag if policy is not None else redis_tag(user.owner)
         now = self.clock()
         counters = []
+        charged = self._charged
         for q in quotas:
             start, left = self.quotas.period(q.budget, q, now)
             lifetime = int(q.refill + 60) if q.refill else 86_400
-            counters.append((self.redis.quota_key(tag, q.budget, q.quota, start), left, lifetime))
+            key = self.redis.quota_key(tag, q.budget, q.quota, start)
+            counters.append((key, left, lifetime, charged.pop(q.budget, 0) if charged else 0))
         try:
             code, index, wait = await self.redis.decide(tag, rates, counters, cost)
-        except RedisScriptError as exc:
+        except Exception as exc:
+            for q, counter in zip(quotas, counters, strict=True):
+                if counter[3]:
+                    charged[q.budget] = charged.get(q.budget, 0) + counter[3]
+            if not isinstance(exc, RedisScriptError):  # any client or socket failure
+                self._redis_failed(exc)
+                return self._fallback(user, cost)
             # Redis answered, so it is up: this request's state is what is broken.
             self.counters.rate_limit_errors += 1
             logger.error("keystile: the Redis limit script failed for one request: %s", exc)
             return _unavailable()
-        except Exception as exc:  # any client or socket failure: never a 500
-            self._redis_failed(exc)
-            return self._fallback(user, cost)
         if self._redis_failing:
             self._redis_failing = False
             logger.warning("keystile: Redis at %s answers again", self.redis.display_url)
@@ -242,6 +249,15 @@ class LimitEnforcer:
         for q in quotas:
             self.quotas.use(q.budget, cost)  # the store follows the Redis counter in the flush
         return None
+
+    def charge(self, policy: LimitPolicy, n: int) -> None:
+        """Spend ``n`` uses of every quota of ``policy`` after the fact (``keystile.charge``):
+        counted at once (the next request sees them), written by the next flush, and with
+        Redis taken from its counters by the next decision on them."""
+        for q in policy.quotas:
+            self.quotas.use(q.budget, n)
+            if self.redis is not None:
+                self._charged[q.budget] = self._charged.get(q.budget, 0) + n
 
     def success_headers(self, user: LimitedKey) -> list[tuple[bytes, bytes]]:
         """``RateLimit-Policy`` and ``RateLimit`` for a request that passed (with

@@ -75,7 +75,9 @@ class QuotaBook:
 
     def use(self, budget: str, n: int = 1) -> None:
         """Count ``n`` uses (after ``wait`` said one is left)."""
-        self._slots[budget][4] += n
+        slot = self._slots.get(budget)
+        if slot is not None:
+            slot[4] += n
         self.recorder.count_use(budget, n)
 
     def left(self, key_id: str) -> int | None:

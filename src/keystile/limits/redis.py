@@ -22,12 +22,14 @@ __all__ = ["REDIS_TIMEOUT", "RedisRateLimiter", "RedisScriptError"]
 REDIS_TIMEOUT = 0.25
 
 #: KEYS: the quota counters (``ARGV[1]`` of them), then the rate keys. ARGV: the number
-#: of quota counters, the request's cost, each counter's start value and lifetime (s),
-#: each rate's period and count. Every limit is checked before any is spent: returns
-#: {2, i} (quota i used up), {1, i, wait} (rate i refuses; the longest wait), or
-#: {0, remaining_1, reset_1, …} (passed, all spent). The quota counters are only ever
-#: written as the decimal text they were given and changed by DECRBY, never through a Lua
-#: number (which prints 10**17 as "1e+17"), so they stay exact integers.
+#: of quota counters, the request's cost, each counter's start value, lifetime (s) and
+#: uses charged since (``charge``: taken first, unless the counter starts afresh from a
+#: start value that already counts them), each rate's period and count. Every limit is
+#: checked before any is spent: returns {2, i} (quota i used up), {1, i, wait} (rate i
+#: refuses; the longest wait), or {0, remaining_1, reset_1, …} (passed, all spent). The
+#: quota counters are only ever written as the decimal text they were given and changed
+#: by DECRBY, never through a Lua number (which prints 10**17 as "1e+17"), so they stay
+#: exact integers.
 _LUA = """
 local nq, cost = tonumber(ARGV[1]), tonumber(ARGV[2])
 local a = 3
@@ -36,9 +38,11 @@ for i = 1, nq do
     if left == false then
         left = ARGV[a]
         redis.call('SET', KEYS[i], left, 'EX', ARGV[a + 1])
+    elseif ARGV[a + 2] ~= '0' then
+        left = redis.call('DECRBY', KEYS[i], ARGV[a + 2])
     end
     if tonumber(left) < cost then return {2, i} end
-    a = a + 2
+    a = a + 3
 end
 if #KEYS == nq then
     for i = 1, nq do redis.call('DECRBY', KEYS[i], cost) end
@@ -73,8 +77,8 @@ return out
 """
 
 #: A quota counter for one request: its Redis key, the count to start from if it is
-#: missing, and its lifetime in seconds.
-Counter = tuple[str, int, int]
+#: missing, its lifetime in seconds, and the uses charged to it since.
+Counter = tuple[str, int, int, int]
 
 
 class RedisScriptError(Exception):
@@ -155,8 +159,8 @@ class RedisRateLimiter:
         script = self._get_script()
         keys = [c[0] for c in counters] + [self.rate_key(tag, r) for r in rates]
         args: list[Any] = [len(counters), cost]
-        for _, start, lifetime in counters:
-            args += [start, lifetime]
+        for _, start, lifetime, charged in counters:
+            args += [start, lifetime, charged]
         for limit in rates:
             args += [limit.rate.period, limit.rate.count]
         try:
