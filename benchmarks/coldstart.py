@@ -29,7 +29,8 @@ import psutil
 from asgi import uvicorn, wait_http
 from harness import Target, cli, print_table
 
-from keystile import DEFAULT_PARAMETERS, KeyRecord, SecretHasher
+from keystile import DEFAULT_PARAMETERS, KeyRecord
+from keystile.hashing import SecretHasher
 from keystile.stores import store_from_url
 from keystile.tokens import CHECKSUM_LENGTH, _base62, new_key_id
 

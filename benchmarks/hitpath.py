@@ -44,12 +44,13 @@ from harness import (
 )
 
 from apps import fill_cache
-from keystile import MemoryKeyStore, Verifier
+from keystile import MemoryKeyStore
 from keystile._accel import compiled_kernel
 from keystile.cache import VerifiedKeyCache
 from keystile.credentials import split_credential
 from keystile.hashing import CHEAPEST_PARAMETERS, SecretHasher
 from keystile.tokens import generate_key
+from keystile.verifier import Verifier
 
 __all__ = ["HIT_TARGETS", "run_hitpath"]
 

@@ -25,7 +25,8 @@ from asgi import call_once, http_scope
 from harness import Target, fmt_us, median, p99, print_table
 
 from apps import mint, postgres_schema, starlette_app
-from keystile import DEFAULT_PARAMETERS, APIKeyMiddleware, SecretHasher
+from keystile import DEFAULT_PARAMETERS, APIKeyMiddleware
+from keystile.hashing import SecretHasher
 from keystile.manager import CreatedKey
 from keystile.stores import store_from_url
 from keystile.verifier import DEFAULT_ARGON2_CONCURRENCY

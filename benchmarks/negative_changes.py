@@ -33,8 +33,9 @@ from collections.abc import Callable
 
 from cachetools import TTLCache
 
-from keystile import MemoryKeyStore, Verifier
+from keystile import MemoryKeyStore
 from keystile.tokens import new_key_id
+from keystile.verifier import Verifier
 
 TARGET_MS = 50.0
 NEGATIVE_TTL = 30.0

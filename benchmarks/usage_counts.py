@@ -28,7 +28,8 @@ from asgi import discard, http_scope, ok_app, receive, time_asgi
 from harness import Target, cli, compare, fmt_us, interleave_async, print_table
 
 from apps import count_statements, counted, mint, postgres_schema
-from keystile import CHEAPEST_PARAMETERS, APIKeyMiddleware, generate_key
+from keystile import CHEAPEST_PARAMETERS, APIKeyMiddleware
+from keystile.tokens import generate_key
 
 KEYS = 1_000
 TARGET_PCT = 3.0

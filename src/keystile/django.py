@@ -40,8 +40,10 @@ Django and DRF are an optional extra: ``pip install "keystile[django]"``.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from typing import Any, cast
+
+from . import adapters
 
 try:
     from asgiref.sync import iscoroutinefunction, markcoroutinefunction
@@ -51,29 +53,15 @@ try:
     from rest_framework.exceptions import APIException, NotAuthenticated
     from rest_framework.permissions import BasePermission
 except ImportError as exc:  # pragma: no cover - exercised by a test that hides django
-    raise ImportError(
-        "keystile.django needs Django and Django REST framework, an optional extra: "
-        'pip install "keystile[django]"'
-    ) from exc
+    raise adapters.missing_extra("django", "Django and Django REST framework") from exc
 
 from starlette.authentication import AuthCredentials
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .errors import AuthenticationError, InsufficientScope, MissingCredentials
+from .errors import AuthenticationError, MissingCredentials
 from .middleware import APIKeyMiddleware
 from .principal import APIKeyUser
-from .responses import error_body, error_code, error_headers, www_authenticate
-
-__all__ = [
-    "HasScopes",
-    "KeystileAuthentication",
-    "KeystileRefusal",
-    "KeystileUser",
-    "KeystileUserMiddleware",
-    "exception_handler",
-    "protect",
-    "require_scopes",
-]
+from .responses import error_code, www_authenticate
 
 
 class KeystileUser:
@@ -87,7 +75,18 @@ class KeystileUser:
     or :class:`HasScopes`.
     """
 
-    __slots__ = ("key",)
+    __slots__ = (
+        "display_name",
+        "id",
+        "key",
+        "key_id",
+        "metadata",
+        "name",
+        "owner",
+        "pk",
+        "scopes",
+        "username",
+    )
 
     is_authenticated = True
     is_anonymous = False
@@ -97,42 +96,10 @@ class KeystileUser:
 
     def __init__(self, key: APIKeyUser) -> None:
         self.key = key
-
-    @property
-    def pk(self) -> str:
-        return self.key.key_id
-
-    @property
-    def id(self) -> str:
-        return self.key.key_id
-
-    @property
-    def key_id(self) -> str:
-        return self.key.key_id
-
-    @property
-    def owner(self) -> str:
-        return self.key.owner
-
-    @property
-    def name(self) -> str:
-        return self.key.name
-
-    @property
-    def scopes(self) -> tuple[str, ...]:
-        return self.key.scopes
-
-    @property
-    def metadata(self) -> Mapping[str, Any]:
-        return self.key.metadata
-
-    @property
-    def display_name(self) -> str:
-        return self.key.display_name
-
-    @property
-    def username(self) -> str:
-        return self.key.display_name
+        self.pk = self.id = self.key_id = key.key_id
+        self.owner, self.name, self.scopes = key.owner, key.name, key.scopes
+        self.metadata = key.metadata
+        self.display_name = self.username = key.display_name
 
     def get_username(self) -> str:
         return self.key.display_name
@@ -177,13 +144,14 @@ class KeystileUser:
 def _keystile_scope(request: Any) -> Scope:
     """The ASGI scope ``APIKeyMiddleware`` authenticated (``request`` is Django's or DRF's)."""
     scope = getattr(request, "scope", None)
-    if not isinstance(scope, dict) or not isinstance(scope.get("keystile"), APIKeyMiddleware):
-        raise ImproperlyConfigured(
-            "keystile.django reads the key APIKeyMiddleware verified, but the middleware is "
-            "not in front of Django: serve application = keystile.django.protect("
-            "get_asgi_application(), ...) with an ASGI server"
-        )
-    return scope
+    adapters.find_middleware(
+        scope,
+        reader="keystile.django reads",
+        place="Django: serve application = keystile.django.protect(get_asgi_application(), "
+        "...) with an ASGI server",
+        error=ImproperlyConfigured,
+    )
+    return cast(Scope, scope)
 
 
 def _verified_key(scope: Scope) -> APIKeyUser | None:
@@ -229,10 +197,11 @@ class KeystileRefusal(APIException):  # type: ignore[misc]
 
     def __init__(self, refusal: AuthenticationError, middleware: APIKeyMiddleware) -> None:
         super().__init__(detail=refusal.description, code=error_code(refusal))
-        middleware.verifier.counters.rejects[refusal.reason] += 1
-        self.status_code = refusal.status_code
-        self.detail = error_body(refusal, header_name=middleware.header_name)
-        self.headers = error_headers(refusal, realm=middleware.realm)
+        adapters.count_refusal(middleware, refusal)
+        answer = adapters.Refusal.of(refusal, middleware)
+        self.status_code = answer.status_code
+        self.detail = answer.body
+        self.headers = answer.headers
         self.auth_header = self.headers.get("WWW-Authenticate")
         self.auth_error = refusal
 
@@ -279,15 +248,14 @@ class HasScopes(BasePermission):  # type: ignore[misc]
     def has_permission(self, request: Any, view: Any) -> bool:
         required = self.scopes if self.scopes is not None else self._declared(view)
         scope = _keystile_scope(request)
-        key = _verified_key(scope)
-        if key is None:
-            if getattr(request, "successful_authenticator", None) is not None:
-                return False  # a user of another authentication class: DRF's 403
-            raise KeystileRefusal(MissingCredentials(), scope["keystile"])
-        missing = tuple(s for s in required if not key.has_scopes(s))
-        if missing:
-            raise KeystileRefusal(InsufficientScope(tuple(required), missing), scope["keystile"])
-        return True
+        refusal = adapters.scope_refusal(scope.get("user"), tuple(required))
+        if refusal is None:
+            return True
+        if isinstance(refusal, MissingCredentials) and (
+            getattr(request, "successful_authenticator", None) is not None
+        ):
+            return False  # a user of another authentication class: DRF's 403
+        raise KeystileRefusal(refusal, scope["keystile"])
 
     @staticmethod
     def _declared(view: Any) -> tuple[str, ...]:
@@ -307,9 +275,7 @@ def require_scopes(*scopes: str) -> type[HasScopes]:
     @permission_classes([require_scopes("items:write")])
     def create_item(request): ...
     """
-    if not scopes:
-        raise ValueError("require_scopes needs at least one scope")
-    required = tuple(dict.fromkeys(scopes))
+    required = adapters.required_scopes(scopes)
     return type(f"HasScopes({' '.join(required)})", (HasScopes,), {"scopes": required})
 
 
@@ -393,3 +359,15 @@ def protect(application: ASGIApp, **options: Any) -> APIKeyMiddleware:
     last pending ``last_used_at`` updates at shutdown.
     """
     return APIKeyMiddleware(_DjangoLifespan(application), **options)
+
+
+__all__ = [
+    "HasScopes",
+    "KeystileAuthentication",
+    "KeystileRefusal",
+    "KeystileUser",
+    "KeystileUserMiddleware",
+    "exception_handler",
+    "protect",
+    "require_scopes",
+]

@@ -44,7 +44,10 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Annotated, Any
+from dataclasses import dataclass, field
+from typing import Annotated, Any, cast
+
+from . import adapters
 
 try:
     from fastapi import Depends, FastAPI, Security, WebSocketException
@@ -57,43 +60,18 @@ try:
         SecurityScopes,
     )
 except ImportError as exc:  # pragma: no cover - exercised by a test that hides fastapi
-    raise ImportError(
-        'keystile.fastapi needs FastAPI, an optional extra: pip install "keystile[fastapi]"'
-    ) from exc
+    raise adapters.missing_extra("fastapi", "FastAPI") from exc
 
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
 
-from .errors import AuthenticationError, InsufficientScope, MissingCredentials
-from .limits.cost import RequestCost
-from .middleware import DEFAULT_HEADER_NAME, APIKeyMiddleware
-from .openapi import (
-    DEFAULT_BEARER_SCHEME_NAME,
-    DEFAULT_HEADER_SCHEME_NAME,
-    ERROR_SCHEMA_NAME,
-    IMPLICIT_SCOPE,
-    document_operation,
-    error_schema,
-    fully_exempt,
-    security_schemes,
-)
+from . import openapi
+from .config import DEFAULT_HEADER_NAME, KeystileConfig
+from .errors import AuthenticationError, MissingCredentials
+from .middleware import APIKeyMiddleware
+from .openapi import DEFAULT_BEARER_SCHEME_NAME, DEFAULT_HEADER_SCHEME_NAME
 from .principal import APIKeyUser
-from .responses import WEBSOCKET_POLICY_VIOLATION, KeystileHTTPException, error_code
-
-__all__ = [
-    "DEFAULT_BEARER_SCHEME_NAME",
-    "DEFAULT_HEADER_SCHEME_NAME",
-    "APIKey",
-    "CurrentKey",
-    "KeystileHTTPException",
-    "KeystileSecurity",
-    "OptionalKey",
-    "current_key",
-    "keystile_exception_handler",
-    "optional_key",
-    "protect",
-    "require_scopes",
-]
+from .responses import KeystileHTTPException
 
 #: The type of ``current_key``: the verified key (id, owner, name, scopes, metadata).
 APIKey = APIKeyUser
@@ -111,38 +89,30 @@ _MARK = "__keystile_dependency__"
 
 
 def _middleware(conn: HTTPConnection) -> APIKeyMiddleware:
-    middleware = conn.scope.get("keystile")
-    if not isinstance(middleware, APIKeyMiddleware):
-        # Failing closed with a 500 beats a silent 401 on every request: the app is
-        # misassembled, not the client.
-        raise RuntimeError(
-            "keystile.fastapi dependencies read the key APIKeyMiddleware verified, but the "
-            "middleware is not in front of this route: keystile.fastapi.protect(app, ...) "
-            "or app.add_middleware(APIKeyMiddleware, ...)"
-        )
-    return middleware
+    return adapters.find_middleware(
+        conn.scope,
+        reader="keystile.fastapi dependencies read",
+        place="this route: keystile.fastapi.protect(app, ...) or "
+        "app.add_middleware(APIKeyMiddleware, ...)",
+    )
 
 
 def _refuse(conn: HTTPConnection, auth_error: AuthenticationError) -> Exception:
     """The exception that refuses this request, counted with the middleware's rejects."""
     middleware = _middleware(conn)
-    middleware.verifier.counters.rejects[auth_error.reason] += 1
+    adapters.count_refusal(middleware, auth_error)
     if conn.scope["type"] == "websocket":
-        # The same close the middleware sends for a refused handshake.
-        return WebSocketException(WEBSOCKET_POLICY_VIOLATION, reason=error_code(auth_error))
+        code, reason = adapters.close_code(auth_error)
+        return WebSocketException(code, reason=reason)
     return KeystileHTTPException(
         auth_error, realm=middleware.realm, header_name=middleware.header_name
     )
 
 
-def _missing(required: Iterable[str], held: tuple[str, ...]) -> tuple[str, ...]:
-    return tuple(s for s in required if s not in held and s != IMPLICIT_SCOPE)
-
-
-def _check_scopes(conn: HTTPConnection, key: APIKeyUser, scopes: list[str]) -> None:
-    missing = _missing(scopes, key.scopes)
-    if missing:
-        raise _refuse(conn, InsufficientScope(tuple(dict.fromkeys(scopes)), missing))
+def _check_scopes(conn: HTTPConnection, key: object, scopes: list[str]) -> None:
+    refusal = adapters.scope_refusal(key, tuple(dict.fromkeys(scopes)))
+    if refusal is not None:
+        raise _refuse(conn, refusal)
 
 
 # The dependencies take only what FastAPI hands over without work of its own (the
@@ -189,21 +159,16 @@ def require_scopes(*scopes: str) -> KeyDependency:
     checked, so a router's scopes and a route's add up. ``"authenticated"`` is held by
     every verified key.
     """
-    if not scopes:
-        raise ValueError("require_scopes needs at least one scope; use current_key")
-    required = tuple(dict.fromkeys(scopes))
+    required = adapters.required_scopes(scopes, instead="; use current_key")
 
     async def dependency(conn: HTTPConnection, security_scopes: SecurityScopes) -> APIKeyUser:
         key = conn.scope.get("user")
-        if not isinstance(key, APIKeyUser):
-            raise _refuse(conn, MissingCredentials())
-        held = key.scopes
-        for scope in required:
-            if scope not in held and scope != IMPLICIT_SCOPE:
-                raise _refuse(conn, InsufficientScope(required, _missing(required, held)))
+        refusal = adapters.scope_refusal(key, required)
+        if refusal is not None:
+            raise _refuse(conn, refusal)
         if security_scopes.scopes:  # an enclosing Security(..., scopes=[...])
             _check_scopes(conn, key, [*security_scopes.scopes, *required])
-        return key
+        return cast(APIKeyUser, key)
 
     dependency.__name__ = "require_scopes"
     dependency.__qualname__ = f"require_scopes({' '.join(required)})"
@@ -217,6 +182,7 @@ CurrentKey = Annotated[APIKeyUser, Depends(current_key)]
 OptionalKey = Annotated[APIKeyUser | None, Depends(optional_key)]
 
 
+@dataclass(eq=False, kw_only=True)
 class KeystileSecurity:
     """Dependencies that also declare the two security schemes on the operations using them.
 
@@ -235,23 +201,27 @@ class KeystileSecurity:
     dependencies cost nothing of the kind. Scopes work as with the module-level ones.
     """
 
-    def __init__(
-        self,
-        *,
-        header_name: str = DEFAULT_HEADER_NAME,
-        bearer_scheme_name: str = DEFAULT_BEARER_SCHEME_NAME,
-        header_scheme_name: str = DEFAULT_HEADER_SCHEME_NAME,
-    ) -> None:
-        self.header_name = header_name
+    header_name: str = DEFAULT_HEADER_NAME
+    bearer_scheme_name: str = DEFAULT_BEARER_SCHEME_NAME
+    header_scheme_name: str = DEFAULT_HEADER_SCHEME_NAME
+    #: The FastAPI security classes that declare the schemes.
+    bearer: HTTPBearer = field(init=False, repr=False)
+    api_key_header: APIKeyHeader = field(init=False, repr=False)
+    #: :func:`current_key` and :func:`optional_key`, with the schemes declared.
+    current_key: KeyDependency = field(init=False, repr=False)
+    optional_key: OptionalKeyDependency = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        schemes = adapters.security_schemes(self.header_name)
         self.bearer = HTTPBearer(
-            scheme_name=bearer_scheme_name,
-            description="An API key as a bearer token: `Authorization: Bearer <key>`.",
+            scheme_name=self.bearer_scheme_name,
+            description=schemes[DEFAULT_BEARER_SCHEME_NAME]["description"],
             auto_error=False,
         )
         self.api_key_header = APIKeyHeader(
-            name=header_name,
-            scheme_name=header_scheme_name,
-            description=f"An API key in the `{header_name}` header.",
+            name=self.header_name,
+            scheme_name=self.header_scheme_name,
+            description=schemes[DEFAULT_HEADER_SCHEME_NAME]["description"],
             auto_error=False,
         )
         bearer_scheme, header_scheme = Depends(self.bearer), Depends(self.api_key_header)
@@ -274,13 +244,12 @@ class KeystileSecurity:
 
         setattr(declared_current_key, _MARK, (True, ()))
         setattr(declared_optional_key, _MARK, (False, ()))
-        self.current_key: KeyDependency = declared_current_key
-        self.optional_key: OptionalKeyDependency = declared_optional_key
+        self.current_key = declared_current_key
+        self.optional_key = declared_optional_key
 
     def require_scopes(self, *scopes: str) -> KeyDependency:
         """:func:`require_scopes`, with the schemes declared on the operation."""
-        if not scopes:
-            raise ValueError("require_scopes needs at least one scope; use current_key")
+        adapters.required_scopes(scopes, instead="; use current_key")
         scoped_key = Security(self.current_key, scopes=list(scopes))
 
         async def declared_require_scopes(key: APIKeyUser = scoped_key) -> APIKeyUser:
@@ -293,7 +262,6 @@ class KeystileSecurity:
 # -- protect(app) ---------------------------------------------------------------------------
 
 _HTTP_METHODS = frozenset(("get", "put", "post", "delete", "options", "head", "patch", "trace"))
-_MIDDLEWARE_OPTIONS = inspect.signature(APIKeyMiddleware).parameters
 
 
 async def keystile_exception_handler(request: Request, exc: Exception) -> Response:
@@ -333,26 +301,21 @@ def protect(app: FastAPI, *, exempt_docs: bool = True, **options: Any) -> None:
     ``protect()`` (one assigned after replaces it). Exempt operations are those whose
     route path the middleware exempts for every value of its path parameters.
     """
-    unknown = sorted(name for name in options if name == "app" or name not in _MIDDLEWARE_OPTIONS)
-    if unknown:
-        raise TypeError(f"protect() got unknown APIKeyMiddleware options: {', '.join(unknown)}")
-    exempt = list(options.pop("exempt_paths", ()))
-    if exempt_docs:
-        docs = (app.docs_url, app.redoc_url, app.openapi_url, app.swagger_ui_oauth2_redirect_url)
-        exempt += [url for url in docs if url and url not in exempt]
-    app.add_middleware(APIKeyMiddleware, exempt_paths=exempt, **options)
+    docs = (app.docs_url, app.redoc_url, app.openapi_url, app.swagger_ui_oauth2_redirect_url)
+    config = adapters.adapter_config(options, exempt=[url for url in docs if url and exempt_docs])
+    app.add_middleware(APIKeyMiddleware, config=config)
     app.exception_handlers.setdefault(KeystileHTTPException, keystile_exception_handler)
     generate = app.openapi
     patched: list[dict[str, Any]] = []
 
-    def openapi() -> dict[str, Any]:
+    def documented_openapi() -> dict[str, Any]:
         schema = generate()
         if not patched or patched[0] is not schema:
-            _Documenter(app, exempt, options).document(schema)
+            _Documenter(app, config).document(schema)
             patched[:] = [schema]
         return schema
 
-    app.openapi = openapi  # type: ignore[method-assign]
+    app.openapi = documented_openapi  # type: ignore[method-assign]
     app.openapi_schema = None  # a document generated before protect() lacks the security
 
 
@@ -394,30 +357,26 @@ def _key_use(route: Any) -> tuple[bool, list[str]]:
 
 def _error_body(codes: list[str]) -> dict[str, Any]:
     """The error body's schema, narrowed to ``codes``."""
-    ref = {"$ref": f"#/components/schemas/{ERROR_SCHEMA_NAME}"}
+    ref = {"$ref": f"#/components/schemas/{openapi.ERROR_SCHEMA_NAME}"}
     return {"allOf": [ref, {"properties": {"error": {"enum": codes}}}]}
 
 
 class _Documenter:
     """Adds keystile's security and refusals to a generated document."""
 
-    def __init__(self, app: FastAPI, exempt_paths: list[str], options: dict[str, Any]) -> None:
+    def __init__(self, app: FastAPI, config: KeystileConfig) -> None:
         self.app = app
-        self.header_name: str = options.get("header_name", DEFAULT_HEADER_NAME)
-        self.required: bool = options.get("required", True)
-        self.rate_limit_headers: bool = options.get("rate_limit_headers", False)
+        self.config = config
         # on_error makes the middleware's responses; an app handler of its own, the
         # dependencies'. What they send is theirs to document.
-        self.middleware_known = options.get("on_error") is None
+        self.middleware_known = config.on_error is None
         handler = app.exception_handlers.get(KeystileHTTPException)
         self.app_known = handler is keystile_exception_handler
-        self.exact = frozenset(p for p in exempt_paths if not p.endswith("*"))
-        self.prefixes = tuple(p[:-1] for p in exempt_paths if p.endswith("*"))
-        self.cost = RequestCost(options.get("cost"))
 
     def document(self, schema: dict[str, Any]) -> None:
         components = schema.setdefault("components", {})
-        components.setdefault("securitySchemes", {}).update(security_schemes(self.header_name))
+        schemes = adapters.security_schemes(self.config.header_name)
+        components.setdefault("securitySchemes", {}).update(schemes)
         routes = {
             (route.path_format, method.lower()): route
             for route in _api_routes(self.app)
@@ -425,26 +384,43 @@ class _Documenter:
         }
         with_body = False
         for path, item in (schema.get("paths") or {}).items():
-            exempt = fully_exempt(path, self.exact, self.prefixes)
+            exempt = adapters.exempt_route(path, self.config)
             for method, operation in item.items():
                 if method in _HTTP_METHODS and isinstance(operation, dict):
                     route = routes.get((path, method))
                     needs, scopes = _key_use(route) if route else (False, [])
-                    with_body |= document_operation(
+                    with_body |= openapi.document_operation(
                         operation,
                         exempt=exempt,
-                        required=self.required,
+                        required=self.config.required,
                         key_needed=needs,
                         scopes=scopes,
                         body_schema=_error_body,
                         middleware_known=self.middleware_known,
                         app_known=self.app_known,
-                        rate_limit_headers=self.rate_limit_headers,
+                        rate_limit_headers=self.config.rate_limit_headers,
                     )
-                    note = None if exempt else self.cost.describe(method.upper(), path)
+                    cost = self.config.request_cost
+                    note = None if exempt else cost.describe(method.upper(), path)
                     if note:
                         operation["description"] = "\n\n".join(
                             filter(None, (operation.get("description"), note))
                         )
         if with_body:
-            components.setdefault("schemas", {})[ERROR_SCHEMA_NAME] = error_schema()
+            components.setdefault("schemas", {})[openapi.ERROR_SCHEMA_NAME] = openapi.error_schema()
+
+
+__all__ = [
+    "DEFAULT_BEARER_SCHEME_NAME",
+    "DEFAULT_HEADER_SCHEME_NAME",
+    "APIKey",
+    "CurrentKey",
+    "KeystileHTTPException",
+    "KeystileSecurity",
+    "OptionalKey",
+    "current_key",
+    "keystile_exception_handler",
+    "optional_key",
+    "protect",
+    "require_scopes",
+]

@@ -38,6 +38,8 @@ from __future__ import annotations
 from copy import copy
 from typing import Any
 
+from . import adapters
+
 try:
     from litestar.config.app import AppConfig
     from litestar.connection import ASGIConnection, Request
@@ -52,35 +54,21 @@ try:
     from litestar.routes import BaseRoute, HTTPRoute
     from litestar.types import Guard
 except ImportError as exc:  # pragma: no cover - exercised by a test that hides litestar
-    raise ImportError(
-        'keystile.litestar needs Litestar, an optional extra: pip install "keystile[litestar]"'
-    ) from exc
+    raise adapters.missing_extra("litestar", "Litestar") from exc
 
 from starlette.types import Receive, Scope, Send
 
-from .errors import AuthenticationError, InsufficientScope, MissingCredentials
-from .middleware import DEFAULT_HEADER_NAME, APIKeyMiddleware
+from .config import DEFAULT_HEADER_NAME
+from .errors import AuthenticationError
+from .middleware import APIKeyMiddleware
 from .openapi import (
     DEFAULT_BEARER_SCHEME_NAME,
     DEFAULT_HEADER_SCHEME_NAME,
     document_refusals,
     error_schema,
-    fully_exempt,
     refusals,
 )
-from .principal import APIKeyUser
-from .responses import error_body, error_headers
 from .stats import KeystileStats
-
-__all__ = [
-    "DEFAULT_BEARER_SCHEME_NAME",
-    "DEFAULT_HEADER_SCHEME_NAME",
-    "KeystilePlugin",
-    "KeystileRefusal",
-    "require_scopes",
-    "security_components",
-    "security_requirements",
-]
 
 #: Set on every keystile guard: the scopes it requires.
 _MARK = "__keystile_scopes__"
@@ -93,19 +81,19 @@ def security_components(
     header_scheme_name: str = DEFAULT_HEADER_SCHEME_NAME,
 ) -> Components:
     """The two ways to send a key, as OpenAPI security schemes."""
+    schemes = adapters.security_schemes(
+        header_name, bearer_scheme_name=bearer_scheme_name, header_scheme_name=header_scheme_name
+    )
     return Components(
         security_schemes={
-            bearer_scheme_name: SecurityScheme(
-                type="http",
-                scheme="bearer",
-                description="An API key as a bearer token: `Authorization: Bearer <key>`.",
-            ),
-            header_scheme_name: SecurityScheme(
-                type="apiKey",
-                name=header_name,
-                security_scheme_in="header",
-                description=f"An API key in the `{header_name}` header.",
-            ),
+            name: SecurityScheme(
+                type=scheme["type"],
+                scheme=scheme.get("scheme"),
+                name=scheme.get("name"),
+                security_scheme_in=scheme.get("in"),
+                description=scheme["description"],
+            )
+            for name, scheme in schemes.items()
         }
     )
 
@@ -148,8 +136,6 @@ class KeystilePlugin(InitPlugin, ReceiveRoutePlugin):
     """
 
     __slots__ = (
-        "_exempt_exact",
-        "_exempt_prefixes",
         "_middleware",
         "bearer_scheme_name",
         "exempt_docs",
@@ -165,13 +151,9 @@ class KeystilePlugin(InitPlugin, ReceiveRoutePlugin):
         header_scheme_name: str = DEFAULT_HEADER_SCHEME_NAME,
         **options: Any,
     ) -> None:
-        self.options = options
-        self.exempt_docs = exempt_docs
-        self.bearer_scheme_name = bearer_scheme_name
-        self.header_scheme_name = header_scheme_name
+        self.options, self.exempt_docs = options, exempt_docs
+        self.bearer_scheme_name, self.header_scheme_name = bearer_scheme_name, header_scheme_name
         self._middleware: APIKeyMiddleware | None = None
-        self._exempt_exact: frozenset[str] = frozenset()
-        self._exempt_prefixes: tuple[str, ...] = ()
 
     @property
     def middleware(self) -> APIKeyMiddleware:
@@ -185,21 +167,18 @@ class KeystilePlugin(InitPlugin, ReceiveRoutePlugin):
         return self.middleware.stats()
 
     def on_app_init(self, app_config: AppConfig) -> AppConfig:
-        options = dict(self.options)
-        exempt = list(options.get("exempt_paths", ()))
         openapi = app_config.openapi_config
+        docs: tuple[str, ...] = ()
         if openapi is not None and self.exempt_docs:
-            docs = (openapi.path or "/schema").rstrip("/")
-            exempt += [docs, f"{docs}/*"]
-        options["exempt_paths"] = exempt
-        self._exempt_exact = frozenset(p for p in exempt if not p.endswith("*"))
-        self._exempt_prefixes = tuple(p[:-1] for p in exempt if p.endswith("*"))
+            path = (openapi.path or "/schema").rstrip("/")
+            docs = (path, f"{path}/*")
+        config = adapters.adapter_config(self.options, exempt=docs)
 
-        # Same options, same runtime: this handle stops what the per-route instances use.
-        self._middleware = APIKeyMiddleware(_unreachable, **options)
+        # Same config, same runtime: this handle stops what the per-route instances use.
+        self._middleware = APIKeyMiddleware(_unreachable, config=config)
         # Litestar types ASGI apps with its own TypedDicts; the middleware speaks Starlette's.
         factory: Any = APIKeyMiddleware
-        app_config.middleware.insert(0, DefineMiddleware(factory, **options))
+        app_config.middleware.insert(0, DefineMiddleware(factory, config=config))
         app_config.on_shutdown.append(self._shutdown)
         app_config.exception_handlers.setdefault(KeystileRefusal, _answer)
 
@@ -207,7 +186,7 @@ class KeystilePlugin(InitPlugin, ReceiveRoutePlugin):
             components = openapi.components
             existing = list(components) if isinstance(components, list) else [components]
             schemes = security_components(
-                header_name=options.get("header_name", DEFAULT_HEADER_NAME),
+                header_name=config.header_name,
                 bearer_scheme_name=self.bearer_scheme_name,
                 header_scheme_name=self.header_scheme_name,
             )
@@ -226,13 +205,14 @@ class KeystilePlugin(InitPlugin, ReceiveRoutePlugin):
         """
         if not isinstance(route, HTTPRoute):
             return
-        exempt = fully_exempt(route.path_format, self._exempt_exact, self._exempt_prefixes)
+        exempt = adapters.exempt_route(route.path_format, self.middleware.config)
         for handler in route.route_handlers:
             self._document(handler, exempt)
 
     def _document(self, handler: HTTPRouteHandler, exempt: bool) -> None:
         scopes = _guard_scopes(handler)
-        required = self.options.get("required", True)
+        config = self.middleware.config
+        required = config.required
         from_middleware, from_app = refusals(
             middleware=not exempt,
             required=required,
@@ -254,8 +234,8 @@ class KeystilePlugin(InitPlugin, ReceiveRoutePlugin):
             handler.operation_class,
             from_middleware,
             from_app,
-            middleware_known=self.options.get("on_error") is None,
-            rate_limit_headers=bool(self.options.get("rate_limit_headers")),
+            middleware_known=config.on_error is None,
+            rate_limit_headers=config.rate_limit_headers,
         )
 
     async def _shutdown(self) -> None:
@@ -263,15 +243,11 @@ class KeystilePlugin(InitPlugin, ReceiveRoutePlugin):
 
 
 def _middleware(connection: ASGIConnection[Any, Any, Any, Any]) -> APIKeyMiddleware:
-    middleware = connection.scope.get("keystile")
-    if not isinstance(middleware, APIKeyMiddleware):
-        # A 500 beats a silent 401 on every request: the app is misassembled, not the client.
-        raise RuntimeError(
-            "keystile.litestar guards read the key APIKeyMiddleware verified, but the "
-            "middleware is not in front of this route: add KeystilePlugin(...) or "
-            "DefineMiddleware(APIKeyMiddleware, ...)"
-        )
-    return middleware
+    return adapters.find_middleware(
+        connection.scope,
+        reader="keystile.litestar guards read",
+        place="this route: add KeystilePlugin(...) or DefineMiddleware(APIKeyMiddleware, ...)",
+    )
 
 
 class KeystileRefusal(HTTPException):
@@ -280,13 +256,14 @@ class KeystileRefusal(HTTPException):
     plugin, Litestar's default handler sends its own shape, the body under ``extra``."""
 
     def __init__(self, refusal: AuthenticationError, middleware: APIKeyMiddleware) -> None:
+        answer = adapters.Refusal.of(refusal, middleware)
         self.auth_error = refusal
-        self.body = error_body(refusal, header_name=middleware.header_name)
+        self.body = answer.body
         super().__init__(
             detail=refusal.description,
-            status_code=refusal.status_code,
-            headers=error_headers(refusal, realm=middleware.realm),
-            extra=self.body,
+            status_code=answer.status_code,
+            headers=answer.headers,
+            extra=answer.body,
         )
 
 
@@ -347,24 +324,26 @@ def require_scopes(*scopes: str) -> Guard:
     raised as :class:`KeystileRefusal`. "authenticated" is held by every key, as in
     ``request.auth.scopes``.
     """
-    if not scopes:
-        raise ValueError("require_scopes needs at least one scope")
-    required = tuple(dict.fromkeys(scopes))
+    required = adapters.required_scopes(scopes)
 
     def guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
         middleware = _middleware(connection)
-        user = connection.scope.get("user")
-        refusal: AuthenticationError | None = None
-        if not isinstance(user, APIKeyUser):
-            refusal = MissingCredentials()
-        else:
-            missing = tuple(scope for scope in required if not user.has_scopes(scope))
-            if missing:
-                refusal = InsufficientScope(required, missing)
+        refusal = adapters.scope_refusal(connection.scope.get("user"), required)
         if refusal is not None:
-            middleware.verifier.counters.rejects[refusal.reason] += 1
+            adapters.count_refusal(middleware, refusal)
             raise KeystileRefusal(refusal, middleware)
 
     guard.__qualname__ = f"require_scopes({' '.join(required)})"
     setattr(guard, _MARK, required)
     return guard
+
+
+__all__ = [
+    "DEFAULT_BEARER_SCHEME_NAME",
+    "DEFAULT_HEADER_SCHEME_NAME",
+    "KeystilePlugin",
+    "KeystileRefusal",
+    "require_scopes",
+    "security_components",
+    "security_requirements",
+]

@@ -67,86 +67,50 @@ METRICS_DIR_ENV = "KEYSTILE_METRICS_DIR"
 #: Seconds between snapshots: how far behind another worker's counts a scrape may be.
 DEFAULT_SNAPSHOT_INTERVAL = 1.0
 
-#: ``stats()`` counters: field, metric name (``_total`` is added), help text.
-COUNTERS: tuple[tuple[str, str, str], ...] = (
-    (
-        "cache_hits",
-        "keystile_cache_hits",
-        "Requests answered from the verified-key cache: no store read, no argon2.",
-    ),
+#: ``stats()`` counters: field (the metric is ``keystile_<field>_total``) and help text.
+_COUNTER_HELP = (
+    ("cache_hits", "Requests answered from the verified-key cache: no store read, no argon2."),
     (
         "cache_misses",
-        "keystile_cache_misses",
         "Well-formed keys neither the cache nor the negative cache answered (sent on to"
         " admission and the store).",
     ),
-    (
-        "negative_hits",
-        "keystile_negative_hits",
-        "Refusals answered from the negative cache of recently refused keys.",
-    ),
-    (
-        "argon2_verifications",
-        "keystile_argon2_verifications",
-        "argon2id verifications run (one per cache miss of a known key id).",
-    ),
-    (
-        "state_refreshes",
-        "keystile_state_refreshes",
-        "Cached keys whose state was re-read from the store after cache_ttl.",
-    ),
-    (
-        "stale_served",
-        "keystile_stale_served",
-        "Requests served from a stale cached state while the store was unreachable.",
-    ),
+    ("negative_hits", "Refusals answered from the negative cache of recently refused keys."),
+    ("argon2_verifications", "argon2id verifications run (one per cache miss of a known key id)."),
+    ("state_refreshes", "Cached keys whose state was re-read from the store after cache_ttl."),
+    ("stale_served", "Requests served from a stale cached state while the store was unreachable."),
     (
         "revocation_events",
-        "keystile_revocation_events",
         "Key state changes heard (revoke, update, disable...) that evicted a cached key.",
     ),
     (
         "cache_resets",
-        "keystile_cache_resets",
         "Times every cached key's state was made stale: changes may have been missed.",
     ),
-    ("flushes", "keystile_flushes", "Batched usage writes (last_used_at, quotas) that landed."),
-    (
-        "flush_failures",
-        "keystile_flush_failures",
-        "Batched usage writes that failed and were kept for a retry.",
-    ),
-    ("touches_written", "keystile_touches_written", "last_used_at values written by flushes."),
-    ("rate_limited", "keystile_rate_limited", "Requests refused by a key's rate limit (429)."),
-    ("quota_exceeded", "keystile_quota_exceeded", "Requests refused by a key's quota (429)."),
+    ("flushes", "Batched usage writes (last_used_at, quotas) that landed."),
+    ("flush_failures", "Batched usage writes that failed and were kept for a retry."),
+    ("touches_written", "last_used_at values written by flushes."),
+    ("rate_limited", "Requests refused by a key's rate limit (429)."),
+    ("quota_exceeded", "Requests refused by a key's quota (429)."),
     (
         "rate_limit_errors",
-        "keystile_rate_limit_errors",
         "Rate-limit decisions made without the shared limiter (Redis unreachable).",
     ),
-    (
-        "usage_rows_written",
-        "keystile_usage_rows_written",
-        "Per-key, per-minute usage rows added to the store by flushes.",
-    ),
-    (
-        "usage_dropped",
-        "keystile_usage_dropped",
-        "Per-key usage rows dropped because the store stayed unreachable too long.",
-    ),
+    ("usage_rows_written", "Per-key, per-minute usage rows added to the store by flushes."),
+    ("usage_dropped", "Per-key usage rows dropped because the store stayed unreachable too long."),
 )
-#: ``stats()`` gauges: field, metric name, help text. Summed over live workers only.
-GAUGES: tuple[tuple[str, str, str], ...] = (
-    ("argon2_in_flight", "keystile_argon2_in_flight", "argon2id verifications running now."),
-    ("cache_size", "keystile_cache_size", "Verified keys in the cache now."),
-    ("cache_max_size", "keystile_cache_max_size", "The cache's bound (cache_max_size)."),
-    (
-        "pending_touches",
-        "keystile_pending_touches",
-        "Keys whose last_used_at waits for the next flush.",
-    ),
-    ("usage_pending", "keystile_usage_pending", "Per-key usage rows waiting for the next flush."),
+#: ``stats()`` gauges: field (the metric is ``keystile_<field>``) and help text. Summed
+#: over live workers only.
+_GAUGE_HELP = (
+    ("argon2_in_flight", "argon2id verifications running now."),
+    ("cache_size", "Verified keys in the cache now."),
+    ("cache_max_size", "The cache's bound (cache_max_size)."),
+    ("pending_touches", "Keys whose last_used_at waits for the next flush."),
+    ("usage_pending", "Per-key usage rows waiting for the next flush."),
 )
+#: The tables above as field, metric name, help text.
+COUNTERS = tuple((field, f"keystile_{field}", text) for field, text in _COUNTER_HELP)
+GAUGES = tuple((field, f"keystile_{field}", text) for field, text in _GAUGE_HELP)
 _GAUGE_FIELDS = frozenset(field for field, _, _ in GAUGES)
 
 

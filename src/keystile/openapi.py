@@ -66,15 +66,20 @@ _HEADERS: dict[str, tuple[dict[str, Any], str]] = {
 }
 
 
-def security_schemes(header_name: str) -> dict[str, dict[str, Any]]:
+def security_schemes(
+    header_name: str,
+    *,
+    bearer_scheme_name: str = DEFAULT_BEARER_SCHEME_NAME,
+    header_scheme_name: str = DEFAULT_HEADER_SCHEME_NAME,
+) -> dict[str, dict[str, Any]]:
     """The two ways to send a key, as ``components.securitySchemes`` entries."""
     return {
-        DEFAULT_BEARER_SCHEME_NAME: {
+        bearer_scheme_name: {
             "type": "http",
             "scheme": "bearer",
             "description": "An API key as a bearer token: `Authorization: Bearer <key>`.",
         },
-        DEFAULT_HEADER_SCHEME_NAME: {
+        header_scheme_name: {
             "type": "apiKey",
             "in": "header",
             "name": header_name,

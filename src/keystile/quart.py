@@ -28,46 +28,35 @@ from collections.abc import Awaitable, Callable
 from functools import wraps
 from typing import Any, NoReturn, TypeVar, cast
 
+from . import adapters
+
 try:
     from quart import Response, abort, current_app, has_websocket_context, request, websocket
 except ImportError as exc:  # pragma: no cover - exercised by a test that hides quart
-    raise ImportError(
-        'keystile.quart needs Quart, an optional extra: pip install "keystile[quart]"'
-    ) from exc
+    raise adapters.missing_extra("quart", "Quart") from exc
 
-from .errors import AuthenticationError, InsufficientScope, MissingCredentials
+from .errors import AuthenticationError
 from .middleware import APIKeyMiddleware
 from .principal import APIKeyUser
-from .responses import WEBSOCKET_POLICY_VIOLATION, error_code, error_response
-
-__all__ = ["current_key", "require_scopes"]
+from .responses import error_response
 
 Handler = TypeVar("Handler", bound=Callable[..., Any])
 
 
-def _scope() -> dict[str, Any]:
+def _scope() -> tuple[dict[str, Any], APIKeyMiddleware]:
+    """This request's (or WebSocket's) ASGI scope, and the middleware that verified it."""
     # Quart types the scope as its TypedDicts; the middleware's keys are not in them.
     scope = cast(dict[str, Any], (websocket if has_websocket_context() else request).scope)
-    if not isinstance(scope.get("keystile"), APIKeyMiddleware):
-        # A 500 beats a silent 401 on every request: the app is misassembled, not the client.
-        raise RuntimeError(
-            "keystile.quart reads the key APIKeyMiddleware verified, but the middleware is "
-            "not in front of this app: app.asgi_app = APIKeyMiddleware(app.asgi_app, ...)"
-        )
-    return scope
+    middleware = adapters.find_middleware(
+        scope,
+        reader="keystile.quart reads",
+        place="this app: app.asgi_app = APIKeyMiddleware(app.asgi_app, ...)",
+    )
+    return scope, middleware
 
 
-def _refusal(scope: dict[str, Any], scopes: tuple[str, ...]) -> AuthenticationError | None:
-    user = scope.get("user")
-    if not isinstance(user, APIKeyUser):
-        return MissingCredentials()
-    missing = tuple(s for s in scopes if not user.has_scopes(s))
-    return InsufficientScope(scopes, missing) if missing else None
-
-
-def _abort(scope: dict[str, Any], refusal: AuthenticationError) -> NoReturn:
-    middleware: APIKeyMiddleware = scope["keystile"]
-    middleware.verifier.counters.rejects[refusal.reason] += 1
+def _abort(middleware: APIKeyMiddleware, refusal: AuthenticationError) -> NoReturn:
+    adapters.count_refusal(middleware, refusal)
     answer = error_response(refusal, realm=middleware.realm, header_name=middleware.header_name)
     headers = {k: v for k, v in answer.headers.items() if k != "content-length"}
     abort(Response(bytes(answer.body), status=answer.status_code, headers=headers))
@@ -77,10 +66,10 @@ def current_key() -> APIKeyUser:
     """The verified key of this request or WebSocket; without one (an exempt path, or
     ``required=False``) the request is refused with the middleware's 401 (a WebSocket
     handshake gets it as Quart's rejection response, where the server can send one)."""
-    scope = _scope()
-    refusal = _refusal(scope, ())
+    scope, middleware = _scope()
+    refusal = adapters.scope_refusal(scope.get("user"))
     if refusal is not None:
-        _abort(scope, refusal)
+        _abort(middleware, refusal)
     return cast(APIKeyUser, scope["user"])
 
 
@@ -91,20 +80,18 @@ def require_scopes(*scopes: str) -> Callable[[Handler], Handler]:
     missing scopes otherwise, both as the middleware sends them; on a WebSocket the
     handshake is closed with 1008. "authenticated" is held by every verified key.
     """
-    if not scopes:
-        raise ValueError("require_scopes needs at least one scope; use current_key")
-    required = tuple(dict.fromkeys(scopes))
+    required = adapters.required_scopes(scopes, instead="; use current_key")
 
     def decorate(handler: Handler) -> Handler:
         @wraps(handler)
         async def guarded(*args: Any, **kwargs: Any) -> Any:
-            scope = _scope()
-            refusal = _refusal(scope, required)
+            scope, middleware = _scope()
+            refusal = adapters.scope_refusal(scope.get("user"), required)
             if refusal is not None:
                 if not has_websocket_context():
-                    _abort(scope, refusal)
-                scope["keystile"].verifier.counters.rejects[refusal.reason] += 1
-                await websocket.close(WEBSOCKET_POLICY_VIOLATION, error_code(refusal))
+                    _abort(middleware, refusal)
+                adapters.count_refusal(middleware, refusal)
+                await websocket.close(*adapters.close_code(refusal))
                 return None
             result: Awaitable[Any] = current_app.ensure_async(handler)(*args, **kwargs)
             return await result
@@ -112,3 +99,6 @@ def require_scopes(*scopes: str) -> Callable[[Handler], Handler]:
         return cast(Handler, guarded)
 
     return decorate
+
+
+__all__ = ["current_key", "require_scopes"]

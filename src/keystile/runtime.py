@@ -19,7 +19,6 @@ import logging
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Hashable
-from datetime import timedelta
 from typing import TYPE_CHECKING
 
 import anyio
@@ -29,7 +28,6 @@ from .errors import StoreError
 from .hashing import SecretHasher
 from .stats import KeystileStats
 from .stores import store_from_url
-from .stores.protocol import KeyStore
 from .stores.records import utcnow
 from .usage import UsageRecorder
 from .verifier import Verifier
@@ -65,28 +63,34 @@ class KeystileRuntime:
     _shared: weakref.WeakValueDictionary[Hashable, KeystileRuntime] = weakref.WeakValueDictionary()
     _shared_lock = threading.Lock()
 
-    def __init__(
-        self,
-        store: KeyStore,
-        verifier: Verifier,
-        recorder: UsageRecorder,
-        *,
-        owns_store: bool,
-        reap_every: float | None = None,
-        reap_unused_for: timedelta = timedelta(days=90),
-        usage_retention: timedelta | None = timedelta(days=90),
-        usage_prune_every: float = USAGE_PRUNE_EVERY,
-    ) -> None:
+    def __init__(self, config: KeystileConfig) -> None:
+        """The runtime of ``config``: its store (opened from ``database_url`` and owned,
+        unless ``store`` was given), verifier and usage recorder."""
+        self.config = config
+        self.owns_store = config.store is None
+        store = config.store
+        if store is None:
+            assert config.database_url is not None
+            store = store_from_url(config.database_url)
         self.store = store
-        self.verifier = verifier
-        self.recorder = recorder
-        self.owns_store = owns_store
-        self.reap_every = reap_every
-        self.reap_unused_for = reap_unused_for
-        self.usage_retention = usage_retention
-        self.usage_prune_every = usage_prune_every
+        self.verifier = Verifier(
+            self.store,
+            hasher=SecretHasher(config.argon2),
+            cache_ttl=config.cache_ttl,
+            cache_idle=config.cache_idle,
+            cache_max_size=config.cache_max_size,
+            negative_ttl=config.negative_ttl,
+            negative_max_size=config.negative_max_size,
+            stale_if_error=config.stale_if_error,
+            argon2_concurrency=config.argon2_concurrency,
+            max_pending_verifications=config.max_pending_verifications,
+            per_key_pending=config.per_key_pending,
+        )
+        self.recorder = UsageRecorder(
+            self.store, flush_interval=config.flush_interval, flush_max=config.flush_max
+        )
         #: Rejected attempts against a key id are counted in its usage, per minute.
-        verifier.on_reject = self._count_reject
+        self.verifier.on_reject = self._count_reject
         #: Duties others attach (the metrics snapshot writer), and calls made at ``stop``.
         self.extra_duties: dict[str, Callable[[], Awaitable[None]]] = {}
         self.stop_hooks: list[Callable[[], None]] = []
@@ -100,41 +104,7 @@ class KeystileRuntime:
     def for_config(cls, config: KeystileConfig) -> KeystileRuntime:
         """The runtime of ``config``, shared by every middleware whose config has the same
         ``runtime_key`` (store, cache, verification and background options)."""
-        return cls.shared(config.runtime_key, lambda: cls.build(config))
-
-    @classmethod
-    def build(cls, config: KeystileConfig) -> KeystileRuntime:
-        """A new runtime of ``config``: its store (opened from ``database_url`` and owned,
-        unless ``store`` was given), verifier and usage recorder."""
-        store = config.store
-        if store is None:
-            assert config.database_url is not None
-            store = store_from_url(config.database_url)
-        verifier = Verifier(
-            store,
-            hasher=SecretHasher(config.argon2),
-            cache_ttl=config.cache_ttl,
-            cache_idle=config.cache_idle,
-            cache_max_size=config.cache_max_size,
-            negative_ttl=config.negative_ttl,
-            negative_max_size=config.negative_max_size,
-            stale_if_error=config.stale_if_error,
-            argon2_concurrency=config.argon2_concurrency,
-            max_pending_verifications=config.max_pending_verifications,
-            per_key_pending=config.per_key_pending,
-        )
-        recorder = UsageRecorder(
-            store, flush_interval=config.flush_interval, flush_max=config.flush_max
-        )
-        return cls(
-            store,
-            verifier,
-            recorder,
-            owns_store=config.store is None,
-            reap_every=config.reap_every,
-            reap_unused_for=config.reap_unused_for,
-            usage_retention=config.usage_retention,
-        )
+        return cls.shared(config.runtime_key, lambda: cls(config))
 
     @classmethod
     def shared(cls, key: Hashable, build: Callable[[], KeystileRuntime]) -> KeystileRuntime:
@@ -217,34 +187,19 @@ class KeystileRuntime:
     # -- operator API -----------------------------------------------------------------
 
     def stats(self) -> KeystileStats:
-        c = self.verifier.counters
-        lookups = c.cache_hits + c.cache_misses
-        return KeystileStats(
-            cache_hits=c.cache_hits,
-            cache_misses=c.cache_misses,
-            hit_ratio=c.cache_hits / lookups if lookups else 0.0,
-            negative_hits=c.negative_hits,
-            argon2_verifications=c.argon2_verifications,
-            argon2_seconds=c.argon2_seconds,
-            argon2_in_flight=self.verifier.argon2_in_flight,
-            cache_size=len(self.verifier.cache),
-            cache_max_size=self.verifier.cache.max_size,
-            state_refreshes=c.state_refreshes,
-            stale_served=c.stale_served,
-            revocation_events=c.revocation_events,
-            cache_resets=c.cache_resets,
-            rejects=dict(c.rejects),
-            pending_touches=self.recorder.pending,
-            flushes=self.recorder.flushes,
-            flush_failures=self.recorder.flush_failures,
-            touches_written=self.recorder.touches_written,
-            rate_limited=c.rate_limited,
-            quota_exceeded=c.quota_exceeded,
-            rate_limit_errors=c.rate_limit_errors,
-            argon2_buckets=tuple(c.argon2_buckets),
-            usage_pending=self.recorder.pending_usage,
-            usage_rows_written=self.recorder.usage_rows_written,
-            usage_dropped=self.recorder.usage_dropped,
+        verifier, recorder = self.verifier, self.recorder
+        return KeystileStats.of(
+            verifier.counters,
+            argon2_in_flight=verifier.argon2_in_flight,
+            cache_size=len(verifier.cache),
+            cache_max_size=verifier.cache.max_size,
+            pending_touches=recorder.pending,
+            flushes=recorder.flushes,
+            flush_failures=recorder.flush_failures,
+            touches_written=recorder.touches_written,
+            usage_pending=recorder.pending_usage,
+            usage_rows_written=recorder.usage_rows_written,
+            usage_dropped=recorder.usage_dropped,
         )
 
     # -- background duties --------------------------------------------------------------
@@ -254,9 +209,9 @@ class KeystileRuntime:
             tg.start_soon(self._supervise, "revocation listener", self._open_and_watch)
             tg.start_soon(self._supervise, "last_used_at writer", self.recorder.run)
             tg.start_soon(self._supervise, "cache upkeep", self._maintain_cache)
-            if self.reap_every:
+            if self.config.reap_every:
                 tg.start_soon(self._supervise, "periodic reaper", self._reap_periodically)
-            if self.usage_retention is not None:
+            if self.config.usage_retention is not None:
                 tg.start_soon(self._supervise, "usage retention", self._prune_usage_periodically)
             for name, duty in list(self.extra_duties.items()):
                 tg.start_soon(self._supervise, name, duty)
@@ -307,14 +262,15 @@ class KeystileRuntime:
 
     async def _prune_usage_periodically(self) -> None:
         """Delete usage rows older than ``usage_retention``, in batches, now and then
-        every ``usage_prune_every`` seconds. Every process does it; the deletes are
+        every ``USAGE_PRUNE_EVERY`` seconds. Every process does it; the deletes are
         idempotent, so the first to run does the work."""
-        assert self.usage_retention is not None
+        retention = self.config.usage_retention
+        assert retention is not None
         prune = getattr(self.store, "prune_usage", None)
         if prune is None:  # a store of its own that keeps no usage
             return
         while True:
-            before = utcnow() - self.usage_retention
+            before = utcnow() - retention
             try:
                 total = 0
                 while True:
@@ -327,16 +283,17 @@ class KeystileRuntime:
                     logger.info("keystile: deleted %d usage rows older than %s", total, before)
             except StoreError as exc:
                 logger.warning("keystile: deleting old usage rows failed: %s", exc)
-            await anyio.sleep(self.usage_prune_every)
+            await anyio.sleep(USAGE_PRUNE_EVERY)
 
     async def _reap_periodically(self) -> None:
-        assert self.reap_every is not None
+        every, unused_for = self.config.reap_every, self.config.reap_unused_for
+        assert every is not None
         while True:
-            await anyio.sleep(self.reap_every)
+            await anyio.sleep(every)
             now = utcnow()
             try:
                 reaped = await self.store.reap(
-                    unused_since=now - self.reap_unused_for,
+                    unused_since=now - unused_for,
                     at=now,
                     dry_run=False,
                     actor=REAPER_ACTOR,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 __all__ = ["ARGON2_BUCKETS", "Counters", "KeystileStats"]
@@ -82,6 +82,17 @@ class KeystileStats:
     usage_pending: int = 0
     usage_rows_written: int = 0
     usage_dropped: int = 0
+
+    @classmethod
+    def of(cls, counters: Counters, **others: Any) -> KeystileStats:
+        """A snapshot of the request path's ``counters``, each under its own name, and of
+        ``others``: what the cache and the usage recorder report."""
+        values = {f.name: getattr(counters, f.name) for f in fields(counters)}
+        values["rejects"] = dict(counters.rejects)
+        values["argon2_buckets"] = tuple(counters.argon2_buckets)
+        lookups = counters.cache_hits + counters.cache_misses
+        hit_ratio = counters.cache_hits / lookups if lookups else 0.0
+        return cls(**values, **others, hit_ratio=hit_ratio)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -17,6 +17,40 @@ if TYPE_CHECKING:
 
 __all__ = ["COMMANDS"]
 
+#: A key's list options, each repeatable: type, destination, metavar, and the help on
+#: ``create`` (the list; none without the option) and on ``update`` (the new list;
+#: unchanged without the option).
+_LISTS = {
+    "--scope": (types.scope, "scopes", None, "a scope", "the key's scopes become those given"),
+    "--metadata": (
+        types.metadata_pair,
+        "metadata",
+        "KEY=VALUE",
+        "",
+        "the key's metadata becomes the pairs given",
+    ),
+    "--ip-allow": (
+        types.cidr,
+        "ip_allow",
+        "CIDR",
+        "an IPv4/IPv6 network the key may be used from",
+        "the allowlist becomes the networks given",
+    ),
+}
+
+
+def _add_list(p: argparse.ArgumentParser, flag: str, *, update: bool) -> None:
+    convert, dest, metavar, on_create, on_update = _LISTS[flag]
+    p.add_argument(
+        flag,
+        action="append",
+        default=None if update else [],
+        dest=dest,
+        type=convert,
+        metavar=metavar,
+        help=f"{on_update if update else on_create} (repeatable)".lstrip(),
+    )
+
 
 def _create_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--owner", required=True, type=types.owner, help="user, workspace or tenant id")
@@ -26,33 +60,11 @@ def _create_arguments(p: argparse.ArgumentParser) -> None:
         type=types.key_name,
         help="1-64 printable characters, unique per owner",
     )
-    p.add_argument(
-        "--scope",
-        action="append",
-        default=[],
-        dest="scopes",
-        type=types.scope,
-        help="a scope (repeatable)",
-    )
+    _add_list(p, "--scope", update=False)
     p.add_argument("--expires-in", type=types.positive_duration, help="e.g. 30s, 15m, 1h, 90d")
     p.add_argument("--replace", action="store_true", help="revoke the active key of that name")
-    p.add_argument(
-        "--metadata",
-        action="append",
-        default=[],
-        type=types.metadata_pair,
-        metavar="KEY=VALUE",
-        help="(repeatable)",
-    )
-    p.add_argument(
-        "--ip-allow",
-        action="append",
-        default=[],
-        dest="ip_allow",
-        type=types.cidr,
-        metavar="CIDR",
-        help="an IPv4/IPv6 network the key may be used from (repeatable)",
-    )
+    _add_list(p, "--metadata", update=False)
+    _add_list(p, "--ip-allow", update=False)
     types.add_limit_options(p, quota=types.new_quota)
     types.add_actor_option(p)
 
@@ -103,37 +115,18 @@ async def _show(args: argparse.Namespace, manager: KeyManager) -> None:
 
 def _update_arguments(p: argparse.ArgumentParser) -> None:
     types.add_key_id(p)
-    p.add_argument(
-        "--scope",
-        action="append",
-        dest="scopes",
-        type=types.scope,
-        help="the key's scopes become those given (repeatable)",
-    )
+    _add_list(p, "--scope", update=True)
     p.add_argument("--no-scopes", action="store_true", help="remove every scope")
     p.add_argument(
         "--name", type=types.key_name, help="rename (1-64 printable characters, unique per owner)"
     )
-    p.add_argument(
-        "--metadata",
-        action="append",
-        type=types.metadata_pair,
-        metavar="KEY=VALUE",
-        help="the key's metadata becomes the pairs given (repeatable)",
-    )
+    _add_list(p, "--metadata", update=True)
     p.add_argument("--no-metadata", action="store_true", help="remove the metadata")
     p.add_argument(
         "--expires-in", type=types.positive_duration, help="a new expiry from now, e.g. 30d"
     )
     p.add_argument("--no-expiry", action="store_true", help="remove the expiry")
-    p.add_argument(
-        "--ip-allow",
-        action="append",
-        dest="ip_allow",
-        type=types.cidr,
-        metavar="CIDR",
-        help="the allowlist becomes the networks given (repeatable)",
-    )
+    _add_list(p, "--ip-allow", update=True)
     p.add_argument("--no-ip-allow", action="store_true", help="remove the IP allowlist")
     types.add_limit_options(p, quota=types.quota)
     p.add_argument("--no-rate-limit", action="store_true", help="remove the key's rate limit")

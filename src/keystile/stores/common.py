@@ -12,7 +12,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from .bus import LocalChangeBus
 from .calls import Change, EventQuery, Insertion, Reaping, Rotation, UsageQuery
@@ -28,6 +28,8 @@ from .rules import (
 
 __all__ = ["CommonStore"]
 
+T = TypeVar("T")
+
 
 class CommonStore(ABC):
     """The shared half of a ``KeyStore`` (see the module docstring)."""
@@ -41,6 +43,13 @@ class CommonStore(ABC):
         """Tell this process's listeners, once the change has committed."""
         for key_id in key_ids:
             self._bus.publish(key_id)
+
+    def _published(self, key_id: str, outcome: T) -> T:
+        """``outcome`` of a change to ``key_id``, after telling the listeners if it says the
+        key changed (``True``, or the key as changed; ``False`` or ``None``: nothing)."""
+        if outcome:
+            self._bus.publish(key_id)
+        return outcome
 
     async def insert(
         self, record: KeyRecord, *, replace: bool = False, actor: str = SYSTEM_ACTOR
@@ -59,10 +68,7 @@ class CommonStore(ABC):
         action: str = "revoked",
     ) -> bool:
         event = KeyEvent(at, key_id, owner, action, actor)
-        revoked = await self._revoke(event)
-        if revoked:
-            self._publish([key_id])
-        return revoked
+        return self._published(key_id, await self._revoke(event))
 
     async def rotate(
         self,
@@ -73,10 +79,8 @@ class CommonStore(ABC):
         grace_until: datetime,
         actor: str = SYSTEM_ACTOR,
     ) -> KeyRecord | None:
-        old = await self._rotate(Rotation(key_id, owner, successor, grace_until, actor))
-        if old is not None:
-            self._publish([key_id])
-        return old
+        rotation = Rotation(key_id, owner, successor, grace_until, actor)
+        return self._published(key_id, await self._rotate(rotation))
 
     async def reap(
         self,
@@ -108,10 +112,8 @@ class CommonStore(ABC):
             if current is not None and current.revoked_at is not None:
                 raise revoked_error(key_id, owner)
             return current
-        updated = await self._update(Change(key_id, owner, dict(changes), at, actor, detail))
-        if updated is not None:
-            self._publish([key_id])
-        return updated
+        change = Change(key_id, owner, dict(changes), at, actor, detail)
+        return self._published(key_id, await self._update(change))
 
     async def set_owner_limits(
         self,
