@@ -41,7 +41,7 @@ from .limits import LimitEnforcer
 from .responses import WEBSOCKET_POLICY_VIOLATION, error_code, error_response
 from .runtime import KeystileRuntime
 from .socket_guard import guard_websocket
-from .stages import Headers, admit, check_allowlist, read_credential, verify
+from .stages import Headers, admit, admit_now, check_allowlist, read_credential, verify
 from .stats import KeystileStats
 
 if TYPE_CHECKING:
@@ -157,7 +157,9 @@ class APIKeyMiddleware:
         )
         self._limit_every_key = self.limits.limits_every_key
         #: ``cost=``, asked only for a limited key's request.
-        self._cost = config.request_cost
+        self._cost = config.request_cost or None
+        #: Whether the limits decide without an await (``memory://``): ``admit_now``.
+        self._admit_now = not self.limits.is_async
         if config.metrics:
             # Read at scrape time from the runtime's counters: the hit path pays nothing.
             from .metrics import PrometheusMetrics
@@ -210,8 +212,11 @@ class APIKeyMiddleware:
         # Stage 3, admit: a key without an IP allowlist or limits pays these checks alone.
         if user.limits is not None or self._limit_every_key or user.ip_allowlist is not None:
             try:
-                cost = self._cost.of(scope, route_path(scope)) if self._cost else 1
-                send = await admit(user, scope, self.limits, send, cost)
+                cost = self._cost.of(scope, route_path(scope)) if self._cost is not None else 1
+                if self._admit_now:
+                    send = admit_now(user, scope, self.limits, send, cost)
+                else:
+                    send = await admit(user, scope, self.limits, send, cost)
             except AuthenticationError as exc:
                 await self._deny(exc, scope, receive, send)
                 return

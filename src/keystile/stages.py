@@ -42,7 +42,7 @@ from .limits import LimitEnforcer, send_with_headers
 from .principal import APIKeyUser
 from .verifier import Verifier
 
-__all__ = ["Headers", "admit", "check_allowlist", "read_credential", "verify"]
+__all__ = ["Headers", "admit", "admit_now", "check_allowlist", "read_credential", "verify"]
 
 logger = logging.getLogger("keystile")
 
@@ -99,10 +99,26 @@ async def admit(
     with room for the request's ``cost`` (``cost=``; none spent if one refuses). Returns
     ``send``, with the ``RateLimit`` fields on the response when ``rate_limit_headers`` is
     on and the key is limited."""
+    if not limits.is_async:
+        return admit_now(user, scope, limits, send, cost)
     check_allowlist(user, scope)
     if user.limits is None and not limits.limits_every_key:
         return send
-    refusal = await limits.acheck(user, cost) if limits.is_async else limits.check(user, cost)
+    refusal = await limits.acheck(user, cost)
+    if refusal is not None:
+        raise refusal
+    return send_with_headers(send, limits.success_headers(user)) if limits.headers else send
+
+
+def admit_now(
+    user: APIKeyUser, scope: Scope, limits: LimitEnforcer, send: Send, cost: int = 1
+) -> Send:
+    """:func:`admit` when the limits decide in this process (``memory://``): no await, so
+    the middleware calls it without making a coroutine for every limited request."""
+    check_allowlist(user, scope)
+    if user.limits is None and not limits.limits_every_key:
+        return send
+    refusal = limits.check(user, cost)
     if refusal is not None:
         raise refusal
     return send_with_headers(send, limits.success_headers(user)) if limits.headers else send

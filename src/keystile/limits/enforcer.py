@@ -173,30 +173,28 @@ class LimitEnforcer:
         limit (the key's and its owner's) must have room for ``cost``; else nothing is
         spent and the refusal names the limit."""
         policy = user.limits
-        quotas = policy.quotas if policy is not None else ()
-        if quotas:
-            now = self.clock()
-            for q in quotas:
-                wait = self.quotas.wait(q.budget, q, now, cost)
-                if wait is not None:
-                    return self._quota_refusal(q, wait)
-        rates = self._rates(user)
+        if policy is not None:
+            quotas = policy.quotas
+            if quotas:
+                now = self.clock()
+                for q in quotas:
+                    wait = self.quotas.wait(q.budget, q, now, cost)
+                    if wait is not None:
+                        return self._quota_refusal(q, wait)
+            rates = policy.rates if policy.has_default or self.default_rate is None else None
+        else:
+            quotas, rates = (), None
+        if rates is None:
+            rates = self._rates(user)
         if len(rates) == 1:
             limit = rates[0]
             wait = self.local.take(limit.slot, limit.rate, self.monotonic(), cost)
             if wait:
                 return self._rate_refusal(rates, 0, wait)
         elif rates:
-            mono = self.monotonic()
-            worst, refusing = 0.0, -1
-            for i, limit in enumerate(rates):
-                wait = self.local.wait(limit.slot, limit.rate, mono, cost)
-                if wait > worst:
-                    worst, refusing = wait, i
+            refusing, wait = self.local.take_all(rates, self.monotonic(), cost)
             if refusing >= 0:
-                return self._rate_refusal(rates, refusing, worst)
-            for limit in rates:
-                self.local.take(limit.slot, limit.rate, mono, cost)
+                return self._rate_refusal(rates, refusing, wait)
         for q in quotas:
             self.quotas.use(q.budget, cost)
         return None

@@ -13,10 +13,10 @@ float operations. N processes allow N times the limit (``redis://`` shares one).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from .policy import Rate
+from .policy import NamedRate, Rate
 
 __all__ = ["MemoryRateLimiter", "RateLimiter"]
 
@@ -64,6 +64,28 @@ class MemoryRateLimiter:
             return ahead - tau
         slot[0] = tat + (rate.interval if cost == 1 else rate.interval * cost)
         return 0.0
+
+    def take_all(self, rates: Sequence[NamedRate], now: float, cost: int = 1) -> tuple[int, float]:
+        """Every one of ``rates`` at once: ``(-1, 0.0)`` and each counted (``cost`` times),
+        or the index of the rate with the longest wait and that wait, nothing counted."""
+        slots = self._slots
+        worst, refusing = 0.0, -1
+        moved = []
+        for i, limit in enumerate(rates):
+            rate = limit.rate
+            slot = slots.get(limit.slot)
+            if slot is None or slot[1] is not rate:
+                self.wait(limit.slot, rate, now, cost)  # a fresh slot under this rate
+                slot = slots[limit.slot]
+            tat: float = slot[0] if slot[0] > now else now
+            ahead = tat - now + (cost - 1) * rate.interval
+            if ahead > rate.tau and ahead - rate.tau > worst:
+                worst, refusing = ahead - rate.tau, i
+            moved.append((slot, tat + rate.interval * cost))
+        if refusing < 0:
+            for slot, tat in moved:
+                slot[0] = tat
+        return refusing, worst
 
     def wait(self, key_id: str, rate: Rate, now: float, cost: int = 1) -> float:
         """``0.0`` if a request weighing ``cost`` fits now (nothing taken), else the wait."""
