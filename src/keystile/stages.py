@@ -115,7 +115,9 @@ def admit_now(
 ) -> Send:
     """:func:`admit` when the limits decide in this process (``memory://``): no await, so
     the middleware calls it without making a coroutine for every limited request."""
-    check_allowlist(user, scope)
+    allowlist = user.ip_allowlist  # check_allowlist, inlined: this runs on every request
+    if allowlist is not None and not allowlist.allows(scope.get("client")):
+        raise IPNotAllowed()
     if user.limits is None and not limits.limits_every_key:
         return send
     refusal = limits.check(user, cost)

@@ -67,25 +67,29 @@ class MemoryRateLimiter:
 
     def take_all(self, rates: Sequence[NamedRate], now: float, cost: int = 1) -> tuple[int, float]:
         """Every one of ``rates`` at once: ``(-1, 0.0)`` and each counted (``cost`` times),
-        or the index of the rate with the longest wait and that wait, nothing counted."""
+        or the index of the rate with the longest wait and that wait, nothing counted.
+        Two passes over the slots, checking then spending, so nothing is allocated."""
         slots = self._slots
-        worst, refusing = 0.0, -1
-        moved = []
-        for i, limit in enumerate(rates):
+        worst: float = 0.0
+        refusing = None
+        for limit in rates:
             rate = limit.rate
             slot = slots.get(limit.slot)
             if slot is None or slot[1] is not rate:
                 self.wait(limit.slot, rate, now, cost)  # a fresh slot under this rate
                 slot = slots[limit.slot]
-            tat: float = slot[0] if slot[0] > now else now
-            ahead = tat - now + (cost - 1) * rate.interval
+            ahead: float = slot[0] - now if slot[0] > now else 0.0
+            if cost != 1:
+                ahead += (cost - 1) * rate.interval
             if ahead > rate.tau and ahead - rate.tau > worst:
-                worst, refusing = ahead - rate.tau, i
-            moved.append((slot, tat + rate.interval * cost))
-        if refusing < 0:
-            for slot, tat in moved:
-                slot[0] = tat
-        return refusing, worst
+                worst, refusing = ahead - rate.tau, limit
+        if refusing is not None:
+            return rates.index(refusing), worst
+        for limit in rates:
+            slot = slots[limit.slot]
+            tat: float = slot[0]
+            slot[0] = (tat if tat > now else now) + limit.rate.interval * cost
+        return -1, 0.0
 
     def wait(self, key_id: str, rate: Rate, now: float, cost: int = 1) -> float:
         """``0.0`` if a request weighing ``cost`` fits now (nothing taken), else the wait."""
