@@ -32,6 +32,12 @@ def test_named_limits_and_the_largest_quota(
     assert code == 0
     code, out, err = run(capsys, "--database-url", url, "show", created["id"], "--owner", "acme")
     assert code == 0 and "burst 2/second" in out + err and "day" not in out + err
+    code, out, _ = run(
+        capsys, "--database-url", url, "update", created["id"], "--owner", "acme", "--json",
+        "--no-limits",
+    )  # fmt: skip
+    assert code == 0 and json.loads(out)["rate_limits"] == {}
+    assert json.loads(out)["rate_limit"] == "10/second"
 
 
 @pytest.mark.parametrize(

@@ -118,3 +118,13 @@ async def test_usage_per_owner_sums_every_key(database_url: str) -> None:
     assert sum(b.requests for b in total) == 5
     assert sum(b.requests for b in one) == 2
     assert other == []
+
+
+async def test_a_successor_takes_its_owners_limits(database_url: str) -> None:
+    """A key rotated after its owner got limits: the successor carries them too."""
+    _, key_id = await mint(database_url)
+    await set_limits(database_url, quota=7)
+    async with KeyManager(store_from_url(database_url)) as keys:
+        new = await keys.rotate(key_id, owner="acme", grace=timedelta(minutes=5))
+        successor = await keys.get(new.id, owner="acme")
+    assert successor.owner_limits is not None and successor.owner_limits.quota == 7

@@ -130,6 +130,7 @@ def _update_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-ip-allow", action="store_true", help="remove the IP allowlist")
     types.add_limit_options(p, quota=types.quota)
     p.add_argument("--no-rate-limit", action="store_true", help="remove the key's rate limit")
+    p.add_argument("--no-limits", action="store_true", help="remove the key's named limits")
     p.add_argument("--no-quota", action="store_true", help="remove the key's quota")
     types.add_actor_option(p)
 
