@@ -27,6 +27,7 @@ from .hashing import DEFAULT_PARAMETERS, Argon2Parameters
 from .limits.cost import CostOption, RequestCost
 from .limits.enforcer import OnError, check_limit_options
 from .limits.policy import DEFAULT_RATE_LIMIT_STORAGE
+from .memo import DEFAULT_MEMO_TTL, check_memo_options, memo_secret_from_env
 from .stores.protocol import KeyStore
 from .tokens import DEFAULT_PREFIX, key_matcher
 from .usage import DEFAULT_FLUSH_INTERVAL, DEFAULT_FLUSH_MAX
@@ -87,6 +88,9 @@ _RUNTIME_OPTIONS = (
     "reap_every",
     "reap_unused_for",
     "usage_retention",
+    "verification_memo",
+    "memo_secret",
+    "memo_ttl",
 )
 _POSITIVE = ("cache_ttl", "cache_idle", "flush_interval")
 _AT_LEAST_ONE = ("cache_max_size", "flush_max", "argon2_concurrency")
@@ -147,6 +151,13 @@ class KeystileConfig:
     cost: CostOption = None
     usage_retention: timedelta | None = DEFAULT_USAGE_RETENTION
     metrics: bool | PrometheusMetrics = False
+    #: The fleet's verification memo (``redis://host:port/db``), or ``None``: no memo. Not
+    #: in the repr: a URL may carry a password.
+    verification_memo: str | None = field(default=None, repr=False)
+    #: The memo's secret; ``None``: ``KEYSTILE_MEMO_SECRET``, read when the config is built
+    #: with a ``verification_memo``. Not in the repr.
+    memo_secret: str | None = field(default=None, repr=False)
+    memo_ttl: float = DEFAULT_MEMO_TTL
 
     #: ``header_name`` as ASGI servers give header names: lowercase bytes.
     header: bytes = field(init=False, repr=False, compare=False)
@@ -184,6 +195,9 @@ class KeystileConfig:
         check_limit_options(
             self.rate_limit_storage, self.default_rate_limit, self.rate_limit_on_error
         )
+        if self.verification_memo is not None and self.memo_secret is None:
+            object.__setattr__(self, "memo_secret", memo_secret_from_env())
+        check_memo_options(self.verification_memo, self.memo_secret, self.memo_ttl)
         is_key = key_matcher(self.key_prefixes)
         url = None if self.store is not None else resolve_database_url(self.database_url)
         derived: dict[str, Any] = {
@@ -276,3 +290,6 @@ class KeystileOptions(TypedDict, total=False):
     cost: CostOption
     usage_retention: timedelta | None
     metrics: bool | PrometheusMetrics
+    verification_memo: str | None
+    memo_secret: str | None
+    memo_ttl: float

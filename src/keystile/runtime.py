@@ -26,6 +26,7 @@ import anyio.lowlevel
 
 from .errors import StoreError
 from .hashing import SecretHasher
+from .memo import open_memo
 from .stats import KeystileStats
 from .stores import store_from_url
 from .stores.records import utcnow
@@ -85,6 +86,7 @@ class KeystileRuntime:
             argon2_concurrency=config.argon2_concurrency,
             max_pending_verifications=config.max_pending_verifications,
             per_key_pending=config.per_key_pending,
+            memo=open_memo(config.verification_memo, config.memo_secret, ttl=config.memo_ttl),
         )
         self.recorder = UsageRecorder(
             self.store, flush_interval=config.flush_interval, flush_max=config.flush_max
@@ -178,6 +180,7 @@ class KeystileRuntime:
                 )
             if self.owns_store:
                 await self.store.close()
+            await self.verifier.memo.aclose()
         for hook in list(self.stop_hooks):
             try:
                 hook()
@@ -200,6 +203,9 @@ class KeystileRuntime:
             usage_pending=recorder.pending_usage,
             usage_rows_written=recorder.usage_rows_written,
             usage_dropped=recorder.usage_dropped,
+            memo_hits=verifier.memo.hits,
+            memo_misses=verifier.memo.misses,
+            memo_errors=verifier.memo.errors,
         )
 
     # -- background duties --------------------------------------------------------------

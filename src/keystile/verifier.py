@@ -5,8 +5,8 @@ The pipeline (``docs/architecture.md``, "The request path")::
     digest ─► constant-time cache scan ─► hit: expiry check, state refresh after cache_ttl
                                        └► miss: parse (malformed / bad checksum: no store
                                           access) ─► negative cache ─► single flight per
-                                          token: store.get ─► argon2 in a worker thread
-                                          (bounded) ─► cache insert
+                                          token: store.get ─► the fleet's memo (memo.py),
+                                          else argon2 in a worker thread ─► cache insert
 
 It knows nothing of ASGI. argon2 runs at most once per token at a time, in at most
 ``argon2_concurrency`` worker threads (``argon2_pool.py``). Misses are admitted
@@ -40,7 +40,6 @@ import logging
 import math
 import os
 import time
-from bisect import bisect_left
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -53,9 +52,10 @@ from .argon2_pool import Argon2Pool
 from .cache import CachedKey, VerifiedKeyCache
 from .errors import AuthenticationError, InvalidToken, ServiceUnavailable, StoreError
 from .hashing import DEFAULT_PARAMETERS, SecretHasher
+from .memo import NullMemo, VerificationMemo
 from .negative import NegativeCache
 from .principal import APIKeyUser
-from .stats import ARGON2_BUCKETS, Counters
+from .stats import Counters
 from .stores.protocol import KeyStore
 from .stores.records import KeyRecord
 from .tokens import MAX_TOKEN_LENGTH, ParsedKey, parse_key
@@ -166,6 +166,7 @@ class Verifier:
         failure_refill: float = DEFAULT_FAILURE_REFILL,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        memo: VerificationMemo | None = None,
     ) -> None:
         if cache_ttl <= 0 or cache_idle <= 0:
             raise ValueError("cache_ttl and cache_idle must be positive")
@@ -176,6 +177,7 @@ class Verifier:
         self.stale_if_error = stale_if_error
         self.argon2_concurrency = argon2_concurrency
         self._argon2 = Argon2Pool(argon2_concurrency)
+        self.memo: VerificationMemo = memo or NullMemo()
         self.cache = VerifiedKeyCache(max_size=cache_max_size)
         self.counters = Counters()
         self.argon2_in_flight = 0
@@ -298,22 +300,13 @@ class Verifier:
             if record is None or record.prefix != parsed.prefix:
                 budget.failed(key_id)
                 raise self._remember(digest, "unknown")
-            self.argon2_in_flight += 1
-            try:
-                matched, upgraded, seconds = await self._argon2.run(
-                    partial(self._timed_verify, record.secret_hash, parsed.secret),
-                    suspect=self.admission.suspect(key_id),
-                )
-            finally:
-                self.argon2_in_flight -= 1
+            recalled = await self.memo.recall(parsed, record.secret_hash, self.hasher.upgrades)
+            matched, upgraded = (True, None) if recalled else await self._by_argon2(parsed, record)
             # Counted while the id's lock is held, so its next miss sees the outcome.
             if matched:
                 budget.succeeded(key_id)
             else:
                 budget.failed(key_id)
-        self.counters.argon2_verifications += 1
-        self.counters.argon2_seconds += seconds
-        self.counters.argon2_buckets[bisect_left(ARGON2_BUCKETS, seconds)] += 1
         if not matched:
             self._rejected(record.id, "wrong_secret")
             raise self._remember(digest, "wrong_secret")
@@ -326,10 +319,25 @@ class Verifier:
         if status != "active":
             self._rejected(settled.id, status)
             raise self._remember(digest, status, settled.id)
+        if not recalled:
+            await self.memo.remember(parsed, upgraded or record.secret_hash)
         entry = self._entry(settled)
         if settled_epoch is not None:
             self.cache.insert(digest, entry, now=entry.checked_at, epoch=settled_epoch)
         return entry
+
+    async def _by_argon2(self, parsed: ParsedKey, record: KeyRecord) -> tuple[bool, str | None]:
+        """argon2 in a worker thread, counted: ``(matched, upgraded hash or None)``."""
+        self.argon2_in_flight += 1
+        try:
+            matched, upgraded, seconds = await self._argon2.run(
+                partial(self._timed_verify, record.secret_hash, parsed.secret),
+                suspect=self.admission.suspect(record.id),
+            )
+        finally:
+            self.argon2_in_flight -= 1
+        self.counters.count_argon2(seconds)
+        return matched, upgraded
 
     async def _settle(self, record: KeyRecord, epoch: int) -> tuple[KeyRecord | None, int | None]:
         """``record`` if its key was not evicted since ``epoch``, else its state read again.

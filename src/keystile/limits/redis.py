@@ -16,7 +16,15 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from ..errors import ConfigurationError
 from .policy import POLICY_NAME, NamedRate, Rate
 
-__all__ = ["REDIS_TIMEOUT", "RedisRateLimiter", "RedisScriptError"]
+__all__ = [
+    "REDIS_TIMEOUT",
+    "RedisRateLimiter",
+    "RedisScriptError",
+    "connect_redis",
+    "redact_redis_url",
+    "require_redis_client",
+    "split_key_prefix",
+]
 
 #: Seconds to connect to Redis and to wait for an answer before it counts as down.
 REDIS_TIMEOUT = 0.25
@@ -86,7 +94,7 @@ class RedisScriptError(Exception):
     value that is not a number): this request's state is broken, not the connection."""
 
 
-def _redis_url(url: str) -> tuple[str, str]:
+def split_key_prefix(url: str) -> tuple[str, str]:
     """``url`` without keystile's own ``key_prefix`` parameter, and the prefix."""
     parts = urlsplit(url)
     query = parse_qsl(parts.query, keep_blank_values=True)
@@ -95,29 +103,44 @@ def _redis_url(url: str) -> tuple[str, str]:
     return urlunsplit(parts._replace(query=rest)), prefix
 
 
+def require_redis_client(option: str) -> None:
+    """The ``ConfigurationError`` of an ``option`` set to Redis without the redis client."""
+    try:
+        import redis.asyncio  # noqa: F401
+    except ImportError:  # pragma: no cover - depends on the installation
+        raise ConfigurationError(
+            f"{option}='redis://…' needs the redis client: python -m pip install 'keystile[redis]'"
+        ) from None
+
+
+def connect_redis(url: str, timeout: float) -> Any:
+    """A client of ``url`` that gives up after ``timeout`` seconds, for one event loop
+    (its connections belong to the loop that made them)."""
+    import redis.asyncio as aioredis
+
+    return aioredis.Redis.from_url(
+        url, socket_connect_timeout=timeout, socket_timeout=timeout, retry_on_timeout=False
+    )
+
+
 class RedisRateLimiter:
     """GCRA and quota counters in Redis, one atomic script per request.
 
     ``redis://host:port/db`` (``rediss://`` for TLS); ``?key_prefix=NAME`` puts the keys
-    under another prefix (default ``keystile``). Keys carry the key id in a hash tag, so a
-    Redis Cluster keeps both of a key's counters on one shard. Connections belong to the
+    under another prefix (default ``keystile``). Keys carry the owner in a hash tag, so a
+    Redis Cluster keeps every counter of one request (the key's and its owner's) on one
+    shard. Connections belong to the
     event loop that made them, so a client is made per loop.
     """
 
     def __init__(self, url: str, *, timeout: float = REDIS_TIMEOUT) -> None:
-        try:
-            import redis.asyncio  # noqa: F401
-        except ImportError:  # pragma: no cover - depends on the installation
-            raise ConfigurationError(
-                "rate_limit_storage='redis://…' needs the redis client: "
-                "python -m pip install 'keystile[redis]'"
-            ) from None
+        require_redis_client("rate_limit_storage")
         from redis.exceptions import ResponseError
 
         self._script_error = ResponseError
-        self.url, self.prefix = _redis_url(url)
+        self.url, self.prefix = split_key_prefix(url)
         self.timeout = timeout
-        self.display_url = _redact(self.url)
+        self.display_url = redact_redis_url(self.url)
         self._client: Any = None
         self._script: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -126,14 +149,7 @@ class RedisRateLimiter:
     def _get_script(self) -> Any:
         loop = asyncio.get_running_loop()
         if self._client is None or self._loop is not loop:
-            import redis.asyncio as aioredis
-
-            self._client = aioredis.Redis.from_url(
-                self.url,
-                socket_connect_timeout=self.timeout,
-                socket_timeout=self.timeout,
-                retry_on_timeout=False,
-            )
+            self._client = connect_redis(self.url, self.timeout)
             self._script = self._client.register_script(_LUA)
             self._loop = loop
         return self._script
@@ -197,7 +213,8 @@ class RedisRateLimiter:
             await client.aclose()
 
 
-def _redact(url: str) -> str:
+def redact_redis_url(url: str) -> str:
+    """``url`` with its password, if any, as ``***``."""
     parts = urlsplit(url)
     if parts.password is None:
         return url
