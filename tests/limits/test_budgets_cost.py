@@ -15,7 +15,6 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from test_budgets import show
 from test_limits import mint
-from test_limits_redis import redis_url  # noqa: F401  (the fixture)
 
 from apps import client
 from keystile import (
@@ -168,7 +167,7 @@ async def test_a_malformed_charge_spends_nothing_and_is_no_500(
 
 
 async def test_charge_through_redis_reaches_the_other_runtime(
-    redis_url: str,  # noqa: F811
+    redis_url: str,
     sqlite_database_url: str,
 ) -> None:
     """The owner's quota of 9 on one Redis: a charge of 5 in one runtime is taken from

@@ -10,7 +10,6 @@ from datetime import timedelta
 import pytest
 from test_budgets import show
 from test_limits import limited_app, mint, statuses
-from test_limits_redis import redis_url  # noqa: F401  (the fixture)
 
 from apps import client
 from keystile import APIKeyMiddleware, KeyManager
@@ -43,13 +42,13 @@ async def redis_call(url: str, *args: object) -> object:
         await conn.aclose()
 
 
-def two_runtimes(url: str, redis_url: str) -> list[APIKeyMiddleware]:  # noqa: F811
+def two_runtimes(url: str, redis_url: str) -> list[APIKeyMiddleware]:
     """Two middlewares, each with a runtime of its own, on one store and one Redis."""
     return [limited_app(store_from_url(url), rate_limit_storage=redis_url) for _ in range(2)]
 
 
 async def test_largest_quota_stays_an_exact_integer_in_redis(
-    redis_url: str,  # noqa: F811
+    redis_url: str,
     sqlite_database_url: str,
 ) -> None:
     """quota=2**53-1 through Redis: every request passes and the counter is exact."""
@@ -65,7 +64,7 @@ async def test_largest_quota_stays_an_exact_integer_in_redis(
 
 
 async def test_a_script_error_is_that_requests_503_not_an_outage(
-    redis_url: str,  # noqa: F811
+    redis_url: str,
     sqlite_database_url: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -92,7 +91,7 @@ async def test_a_script_error_is_that_requests_503_not_an_outage(
 
 
 async def test_a_lost_counter_is_rebuilt_from_the_store_minus_uses_since(
-    redis_url: str,  # noqa: F811
+    redis_url: str,
     sqlite_database_url: str,
 ) -> None:
     """quota=10: 4 used and flushed, 2 more unflushed, then the counter lost: 4 more pass."""
@@ -111,7 +110,7 @@ async def test_a_lost_counter_is_rebuilt_from_the_store_minus_uses_since(
 
 
 async def test_rotation_chain_shares_one_redis_budget(
-    redis_url: str,  # noqa: F811
+    redis_url: str,
     sqlite_database_url: str,
 ) -> None:
     """Two runtimes on one Redis, old key and successor: one quota of 5 and one 3/minute."""
@@ -127,7 +126,7 @@ async def test_rotation_chain_shares_one_redis_budget(
 
 
 async def test_named_limits_through_redis_all_or_nothing(
-    redis_url: str,  # noqa: F811
+    redis_url: str,
     sqlite_database_url: str,
 ) -> None:
     """Two runtimes, one Redis: burst 2/minute refuses the third, named; the refused
@@ -151,7 +150,7 @@ async def test_named_limits_through_redis_all_or_nothing(
 
 
 async def test_two_runtimes_on_one_redis_share_one_owner_budget_exactly(
-    redis_url: str,  # noqa: F811
+    redis_url: str,
     sqlite_database_url: str,
 ) -> None:
     """The owner's quota of 4 and burst of 3/minute, two keys, two runtimes: exactly 3 pass
@@ -181,7 +180,7 @@ async def test_two_runtimes_on_one_redis_share_one_owner_budget_exactly(
 
 
 async def test_owner_quota_through_redis_is_exact_across_runtimes(
-    redis_url: str,  # noqa: F811
+    redis_url: str,
     sqlite_database_url: str,
 ) -> None:
     """The owner's quota of 5 over two keys and two runtimes on one Redis: exactly 5."""
