@@ -27,6 +27,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from keystile import CHEAPEST_PARAMETERS, APIKeyMiddleware, KeyManager, MemoryKeyStore
 from keystile.cache import CachedKey, VerifiedKeyCache, auth_scopes
 from keystile.hashing import Argon2Parameters
+from keystile.limits import LimitPolicy
 from keystile.manager import CreatedKey
 from keystile.principal import APIKeyUser
 from keystile.tokens import generate_key
@@ -63,7 +64,9 @@ def fastapi_app() -> FastAPI:
     return app
 
 
-def fill_cache(cache: VerifiedKeyCache, n: int, *, keep_tokens: bool = True) -> list[bytes]:
+def fill_cache(
+    cache: VerifiedKeyCache, n: int, limits: LimitPolicy | None = None, *, keep_tokens: bool = True
+) -> list[bytes]:
     """Insert ``n`` freshly generated keys straight into ``cache`` (no store, no argon2).
 
     Returns the tokens in slot order: ``tokens[0]`` sits in the first slot of the scan,
@@ -77,7 +80,11 @@ def fill_cache(cache: VerifiedKeyCache, n: int, *, keep_tokens: bool = True) -> 
         plaintext, parsed = generate_key()
         token = plaintext.encode()
         user = APIKeyUser(
-            key_id=parsed.key_id, owner="bench", name=f"k-{parsed.key_id}", scopes=("read",)
+            key_id=parsed.key_id,
+            owner="bench",
+            name=f"k-{parsed.key_id}",
+            scopes=("read",),
+            limits=limits,
         )
         if not cache.insert(
             cache.digest(token), CachedKey(user, None, now), now=now, epoch=cache.epoch
@@ -90,8 +97,11 @@ def fill_cache(cache: VerifiedKeyCache, n: int, *, keep_tokens: bool = True) -> 
     return tokens
 
 
-def protect(app: ASGIApp, n_keys: int) -> tuple[APIKeyMiddleware, bytes]:
-    """``app`` behind keystile with ``n_keys`` cached keys; returns it and the middle token."""
+def protect(
+    app: ASGIApp, n_keys: int, limits: LimitPolicy | None = None
+) -> tuple[APIKeyMiddleware, bytes]:
+    """``app`` behind keystile with ``n_keys`` cached keys (each with ``limits``); returns it
+    and the middle token."""
     middleware = APIKeyMiddleware(
         app,
         store=MemoryKeyStore(),
@@ -100,7 +110,7 @@ def protect(app: ASGIApp, n_keys: int) -> tuple[APIKeyMiddleware, bytes]:
         cache_idle=3600.0,
         cache_max_size=max(n_keys, 1),
     )
-    tokens = fill_cache(middleware.verifier.cache, n_keys)
+    tokens = fill_cache(middleware.verifier.cache, n_keys, limits)
     return middleware, tokens[len(tokens) // 2]
 
 

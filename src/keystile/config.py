@@ -24,6 +24,7 @@ from starlette.responses import Response
 from .database_url import DATABASE_URL_ENV, DEFAULT_DATABASE_URL, resolve_database_url
 from .errors import AuthenticationError
 from .hashing import DEFAULT_PARAMETERS, Argon2Parameters
+from .limits.cost import CostOption, RequestCost
 from .limits.enforcer import OnError, check_limit_options
 from .limits.policy import DEFAULT_RATE_LIMIT_STORAGE
 from .memo import DEFAULT_MEMO_TTL, check_memo_options, memo_secret_from_env
@@ -146,6 +147,8 @@ class KeystileConfig:
     default_rate_limit: str | None = None
     rate_limit_on_error: OnError = "allow"
     rate_limit_headers: bool = False
+    #: What a request weighs against the limits (``limits.cost``); ``None``: 1 each.
+    cost: CostOption = None
     usage_retention: timedelta | None = DEFAULT_USAGE_RETENTION
     metrics: bool | PrometheusMetrics = False
     #: The fleet's verification memo (``redis://host:port/db``), or ``None``: no memo. Not
@@ -166,6 +169,8 @@ class KeystileConfig:
     #: their ``<prefix>_`` starts for the compiled path; a foreign token is left alone.
     bearer_filter: Callable[[bytes], bool] | None = field(init=False, repr=False, compare=False)
     bearer_starts: tuple[bytes, ...] | None = field(init=False, repr=False, compare=False)
+    #: ``cost`` parsed (falsy when every request costs 1).
+    request_cost: RequestCost = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in ("exempt_paths", "key_prefixes"):
@@ -202,6 +207,7 @@ class KeystileConfig:
             "exempt_prefixes": tuple(p[:-1] for p in self.exempt_paths if p.endswith("*")),
             "is_key": is_key,
             "bearer_filter": None if self.required else is_key,
+            "request_cost": RequestCost(self.cost),
             "bearer_starts": (
                 None if self.required else tuple(f"{p}_".encode() for p in self.key_prefixes)
             ),
@@ -281,6 +287,7 @@ class KeystileOptions(TypedDict, total=False):
     default_rate_limit: str | None
     rate_limit_on_error: OnError
     rate_limit_headers: bool
+    cost: CostOption
     usage_retention: timedelta | None
     metrics: bool | PrometheusMetrics
     verification_memo: str | None

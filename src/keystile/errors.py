@@ -193,8 +193,11 @@ class RateLimited(TooManyRequests):
         retry_after: int,
         headers: tuple[tuple[str, str], ...] = (),
         source: str | None = None,
+        policy: str = "default",
     ) -> None:
         self.limit = limit
+        #: The name of the limit that refused (``default``, ``burst``, ``owner.burst``).
+        self.policy = policy
         super().__init__(
             "rate_limited",
             f"Rate limit of {limit} exceeded; retry after {retry_after} s.",
@@ -215,8 +218,11 @@ class QuotaExceeded(TooManyRequests):
         *,
         retry_after: int | None = None,
         source: str | None = None,
+        policy: str = "quota",
     ) -> None:
         self.quota = quota
+        #: Whose quota: ``quota`` (the key's) or ``owner.quota``.
+        self.policy = policy
         when = f"it refills in {retry_after} s" if retry_after is not None else "it does not refill"
         super().__init__(
             "quota_exceeded",

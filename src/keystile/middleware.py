@@ -41,7 +41,7 @@ from .principal import APIKeyUser
 from .responses import WEBSOCKET_POLICY_VIOLATION, error_code, error_response
 from .runtime import KeystileRuntime
 from .socket_guard import guard_websocket
-from .stages import Headers, admit, read_credential, verify
+from .stages import Headers, admit, admit_now, check_allowlist, read_credential, verify
 from .stats import KeystileStats
 
 if TYPE_CHECKING:
@@ -159,6 +159,10 @@ class APIKeyMiddleware:
         #: Whether the compiled hit may count a use as it answers: not when every key is
         #: limited, since the use is recorded only once the limit admits the request.
         self._count = not self._limit_every_key
+        #: ``cost=``, asked only for a limited key's request.
+        self._cost = config.request_cost or None
+        #: Whether the limits decide without an await (``memory://``): ``admit_now``.
+        self._admit_now = not self.limits.is_async
         if config.metrics:
             # Read at scrape time from the runtime's counters: the hit path pays nothing.
             from .metrics import PrometheusMetrics
@@ -215,7 +219,11 @@ class APIKeyMiddleware:
         if not counted:
             if user.limits is not None or self._limit_every_key or user.ip_allowlist is not None:
                 try:
-                    send = await admit(user, scope, self.limits, send)
+                    cost = self._cost.of(scope, route_path(scope)) if self._cost is not None else 1
+                    if self._admit_now:
+                        send = admit_now(user, scope, self.limits, send, cost)
+                    else:
+                        send = await admit(user, scope, self.limits, send, cost)
                 except AuthenticationError as exc:
                     await self._deny(exc, scope, receive, send)
                     return
@@ -250,9 +258,9 @@ class APIKeyMiddleware:
         if token is not None:
             try:
                 entry = await verify(self.verifier, token, source)
-                # An exempt path never refuses: over its limits, or from outside its IP
-                # allowlist, the key goes on unseen. Nor does it add RateLimit fields.
-                await admit(entry.user, scope, self.limits, send)
+                # An exempt path never refuses and never spends: from outside its IP
+                # allowlist the key goes on unseen; its limits are not touched.
+                check_allowlist(entry.user, scope)
             except AuthenticationError as exc:
                 self.verifier.counters.rejects[exc.reason] += 1
             else:

@@ -11,6 +11,7 @@ app's ``on_error``). The stages:
    ``MissingCredentials`` for none when a key is required.
 2. :func:`verify`: the cached entry of a valid key, or why it is not valid.
 3. :func:`admit`: the key's IP allowlist, then its limits; the ``send`` to answer with.
+   An exempt path checks the allowlist alone (:func:`check_allowlist`): it never spends.
 4. Record: ``UsageRecorder.touch(key_id, now)``, a dict write; on the compiled hit path
    the cache's table counts a plain key's use itself (``usage.py``, ``attach``).
 5. Call the app: the headers without the credential, a WebSocket under
@@ -43,7 +44,7 @@ from .limits import LimitEnforcer, send_with_headers
 from .principal import APIKeyUser
 from .verifier import Verifier
 
-__all__ = ["Headers", "admit", "read_credential", "verify"]
+__all__ = ["Headers", "admit", "admit_now", "check_allowlist", "read_credential", "verify"]
 
 logger = logging.getLogger("keystile")
 
@@ -83,18 +84,45 @@ async def verify(verifier: Verifier, token: bytes, source: str) -> CachedKey:
         raise ServiceUnavailable("internal_error", source=source) from None
 
 
-async def admit(user: APIKeyUser, scope: Scope, limits: LimitEnforcer, send: Send) -> Send:
-    """Let a verified key's request on, or raise why not: a client outside the key's IP
-    allowlist (``scope["client"]``, what the server says; behind a proxy its own
-    proxy-header handling, never ``X-Forwarded-For`` read here), then the key's rate limit
-    or quota. Returns ``send``, with the ``RateLimit`` fields on the response when
-    ``rate_limit_headers`` is on and the key is limited."""
+def check_allowlist(user: APIKeyUser, scope: Scope) -> None:
+    """Refuse a client outside the key's IP allowlist (``scope["client"]``, what the
+    server says; behind a proxy its own proxy-header handling, never ``X-Forwarded-For``
+    read here). The one check an exempt path makes: it never spends a limit."""
     allowlist = user.ip_allowlist
+    if allowlist is not None and not allowlist.allows(scope.get("client")):
+        raise IPNotAllowed()
+
+
+async def admit(
+    user: APIKeyUser, scope: Scope, limits: LimitEnforcer, send: Send, cost: int = 1
+) -> Send:
+    """Let a verified key's request on, or raise why not: a client outside the key's IP
+    allowlist (:func:`check_allowlist`), then the limits of the key and its owner, each
+    with room for the request's ``cost`` (``cost=``; none spent if one refuses). Returns
+    ``send``, with the ``RateLimit`` fields on the response when ``rate_limit_headers`` is
+    on and the key is limited."""
+    if not limits.is_async:
+        return admit_now(user, scope, limits, send, cost)
+    check_allowlist(user, scope)
+    if user.limits is None and not limits.limits_every_key:
+        return send
+    refusal = await limits.acheck(user, cost)
+    if refusal is not None:
+        raise refusal
+    return send_with_headers(send, limits.success_headers(user)) if limits.headers else send
+
+
+def admit_now(
+    user: APIKeyUser, scope: Scope, limits: LimitEnforcer, send: Send, cost: int = 1
+) -> Send:
+    """:func:`admit` when the limits decide in this process (``memory://``): no await, so
+    the middleware calls it without making a coroutine for every limited request."""
+    allowlist = user.ip_allowlist  # check_allowlist, inlined: this runs on every request
     if allowlist is not None and not allowlist.allows(scope.get("client")):
         raise IPNotAllowed()
     if user.limits is None and not limits.limits_every_key:
         return send
-    refusal = await limits.acheck(user) if limits.is_async else limits.check(user)
+    refusal = limits.check(user, cost)
     if refusal is not None:
         raise refusal
     return send_with_headers(send, limits.success_headers(user)) if limits.headers else send

@@ -6,10 +6,12 @@ pending, in one statement (Postgres) or one transaction (SQLite), and once more 
 shutdown. A failed flush keeps its batch, merged with newer touches, and retries with
 capped exponential backoff; memory is bounded by the number of distinct keys touched.
 
-It also carries quota uses: ``count_use`` is another dict write, and the same statement
-that writes ``last_used_at`` takes each key's uses from its remaining quota and returns
-what is left, which listeners (the limit enforcer) learn after every flush: that is how
-a process hears of the uses of every other process.
+It also carries quota uses: ``count_use`` is another dict write, and the same
+transaction that writes ``last_used_at`` takes each budget's uses from its remaining
+quota and returns what is left, which listeners (the limit enforcer) learn after every
+flush: that is how a process hears of the uses of every other process. Each batch of
+uses is named; a batch whose write failed is retried as it was, under its name, so a
+write that committed before its acknowledgement was lost is not taken twice.
 
 And it counts, per key and per minute, authenticated requests (``touch``: one more
 integer add in the same call) and attempts refused against a key id (``reject``: wrong
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
-import time
+import uuid
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
@@ -109,6 +111,9 @@ class UsageRecorder:
         #: Quota uses counted and not yet written, and those a flush is writing.
         self._uses: dict[str, int] = {}
         self._uses_in_flight: dict[str, int] = {}
+        #: A batch of uses whose write failed, perhaps after it committed: its name and
+        #: uses, retried as they are (``touch_many(batch=)`` takes a replay once).
+        self._unacknowledged: tuple[str, dict[str, int]] | None = None
         self._quota_listeners: list[QuotaListener] = []
         #: Per-key counts of the minute starting at ``_minute`` (epoch seconds), and the
         #: folded ``(key id, minute) -> [requests, rejected]`` rows awaiting a flush.
@@ -274,15 +279,19 @@ class UsageRecorder:
                 )
             self.usage_dropped += excess
 
-    def count_use(self, key_id: str) -> None:
-        """Count one quota use of ``key_id``, taken from the store's remaining count by the
-        next flush. No I/O."""
-        self._uses[key_id] = self._uses.get(key_id, 0) + 1
+    def count_use(self, budget_id: str, n: int = 1) -> None:
+        """Count ``n`` quota uses of ``budget_id`` (a key's, or its rotation chain's),
+        taken from the store's remaining count by the next flush. No I/O."""
+        self._uses[budget_id] = self._uses.get(budget_id, 0) + n
 
-    def unwritten_uses(self, key_id: str) -> int:
-        """Uses of ``key_id`` counted here and not yet in the store (a flush under way
-        included): what a process must still subtract from the remaining count it read."""
-        return self._uses.get(key_id, 0) + self._uses_in_flight.get(key_id, 0)
+    def unwritten_uses(self, budget_id: str) -> int:
+        """Uses of ``budget_id`` counted here and not yet known to be in the store (a
+        flush under way, or one whose acknowledgement was lost, included): what a
+        process must still subtract from the remaining count it read."""
+        used = self._uses.get(budget_id, 0) + self._uses_in_flight.get(budget_id, 0)
+        if self._unacknowledged is not None:
+            used += self._unacknowledged[1].get(budget_id, 0)
+        return used
 
     def on_quota(self, listener: QuotaListener) -> Callable[[], None]:
         """Call ``listener`` after every flush with the quota state of the keys written."""
@@ -321,20 +330,24 @@ class UsageRecorder:
         self.usage_rows_written += len(rows)
 
     async def _flush_touches(self) -> int:
-        if not self._pending and not self._uses:
+        if not self._pending and not self._uses and self._unacknowledged is None:
             return 0
         batch, self._pending = self._pending, {}
-        uses, self._uses = self._uses, {}
-        if uses:
-            now = time.time()
-            batch.update({k: now for k in uses.keys() - batch.keys()})
+        if self._unacknowledged is not None:
+            # Uses whose write may have landed: sent again as they were, under their name,
+            # so the store takes them once (newer uses wait for the next flush).
+            name, uses = self._unacknowledged
+            self._unacknowledged = None
+        else:
+            uses, self._uses = self._uses, {}
+            name = uuid.uuid4().hex
         self._in_flight = batch
         self._uses_in_flight = uses
         touches = {k: datetime.fromtimestamp(at, timezone.utc) for k, at in batch.items()}
         try:
             with anyio.fail_after(self.flush_timeout):
                 if uses:
-                    quotas = await self.store.touch_many(touches, uses)
+                    quotas = await self.store.touch_many(touches, uses, batch=name)
                 else:
                     quotas = await self.store.touch_many(touches)
         except BaseException as exc:
@@ -345,8 +358,8 @@ class UsageRecorder:
             for key_id, at in batch.items():
                 if at > self._pending.get(key_id, -math.inf):
                     self._pending[key_id] = at
-            for key_id, n in uses.items():
-                self._uses[key_id] = self._uses.get(key_id, 0) + n
+            if uses:
+                self._unacknowledged = (name, uses)
             raise
         self._in_flight = {}
         self._uses_in_flight = {}

@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 
 from ..database_url import DATABASE_URL_ENV, DEFAULT_DATABASE_URL
 from ..errors import KeystileError
-from . import demo, keys, maintenance, usage
+from . import demo, keys, maintenance, owners, usage
 from .command import Command, CommandError
 from .output import err
 
@@ -42,6 +42,7 @@ HELP_ORDER = (
     "revoke",
     "rotate",
     "reap",
+    "owner",
     "usage",
     "demo",
 )
@@ -130,7 +131,13 @@ def _global_options(*, on_command: bool) -> _Parser:
 
 def _commands() -> list[Command]:
     """Every command, in ``HELP_ORDER`` (a command missing from it fails here, loudly)."""
-    found = [*maintenance.COMMANDS, *keys.COMMANDS, *usage.COMMANDS, *demo.COMMANDS]
+    found = [
+        *maintenance.COMMANDS,
+        *keys.COMMANDS,
+        *owners.COMMANDS,
+        *usage.COMMANDS,
+        *demo.COMMANDS,
+    ]
     return sorted(found, key=lambda command: HELP_ORDER.index(command.name))
 
 

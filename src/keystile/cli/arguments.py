@@ -43,9 +43,10 @@ __all__ = [
 
 T = TypeVar("T")
 
-#: Past these a store could not hold the number (a quota is a 62-bit integer; a count is
-#: a 32-bit SQL LIMIT).
-MAX_QUOTA, MAX_COUNT = 2**62 - 1, 2**31 - 1
+#: Past these a number is refused: a quota is exact up to 2**53 - 1 everywhere (the
+#: stores, Redis's Lua, JSON: ``limits.MAX_QUOTA``, not imported so that ``--help`` stays
+#: light); a count is a 32-bit SQL LIMIT.
+MAX_QUOTA, MAX_COUNT = 2**53 - 1, 2**31 - 1
 
 
 def checked(check: Callable[[str], T]) -> Callable[[str], T]:
@@ -133,6 +134,15 @@ def _pair(text: str) -> tuple[str, str]:
     return key, value
 
 
+def _named_limit(text: str) -> tuple[str, str]:
+    from ..limits import parse_rate_limits
+
+    name, sep, rate = text.partition("=")
+    if not sep:
+        raise ValueError(f"NAME=N/UNIT, e.g. burst=50/second, got {text!r}")
+    return name, parse_rate_limits({name: rate})[name].text
+
+
 def key_id(text: str) -> str:
     """A key's id, or its display form ``ks_<id>…`` (or a whole key pasted by mistake)."""
     from ..tokens import normalize_key_id
@@ -143,6 +153,7 @@ def key_id(text: str) -> str:
 duration = checked(parse_duration)
 positive_duration = _at_least_duration(timedelta(seconds=1))
 rate_limit = checked(_rate_limit)
+named_limit = checked(_named_limit)
 quota = whole("quota", 0, MAX_QUOTA)
 new_quota = whole("quota", 1, MAX_QUOTA, " (a key with a quota of 0 could never be used)")
 count = whole("count", 1, MAX_COUNT)
@@ -161,6 +172,18 @@ def add_key_id(p: argparse.ArgumentParser) -> None:
     p.add_argument("--owner", required=True, type=owner)
 
 
+def add_named_limits_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--limit",
+        action="append",
+        dest="limits",
+        type=named_limit,
+        metavar="NAME=N/UNIT",
+        help="a named rate limit, e.g. burst=50/second; each needs room (repeatable;"
+        " on update, the named limits become those given)",
+    )
+
+
 def add_actor_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--actor",
@@ -173,6 +196,7 @@ def add_limit_options(p: argparse.ArgumentParser, *, quota: Callable[[str], int]
     p.add_argument(
         "--rate-limit", type=rate_limit, metavar="N/UNIT", help="e.g. 10/second, 100/minute, 5/day"
     )
+    add_named_limits_option(p)
     p.add_argument("--quota", type=quota, metavar="N", help="uses allowed (in each refill period)")
     p.add_argument(
         "--quota-refill",

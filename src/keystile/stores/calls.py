@@ -118,9 +118,10 @@ class Change:
 
 @dataclass(frozen=True, slots=True)
 class UsageQuery:
-    """A ``usage`` call: ``owner``'s key's counts in buckets of ``bucket_seconds``."""
+    """A ``usage`` call: ``owner``'s key's counts (``key_id=None``: all its keys') in
+    buckets of ``bucket_seconds``."""
 
-    key_id: str
+    key_id: str | None
     owner: str
     since: datetime
     until: datetime | None

@@ -9,20 +9,23 @@ statements (``sql.py`` holds those predicates, each named after its rule here).
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from ..errors import DuplicateKeyName, KeyManagementError
-from .records import KeyEvent, KeyRecord, refills_due, utcnow
+from .records import KeyEvent, KeyRecord, OwnerLimits, QuotaState, refills_due, utcnow
 
 __all__ = [
+    "BATCH_MEMORY",
     "EVENT_ACTIONS",
     "LIMIT_FIELDS",
+    "OWNER_BUDGET",
     "SYSTEM_ACTOR",
     "UPDATABLE_FIELDS",
     "apply_uses",
+    "budget_states",
     "check_name_free",
     "check_updatable",
     "created_detail",
@@ -32,6 +35,7 @@ __all__ = [
     "insert_events",
     "is_stale",
     "names_matter",
+    "owner_limits_event",
     "pruned_detail",
     "pruned_event",
     "reap_events",
@@ -40,13 +44,14 @@ __all__ = [
     "rotatable",
     "rotate_events",
     "rotated_detail",
+    "split_uses",
     "successor_of",
     "update_action",
 ]
 
 #: The usage-limit fields of a key.
 LIMIT_FIELDS = frozenset(
-    {"rate_limit", "quota", "quota_remaining", "quota_refill", "quota_reset_at"}
+    {"rate_limit", "rate_limits", "quota", "quota_remaining", "quota_refill", "quota_reset_at"}
 )
 #: The fields ``KeyStore.update`` may change: everything but the id, the owner, the
 #: secret and the lifecycle links (revocation and rotation have calls of their own).
@@ -68,6 +73,7 @@ EVENT_ACTIONS = frozenset(
         "enabled",
         "logout",
         "pruned",
+        "owner_limits",
     }
 )
 
@@ -75,7 +81,10 @@ EVENT_ACTIONS = frozenset(
 # -- quotas ---------------------------------------------------------------------------
 
 
-def apply_uses(record: KeyRecord, at: datetime, uses: int) -> KeyRecord:
+Spendable = TypeVar("Spendable", KeyRecord, OwnerLimits)
+
+
+def apply_uses(record: Spendable, at: datetime, uses: int) -> Spendable:
     """``record`` after ``uses`` counted at ``at``: a refill due by ``at`` first (the
     remaining count back to ``quota``, ``quota_reset_at`` to the period's start), then the
     uses taken, never below 0. The memory store's version of ``sql.touch_statement``."""
@@ -88,6 +97,50 @@ def apply_uses(record: KeyRecord, at: datetime, uses: int) -> KeyRecord:
         reset_at = reset_at + due * record.quota_refill
         remaining = record.quota
     return replace(record, quota_remaining=max(remaining - uses, 0), quota_reset_at=reset_at)
+
+
+#: How long a store remembers a quota batch it took, so a replay (a flush retried after its
+#: acknowledgement was lost) takes nothing twice; a recorder retries far sooner.
+BATCH_MEMORY = timedelta(days=1)
+
+
+def budget_states(
+    rows: Iterable[tuple[str, datetime, int | None, datetime | None]],
+) -> dict[str, QuotaState]:
+    """The quota state of each budget from its keys' rows ``(budget_id, created_at,
+    remaining, reset_at)``: the newest key's (a rotation chain's head, whose limits apply
+    from now on; the keys of one chain are spent together, so they agree)."""
+    newest: dict[str, tuple[datetime, QuotaState]] = {}
+    for budget, created, remaining, reset_at in rows:
+        if remaining is None:
+            continue
+        seen = newest.get(budget)
+        if seen is None or created > seen[0]:
+            newest[budget] = (created, QuotaState(remaining, reset_at))
+    return {budget: state for budget, (_, state) in newest.items()}
+
+
+#: The budget of an owner's own limits: ``owner:`` and the owner (a key id has no colon).
+OWNER_BUDGET = "owner:"
+
+Spend = tuple[str, datetime, int]
+
+
+def split_uses(
+    uses: Mapping[str, int], touches: Mapping[str, datetime], now: datetime
+) -> tuple[list[Spend], list[Spend]]:
+    """A flush's uses as ``(budget, at, n)`` for keys' budgets and ``(owner, at, n)`` for
+    owners': ``at`` the budget's touch time, else ``now``; budgets without uses dropped."""
+    keys: list[Spend] = []
+    owners: list[Spend] = []
+    for budget, n in uses.items():
+        if not n:
+            continue
+        if budget.startswith(OWNER_BUDGET):
+            owners.append((budget[len(OWNER_BUDGET) :], now, n))
+        else:
+            keys.append((budget, touches.get(budget, now), n))
+    return keys, owners
 
 
 # -- names ----------------------------------------------------------------------------
@@ -207,6 +260,8 @@ def created_detail(record: KeyRecord, replaces: str | None) -> dict[str, Any]:
         "ip_allowlist": list(record.ip_allowlist),
         "metadata_keys": sorted(record.metadata),
     }
+    if record.rate_limits:
+        detail["rate_limits"] = dict(record.rate_limits)
     if replaces is not None:
         detail["replaces"] = replaces
     return detail
@@ -224,6 +279,21 @@ def reaped_detail(record: KeyRecord, unused_since: datetime) -> dict[str, Any]:
         "why": "unused" if last < unused_since else "expired",
         "last_used_at": _json_value(record.last_used_at),
     }
+
+
+def owner_limits_event(
+    owner: str, limits: OwnerLimits | None, at: datetime, actor: str
+) -> KeyEvent:
+    """What setting (or, with ``None``, clearing) an owner's limits records: about the
+    owner, no key; the limits set, never a count."""
+    detail: dict[str, Any] = {"cleared": True}
+    if limits is not None:
+        detail = {
+            "rate_limits": dict(limits.rate_limits),
+            "quota": limits.quota,
+            "quota_refill": _json_value(limits.quota_refill),
+        }
+    return KeyEvent(at, "", owner, "owner_limits", actor, detail)
 
 
 def pruned_detail(before: datetime, count: int) -> dict[str, Any]:

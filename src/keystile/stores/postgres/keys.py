@@ -91,6 +91,7 @@ class Keys(Connection):
                 await notify(conn, self.channel, clash)
             inserted = insertion.new_key(clash)
             await conn.execute(sql.insert_key, *POSTGRES.key_values(inserted))
+            await conn.execute(sql.adopt_owner_limits, inserted.id, inserted.owner)
             await log_events(conn, sql, insertion.events(inserted, clash, now))
         return clash
 
@@ -121,6 +122,7 @@ class Keys(Connection):
             if row is None:
                 return None
             await conn.execute(self._sql.insert_key, *POSTGRES.key_values(successor))
+            await conn.execute(self._sql.adopt_owner_limits, successor.id, successor.owner)
             await notify(conn, self.channel, [key_id])
             old = POSTGRES.record(row)
             await log_events(conn, self._sql, rotation.events(old, utcnow()))

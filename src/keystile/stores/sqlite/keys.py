@@ -65,6 +65,7 @@ class Keys(Connection):
                 log_changes(conn, clash, now)
                 inserted = insertion.new_key(clash)
                 conn.execute(SQL.insert_key, SQLITE.key_values(inserted))
+                conn.execute(SQL.adopt_owner_limits, (inserted.id, inserted.owner))
                 log_events(conn, insertion.events(inserted, clash, now))
                 return clash
 
@@ -93,6 +94,7 @@ class Keys(Connection):
                 if not conn.execute(SQL.rotate, params).rowcount:
                     return None
                 conn.execute(SQL.insert_key, SQLITE.key_values(successor))
+                conn.execute(SQL.adopt_owner_limits, (successor.id, successor.owner))
                 log_changes(conn, [key_id], now)
                 old = SQLITE.record(conn.execute(SQL.get, (key_id,)).fetchone())
                 log_events(conn, rotation.events(old, now))
