@@ -24,6 +24,7 @@ from starlette.responses import Response
 from .database_url import DATABASE_URL_ENV, DEFAULT_DATABASE_URL, resolve_database_url
 from .errors import AuthenticationError
 from .hashing import DEFAULT_PARAMETERS, Argon2Parameters
+from .legacy import LegacyFormats, LegacyOption
 from .limits.enforcer import OnError, check_limit_options
 from .limits.policy import DEFAULT_RATE_LIMIT_STORAGE
 from .stores.protocol import KeyStore
@@ -86,6 +87,7 @@ _RUNTIME_OPTIONS = (
     "reap_every",
     "reap_unused_for",
     "usage_retention",
+    "legacy",
 )
 _POSITIVE = ("cache_ttl", "cache_idle", "flush_interval")
 _AT_LEAST_ONE = ("cache_max_size", "flush_max", "argon2_concurrency")
@@ -144,7 +146,12 @@ class KeystileConfig:
     rate_limit_headers: bool = False
     usage_retention: timedelta | None = DEFAULT_USAGE_RETENTION
     metrics: bool | PrometheusMetrics = False
+    #: Key shapes of other libraries to take, imported keys verified once and rehashed
+    #: (``keystile.legacy``): names, or names with options. Not in the repr: a pepper.
+    legacy_formats: LegacyOption | None = field(default=None, repr=False)
 
+    #: ``legacy_formats``, checked; ``None`` for none.
+    legacy: LegacyFormats | None = field(init=False, repr=False, compare=False)
     #: ``header_name`` as ASGI servers give header names: lowercase bytes.
     header: bytes = field(init=False, repr=False, compare=False)
     exempt_exact: frozenset[str] = field(init=False, repr=False, compare=False)
@@ -179,10 +186,14 @@ class KeystileConfig:
         check_limit_options(
             self.rate_limit_storage, self.default_rate_limit, self.rate_limit_on_error
         )
+        legacy = LegacyFormats.from_option(self.legacy_formats)
         is_key = key_matcher(self.key_prefixes)
+        if legacy is not None:
+            is_key = _either(is_key, legacy.matches)
         url = None if self.store is not None else resolve_database_url(self.database_url)
         derived: dict[str, Any] = {
             "database_url": url,
+            "legacy": legacy,
             "header": self.header_name.lower().encode("latin-1"),
             "exempt_exact": frozenset(p for p in self.exempt_paths if not p.endswith("*")),
             "exempt_prefixes": tuple(p[:-1] for p in self.exempt_paths if p.endswith("*")),
@@ -219,6 +230,12 @@ class KeystileConfig:
         """Equal for configs that may share a runtime: the runtime options, hashable values
         by value and anything else (a store object) by identity."""
         return tuple((name, _by_value(getattr(self, name))) for name in _RUNTIME_OPTIONS)
+
+
+def _either(
+    first: Callable[[bytes], bool], second: Callable[[bytes], bool]
+) -> Callable[[bytes], bool]:
+    return lambda token: first(token) or second(token)
 
 
 def _refuse_unknown(options: dict[str, Any]) -> None:
@@ -269,3 +286,4 @@ class KeystileOptions(TypedDict, total=False):
     rate_limit_headers: bool
     usage_retention: timedelta | None
     metrics: bool | PrometheusMetrics
+    legacy_formats: LegacyOption | None

@@ -37,7 +37,7 @@ from .keys import UNCHANGED, CreatedKey, Unchanged
 from .stores import store_from_url
 from .stores.protocol import KeyStore
 from .stores.records import KeyEvent, KeyRecord, UsageBucket, UsageTotal, utcnow
-from .stores.rules import SYSTEM_ACTOR, revoked_error
+from .stores.rules import SYSTEM_ACTOR, is_imported, revoked_error
 from .tokens import DEFAULT_PREFIX, generate_key, normalize_key_id, validate_prefix
 from .validation import (
     UsageGranularity,
@@ -337,6 +337,7 @@ class KeyManager:
     ) -> CreatedKey:
         """Mint a successor with the same owner, name, prefix, scopes and metadata; the old
         key keeps working for ``grace`` and then expires. Returns the new plaintext once.
+        The successor of an imported key is a keystile key with the manager's prefix.
 
         The successor lives as long as the old key was meant to (``expires_at -
         created_at``, counted from now), or ``default_expires_in`` if the old key had no
@@ -351,7 +352,7 @@ class KeyManager:
         now = utcnow()
         grace_until = later(now, grace, "grace")
         new = await self._mint(
-            old.prefix,
+            self.prefix if is_imported(old) else old.prefix,
             owner=old.owner,
             name=old.name,
             scopes=old.scopes,
