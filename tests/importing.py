@@ -7,26 +7,17 @@ import csv
 import hashlib
 import secrets
 import string
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 from apps import client, protect
+from keystile.importers.files import COLUMNS
 from keystile.middleware import APIKeyMiddleware
-from keystile.stores import KeyStore
+from keystile.stores import KeyStore, store_from_url
 
 ALPHANUMERIC = string.ascii_letters + string.digits
-FIELDS = (
-    "id",
-    "owner",
-    "name",
-    "scopes",
-    "created_at",
-    "expires_at",
-    "revoked",
-    "hash_algorithm",
-    "hash",
-)
 
 
 def random_text(length: int) -> str:
@@ -58,7 +49,7 @@ def row(public: str, key: str, **fields: Any) -> dict[str, Any]:
 
 def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> Path:
     with path.open("w", newline="", encoding="utf-8") as file:
-        writer = csv.DictWriter(file, fieldnames=FIELDS)
+        writer = csv.DictWriter(file, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
     return path
@@ -76,3 +67,14 @@ async def statuses(app: Any, keys: Sequence[str], path: str = "/whoami") -> list
     """The status each key gets, one request each, in order."""
     async with client(app) as http:
         return [(await http.get(path, headers={"X-API-Key": key})).status_code for key in keys]
+
+
+@asynccontextmanager
+async def opened(url: str) -> AsyncIterator[KeyStore]:
+    """The store of ``url``, open for the block."""
+    store = store_from_url(url)
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()

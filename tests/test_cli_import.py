@@ -9,48 +9,41 @@ import pytest
 
 from importing import dotted_key, row, write_csv
 from keystile import importers
-from keystile.cli import main
 from keystile.cli.importing import SOURCES
+from test_cli import run  # the CLI tests' runner: exit code, stdout, stderr
 
 
-@pytest.fixture
-def url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.delenv("KEYSTILE_DATABASE_URL", raising=False)
-    monkeypatch.chdir(tmp_path)
-    return f"sqlite:///{tmp_path / 'cli.db'}"
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def test_import_csv(url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_import_csv(
+    sqlite_database_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A dry run says what it would import; the import says what it did and what it
     skipped, by reason; a second run imports nothing; ``--json`` is one object."""
     rows = [row(*dotted_key()), row(*dotted_key()), row(*dotted_key(), hash_algorithm="md5")]
     path = str(write_csv(tmp_path / "keys.csv", rows))
     code, out, err = run(
-        capsys, "--database-url", url, "import", "csv", "--file", path, "--dry-run"
+        capsys, "--database-url", sqlite_database_url, "import", "csv", "--file", path, "--dry-run"
     )
     assert (code, out) == (0, "")
-    assert f"would import 2 key(s) from csv into {url}" in err
+    assert f"would import 2 key(s) from csv into {sqlite_database_url}" in err
     assert "skipped 1: unknown_algorithm 1" in err
-    code, out, err = run(capsys, "--database-url", url, "import", "csv", "--file", path)
+    code, out, err = run(
+        capsys, "--database-url", sqlite_database_url, "import", "csv", "--file", path
+    )
     assert code == 0 and "imported 2 key(s)" in err
-    code, out, _ = run(capsys, "import", "csv", "--file", path, "--json", "--database-url", url)
+    code, out, _ = run(
+        capsys, "import", "csv", "--file", path, "--json", "--database-url", sqlite_database_url
+    )
     report = json.loads(out)
     assert code == 0 and out.count("\n") == 1
     assert (report["imported"], report["skipped"]) == (0, {"exists": 2, "unknown_algorithm": 1})
-    code, out, _ = run(capsys, "--database-url", url, "--json", "events")
+    code, out, _ = run(capsys, "--database-url", sqlite_database_url, "--json", "events")
     actions = [json.loads(line)["action"] for line in out.splitlines()]
     assert actions == ["imported", "imported"]
     assert json.loads(out.splitlines()[0])["actor"].startswith("cli:")
 
 
 def test_import_errors_are_one_line(
-    url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    sqlite_database_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """An unreachable source, a missing table, a missing option or two owner options end
     with one line on stderr and exit code 1, never a traceback."""
@@ -64,7 +57,7 @@ def test_import_errors_are_one_line(
         ["import", "keygate"],
         ["import", "csv", "--file", "keys.csv", "--owner", "a", "--owner-from", "name"],
     ):
-        code, out, err = run(capsys, "--database-url", url, *argv)
+        code, out, err = run(capsys, "--database-url", sqlite_database_url, *argv)
         assert (code, out) == (1, ""), argv
         assert err.count("\n") == 1 and "Traceback" not in err, err
         assert "secret" not in err

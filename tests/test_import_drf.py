@@ -9,16 +9,16 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from importing import legacy_app, statuses
+from importing import legacy_app, opened, statuses
 from keystile.errors import ImportSourceError
 from keystile.importers import import_source
-from keystile.stores import KeyStore, store_from_url
+from keystile.stores import KeyStore
 
 pytestmark = pytest.mark.anyio
 TESTS = Path(__file__).resolve().parent
@@ -60,11 +60,9 @@ def django_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[
 
 
 @pytest.fixture
-async def keystile_store(tmp_path: Path) -> Any:
-    store = store_from_url(f"sqlite:///{tmp_path / 'keystile.db'}")
-    await store.open()
-    yield store
-    await store.close()
+async def keystile_store(sqlite_database_url: str) -> AsyncIterator[KeyStore]:
+    async with opened(sqlite_database_url) as store:
+        yield store
 
 
 async def test_drf_api_key_keys_keep_working(

@@ -5,27 +5,26 @@ strings through keystile."""
 from __future__ import annotations
 
 import warnings
+from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from importing import legacy_app, statuses
+from importing import legacy_app, opened, statuses
 from keystile.importers import import_source
 from keystile.manager import KeyManager
-from keystile.stores import KeyStore, store_from_url
+from keystile.stores import KeyStore
 
 pytestmark = pytest.mark.anyio
 PEPPER = "keystile-import-test-pepper"
 
 
 @pytest.fixture
-async def keystile_store(tmp_path: Path) -> Any:
-    store = store_from_url(f"sqlite:///{tmp_path / 'keystile.db'}")
-    await store.open()
-    yield store
-    await store.close()
+async def keystile_store(sqlite_database_url: str) -> AsyncIterator[KeyStore]:
+    async with opened(sqlite_database_url) as store:
+        yield store
 
 
 def wrong(key: str) -> str:

@@ -217,10 +217,10 @@ class KeyManager:
     ) -> builtins.list[KeyEvent]:
         """The audit log, oldest first: every change to a key (``created``, ``replaced``,
         ``rotated``, ``revoked``, ``reaped``, ``updated``, ``disabled``, ``enabled``,
-        ``logout``, ``imported``, ``rehashed``), and every prune of the log (``pruned``, with no key and no owner),
-        with its time, actor and detail. Filtered by owner, key (id or display
-        form) and time (``since``: a moment, or a ``timedelta`` back from now); with
-        ``limit``, the newest ``limit`` events."""
+        ``logout``, ``imported``, ``rehashed``), and every prune of the log (``pruned``,
+        with no key and no owner), with its time, actor and detail. Filtered by owner, key
+        (id or display form) and time (``since``: a moment, or a ``timedelta`` back from
+        now); with ``limit``, the newest ``limit`` events."""
         if isinstance(since, timedelta):
             since = utcnow() - since
         return await self.store.list_events(

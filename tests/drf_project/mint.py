@@ -33,8 +33,4 @@ version_1, pbkdf2 = APIKey.objects.create_key(name="since 2019")
 version_1.hashed_key = PBKDF2PasswordHasher().encode(pbkdf2, "drfsalt", iterations=1000)
 version_1.save()
 assert APIKey.objects.is_valid(live)  # (is_valid would upgrade the PBKDF2 hash)
-print(
-    json.dumps(
-        {"live": [live, other], "revoked": revoked, "expired": expired, "pbkdf2": pbkdf2}
-    )
-)
+print(json.dumps({"live": [live, other], "revoked": revoked, "expired": expired, "pbkdf2": pbkdf2}))

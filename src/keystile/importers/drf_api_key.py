@@ -11,9 +11,12 @@ tables are an unknown layout. Keys have no owner: ``--owner`` or ``--owner-from 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from ..stores.records import utcnow
 from .database import moment, read_table
-from .records import Skipped, SourceKey
+from .records import Skipped, SourceKey, keys_of
 
 __all__ = ["SOURCE", "TABLE", "read_keys"]
 
@@ -32,28 +35,21 @@ def _algorithm(hashed_key: str) -> tuple[str, str]:
     return hashed_key.partition("$")[0], hashed_key
 
 
+def _key(row: Mapping[str, Any]) -> SourceKey:
+    algorithm, stored = _algorithm(str(row["hashed_key"]))
+    prefix = str(row["prefix"])
+    return SourceKey(
+        source_id=prefix,
+        public=prefix,
+        algorithm=algorithm,
+        hash=stored,
+        name=None if row["name"] is None else str(row["name"]),
+        created_at=moment(row["created"]),
+        expires_at=moment(row["expiry_date"]),
+        # drf-api-key keeps no revocation time: the import's moment stands for it.
+        revoked_at=utcnow() if row["revoked"] else None,
+    )
+
+
 async def read_keys(url: str, *, table: str = TABLE) -> list[SourceKey | Skipped]:
-    rows = await read_table(url, table, _COLUMNS, layout=_LAYOUT)
-    keys: list[SourceKey | Skipped] = []
-    for row in rows:
-        try:
-            algorithm, stored = _algorithm(str(row["hashed_key"]))
-            created, expires = moment(row["created"]), moment(row["expiry_date"])
-        except (ValueError, TypeError):
-            keys.append(Skipped("invalid_row"))
-            continue
-        prefix = str(row["prefix"])
-        keys.append(
-            SourceKey(
-                source_id=prefix,
-                public=prefix,
-                algorithm=algorithm,
-                hash=stored,
-                name=None if row["name"] is None else str(row["name"]),
-                created_at=created,
-                expires_at=expires,
-                # drf-api-key keeps no revocation time: the import's moment stands for it.
-                revoked_at=utcnow() if row["revoked"] else None,
-            )
-        )
-    return keys
+    return keys_of(await read_table(url, table, _COLUMNS, layout=_LAYOUT), _key)

@@ -30,7 +30,7 @@ from typing import Any
 from ..errors import ImportSourceError
 from ..stores.records import utcnow
 from .database import moment
-from .records import Skipped, SourceKey
+from .records import Skipped, SourceKey, keys_of
 
 __all__ = ["COLUMNS", "MAX_FIELD_LENGTH", "MAX_FILE_BYTES", "MAX_ROWS", "read_keys"]
 
@@ -56,13 +56,14 @@ def read_keys(path: str | Path) -> list[SourceKey | Skipped]:
     """The keys of a CSV file, or of a JSON Lines file (``.jsonl``, ``.ndjson``)."""
     text = _read(Path(path))
     jsonl = Path(path).suffix.lower() in (".jsonl", ".ndjson")
-    rows = _json_rows(text) if jsonl else _csv_rows(text)
-    keys: list[SourceKey | Skipped] = []
-    for row in rows:
-        if len(keys) >= MAX_ROWS:
+    return keys_of(_bounded(_json_rows(text) if jsonl else _csv_rows(text)), _key)
+
+
+def _bounded(rows: Iterator[Mapping[str, Any]]) -> Iterator[Mapping[str, Any]]:
+    for number, row in enumerate(rows, 1):
+        if number > MAX_ROWS:
             raise ImportSourceError("bad_file", f"more than {MAX_ROWS} rows")
-        keys.append(_key(row))
-    return keys
+        yield row
 
 
 def _read(path: Path) -> str:
@@ -109,22 +110,19 @@ def _check_columns(columns: Sequence[str]) -> None:
         raise ImportSourceError("bad_file", f"no column {', '.join(missing)}")
 
 
-def _key(row: Mapping[str, Any]) -> SourceKey | Skipped:
-    try:
-        return SourceKey(
-            source_id=_text(row, "id"),
-            public=_text(row, "id"),
-            algorithm=_text(row, "hash_algorithm"),
-            hash=_text(row, "hash"),
-            name=_text(row, "name") or None,
-            owner=_text(row, "owner") or None,
-            scopes=_scopes(row.get("scopes")),
-            created_at=moment(_text(row, "created_at")),
-            expires_at=moment(_text(row, "expires_at")),
-            revoked_at=_revoked(row.get("revoked")),
-        )
-    except (ValueError, TypeError):
-        return Skipped("invalid_row")
+def _key(row: Mapping[str, Any]) -> SourceKey:
+    return SourceKey(
+        source_id=_text(row, "id"),
+        public=_text(row, "id"),
+        algorithm=_text(row, "hash_algorithm"),
+        hash=_text(row, "hash"),
+        name=_text(row, "name") or None,
+        owner=_text(row, "owner") or None,
+        scopes=_scopes(row.get("scopes")),
+        created_at=moment(_text(row, "created_at")),
+        expires_at=moment(_text(row, "expires_at")),
+        revoked_at=_revoked(row.get("revoked")),
+    )
 
 
 def _text(row: Mapping[str, Any], column: str) -> str:

@@ -9,8 +9,11 @@ per-minute limit becomes the key's rate limit (else the per-hour one).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from .database import moment, read_table
-from .records import Skipped, SourceKey
+from .records import Skipped, SourceKey, keys_of
 
 __all__ = ["SOURCE", "TABLE", "read_keys"]
 
@@ -29,29 +32,21 @@ def _rate_limit(per_minute: object, per_hour: object) -> str | None:
     return None
 
 
+def _key(row: Mapping[str, Any]) -> SourceKey:
+    return SourceKey(
+        source_id=str(row["id"]),
+        public=str(row["prefix"]),
+        algorithm="sha256",
+        hash=str(row["key_hash"]),
+        name=None if row["name"] is None else str(row["name"]),
+        owner=str(row["owner_id"]),
+        scopes=tuple(str(row["scopes"] or "").split()),
+        created_at=moment(row["created_at"]),
+        expires_at=moment(row["expires_at"]),
+        revoked_at=moment(row["revoked_at"]),
+        rate_limit=_rate_limit(row["per_minute"], row["per_hour"]),
+    )
+
+
 async def read_keys(url: str, *, table: str = TABLE) -> list[SourceKey | Skipped]:
-    rows = await read_table(url, table, _REQUIRED, _OPTIONAL, layout=_LAYOUT)
-    keys: list[SourceKey | Skipped] = []
-    for row in rows:
-        try:
-            created, revoked = moment(row["created_at"]), moment(row["revoked_at"])
-            expires = moment(row["expires_at"])
-        except (ValueError, TypeError):
-            keys.append(Skipped("invalid_row"))
-            continue
-        keys.append(
-            SourceKey(
-                source_id=str(row["id"]),
-                public=str(row["prefix"]),
-                algorithm="sha256",
-                hash=str(row["key_hash"]),
-                name=None if row["name"] is None else str(row["name"]),
-                owner=str(row["owner_id"]),
-                scopes=tuple(str(row["scopes"] or "").split()),
-                created_at=created,
-                expires_at=expires,
-                revoked_at=revoked,
-                rate_limit=_rate_limit(row["per_minute"], row["per_hour"]),
-            )
-        )
-    return keys
+    return keys_of(await read_table(url, table, _REQUIRED, _OPTIONAL, layout=_LAYOUT), _key)

@@ -11,9 +11,11 @@ no owner: ``--owner`` or ``--owner-from name``.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
+from typing import Any
 
 from .database import moment, read_table
-from .records import Skipped, SourceKey
+from .records import Skipped, SourceKey, keys_of
 
 __all__ = ["SOURCE", "TABLE", "read_keys"]
 
@@ -30,30 +32,23 @@ def _algorithm(key_hash: str) -> str:
     return "keyshield-bcrypt" if key_hash.startswith("$2") else "keyshield-unknown"
 
 
+def _key(row: Mapping[str, Any]) -> SourceKey:
+    scopes = row["scopes"]
+    scopes = json.loads(scopes) if isinstance(scopes, str) else scopes or []
+    if not isinstance(scopes, list):
+        raise TypeError("scopes are a JSON list")
+    return SourceKey(
+        source_id=str(row["id"]),
+        public=str(row["key_id"]),
+        algorithm=_algorithm(str(row["key_hash"])),
+        hash=str(row["key_hash"]),
+        name=None if row["name"] is None else str(row["name"]),
+        scopes=tuple(str(s) for s in scopes),
+        created_at=moment(row["created_at"]),
+        expires_at=moment(row["expires_at"]),
+        disabled=not row["is_active"],
+    )
+
+
 async def read_keys(url: str, *, table: str = TABLE) -> list[SourceKey | Skipped]:
-    rows = await read_table(url, table, _REQUIRED, _OPTIONAL, layout=_LAYOUT)
-    keys: list[SourceKey | Skipped] = []
-    for row in rows:
-        try:
-            created, expires = moment(row["created_at"]), moment(row["expires_at"])
-            scopes = row["scopes"]
-            scopes = json.loads(scopes) if isinstance(scopes, str) else scopes or []
-            if not isinstance(scopes, list):
-                raise TypeError("scopes are a JSON list")
-        except (ValueError, TypeError):
-            keys.append(Skipped("invalid_row"))
-            continue
-        keys.append(
-            SourceKey(
-                source_id=str(row["id"]),
-                public=str(row["key_id"]),
-                algorithm=_algorithm(str(row["key_hash"])),
-                hash=str(row["key_hash"]),
-                name=None if row["name"] is None else str(row["name"]),
-                scopes=tuple(str(s) for s in scopes),
-                created_at=created,
-                expires_at=expires,
-                disabled=not row["is_active"],
-            )
-        )
-    return keys
+    return keys_of(await read_table(url, table, _REQUIRED, _OPTIONAL, layout=_LAYOUT), _key)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
@@ -40,7 +40,7 @@ from ..validation import (
     validate_scopes,
 )
 
-__all__ = ["ImportReport", "Skipped", "SourceKey", "import_keys"]
+__all__ = ["ImportReport", "Skipped", "SourceKey", "import_keys", "keys_of"]
 
 T = TypeVar("T")
 
@@ -69,6 +69,20 @@ class Skipped:
     """A row a source could not read as a key, and why (``invalid_row``, …)."""
 
     reason: str
+
+
+def keys_of(
+    rows: Iterable[Mapping[str, Any]], key: Callable[[Mapping[str, Any]], SourceKey]
+) -> list[SourceKey | Skipped]:
+    """``key`` of each row, or ``Skipped("invalid_row")`` for a row it cannot read (a bad
+    time, a value of the wrong type: ``ValueError`` or ``TypeError``)."""
+    keys: list[SourceKey | Skipped] = []
+    for row in rows:
+        try:
+            keys.append(key(row))
+        except (ValueError, TypeError):
+            keys.append(Skipped("invalid_row"))
+    return keys
 
 
 @dataclass(slots=True)
