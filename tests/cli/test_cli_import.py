@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
+from test_cli import run  # the CLI tests' runner: exit code, stdout, stderr
 
 from importing import dotted_key, row, write_csv
 from keystile import importers
 from keystile.cli.importing import SOURCES
-from test_cli import run  # the CLI tests' runner: exit code, stdout, stderr
 
 
 def test_import_csv(
