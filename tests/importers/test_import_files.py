@@ -346,3 +346,19 @@ async def test_an_import_is_one_transaction(
         await import_file(store, path)
     monkeypatch.undo()
     assert await store.list_all() == [] and await store.list_events() == []
+
+
+async def test_legacy_tokens_are_keys_when_keys_are_optional(tmp_path: Path) -> None:
+    """With ``required=False`` a token of a legacy shape is verified as a key (a wrong one
+    refused, never passed on as anonymous) and stripped before the app, as keystile's own."""
+    store = MemoryKeyStore()
+    public, key = dotted_key()
+    await import_file(store, write_csv(tmp_path / "keys.csv", [row(public, key)]))
+    app = legacy_app(store, required=False)
+    _, unknown = dotted_key()
+    assert await statuses(app, [key, unknown]) == [200, 401]
+    async with client(app) as http:
+        seen = (await http.get("/whoami", headers={"Authorization": f"Bearer {key}"})).json()
+        foreign = (await http.get("/whoami", headers={"Authorization": "Bearer not-a-key"})).json()
+    assert seen["authenticated"] and "authorization" not in seen["headers"]
+    assert not foreign["authenticated"] and "authorization" in foreign["headers"]
