@@ -47,6 +47,8 @@ async def import_source(
     if source == "csv":
         if file is None:
             raise ValueError("a csv import needs a file")
+        if (key_format or "drf-api-key") not in FORMATS:
+            raise ValueError(f"unknown key format {key_format!r}; known: {', '.join(FORMATS)}")
         keys, shape = files.read_keys(file), FORMATS[key_format or "drf-api-key"]
     else:
         if source_url is None:
