@@ -20,6 +20,7 @@ def test_import_csv(
     skipped, by reason; a second run imports nothing; ``--json`` is one object."""
     rows = [row(*dotted_key()), row(*dotted_key()), row(*dotted_key(), hash_algorithm="md5")]
     path = str(write_csv(tmp_path / "keys.csv", rows))
+    assert run(capsys, "--database-url", sqlite_database_url, "init")[0] == 0
     code, out, err = run(
         capsys, "--database-url", sqlite_database_url, "import", "csv", "--file", path, "--dry-run"
     )
@@ -50,6 +51,7 @@ def test_import_errors_are_one_line(
     sqlite = f"sqlite:///{tmp_path / 'nowhere.db'}"
     empty = tmp_path / "empty.db"
     empty.touch()
+    assert run(capsys, "--database-url", sqlite_database_url, "init")[0] == 0
     for argv in (
         ["import", "drf-api-key", "--source-url", sqlite, "--owner", "acme"],
         ["import", "keygate", "--source-url", "postgresql://nobody:secret@127.0.0.1:1/x"],

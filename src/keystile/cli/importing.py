@@ -2,7 +2,9 @@
 
 One subcommand per source (``drf-api-key``, ``keygate``, ``keyshield``, ``csv``), each
 with the options of its storage. The importers (``keystile.importers``) are imported
-when the command runs, never for ``--help``. The import is one transaction: all of it
+when the command runs, never for ``--help``. The key database must exist (``keystile
+init``), as for every command but ``init``, ``create`` and ``demo``. The import is one
+transaction: all of it
 or, on an error, nothing; ``--dry-run`` writes nothing. It prints what it imported and
 what it skipped or renamed, by reason (``--json``: one object).
 """
@@ -108,6 +110,6 @@ COMMANDS = (
         "import the keys another library issued; they keep working (legacy_formats)",
         "keystile import drf-api-key --source-url sqlite:///db.sqlite3 --owner-from name",
         _arguments,
-        on_keys(_import, creates_database=True),
+        on_keys(_import),
     ),
 )
