@@ -24,6 +24,7 @@ from starlette.responses import Response
 from .database_url import DATABASE_URL_ENV, DEFAULT_DATABASE_URL, resolve_database_url
 from .errors import AuthenticationError
 from .hashing import DEFAULT_PARAMETERS, Argon2Parameters
+from .legacy import LegacyFormats, LegacyOption
 from .limits.cost import CostOption, RequestCost
 from .limits.enforcer import OnError, check_limit_options
 from .limits.policy import DEFAULT_RATE_LIMIT_STORAGE
@@ -91,6 +92,7 @@ _RUNTIME_OPTIONS = (
     "verification_memo",
     "memo_secret",
     "memo_ttl",
+    "legacy",
 )
 _POSITIVE = ("cache_ttl", "cache_idle", "flush_interval")
 _AT_LEAST_ONE = ("cache_max_size", "flush_max", "argon2_concurrency")
@@ -158,7 +160,12 @@ class KeystileConfig:
     #: with a ``verification_memo``. Not in the repr.
     memo_secret: str | None = field(default=None, repr=False)
     memo_ttl: float = DEFAULT_MEMO_TTL
+    #: Key shapes of other libraries to take, imported keys verified once and rehashed
+    #: (``keystile.legacy``): names, or names with options. Not in the repr: a pepper.
+    legacy_formats: LegacyOption | None = field(default=None, repr=False)
 
+    #: ``legacy_formats``, checked; ``None`` for none.
+    legacy: LegacyFormats | None = field(init=False, repr=False, compare=False)
     #: ``header_name`` as ASGI servers give header names: lowercase bytes.
     header: bytes = field(init=False, repr=False, compare=False)
     exempt_exact: frozenset[str] = field(init=False, repr=False, compare=False)
@@ -198,10 +205,14 @@ class KeystileConfig:
         if self.verification_memo is not None and self.memo_secret is None:
             object.__setattr__(self, "memo_secret", memo_secret_from_env())
         check_memo_options(self.verification_memo, self.memo_secret, self.memo_ttl)
+        legacy = LegacyFormats.from_option(self.legacy_formats)
         is_key = key_matcher(self.key_prefixes)
+        if legacy is not None:
+            is_key = _either(is_key, legacy.matches)
         url = None if self.store is not None else resolve_database_url(self.database_url)
         derived: dict[str, Any] = {
             "database_url": url,
+            "legacy": legacy,
             "header": self.header_name.lower().encode("latin-1"),
             "exempt_exact": frozenset(p for p in self.exempt_paths if not p.endswith("*")),
             "exempt_prefixes": tuple(p[:-1] for p in self.exempt_paths if p.endswith("*")),
@@ -239,6 +250,12 @@ class KeystileConfig:
         """Equal for configs that may share a runtime: the runtime options, hashable values
         by value and anything else (a store object) by identity."""
         return tuple((name, _by_value(getattr(self, name))) for name in _RUNTIME_OPTIONS)
+
+
+def _either(
+    first: Callable[[bytes], bool], second: Callable[[bytes], bool]
+) -> Callable[[bytes], bool]:
+    return lambda token: first(token) or second(token)
 
 
 def _refuse_unknown(options: dict[str, Any]) -> None:
@@ -293,3 +310,4 @@ class KeystileOptions(TypedDict, total=False):
     verification_memo: str | None
     memo_secret: str | None
     memo_ttl: float
+    legacy_formats: LegacyOption | None

@@ -14,6 +14,7 @@
     │       ├── RateLimited         ``rate_limited``, with ``Retry-After`` and ``RateLimit`` fields
     │       └── QuotaExceeded       ``quota_exceeded``, ``Retry-After`` only when a refill is due
     ├── StoreError                  the key store could not be reached or failed
+    ├── ImportSourceError           keys to import cannot be read (``reason``: why)
     ├── KeyManagementError          a refused key-management operation (CLI exit code 1)
     │   ├── InvalidKeyName
     │   ├── DuplicateKeyName
@@ -37,6 +38,7 @@ __all__ = [
     "ConfigurationError",
     "DuplicateKeyName",
     "IPNotAllowed",
+    "ImportSourceError",
     "InsufficientScope",
     "InvalidKeyName",
     "InvalidRequest",
@@ -234,6 +236,17 @@ class QuotaExceeded(TooManyRequests):
 
 class StoreError(KeystileError):
     """The key store failed or could not be reached."""
+
+
+class ImportSourceError(KeystileError):
+    """The keys of another library cannot be read: ``reason`` is ``unreachable`` (the
+    database or file cannot be opened), ``unknown_layout`` (not the tables or columns of a
+    version the importer knows) or ``bad_file`` (a CSV or JSON Lines file it cannot take).
+    The message is one line, without a password."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class KeyManagementError(KeystileError):

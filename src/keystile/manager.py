@@ -38,7 +38,7 @@ from .owners import OwnerOperations
 from .stores import store_from_url
 from .stores.protocol import KeyStore
 from .stores.records import KeyEvent, KeyRecord, utcnow
-from .stores.rules import SYSTEM_ACTOR, revoked_error
+from .stores.rules import SYSTEM_ACTOR, is_imported, revoked_error
 from .tokens import DEFAULT_PREFIX, generate_key, normalize_key_id, validate_prefix
 from .validation import (
     aware,
@@ -218,10 +218,10 @@ class KeyManager(OwnerOperations):
     ) -> builtins.list[KeyEvent]:
         """The audit log, oldest first: every change to a key (``created``, ``replaced``,
         ``rotated``, ``revoked``, ``reaped``, ``updated``, ``disabled``, ``enabled``,
-        ``logout``), and every prune of the log (``pruned``, with no key and no owner),
-        with its time, actor and detail. Filtered by owner, key (id or display
-        form) and time (``since``: a moment, or a ``timedelta`` back from now); with
-        ``limit``, the newest ``limit`` events."""
+        ``logout``, ``imported``, ``rehashed``), and every prune of the log (``pruned``,
+        with no key and no owner), with its time, actor and detail. Filtered by owner, key
+        (id or display form) and time (``since``: a moment, or a ``timedelta`` back from
+        now); with ``limit``, the newest ``limit`` events."""
         if isinstance(since, timedelta):
             since = utcnow() - since
         return await self.store.list_events(
@@ -308,6 +308,7 @@ class KeyManager(OwnerOperations):
     ) -> CreatedKey:
         """Mint a successor with the same owner, name, prefix, scopes and metadata; the old
         key keeps working for ``grace`` and then expires. Returns the new plaintext once.
+        The successor of an imported key is a keystile key with the manager's prefix.
 
         The successor lives as long as the old key was meant to (``expires_at -
         created_at``, counted from now), or ``default_expires_in`` if the old key had no
@@ -322,7 +323,7 @@ class KeyManager(OwnerOperations):
         now = utcnow()
         grace_until = later(now, grace, "grace")
         new = await self._mint(
-            old.prefix,
+            self.prefix if is_imported(old) else old.prefix,
             owner=old.owner,
             name=old.name,
             scopes=old.scopes,

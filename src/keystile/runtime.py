@@ -74,9 +74,10 @@ class KeystileRuntime:
             assert config.database_url is not None
             store = store_from_url(config.database_url)
         self.store = store
+        legacy = config.legacy
         self.verifier = Verifier(
             self.store,
-            hasher=SecretHasher(config.argon2),
+            hasher=SecretHasher(config.argon2) if legacy is None else legacy.hasher(config.argon2),
             cache_ttl=config.cache_ttl,
             cache_idle=config.cache_idle,
             cache_max_size=config.cache_max_size,
@@ -88,6 +89,9 @@ class KeystileRuntime:
             per_key_pending=config.per_key_pending,
             memo=open_memo(config.verification_memo, config.memo_secret, ttl=config.memo_ttl),
         )
+        if legacy is not None:
+            self.verifier.parse = legacy.parse
+            self.verifier.max_token_length = legacy.max_token_length
         self.recorder = UsageRecorder(
             self.store, flush_interval=config.flush_interval, flush_max=config.flush_max
         )

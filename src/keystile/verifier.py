@@ -164,6 +164,9 @@ class Verifier:
         #: revoked, expired, disabled): the usage recorder counts them per key and minute.
         #: Unknown ids and malformed keys are nobody's, so they are not reported.
         self.on_reject: Callable[[str], None] | None = None
+        #: How a miss reads a token, and the longest taken (``keystile.legacy`` widens both).
+        self.parse: Callable[[bytes], ParsedKey] = parse_key
+        self.max_token_length = MAX_TOKEN_LENGTH
 
     @property
     def max_pending_verifications(self) -> int:
@@ -213,7 +216,7 @@ class Verifier:
     def hit(self, token: bytes) -> CachedKey | None:
         """The hit path without a coroutine: the entry if ``token`` is cached, unexpired
         and fresh, else ``None`` (then ``verify`` decides). Counts only the hits it returns."""
-        if len(token) > MAX_TOKEN_LENGTH:
+        if len(token) > self.max_token_length:
             return None
         now = self.monotonic()
         entry = self.cache.lookup(self.cache.digest(token), now)
@@ -224,7 +227,7 @@ class Verifier:
 
     async def verify(self, token: bytes) -> CachedKey:
         """Return the cached principal for ``token`` or raise an ``AuthenticationError``."""
-        if len(token) > MAX_TOKEN_LENGTH:
+        if len(token) > self.max_token_length:
             raise InvalidToken("malformed")
         digest = self.cache.digest(token)
         now = self.monotonic()
@@ -242,7 +245,7 @@ class Verifier:
         return entry
 
     async def _verify_miss(self, token: bytes, digest: bytes) -> CachedKey:
-        parsed = parse_key(token)
+        parsed = self.parse(token)
         if self._negative is not None:
             remembered = self._negative.get(digest)
             if remembered is not None:
@@ -411,7 +414,7 @@ class Verifier:
 
     async def _upgrade_hash(self, record: KeyRecord, secret_hash: str) -> None:
         try:
-            await self.store.update_hash(record.id, secret_hash)
+            await self.store.update_hash(record.id, secret_hash, replacing=record.secret_hash)
         except StoreError as exc:
             logger.warning("keystile: could not upgrade the hash of key %s: %s", record.id, exc)
 

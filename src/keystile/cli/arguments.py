@@ -12,8 +12,9 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from datetime import timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 
+from ..database_url import DATABASE_URL_ENV, DEFAULT_DATABASE_URL
 from ..durations import format_duration, parse_duration
 from ..errors import KeystileError
 
@@ -28,6 +29,7 @@ __all__ = [
     "cidr",
     "count",
     "duration",
+    "global_options",
     "key_id",
     "key_name",
     "metadata_pair",
@@ -42,11 +44,33 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+P = TypeVar("P", bound=argparse.ArgumentParser)
 
 #: Past these a number is refused: a quota is exact up to 2**53 - 1 everywhere (the
 #: stores, Redis's Lua, JSON: ``limits.MAX_QUOTA``, not imported so that ``--help`` stays
 #: light); a count is a 32-bit SQL LIMIT.
 MAX_QUOTA, MAX_COUNT = 2**53 - 1, 2**31 - 1
+
+
+def global_options(*, on_command: bool, parser_class: type[P]) -> P:
+    """``--database-url`` and ``--json``, taken before the command and after it, as gh and
+    stripe take theirs. On a command they default to ``SUPPRESS``: a command that was not
+    given the option leaves the value given before the command alone."""
+    options = parser_class(add_help=False)
+    default: dict[str, Any] = {"default": argparse.SUPPRESS} if on_command else {}
+    options.add_argument(
+        "--database-url",
+        metavar="URL",
+        help=f"key database (default: ${DATABASE_URL_ENV}, else {DEFAULT_DATABASE_URL})",
+        **default,
+    )
+    options.add_argument(
+        "--json",
+        action="store_true",
+        help="JSON on stdout: one object per line for lists, one object for one key",
+        **default,
+    )
+    return options
 
 
 def checked(check: Callable[[str], T]) -> Callable[[str], T]:

@@ -10,12 +10,12 @@ to share and each store writes them.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
 from .bus import LocalChangeBus
-from .calls import Change, EventQuery, Insertion, Reaping, Rotation, UsageQuery
+from .calls import Change, EventQuery, Importing, Insertion, Reaping, Rotation, UsageQuery
 from .protocol import ChangeListener
 from .records import KeyEvent, KeyRecord, OwnerLimits, UsageBucket
 from .rules import (
@@ -57,6 +57,15 @@ class CommonStore(ABC):
         replaced = await self._insert(Insertion(record, replace, actor))
         self._publish(replaced)
         return replaced
+
+    async def import_keys(
+        self,
+        records: Sequence[KeyRecord],
+        *,
+        details: Mapping[str, Mapping[str, Any]],
+        actor: str = SYSTEM_ACTOR,
+    ) -> list[str]:
+        return await self._import(Importing(tuple(records), details, actor))
 
     async def revoke(
         self,
@@ -160,6 +169,11 @@ class CommonStore(ABC):
     async def _insert(self, insertion: Insertion) -> list[str]:
         """Insert the key with its events, after revoking the keys holding its name if
         the insertion replaces them (else it refuses). Returns their ids."""
+
+    @abstractmethod
+    async def _import(self, importing: Importing) -> list[str]:
+        """Insert each key whose id is free, with its ``imported`` event, in one
+        transaction; the ids inserted."""
 
     @abstractmethod
     async def _revoke(self, event: KeyEvent) -> bool:

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 
 from .bus import LocalChangeBus
-from .calls import Change, EventQuery, Insertion, Reaping, Rotation, UsageQuery
+from .calls import Change, EventQuery, Importing, Insertion, Reaping, Rotation, UsageQuery
 from .common import CommonStore
 from .records import (
     KeyEvent,
@@ -33,6 +33,7 @@ from .rules import (
     budget_states,
     grace_expiry,
     pruned_event,
+    rehashed_event,
     rotatable,
 )
 
@@ -116,6 +117,15 @@ class MemoryKeyStore(CommonStore):
         inserted = self._rows[record.id] = self._adopt(insertion.new_key(clash))
         self._log(insertion.events(inserted, clash, now))
         return clash
+
+    async def _import(self, importing: Importing) -> list[str]:
+        inserted = []
+        for record in importing.records:
+            if record.id not in self._rows:
+                self._rows[record.id] = record
+                inserted.append(record)
+        self._log(importing.events(inserted, utcnow()))
+        return [r.id for r in inserted]
 
     async def _revoke(self, event: KeyEvent) -> bool:
         record = self._owned(event.key_id, event.owner)
@@ -296,10 +306,16 @@ class MemoryKeyStore(CommonStore):
         self._events[:] = kept
         return pruned
 
-    async def update_hash(self, key_id: str, secret_hash: str) -> None:
+    async def update_hash(
+        self, key_id: str, secret_hash: str, *, replacing: str | None = None
+    ) -> None:
         record = self._rows.get(key_id)
-        if record is not None:
-            self._rows[key_id] = dataclasses.replace(record, secret_hash=secret_hash)
+        if record is None or replacing not in (None, record.secret_hash):
+            return
+        self._rows[key_id] = dataclasses.replace(record, secret_hash=secret_hash)
+        if replacing is not None:
+            event = rehashed_event(key_id, record.owner, replacing, utcnow())
+            self._log([event] if event is not None else [])
 
     async def watch(self) -> None:
         return None

@@ -69,6 +69,18 @@ class KeyStore(Protocol):
         replaces leave exactly one active key.
         """
 
+    async def import_keys(
+        self,
+        records: Sequence[KeyRecord],
+        *,
+        details: Mapping[str, Mapping[str, Any]],
+        actor: str = SYSTEM_ACTOR,
+    ) -> list[str]:
+        """Insert the keys another library issued (``keystile.importers``), in one
+        transaction, each with an ``imported`` event (its detail: ``details[id]``); a key
+        whose id is taken is left as it is. Returns the ids inserted. Names are not
+        checked here: the importer renames a key whose name another key holds."""
+
     async def revoke(
         self,
         key_id: str,
@@ -217,7 +229,13 @@ class KeyStore(Protocol):
         (``pruned_detail``, no key, no owner) in the same transaction, after the delete,
         so the prune never deletes its own record; returns how many were deleted."""
 
-    async def update_hash(self, key_id: str, secret_hash: str) -> None: ...
+    async def update_hash(
+        self, key_id: str, secret_hash: str, *, replacing: str | None = None
+    ) -> None:
+        """Store a new hash of the key's secret. With ``replacing``, only while the stored
+        hash is still that one (two processes upgrading one key write once); replacing an
+        imported hash (``rules.IMPORTED_HASH``) also records a ``rehashed`` event in the
+        same transaction."""
 
     def subscribe(self, listener: ChangeListener) -> Callable[[], None]:
         """Call ``listener`` on every key state change; returns the unsubscribe call."""

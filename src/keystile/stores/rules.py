@@ -20,6 +20,7 @@ from .records import KeyEvent, KeyRecord, OwnerLimits, QuotaState, refills_due, 
 __all__ = [
     "BATCH_MEMORY",
     "EVENT_ACTIONS",
+    "IMPORTED_HASH",
     "LIMIT_FIELDS",
     "OWNER_BUDGET",
     "SYSTEM_ACTOR",
@@ -32,7 +33,11 @@ __all__ = [
     "duplicate_name",
     "event_detail",
     "grace_expiry",
+    "imported_algorithm",
+    "imported_events",
+    "imported_hash",
     "insert_events",
+    "is_imported",
     "is_stale",
     "names_matter",
     "owner_limits_event",
@@ -40,6 +45,7 @@ __all__ = [
     "pruned_event",
     "reap_events",
     "reaped_detail",
+    "rehashed_event",
     "revoked_error",
     "rotatable",
     "rotate_events",
@@ -74,8 +80,55 @@ EVENT_ACTIONS = frozenset(
         "logout",
         "pruned",
         "owner_limits",
+        "imported",
+        "rehashed",
     }
 )
+#: How an imported key's hash starts: ``imported$<algorithm>$<the source's hash>``. No
+#: argon2 verifier takes it, so such a hash authenticates nothing until a middleware
+#: with ``legacy_formats`` verifies it with its algorithm and rehashes it to argon2id.
+IMPORTED_HASH = "imported$"
+
+
+# -- imported keys --------------------------------------------------------------------
+
+
+def is_imported(record: KeyRecord) -> bool:
+    """Whether another library issued the key: its id is ``<tag>.<public part>``
+    (``keystile.legacy``), where keystile's own ids are 12 base62 characters."""
+    return "." in record.id
+
+
+def imported_hash(algorithm: str, source_hash: str) -> str:
+    """The stored form of a hash carried over from another library."""
+    return f"{IMPORTED_HASH}{algorithm}${source_hash}"
+
+
+def imported_algorithm(secret_hash: str) -> str | None:
+    """The algorithm of an imported hash not yet rehashed, else ``None``."""
+    if not secret_hash.startswith(IMPORTED_HASH):
+        return None
+    return secret_hash[len(IMPORTED_HASH) :].partition("$")[0]
+
+
+def imported_events(
+    records: Sequence[KeyRecord], details: Mapping[str, Mapping[str, Any]], at: datetime, actor: str
+) -> list[KeyEvent]:
+    """What an import records: one ``imported`` event per key inserted, with where it came
+    from (``details`` by key id) and what it was created with (never the hash)."""
+    return [
+        KeyEvent(at, r.id, r.owner, "imported", actor, {**created_detail(r, None), **details[r.id]})
+        for r in records
+    ]
+
+
+def rehashed_event(key_id: str, owner: str, replaced: str, at: datetime) -> KeyEvent | None:
+    """What replacing hash ``replaced`` records: ``rehashed`` (and from which algorithm)
+    when it was an imported hash, nothing for an argon2 parameter upgrade."""
+    algorithm = imported_algorithm(replaced)
+    if algorithm is None:
+        return None
+    return KeyEvent(at, key_id, owner, "rehashed", SYSTEM_ACTOR, {"from": algorithm})
 
 
 # -- quotas ---------------------------------------------------------------------------

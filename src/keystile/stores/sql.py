@@ -238,9 +238,16 @@ class Statements:
         stale = STALE.format(include_disabled="$1", unused_since="$2", at="$3")
         self.stale = r(f"{select} WHERE {stale} ORDER BY created_at, id")
         self.insert_key = self._insert(keys, KEY_COLUMNS)
+        #: An imported key, unless its id is taken; returns its id when inserted.
+        self.insert_new_key = self.insert_key + " ON CONFLICT (id) DO NOTHING RETURNING id"
         self.insert_event = self._insert(events, EVENT_COLUMNS)
         self.prune_events = r(f"DELETE FROM {events} WHERE at < $1")  # noqa: S608
         self.set_hash = r(f"UPDATE {keys} SET secret_hash = $1 WHERE id = $2")  # noqa: S608
+        #: A new hash while the stored one is still ``$3``; returns the key's owner.
+        self.replace_hash = r(
+            f"UPDATE {keys} SET secret_hash = $1"  # noqa: S608
+            " WHERE id = $2 AND secret_hash = $3 RETURNING owner"
+        )
         #: A new key takes its owner's limits (insert and rotate, in their transaction).
         self.adopt_owner_limits = r(
             f"UPDATE {keys} SET owner_limits = (SELECT limits FROM {owners}"  # noqa: S608
