@@ -9,17 +9,16 @@ The pipeline (``docs/architecture.md``, "The request path")::
                                           else argon2 in a worker thread ─► cache insert
 
 It knows nothing of ASGI. argon2 runs at most once per token at a time, in at most
-``argon2_concurrency`` worker threads (``argon2_pool.py``). Misses are admitted
-before any store access (``admission.py``): one verification per key id with
-``per_key_pending`` waiting, ``max_pending_verifications`` in all, and a failure budget
-per key id, so an id whose recent attempts all failed is refused before the store read
-while other misses wait. Misses of such ids, and of ids with several tokens in flight,
-are suspects: they hold a quarter of the slots, read the store a few at a time and
-verify after everyone else, so a flood of wrong secrets over many public key ids leaves
-other tenants' first requests their argon2 time. Every refusal there is a ``503`` with
-``Retry-After`` (the key was not checked), the same for an id that exists and one that
-does not, and none is remembered by the negative cache: the owner of a flooded id is
-served within a second of the flood ending.
+``argon2_concurrency`` worker threads (``argon2_pool.py``). Misses are admitted before
+any store access (``admission.py``): one verification per key id with ``per_key_pending``
+waiting, ``max_pending_verifications`` in all, and a failure budget per key id, so an id
+whose recent attempts all failed is refused before the store read while other misses
+wait. Suspects (such ids, and ids with several tokens in flight) hold a quarter of the
+slots, read the store a few at a time and verify after everyone else: a flood of wrong
+secrets over many public key ids leaves other tenants their argon2 time. Each refusal
+there is a ``503`` with ``Retry-After``, the same for an id that exists and one that does
+not, and none is remembered by the negative cache: the owner of a flooded id is served
+within a second of the flood ending.
 
 Counting: a hit is a request the verified-key cache answered; a miss, a well-formed key
 that neither it nor the negative cache answered. A refusal repeated from the negative
