@@ -362,3 +362,15 @@ async def test_legacy_tokens_are_keys_when_keys_are_optional(tmp_path: Path) -> 
         foreign = (await http.get("/whoami", headers={"Authorization": "Bearer not-a-key"})).json()
     assert seen["authenticated"] and "authorization" not in seen["headers"]
     assert not foreign["authenticated"] and "authorization" in foreign["headers"]
+
+
+async def test_an_imported_key_spends_its_owners_budget(store: KeyStore, tmp_path: Path) -> None:
+    """An owner with a quota of 2 and a key imported for them afterwards: the imported key
+    spends the owner's budget like any other key of the owner."""
+    async with KeyManager(store) as keys:
+        await keys.set_owner_limits("acme", quota=2)
+    public, key = dotted_key()
+    await import_file(store, write_csv(tmp_path / "keys.csv", [row(public, key)]))
+    record = await store.get(f"drf.{public}")
+    assert record is not None and record.owner_limits is not None
+    assert await statuses(legacy_app(store), [key, key, key]) == [200, 200, 429]

@@ -5,12 +5,14 @@ usage summed per owner (memory, SQLite and Postgres stores, real ASGI requests).
 from __future__ import annotations
 
 from datetime import timedelta
+from functools import partial
 
+import anyio
 import pytest
 from test_limits import limited_app, mint, statuses
 
 from apps import client
-from keystile import KeyManagementError, KeyManager
+from keystile import CHEAPEST_PARAMETERS, KeyManagementError, KeyManager
 from keystile.stores import store_from_url
 
 pytestmark = pytest.mark.anyio
@@ -128,3 +130,22 @@ async def test_a_successor_takes_its_owners_limits(database_url: str) -> None:
         new = await keys.rotate(key_id, owner="acme", grace=timedelta(minutes=5))
         successor = await keys.get(new.id, owner="acme")
     assert successor.owner_limits is not None and successor.owner_limits.quota == 7
+
+
+@pytest.mark.postgres
+async def test_keys_created_while_an_owners_first_limits_are_set_all_carry_them(
+    postgres_database_url: str,
+) -> None:
+    """Creates racing the owner's first ``set_owner_limits`` on Postgres: whichever commits
+    first, every key ends up with the owner's limits (none escapes the shared budget)."""
+    store = store_from_url(postgres_database_url)
+    async with KeyManager(store, argon2=CHEAPEST_PARAMETERS) as keys:
+        for round_ in range(5):
+            owner = f"racer-{round_}"
+            async with anyio.create_task_group() as tg:
+                for i in range(6):
+                    tg.start_soon(partial(keys.create, owner=owner, name=f"k{i}"))
+                tg.start_soon(partial(keys.set_owner_limits, owner, quota=10))
+            records = await store.list_keys(owner)
+            assert len(records) == 6
+            assert [r.id for r in records if r.owner_limits is None] == []

@@ -122,7 +122,7 @@ class MemoryKeyStore(CommonStore):
         inserted = []
         for record in importing.records:
             if record.id not in self._rows:
-                self._rows[record.id] = record
+                self._rows[record.id] = self._adopt(record)
                 inserted.append(record)
         self._log(importing.events(inserted, utcnow()))
         return [r.id for r in inserted]

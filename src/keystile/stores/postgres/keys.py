@@ -12,6 +12,7 @@ from ..rules import rehashed_event
 from ..sql import COLUMNS
 from .connection import Connection
 from .events import log_events
+from .owners import lock_owner_limits
 from .schema import POSTGRES
 from .watch import notify
 
@@ -76,11 +77,15 @@ class Keys(Connection):
     async def _import(self, importing: Importing) -> list[str]:
         sql = self._sql
         async with self._connection("import_keys") as conn, conn.transaction():
+            owners = [record.owner for record in importing.records]
+            await lock_owner_limits(conn, self.schema, owners, shared=True)
             inserted = [
                 record
                 for record in importing.records
                 if await conn.fetchval(sql.insert_new_key, *POSTGRES.key_values(record))
             ]
+            for record in inserted:
+                await conn.execute(sql.adopt_owner_limits, record.id, record.owner)
             await log_events(conn, sql, importing.events(inserted, utcnow()))
         return [record.id for record in inserted]
 
@@ -98,6 +103,7 @@ class Keys(Connection):
         record = insertion.record
         sql = self._sql
         async with self._connection("insert") as conn, conn.transaction():
+            await lock_owner_limits(conn, self.schema, [record.owner], shared=True)
             await self._lock_name(conn, record.owner, record.name)
             now = utcnow()
             holders = await conn.fetch(sql.name_holders, record.owner, record.name, now)
@@ -131,6 +137,7 @@ class Keys(Connection):
     async def _rotate(self, rotation: Rotation) -> KeyRecord | None:
         key_id, successor = rotation.key_id, rotation.new_key()
         async with self._connection("rotate") as conn, conn.transaction():
+            await lock_owner_limits(conn, self.schema, [rotation.owner], shared=True)
             # A concurrent rotation of the same key waits for this row lock, then READ
             # COMMITTED re-checks the WHERE on the committed row: replaced_by is set by
             # then, so it updates nothing and only one successor is ever inserted.

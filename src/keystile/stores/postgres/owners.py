@@ -3,6 +3,7 @@ key of the owner and queues a NOTIFY for each, so other processes evict them."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from ..records import KeyEvent, OwnerLimits
@@ -11,7 +12,22 @@ from .events import log_events
 from .schema import POSTGRES
 from .watch import notify
 
-__all__ = ["Owners"]
+__all__ = ["Owners", "lock_owner_limits"]
+
+
+async def lock_owner_limits(conn: Any, schema: str, owners: Iterable[str], *, shared: bool) -> None:
+    """Hold, until the transaction ends, the lock between an owner's limits and its new keys.
+
+    A new key copies its owner's limits in its own transaction, and setting them copies
+    them onto the keys there are: under READ COMMITTED, a key inserted while the limits
+    are set would see neither. New keys take the lock shared (they do not wait for each
+    other), setting the limits takes it alone. Each transaction takes it first, before
+    any row lock, so the two never wait on each other in a circle."""
+    lock = "pg_advisory_xact_lock_shared" if shared else "pg_advisory_xact_lock"
+    for owner in sorted(set(owners)):
+        await conn.execute(
+            f"SELECT {lock}(hashtext($1), hashtext($2))", schema, f"owner-limits\x1f{owner}"
+        )
 
 
 class Owners(Connection):
@@ -29,6 +45,7 @@ class Owners(Connection):
     ) -> list[str] | None:
         sql = self._sql
         async with self._connection("set_owner_limits") as conn, conn.transaction():
+            await lock_owner_limits(conn, self.schema, [owner], shared=False)
             if limits is not None:
                 await conn.execute(sql.put_owner_limits, *sql.owner_values(limits))
             elif await conn.execute(sql.delete_owner_limits, owner) == "DELETE 0":

@@ -72,6 +72,8 @@ class Keys(Connection):
                     for record in importing.records
                     if conn.execute(SQL.insert_new_key, SQLITE.key_values(record)).fetchone()
                 ]
+                for record in inserted:
+                    conn.execute(SQL.adopt_owner_limits, (record.id, record.owner))
                 log_events(conn, importing.events(inserted, utcnow()))
                 return inserted
 
