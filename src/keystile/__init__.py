@@ -36,6 +36,7 @@ if _typing.TYPE_CHECKING:
     from .principal import APIKeyUser
     from .stores import KeyEvent, KeyRecord, KeyStore, MemoryKeyStore, store_from_url
     from .stores.records import UsageBucket, UsageTotal
+    from .verification import verify
 
 if not _typing.TYPE_CHECKING:  # type checkers read the imports above, and no other name
     from . import _lazy
@@ -70,6 +71,7 @@ if not _typing.TYPE_CHECKING:  # type checkers read the imports above, and no ot
             "store_from_url": "stores",
             "UsageBucket": "stores.records",
             "UsageTotal": "stores.records",
+            "verify": "verification",
         },
         # Formerly public names (internals, and the refusals an app rarely names), still
         # found here for one release with a DeprecationWarning naming their module.
@@ -128,4 +130,5 @@ __all__ = [
     "UsageTotal",
     "revoke_presented",
     "store_from_url",
+    "verify",
 ]
