@@ -50,7 +50,7 @@ from typing import Annotated, Any, cast
 from . import adapters
 
 try:
-    from fastapi import Depends, FastAPI, Security, WebSocketException
+    from fastapi import APIRouter, Depends, FastAPI, Security, WebSocketException
     from fastapi import routing as fastapi_routing
     from fastapi.routing import APIRoute
     from fastapi.security import (
@@ -403,6 +403,16 @@ class _Documenter:
             components.setdefault("schemas", {})[openapi.ERROR_SCHEMA_NAME] = openapi.error_schema()
 
 
+def key_management_router(**options: Any) -> APIRouter:
+    """The key-management endpoints of ``keystile.management.management_app`` (same
+    keyword arguments, plus ``prefix`` and ``tags``) as an ``APIRouter``: include it and
+    they show in the app's ``/docs``. Exempt its paths from the middleware: the app's own
+    sign-in, through ``owner(request)``, says whose keys a request may manage."""
+    from .management.router import management_router
+
+    return management_router(**options)
+
+
 __all__ = [
     "DEFAULT_BEARER_SCHEME_NAME",
     "DEFAULT_HEADER_SCHEME_NAME",
@@ -412,6 +422,7 @@ __all__ = [
     "KeystileSecurity",
     "OptionalKey",
     "current_key",
+    "key_management_router",
     "keystile_exception_handler",
     "optional_key",
     "protect",
