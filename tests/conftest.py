@@ -1,4 +1,5 @@
-"""Shared fixtures: the anyio plugin on asyncio, cheap argon2, and one store per kind.
+"""Shared fixtures: the anyio plugin on asyncio, cheap argon2, one store per kind, and the
+hit path (compiled or pure) for the tests that must hold on both.
 
 Starlette's ``TestClient`` imports ``httpx2`` (the dev extra installs it); with plain
 ``httpx`` it warns, and the suite turns warnings into errors.
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from hitpaths import HIT_PATHS, using
 from keystile.hashing import CHEAPEST_PARAMETERS, SecretHasher
 from keystile.stores import KeyStore, store_from_url
 
@@ -30,6 +32,15 @@ SKIP_REASON = (
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture(params=HIT_PATHS)
+def hit_path(request: pytest.FixtureRequest) -> Iterator[str]:
+    """``compiled`` or ``pure``: every cache, verifier and middleware the test builds uses
+    that hit path (``hitpaths.py``). Request it first (``usefixtures`` or the first
+    argument) so that no other fixture builds a middleware before it."""
+    with using(request.param):
+        yield request.param
 
 
 @pytest.fixture

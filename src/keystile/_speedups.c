@@ -12,7 +12,7 @@
  *   - the tag scan reads every tag and has no data-dependent branch: matches are
  *     OR-accumulated into masks, the first and last matching index are selected with
  *     masks (scan_avx2, scan_sse2, scan_scalar; docs/architecture.md shows how to check
- *     the built object's disassembly, tests/test_speedups_asm.py does it);
+ *     the built object's disassembly, tests/speedups/test_speedups_asm.py does it);
  *   - both candidates (first and last match, or a dummy) are always compared on their
  *     full 32 bytes, without early exit (ct_equal32).
  *
@@ -24,7 +24,7 @@
  * freed object's finalizer), and that code may use this table. So no slot or borrowed
  * pointer is kept across such a call: a method changes the table first and drops
  * references last, and hit() re-checks the table's version and the header list after
- * allocating its answer (tests/test_speedups_reentry.py).
+ * allocating its answer (tests/speedups/test_speedups_reentry.py).
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -906,7 +906,7 @@ static PyObject *Table_digest_at(Table *self, PyObject *arg)
 static Py_ssize_t Table_len(Table *self) { return self->size; }
 
 /* Each docstring opens with its signature ("name($self, ...)\n--\n\n"), which
- * inspect.signature reads: tests/test_speedups_stub.py holds _speedups.pyi to it. */
+ * inspect.signature reads: tests/speedups/test_speedups_stub.py holds _speedups.pyi to it. */
 static PyMethodDef Table_methods[] = {
     {"hit", (PyCFunction)(void (*)(void))Table_hit, METH_FASTCALL,
      "hit($self, headers, header_name, prefixes, now, /)\n--\n\n"

@@ -4,7 +4,7 @@
 
     python tests/fuzz/fuzz_tokens.py -atheris_runs=2000000 /tmp/keystile-corpus
 
-and ``tests/test_fuzz_long.py`` drives it with Hypothesis (a short run by default, a long
+and ``tests/verifier/test_fuzz_long.py`` drives it with Hypothesis (a short run by default, a long
 one with ``pytest -m slow``). Importing this module needs no atheris, and pytest does not
 collect it (its name does not start with ``test_``).
 
