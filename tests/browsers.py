@@ -18,7 +18,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -121,10 +121,18 @@ def chromium() -> Iterator[Any]:
             browser.close()
 
 
-def serve_fd(app: Any, fd: int) -> None:
-    """Run ``app`` under uvicorn on the socket the parent passed (the child's side)."""
+def serve(build_app: Callable[[str], Any]) -> None:
+    """The child's side: ``--fd N --database-url URL``, ``build_app(URL)`` under uvicorn on
+    the socket the parent passed."""
+    import argparse
+
     import uvicorn
 
-    sock = socket.socket(fileno=fd)
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--database-url", required=True)
+    args = parser.parse_args()
+    app = build_app(args.database_url)
+    sock = socket.socket(fileno=args.fd)
     config = uvicorn.Config(app, log_level="warning", lifespan="on")
     uvicorn.Server(config).run(sockets=[sock])

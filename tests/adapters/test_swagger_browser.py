@@ -15,7 +15,6 @@ Run as a script, this module is the server: ``python tests/adapters/test_swagger
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import importlib.util
 import json
@@ -29,7 +28,7 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
-from browsers import STEP_TIMEOUT, child_server, chromium, require_browser, serve_fd
+from browsers import STEP_TIMEOUT, child_server, chromium, require_browser, serve
 from keystile import CHEAPEST_PARAMETERS, KeyManager
 from keystile.fastapi import CurrentKey, protect
 
@@ -80,11 +79,7 @@ def build_app(database_url: str) -> FastAPI:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--fd", type=int, required=True)
-    parser.add_argument("--database-url", required=True)
-    args = parser.parse_args()
-    serve_fd(build_app(args.database_url), args.fd)
+    serve(build_app)
 
 
 # -- the tests ------------------------------------------------------------------------------

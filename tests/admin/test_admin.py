@@ -12,11 +12,9 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Mount, Route
 
-from apps import client
-from keystile import CHEAPEST_PARAMETERS, APIKeyMiddleware, KeyManager
+from apps import client, keys_page_app
+from keystile import CHEAPEST_PARAMETERS, KeyManager
 from keystile.admin import CSRFTokens, admin_app
 
 pytestmark = pytest.mark.anyio
@@ -32,9 +30,6 @@ def staff_actor(request: Request) -> str | None:
 
 
 def build(database_url: str, **options: Any) -> Starlette:
-    async def whoami(request: Request) -> JSONResponse:
-        return JSONResponse({"key": request.user.display_name})
-
     admin = admin_app(
         database_url=database_url,
         authorize=staff_actor,
@@ -42,14 +37,7 @@ def build(database_url: str, **options: Any) -> Starlette:
         csrf_secret=SECRET,
         **options,
     )
-    app = Starlette(routes=[Mount("/admin/keys", admin), Route("/whoami", whoami)])
-    app.add_middleware(
-        APIKeyMiddleware,
-        database_url=database_url,
-        exempt_paths=["/admin/*"],
-        argon2=CHEAPEST_PARAMETERS,
-    )
-    return app
+    return keys_page_app(database_url, "/admin/keys", admin)
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ Run as a script, this module is the server: ``python tests/admin/test_admin_brow
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import re
@@ -29,7 +28,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
 
-from browsers import STEP_TIMEOUT, child_server, chromium, require_browser, serve_fd
+from browsers import STEP_TIMEOUT, child_server, chromium, require_browser, serve
 from keystile import CHEAPEST_PARAMETERS, APIKeyMiddleware, KeyManager
 from keystile.admin import admin_app
 
@@ -68,11 +67,7 @@ def build_app(database_url: str) -> Starlette:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--fd", type=int, required=True)
-    parser.add_argument("--database-url", required=True)
-    args = parser.parse_args()
-    serve_fd(build_app(args.database_url), args.fd)
+    serve(build_app)
 
 
 # -- the tests ------------------------------------------------------------------------------

@@ -13,11 +13,9 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Mount, Route
 
-from apps import client
-from keystile import CHEAPEST_PARAMETERS, APIKeyMiddleware, KeyManager
+from apps import client, keys_page_app
+from keystile import CHEAPEST_PARAMETERS, KeyManager
 from keystile.management import KeyPolicy, management_app
 
 pytestmark = pytest.mark.anyio
@@ -39,10 +37,6 @@ def owner_of(request: Request) -> str | None:
 
 def build(database_url: str, **options: Any) -> Starlette:
     """An app with the management API at /account/keys and a route protected by keystile."""
-
-    async def whoami(request: Request) -> JSONResponse:
-        return JSONResponse({"key": request.user.display_name})
-
     keys = management_app(
         database_url=database_url,
         owner=owner_of,
@@ -50,14 +44,7 @@ def build(database_url: str, **options: Any) -> Starlette:
         argon2=CHEAPEST_PARAMETERS,
         **options,
     )
-    app = Starlette(routes=[Mount("/account/keys", keys), Route("/whoami", whoami)])
-    app.add_middleware(
-        APIKeyMiddleware,
-        database_url=database_url,
-        exempt_paths=["/account/*"],
-        argon2=CHEAPEST_PARAMETERS,
-    )
-    return app
+    return keys_page_app(database_url, "/account/keys", keys)
 
 
 @pytest.fixture
