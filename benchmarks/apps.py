@@ -25,8 +25,9 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from keystile import CHEAPEST_PARAMETERS, APIKeyMiddleware, KeyManager, MemoryKeyStore
-from keystile.cache import CachedKey, VerifiedKeyCache
+from keystile.cache import CachedKey, VerifiedKeyCache, auth_scopes
 from keystile.hashing import Argon2Parameters
+from keystile.limits import LimitPolicy
 from keystile.manager import CreatedKey
 from keystile.principal import APIKeyUser
 from keystile.tokens import generate_key
@@ -63,11 +64,15 @@ def fastapi_app() -> FastAPI:
     return app
 
 
-def fill_cache(cache: VerifiedKeyCache, n: int) -> list[bytes]:
+def fill_cache(
+    cache: VerifiedKeyCache, n: int, limits: LimitPolicy | None = None, *, keep_tokens: bool = True
+) -> list[bytes]:
     """Insert ``n`` freshly generated keys straight into ``cache`` (no store, no argon2).
 
     Returns the tokens in slot order: ``tokens[0]`` sits in the first slot of the scan,
-    ``tokens[-1]`` in the last.
+    ``tokens[-1]`` in the last. With ``keep_tokens=False`` none are kept (and none
+    returned): each key's token and other passing objects are freed before the next key
+    is made, as when a server proves its keys one request at a time.
     """
     now = time.monotonic()
     tokens: list[bytes] = []
@@ -75,20 +80,28 @@ def fill_cache(cache: VerifiedKeyCache, n: int) -> list[bytes]:
         plaintext, parsed = generate_key()
         token = plaintext.encode()
         user = APIKeyUser(
-            key_id=parsed.key_id, owner="bench", name=f"k-{parsed.key_id}", scopes=("read",)
+            key_id=parsed.key_id,
+            owner="bench",
+            name=f"k-{parsed.key_id}",
+            scopes=("read",),
+            limits=limits,
         )
         if not cache.insert(
             cache.digest(token), CachedKey(user, None, now), now=now, epoch=cache.epoch
         ):
             raise RuntimeError("cache refused an insert")
-        tokens.append(token)
+        if keep_tokens:
+            tokens.append(token)
     if len(cache) != n:
         raise RuntimeError(f"cache holds {len(cache)} keys, expected {n} (max_size too small?)")
     return tokens
 
 
-def protect(app: ASGIApp, n_keys: int) -> tuple[APIKeyMiddleware, bytes]:
-    """``app`` behind keystile with ``n_keys`` cached keys; returns it and the middle token."""
+def protect(
+    app: ASGIApp, n_keys: int, limits: LimitPolicy | None = None
+) -> tuple[APIKeyMiddleware, bytes]:
+    """``app`` behind keystile with ``n_keys`` cached keys (each with ``limits``); returns it
+    and the middle token."""
     middleware = APIKeyMiddleware(
         app,
         store=MemoryKeyStore(),
@@ -97,7 +110,7 @@ def protect(app: ASGIApp, n_keys: int) -> tuple[APIKeyMiddleware, bytes]:
         cache_idle=3600.0,
         cache_max_size=max(n_keys, 1),
     )
-    tokens = fill_cache(middleware.verifier.cache, n_keys)
+    tokens = fill_cache(middleware.verifier.cache, n_keys, limits)
     return middleware, tokens[len(tokens) // 2]
 
 
@@ -110,6 +123,8 @@ class FloorMiddleware:
     def __init__(self, app: ASGIApp, cache: VerifiedKeyCache) -> None:
         self.app = app
         self.cache = cache
+        #: The table's own lookup: the state of the slot found, no wrapper around it.
+        self.lookup = cache.table.lookup
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -117,11 +132,11 @@ class FloorMiddleware:
             for name, value in scope["headers"]:
                 if name == b"authorization":
                     token = value[7:]
-            entry = self.cache.lookup(self.cache.digest(token), 0.0)
-            if entry is None:
+            found = self.lookup(self.cache.digest(token), 0.0)
+            if found is None:
                 raise RuntimeError("the floor middleware only measures hits")
-            scope["user"] = entry.user
-            scope["auth"] = AuthCredentials(entry.auth_scopes)
+            user = scope["user"] = found[0]
+            scope["auth"] = AuthCredentials(auth_scopes(user.scopes))
         await self.app(scope, receive, send)
 
 

@@ -70,13 +70,12 @@ def _headers(token: bytes) -> list[tuple[bytes, bytes]]:
 
 
 def _lookups(
-    cache: VerifiedKeyCache, pure: VerifiedKeyCache
+    cache: VerifiedKeyCache, pure: VerifiedKeyCache, tokens: list[bytes]
 ) -> dict[str, Callable[[list[tuple[bytes, bytes]]], object]]:
     now = time.monotonic()
-    size = len(pure)
     # The same digests the cache holds, in slot order, for the two references.
-    table_digests: list[bytes] = [pure._table.digest_at(i) for i in range(size)]
-    table = {d: e for d, e in zip(table_digests, pure._table.entries(), strict=True)}
+    table_digests: list[bytes] = [pure.digest(token) for token in tokens]
+    table = {d: e for d, e in zip(table_digests, pure, strict=True)}
     compare = hmac.compare_digest
     digest, lookup = pure.digest, pure.lookup
 
@@ -88,7 +87,7 @@ def _lookups(
     if hit_request is not None:
 
         def keystile(headers: list[tuple[bytes, bytes]]) -> object:
-            return hit_request(headers, HEADER, None, now)
+            return hit_request(headers, HEADER, None, False)
 
     else:
         keystile = keystile_pure
@@ -119,7 +118,7 @@ def _measure_size(n: int, budget: float) -> dict[str, Any]:
     cache = VerifiedKeyCache(max_size=max(n, 1), key=key)
     pure = VerifiedKeyCache(max_size=max(n, 1), key=key, compiled=False)
     tokens = fill_cache(cache, n)
-    for entry, token in zip(cache._table.entries(), tokens, strict=True):
+    for entry, token in zip(cache, tokens, strict=True):
         pure.insert(pure.digest(token), entry, now=entry.checked_at, epoch=pure.epoch)
     absent = generate_key()[0].encode()
     probe = {
@@ -128,7 +127,7 @@ def _measure_size(n: int, budget: float) -> dict[str, Any]:
         "last": _headers(tokens[-1]),
         "none": _headers(absent),
     }
-    fns = _lookups(cache, pure)
+    fns = _lookups(cache, pure, tokens)
     # Sanity: every method finds the present tokens and misses the absent one.
     for name, fn in fns.items():
         for pos, token in probe.items():

@@ -17,6 +17,7 @@ keeps the runs alike. Needs valgrind (``apt-get install valgrind``); skipped wit
 
     python benchmarks/instructions.py                  # 10, 1 000 and 10 000 keys
     python benchmarks/instructions.py --quick          # 1 000 keys
+    python benchmarks/instructions.py --sizes 10 --budget 10   # + a key and an owner limit
     python benchmarks/instructions.py --child ARM N    # one run (what callgrind runs)
 """
 
@@ -45,6 +46,10 @@ DEFAULT_LENGTHS = (1_000, 3_000)
 MARKER = "getppid"
 #: The most two runs of one arm may differ per request before the count is not trusted.
 MAX_SPREAD_PCT = 1.0
+#: The ``--budget`` arms' name, and the most their request may cost against an unlimited
+#: key's: a key with its own rate limit and its owner's, in this process.
+BUDGET = "budget"
+BUDGET_TARGET = 1.10
 
 
 def _child(arm: str, requests: int) -> None:
@@ -58,6 +63,9 @@ def _child(arm: str, requests: int) -> None:
     if arm == "bare":
         app: Any = starlette_app()
         scope = http_scope("/ping", generate_key()[0].encode())
+    elif arm.startswith(BUDGET):
+        app, token = protect(starlette_app(), int(arm[len(BUDGET) :]), budget_policy())
+        scope = http_scope("/ping", token)
     else:
         app, token = protect(starlette_app(), int(arm))
         scope = http_scope("/ping", token)
@@ -76,6 +84,25 @@ def _child(arm: str, requests: int) -> None:
             await app.aclose()
 
     asyncio.run(main())
+
+
+def budget_policy() -> Any:
+    """A key's own rate limit and its owner's, both far above what the loop sends, so
+    every request passes through both (``memory://``)."""
+    from keystile.limits import LimitPolicy
+    from keystile.stores.records import KeyRecord, OwnerLimits
+
+    never = "100000000000/second"
+    record = KeyRecord(
+        id="bench",
+        owner="bench",
+        name="bench",
+        prefix="ks",
+        secret_hash="-",
+        rate_limit=never,
+        owner_limits=OwnerLimits("bench", {"burst": never}),
+    )
+    return LimitPolicy.from_record(record)
 
 
 def _total(path: pathlib.Path) -> tuple[str, int]:
@@ -115,14 +142,14 @@ def _count(arm: str, requests: int, out_dir: str) -> dict[str, int]:
 
 
 def run_instructions(
-    sizes: list[int], lengths: tuple[int, int] = DEFAULT_LENGTHS
+    sizes: list[int], lengths: tuple[int, int] = DEFAULT_LENGTHS, budget_sizes: list[int] = ()
 ) -> tuple[dict[str, Any], list[Target]]:
     if shutil.which("valgrind") is None:
         print("  instructions: skipped (valgrind is not installed: apt-get install valgrind)")
         return {"skipped": "valgrind not installed"}, []
     from keystile._accel import compiled_kernel
 
-    arms = ["bare", *(str(n) for n in sizes)]
+    arms = ["bare", *(str(n) for n in sizes), *(f"{BUDGET}{n}" for n in budget_sizes)]
     runs: dict[str, list[dict[str, int]]] = {}
     per_request: dict[str, float] = {}
     spread: dict[str, float] = {}
@@ -141,7 +168,7 @@ def run_instructions(
         ("app", *(f"per request, {n:,} requests" for n in lengths), "spread", "added by keystile"),
         [
             (
-                "bare" if arm == "bare" else f"keystile, {int(arm):,} keys",
+                _label(arm),
                 *(f"{run['loop'] / n:,.0f}" for run, n in zip(runs[arm], lengths, strict=True)),
                 f"{spread[arm]:.2f}%",
                 "-" if arm == "bare" else f"{added[arm]:+,.0f}",
@@ -149,6 +176,17 @@ def run_instructions(
             for arm in arms
         ],
     )
+    budget_ratio = {
+        n: per_request[f"{BUDGET}{n}"] / per_request[str(n)]
+        for n in budget_sizes
+        if str(n) in per_request
+    }
+    for n, ratio in budget_ratio.items():
+        print(
+            f"  a key with its own rate limit and its owner's (memory://), {n:,} keys:"
+            f" {ratio:.3f}x the instructions of an unlimited key's request"
+            f" (target <= {BUDGET_TARGET:.2f}x)"
+        )
     unstable = {arm: s for arm, s in spread.items() if s > MAX_SPREAD_PCT}
     if unstable:
         raise AssertionError(f"per-request counts differ between runs by more than 1%: {unstable}")
@@ -163,6 +201,16 @@ def run_instructions(
         for n, limit in INSTRUCTION_TARGETS.items()
         if str(n) in added
     ]
+    targets += [
+        Target(
+            "instructions",
+            f"a request with a key and an owner limit vs an unlimited key's, {n:,} keys",
+            ratio,
+            BUDGET_TARGET,
+            "x",
+        )
+        for n, ratio in budget_ratio.items()
+    ]
     return {
         "hit_path": hit_path,
         "lengths": list(lengths),
@@ -170,17 +218,34 @@ def run_instructions(
         "per_request": per_request,
         "spread_pct": spread,
         "added": added,
+        "budget_ratio": budget_ratio,
     }, targets
+
+
+def _label(arm: str) -> str:
+    if arm == "bare":
+        return "bare"
+    if arm.startswith(BUDGET):
+        return f"keystile, {int(arm[len(BUDGET) :]):,} keys, key + owner limit"
+    return f"keystile, {int(arm):,} keys"
 
 
 def _options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sizes", type=int, nargs="+", help="cached keys (default 10 1000 10000)")
+    parser.add_argument(
+        "--budget",
+        type=int,
+        nargs="+",
+        default=[],
+        metavar="KEYS",
+        help="also a key with its own and its owner's rate limit, at these cache sizes",
+    )
     parser.add_argument("--lengths", type=int, nargs=2, default=list(DEFAULT_LENGTHS))
 
 
 def _measure_args(args: argparse.Namespace) -> tuple[dict[str, Any], list[Target]]:
     sizes = args.sizes or ([1_000] if args.quick else list(INSTRUCTION_TARGETS))
-    return run_instructions(sizes, (args.lengths[0], args.lengths[1]))
+    return run_instructions(sizes, (args.lengths[0], args.lengths[1]), args.budget)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,12 @@ two references), ``overhead`` (bare vs protected route, direct ASGI), ``dependen
 (instructions keystile adds per request, callgrind), ``memory`` (RSS per cached key),
 ``server`` (the same under uvicorn + httptools + uvloop, pinned, with an A/A control),
 ``miss`` (argon2 cost, miss latency on SQLite and Postgres, cold start), ``cold`` (cold
-start under 1, 2 and 4 uvicorn workers), ``last-used`` (batched last_used_at vs one
+start under 1, 2 and 4 uvicorn workers), ``fleet`` (a warm-up of every key on 4 uvicorn
+workers with and without the verification memo, one Redis), ``last-used`` (batched last_used_at vs one
 UPDATE per request, Postgres), ``peers`` (keyshield and fastapi-keygate). The Postgres
 parts are skipped, with a message, without ``--postgres-url`` (or
-``KEYSTILE_BENCH_POSTGRES_URL``).
+``KEYSTILE_BENCH_POSTGRES_URL``), the fleet without ``--redis-url`` (or
+``KEYSTILE_BENCH_REDIS_URL``).
 
 The machine these run on may be shared: every section records the load average, and
 ``--wait-quiet SECONDS`` waits up to that long for it to drop before each section.
@@ -57,6 +59,7 @@ SECTIONS = (
     "server",
     "miss",
     "cold",
+    "fleet",
     "last-used",
     "peers",
 )
@@ -85,6 +88,7 @@ def _settings(quick: bool) -> dict[str, Any]:
             "instruction_sizes": [1_000],
             "memory_keys": 100_000,
             "cold_workers_keys": 100,
+            "fleet_keys": 100,
             "dependencies_budget": 4.0,
             "server_keys": [1_000],
             "server_duration": 2.0,
@@ -107,6 +111,7 @@ def _settings(quick: bool) -> dict[str, Any]:
         "instruction_sizes": [10, 1_000, 10_000],
         "memory_keys": 100_000,
         "cold_workers_keys": 10_000,
+        "fleet_keys": 10_000,
         "dependencies_budget": 20.0,
         "server_keys": [10, 1_000, 10_000],
         "server_duration": 4.0,
@@ -141,6 +146,12 @@ def main(argv: list[str] | None = None) -> int:
         default=os.environ.get("KEYSTILE_BENCH_POSTGRES_URL"),
         help="libpq URL for the Postgres parts (default: $KEYSTILE_BENCH_POSTGRES_URL); "
         "each run works in a schema of its own and drops it",
+    )
+    parser.add_argument(
+        "--redis-url",
+        default=os.environ.get("KEYSTILE_BENCH_REDIS_URL"),
+        help="Redis for the fleet section's verification memo (default: "
+        "$KEYSTILE_BENCH_REDIS_URL); the run works under a key prefix of its own",
     )
     parser.add_argument(
         "--only", nargs="+", choices=SECTIONS, metavar="SECTION", help=f"any of {SECTIONS}"
@@ -253,6 +264,18 @@ def main(argv: list[str] | None = None) -> int:
         results["cold_workers"] = section(
             "cold", lambda: run_coldstart(settings["cold_workers_keys"])
         )
+    if "fleet" in sections:
+        if args.redis_url:
+            from fleet import run_fleet
+
+            results["fleet"] = section(
+                "fleet",
+                lambda: run_fleet(
+                    settings["fleet_keys"], redis_url=args.redis_url, postgres_url=args.postgres_url
+                ),
+            )
+        else:
+            print("\n[fleet] skipped: needs --redis-url (or KEYSTILE_BENCH_REDIS_URL)")
     if "last-used" in sections:
         from usagewrites import run_usage_writes
 

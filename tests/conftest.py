@@ -7,13 +7,17 @@ Starlette's ``TestClient`` imports ``httpx2`` (the dev extra installs it); with 
 Postgres tests read ``KEYSTILE_TEST_POSTGRES_URL``; without it they skip with the reason,
 unless ``KEYSTILE_REQUIRE_POSTGRES=1`` (set by ``.ci/run``), which turns the skip into a
 failure. Every Postgres test gets its own schema, dropped afterwards, so runs cannot collide.
+Redis tests read ``KEYSTILE_TEST_REDIS_URL`` (``KEYSTILE_REQUIRE_REDIS=1`` alike); each gets a
+key prefix of its own, deleted afterwards.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -107,3 +111,55 @@ async def store(database_url: str) -> AsyncIterator[KeyStore]:
         yield store
     finally:
         await store.close()
+
+
+# -- Redis --------------------------------------------------------------------------------
+
+REDIS_URL = os.environ.get("KEYSTILE_TEST_REDIS_URL", "")
+REQUIRE_REDIS = os.environ.get("KEYSTILE_REQUIRE_REDIS") == "1"
+REDIS_SKIP_REASON = "Redis tests need KEYSTILE_TEST_REDIS_URL, e.g. redis://127.0.0.1:6379/0"
+
+
+@contextmanager
+def redis_with_prefix() -> Iterator[str]:
+    """The test Redis with a key prefix of its own (``?key_prefix=``), cleaned afterwards;
+    skipped (failed with ``KEYSTILE_REQUIRE_REDIS=1``) without ``KEYSTILE_TEST_REDIS_URL``."""
+    if not REDIS_URL:
+        if REQUIRE_REDIS:
+            pytest.fail(f"KEYSTILE_REQUIRE_REDIS=1 but {REDIS_SKIP_REASON}")
+        pytest.skip(REDIS_SKIP_REASON)
+    import redis
+
+    prefix = f"keystile-test-{uuid.uuid4().hex[:12]}"
+    sep = "&" if "?" in REDIS_URL else "?"
+    yield f"{REDIS_URL}{sep}key_prefix={prefix}"
+    conn = redis.Redis.from_url(REDIS_URL)
+    try:
+        keys = list(conn.scan_iter(match=f"{prefix}:*"))
+        if keys:
+            conn.delete(*keys)
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """The test Redis, a key prefix of its own per test."""
+    with redis_with_prefix() as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def module_redis_url() -> Iterator[str]:
+    """The test Redis, one key prefix for a whole module (for servers that outlive a test)."""
+    with redis_with_prefix() as url:
+        yield url
+
+
+@pytest.fixture
+def closed_port_url() -> str:
+    """A Redis URL on a local port nobody listens on: connections are refused."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"redis://127.0.0.1:{port}/0"

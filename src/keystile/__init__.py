@@ -17,6 +17,7 @@ from __future__ import annotations
 import typing as _typing
 
 if _typing.TYPE_CHECKING:
+    from .charging import charge
     from .config import KeystileConfig
     from .errors import (
         AuthenticationError,
@@ -45,6 +46,7 @@ if not _typing.TYPE_CHECKING:  # type checkers read the imports above, and no ot
         globals(),
         # Each public name, and the module of the package it comes from.
         {
+            "charge": "charging",
             "KeystileConfig": "config",
             "AuthenticationError": "errors",
             "ConfigurationError": "errors",
@@ -128,6 +130,7 @@ __all__ = [
     "StoreError",
     "UsageBucket",
     "UsageTotal",
+    "charge",
     "revoke_presented",
     "store_from_url",
     "verify",

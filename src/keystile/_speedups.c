@@ -1,12 +1,14 @@
 /*
  * keystile._speedups: the cache-hit path in C.
  *
- * One Table holds what a cache hit reads: the 8-byte tag and the full 32-byte keyed
- * BLAKE2b digest of every cached key, when it was last used, and its entry (a Python
- * object). Table.hit() takes an ASGI header list and does in one call what the
- * pure-Python path does in three (keystile.credentials.split_credential, the keyed
- * digest, the tag scan), and declines (returns None) whenever the request is not a
- * plain hit, so that Python decides everything unusual.
+ * One Table holds what a cache hit reads: the 32-byte keyed BLAKE2b digest of every
+ * cached key (its 8-byte tag apart, for the scan) and the key's state: its principal,
+ * expiry, when its state was read and when it was last used, and its uses since they were
+ * last harvested (see "the table" below). Table.hit() takes an ASGI header list and does
+ * in one call what the pure-Python path does in several (split_credential, the keyed
+ * digest, the tag scan, the freshness and expiry checks, UsageRecorder.touch), and
+ * declines (returns None) whenever the request is not a plain hit, so that Python decides
+ * everything unusual.
  *
  * Constant time is the point:
  *   - the tag scan reads every tag and has no data-dependent branch: matches are
@@ -31,6 +33,9 @@
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
+#include <sys/mman.h>
+#include <structmember.h>
 
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
 #define KS_X86 1
@@ -42,6 +47,8 @@
 #define KS_EXPORT __attribute__((noinline, visibility("hidden")))
 
 #define DIGEST_SIZE 32
+#define TAG_SIZE 8
+#define TAIL_SIZE (DIGEST_SIZE - TAG_SIZE)
 #define BLOCK_SIZE 128
 #define MAX_CREDENTIAL_HEADERS 8
 
@@ -348,67 +355,190 @@ KS_EXPORT int ks_equal32(const uint8_t *a, const uint8_t *b)
     return (int)(mask_eq(acc, 0) & 1);
 }
 
-/* -- the table ------------------------------------------------------------------------- */
+/* -- the table -------------------------------------------------------------------------
+ *
+ * Per slot: the tag (tags[], scanned), the rest of the digest (tails[], two compared per
+ * lookup) and a slot_state (state[], read once the slot is known): the key's state as last
+ * read from the store, its principal, and its usage since the last harvest. A key id index
+ * (open addressing, linear probing, slot numbers) finds a key's slot for the maintenance
+ * calls. The arrays grow by doubling into zeroed memory that is only written as slots fill,
+ * so the pages past the last slot cost no resident memory.
+ */
+
+typedef struct {
+    double seen;      /* monotonic: last found by a lookup (idle and size eviction) */
+    double checked;   /* monotonic: the state was last read from the store */
+    double expires;   /* wall clock: the key's expiry, +inf for none */
+    double last_used; /* wall clock: the latest use counted by hit() */
+    PyObject *key_id; /* str */
+    PyObject *user;   /* the principal */
+    PyObject *scopes; /* request.auth's scopes */
+    uint32_t uses;    /* uses counted by hit() since the last harvest; > 0: pending */
+    uint32_t plain;   /* no limits and no IP allowlist: hit() may count its use */
+} slot_state;
+
+/* The usage of a slot removed before it was harvested. */
+typedef struct {
+    PyObject *key_id;
+    double last_used;
+    uint32_t uses;
+} released_use;
 
 typedef struct {
     PyObject_HEAD
     Py_ssize_t size;
     Py_ssize_t capacity;       /* a multiple of 8; arrays are zero past size */
     uint64_t *tags;            /* 32-byte aligned, for the vector loads */
-    uint8_t (*digests)[DIGEST_SIZE];
-    double *seen;
-    PyObject **entries;        /* strong references, [0, size) */
-    uint64_t version;          /* bumped by every change of the entries (see Table_hit) */
+    void *tags_block;          /* the allocation tags is aligned in */
+    uint8_t (*tails)[TAIL_SIZE]; /* each digest past its tag */
+    slot_state *state;
+    int32_t *index;            /* key id -> slot; -1: empty */
+    size_t index_mask;
+    uint64_t version;          /* bumped by every change of the slots (see Table_hit) */
     Py_ssize_t max_token;
     keyed_blake2b key;
+    double ttl;                /* seconds a state may be old on a hit */
+    PyObject *monotonic;       /* the clocks hit() reads; NULL: clock_gettime */
+    PyObject *clock;
+    unsigned long long hits;   /* hits answered by hit() */
+    char count_uses;           /* hit() counts the uses of plain slots */
+    double minute_end;         /* hit() declines to count at or past it */
+    Py_ssize_t pending;        /* slots with uses > 0 */
+    Py_ssize_t pending_limit;  /* hit() declines to make more slots pending than this */
+    released_use *released;
+    Py_ssize_t n_released;
+    Py_ssize_t cap_released;
 } Table;
+
+static inline Py_hash_t key_hash(PyObject *key)
+{
+    return PyObject_Hash(key); /* an exact str: cached after the first call, no Python code */
+}
+
+static inline int key_equal(PyObject *a, PyObject *b)
+{
+    return a == b || (PyUnicode_GET_LENGTH(a) == PyUnicode_GET_LENGTH(b) &&
+                      PyUnicode_Compare(a, b) == 0);
+}
+
+/* The index position of key: the one naming its slot, or the empty one it would take. */
+static size_t index_probe(const Table *self, PyObject *key, Py_hash_t hash)
+{
+    size_t pos = (size_t)hash & self->index_mask;
+    for (;;) {
+        int32_t s = self->index[pos];
+        if (s < 0 || key_equal(self->state[s].key_id, key))
+            return pos;
+        pos = (pos + 1) & self->index_mask;
+    }
+}
+
+static Py_ssize_t index_find(const Table *self, PyObject *key)
+{
+    return self->index[index_probe(self, key, key_hash(key))];
+}
+
+/* Empty position pos, shifting back the entries after it that probed past it. */
+static void index_delete(Table *self, size_t pos)
+{
+    size_t mask = self->index_mask, hole = pos, j = pos;
+    for (;;) {
+        j = (j + 1) & mask;
+        int32_t s = self->index[j];
+        if (s < 0)
+            break;
+        size_t home = (size_t)key_hash(self->state[s].key_id) & mask;
+        if (((j - home) & mask) >= ((j - hole) & mask)) {
+            self->index[hole] = s;
+            hole = j;
+        }
+    }
+    self->index[hole] = -1;
+}
+
+/* Zeroed memory. A large block is mapped on its own: its pages past the slots in use are
+ * never touched, so they cost no resident memory, and freeing it gives it all back (a
+ * heap block would leave its pages behind after the table grows out of it). */
+#define MAPPED_SIZE ((size_t)64 * 1024)
+
+static void *zero_alloc(size_t size)
+{
+    if (size >= MAPPED_SIZE) {
+        void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        return p == MAP_FAILED ? NULL : p;
+    }
+    return PyMem_RawCalloc(1, size);
+}
+
+static void zero_free(void *p, size_t size)
+{
+    if (p == NULL)
+        return;
+    if (size >= MAPPED_SIZE)
+        munmap(p, size);
+    else
+        PyMem_RawFree(p);
+}
+
+/* The sizes of a table's blocks at a capacity. 8 tags of padding past capacity: the AVX2
+ * scan reads the block after the last whole one even when the table is full (those lanes
+ * are masked off); 4 more to align. */
+static size_t tags_bytes(Py_ssize_t capacity) { return ((size_t)capacity + 12) * sizeof(uint64_t); }
+static size_t tails_bytes(Py_ssize_t capacity) { return (size_t)capacity * TAIL_SIZE; }
+static size_t state_bytes(Py_ssize_t capacity) { return (size_t)capacity * sizeof(slot_state); }
+static size_t index_bytes(size_t mask) { return (mask + 1) * sizeof(int32_t); }
+
+static void table_free_blocks(Table *self)
+{
+    zero_free(self->tags_block, tags_bytes(self->capacity));
+    zero_free(self->tails, tails_bytes(self->capacity));
+    zero_free(self->state, state_bytes(self->capacity));
+    zero_free(self->index, index_bytes(self->index_mask));
+}
 
 static int table_grow(Table *self, Py_ssize_t capacity)
 {
     capacity = (capacity + 7) & ~(Py_ssize_t)7; /* the AVX2 scan reads 8 tags at a time */
     if (capacity <= self->capacity)
         return 0;
-    if ((size_t)capacity > PY_SSIZE_T_MAX / DIGEST_SIZE) {
+    if (capacity > INT32_MAX / 2 || (size_t)capacity > PY_SSIZE_T_MAX / sizeof(slot_state)) {
         PyErr_NoMemory();
         return -1;
     }
-    /* 8 tags of padding past capacity: the AVX2 scan reads the block after the last
-     * whole one even when the table is full (those lanes are masked off). */
-    uint64_t *tags = NULL;
-    if (posix_memalign((void **)&tags, 32, (size_t)(capacity + 8) * sizeof *tags) != 0) {
+    size_t index_size = 16;
+    while (index_size < 2 * (size_t)capacity)
+        index_size <<= 1;
+    void *tags_block = zero_alloc(tags_bytes(capacity));
+    uint8_t(*tails)[TAIL_SIZE] = zero_alloc(tails_bytes(capacity));
+    slot_state *state = zero_alloc(state_bytes(capacity));
+    int32_t *index = zero_alloc(index_bytes(index_size - 1));
+    if (tags_block == NULL || tails == NULL || state == NULL || index == NULL) {
+        zero_free(tags_block, tags_bytes(capacity));
+        zero_free(tails, tails_bytes(capacity));
+        zero_free(state, state_bytes(capacity));
+        zero_free(index, index_bytes(index_size - 1));
         PyErr_NoMemory();
         return -1;
     }
-    uint8_t(*digests)[DIGEST_SIZE] = PyMem_RawRealloc(self->digests, (size_t)capacity * DIGEST_SIZE);
-    if (digests == NULL) {
-        free(tags);
-        PyErr_NoMemory();
-        return -1;
-    }
-    self->digests = digests;
-    double *seen = PyMem_RawRealloc(self->seen, (size_t)capacity * sizeof *seen);
-    if (seen == NULL) {
-        free(tags);
-        PyErr_NoMemory();
-        return -1;
-    }
-    self->seen = seen;
-    PyObject **entries = PyMem_RawRealloc(self->entries, (size_t)capacity * sizeof *entries);
-    if (entries == NULL) {
-        free(tags);
-        PyErr_NoMemory();
-        return -1;
-    }
-    self->entries = entries;
-    if (self->size)
+    uint64_t *tags = (uint64_t *)(((uintptr_t)tags_block + 31) & ~(uintptr_t)31);
+    if (self->size) {
         memcpy(tags, self->tags, (size_t)self->size * sizeof *tags);
-    /* Past size the tags are masked off by index and the digests never match (the
-     * match is masked), but both are read: keep them defined. */
-    memset(tags + self->size, 0, (size_t)(capacity + 8 - self->size) * sizeof *tags);
-    memset(digests + self->size, 0, (size_t)(capacity - self->size) * DIGEST_SIZE);
-    free(self->tags);
+        memcpy(tails, self->tails, (size_t)self->size * TAIL_SIZE);
+        memcpy(state, self->state, (size_t)self->size * sizeof *state);
+    }
+    memset(index, 0xff, index_bytes(index_size - 1));
+    table_free_blocks(self);
+    self->tags_block = tags_block;
     self->tags = tags;
+    self->tails = tails;
+    self->state = state;
+    self->index = index;
+    self->index_mask = index_size - 1;
     self->capacity = capacity;
+    for (Py_ssize_t i = 0; i < self->size; i++) {
+        PyObject *key = self->state[i].key_id;
+        self->index[index_probe(self, key, key_hash(key))] = (int32_t)i;
+    }
     return 0;
 }
 
@@ -432,6 +562,9 @@ static PyObject *Table_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     keyed_init(&self->key, key.buf, (size_t)key.len);
     PyBuffer_Release(&key);
     self->max_token = max_token;
+    self->ttl = Py_HUGE_VAL;
+    self->minute_end = Py_HUGE_VAL;
+    self->pending_limit = PY_SSIZE_T_MAX;
     if (table_grow(self, 8) < 0) {
         Py_DECREF(self);
         return NULL;
@@ -441,26 +574,129 @@ static PyObject *Table_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 
 static int Table_traverse(Table *self, visitproc visit, void *arg)
 {
-    for (Py_ssize_t i = 0; i < self->size; i++)
-        Py_VISIT(self->entries[i]);
+    for (Py_ssize_t i = 0; i < self->size; i++) {
+        Py_VISIT(self->state[i].user);
+        Py_VISIT(self->state[i].scopes);
+    }
+    Py_VISIT(self->monotonic);
+    Py_VISIT(self->clock);
     return 0;
 }
 
-/* The collector's tp_clear, and dealloc: the last entry taken out, the table left whole,
- * then its reference dropped, one at a time. Dropping one may run a finalizer, which may
+/* Keep the usage of a slot that leaves the table for the next harvest; takes the key id's
+ * reference, or returns -1 (no memory: that usage is lost, the reference left with the
+ * caller). */
+static int released_push(Table *self, PyObject *key_id, double last_used, uint32_t uses)
+{
+    if (self->n_released == self->cap_released) {
+        Py_ssize_t cap = self->cap_released ? self->cap_released * 2 : 16;
+        released_use *grown = PyMem_RawRealloc(self->released, (size_t)cap * sizeof *grown);
+        if (grown == NULL)
+            return -1;
+        self->released = grown;
+        self->cap_released = cap;
+    }
+    self->released[self->n_released++] = (released_use){key_id, last_used, uses};
+    return 0;
+}
+
+/* Take slot out of the table, moving the last slot into it. Its references go to out[0..2]
+ * (the key id's NULL when it went to the released usage) for the caller to drop once it is
+ * done with the table. No Python code runs. */
+static void table_take(Table *self, Py_ssize_t slot, PyObject *out[3])
+{
+    slot_state *st = &self->state[slot];
+    index_delete(self, index_probe(self, st->key_id, key_hash(st->key_id)));
+    out[0] = st->key_id;
+    out[1] = st->user;
+    out[2] = st->scopes;
+    if (st->uses) {
+        self->pending--;
+        if (released_push(self, st->key_id, st->last_used, st->uses) == 0)
+            out[0] = NULL;
+    }
+    Py_ssize_t last = self->size - 1;
+    if (slot != last) {
+        memcpy(self->tails[slot], self->tails[last], TAIL_SIZE);
+        self->tags[slot] = self->tags[last];
+        self->state[slot] = self->state[last];
+        PyObject *moved = self->state[slot].key_id;
+        self->index[index_probe(self, moved, key_hash(moved))] = (int32_t)slot;
+    }
+    self->tags[last] = 0;
+    memset(self->tails[last], 0, TAIL_SIZE);
+    memset(&self->state[last], 0, sizeof(slot_state));
+    self->size = last;
+    self->version++;
+}
+
+static void drop_refs(PyObject *refs[3])
+{
+    Py_XDECREF(refs[0]);
+    Py_XDECREF(refs[1]);
+    Py_XDECREF(refs[2]);
+}
+
+/* References taken out of the table, released together once it is whole (a release runs
+ * finalizers, which may use the table). Without memory to hold them, each is released at
+ * once: the table is whole after each take, only the caller's loop must cope. */
+typedef struct {
+    PyObject **refs;
+    Py_ssize_t n, cap;
+} ref_bag;
+
+static void bag_put(ref_bag *bag, PyObject *refs[3])
+{
+    if (bag->n + 3 > bag->cap) {
+        Py_ssize_t cap = bag->cap ? bag->cap * 2 : 48;
+        PyObject **grown = PyMem_RawRealloc(bag->refs, (size_t)cap * sizeof *grown);
+        if (grown == NULL) {
+            drop_refs(refs);
+            return;
+        }
+        bag->refs = grown;
+        bag->cap = cap;
+    }
+    for (int i = 0; i < 3; i++)
+        bag->refs[bag->n++] = refs[i];
+}
+
+static void bag_release(ref_bag *bag)
+{
+    for (Py_ssize_t i = 0; i < bag->n; i++)
+        Py_XDECREF(bag->refs[i]);
+    PyMem_RawFree(bag->refs);
+    bag->refs = NULL;
+    bag->n = bag->cap = 0;
+}
+
+static void released_clear(Table *self)
+{
+    released_use *released = self->released;
+    Py_ssize_t n = self->n_released;
+    self->released = NULL;
+    self->n_released = self->cap_released = 0;
+    for (Py_ssize_t i = 0; i < n; i++)
+        Py_DECREF(released[i].key_id);
+    PyMem_RawFree(released);
+}
+
+/* The collector's tp_clear, and dealloc: the last slot taken out, the table left whole,
+ * then its references dropped, one at a time. Dropping one may run a finalizer, which may
  * use the table (insert, remove, clear); it finds it consistent, and what it inserts is
  * released in turn. No allocation: tp_clear cannot fail. */
 static int Table_clear_refs(Table *self)
 {
     while (self->size > 0) {
-        Py_ssize_t last = --self->size;
-        PyObject *entry = self->entries[last];
-        self->entries[last] = NULL;
-        self->tags[last] = 0;
-        memset(self->digests[last], 0, DIGEST_SIZE);
-        self->version++;
-        Py_DECREF(entry);
+        PyObject *refs[3];
+        self->state[self->size - 1].uses = 0; /* no usage kept: the table is going */
+        table_take(self, self->size - 1, refs);
+        drop_refs(refs);
     }
+    self->pending = 0;
+    released_clear(self);
+    Py_CLEAR(self->monotonic);
+    Py_CLEAR(self->clock);
     return 0;
 }
 
@@ -468,11 +704,15 @@ static void Table_dealloc(Table *self)
 {
     PyObject_GC_UnTrack(self);
     Table_clear_refs(self);
-    free(self->tags);
-    PyMem_RawFree(self->digests);
-    PyMem_RawFree(self->seen);
-    PyMem_RawFree(self->entries);
+    table_free_blocks(self);
     Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* A slot's whole digest: its tag, then its tail. */
+static inline void slot_digest(const Table *self, Py_ssize_t slot, uint8_t out[DIGEST_SIZE])
+{
+    memcpy(out, &self->tags[slot], TAG_SIZE);
+    memcpy(out + TAG_SIZE, self->tails[slot], TAIL_SIZE);
 }
 
 /* The slot whose full digest equals d, or -1: the tag scan, then both candidates compared. */
@@ -487,8 +727,11 @@ static Py_ssize_t table_find(Table *self, const uint8_t d[DIGEST_SIZE])
     uint64_t fi = select64(found, (uint64_t)first, 0);
     uint64_t li = select64(found, (uint64_t)last, 0);
     /* Slot 0 exists even in an empty table (capacity >= 8, zeroed past size). */
-    uint64_t ok_first = found & (0 - (uint64_t)ks_equal32(self->digests[fi], d));
-    uint64_t ok_last = found & (0 - (uint64_t)ks_equal32(self->digests[li], d));
+    uint8_t first_digest[DIGEST_SIZE], last_digest[DIGEST_SIZE];
+    slot_digest(self, (Py_ssize_t)fi, first_digest);
+    slot_digest(self, (Py_ssize_t)li, last_digest);
+    uint64_t ok_first = found & (0 - (uint64_t)ks_equal32(first_digest, d));
+    uint64_t ok_last = found & (0 - (uint64_t)ks_equal32(last_digest, d));
     return (Py_ssize_t)select64(ok_first, fi, select64(ok_last, li, (uint64_t)-1));
 }
 
@@ -502,17 +745,74 @@ static int digest_arg(PyObject *obj, uint8_t out[DIGEST_SIZE])
     return 0;
 }
 
-static int slot_arg(Table *self, PyObject *obj, Py_ssize_t *slot)
+static int key_id_arg(PyObject *obj)
 {
-    Py_ssize_t i = PyLong_AsSsize_t(obj);
-    if (i == -1 && PyErr_Occurred())
-        return -1;
-    if (i < 0 || i >= self->size) {
-        PyErr_SetString(PyExc_IndexError, "slot out of range");
+    if (!PyUnicode_CheckExact(obj)) {
+        PyErr_SetString(PyExc_TypeError, "a key id is a str");
         return -1;
     }
-    *slot = i;
+    return key_hash(obj) == -1 ? -1 : 0;
+}
+
+static int time_arg(PyObject *obj, double *out)
+{
+    double v = PyFloat_AsDouble(obj);
+    if (v == -1.0 && PyErr_Occurred())
+        return -1;
+    *out = v;
     return 0;
+}
+
+/* An expiry: None for none (+inf inside), else epoch seconds. */
+static int expiry_arg(PyObject *obj, double *out)
+{
+    if (obj == Py_None) {
+        *out = Py_HUGE_VAL;
+        return 0;
+    }
+    return time_arg(obj, out);
+}
+
+static int read_clock(PyObject *fn, clockid_t id, double *out)
+{
+    if (fn == NULL) {
+        struct timespec ts;
+        clock_gettime(id, &ts);
+        *out = (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+        return 0;
+    }
+    PyObject *value = PyObject_CallNoArgs(fn);
+    if (value == NULL)
+        return -1;
+    int ok = time_arg(value, out);
+    Py_DECREF(value);
+    return ok;
+}
+
+/* (user, expires_at or None, checked_at): a slot's state as of the call. Takes user's
+ * reference; the doubles are copies, so a finalizer run by these allocations changes
+ * nothing the answer holds. */
+static PyObject *state_tuple(PyObject *user, double expires, double checked)
+{
+    PyObject *exp = expires == Py_HUGE_VAL ? Py_NewRef(Py_None) : PyFloat_FromDouble(expires);
+    PyObject *chk = PyFloat_FromDouble(checked);
+    if (exp == NULL || chk == NULL) {
+        Py_XDECREF(exp);
+        Py_XDECREF(chk);
+        Py_DECREF(user);
+        return NULL;
+    }
+    PyObject *out = PyTuple_New(3);
+    if (out == NULL) {
+        Py_DECREF(exp);
+        Py_DECREF(chk);
+        Py_DECREF(user);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(out, 0, user);
+    PyTuple_SET_ITEM(out, 1, exp);
+    PyTuple_SET_ITEM(out, 2, chk);
+    return out;
 }
 
 static PyObject *Table_digest(Table *self, PyObject *token)
@@ -528,21 +828,21 @@ static PyObject *Table_digest(Table *self, PyObject *token)
 
 static PyObject *Table_lookup(Table *self, PyObject *const *args, Py_ssize_t nargs)
 {
+    /* lookup(digest, now) -> (user, expires_at, checked_at) or None; marks the slot used */
     uint8_t d[DIGEST_SIZE];
+    double now;
     if (nargs != 2) {
         PyErr_SetString(PyExc_TypeError, "lookup(digest, now)");
         return NULL;
     }
-    if (digest_arg(args[0], d) < 0)
-        return NULL;
-    double now = PyFloat_AsDouble(args[1]);
-    if (now == -1.0 && PyErr_Occurred())
+    if (digest_arg(args[0], d) < 0 || time_arg(args[1], &now) < 0)
         return NULL;
     Py_ssize_t slot = table_find(self, d);
     if (slot < 0)
         Py_RETURN_NONE;
-    self->seen[slot] = now;
-    return Py_NewRef(self->entries[slot]);
+    slot_state *st = &self->state[slot];
+    st->seen = now;
+    return state_tuple(Py_NewRef(st->user), st->expires, st->checked);
 }
 
 /* -- the header walk ---------------------------------------------------------------------
@@ -611,14 +911,25 @@ static int has_prefix(PyObject *prefixes, const uint8_t *tok, Py_ssize_t len)
     return 0;
 }
 
-/* Table.hit(headers, header_name, prefixes, now) -> (entry, headers_without) | None */
+/* Table.hit(headers, header_name, prefixes, count)
+ *     -> (user, auth_scopes, headers_without, counted) | None
+ *
+ * A plain hit on a fresh, unexpired key, counted in hits; with count true, a plain slot's
+ * use is counted too (counted is then True) unless the minute has ended or too many slots
+ * are pending: then it declines, and Python counts (and harvests) instead. */
 static PyObject *Table_hit(Table *self, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "hit(headers, header_name, prefixes, now)");
+        PyErr_SetString(PyExc_TypeError, "hit(headers, header_name, prefixes, count)");
         return NULL;
     }
+    /* The clocks first: a Python clock may run any code, and nothing is held yet. */
+    double now, wall;
+    if (read_clock(self->monotonic, CLOCK_MONOTONIC, &now) < 0 ||
+        read_clock(self->clock, CLOCK_REALTIME, &wall) < 0)
+        return NULL;
     PyObject *headers = args[0], *header = args[1], *prefixes = args[2];
+    int count_use = args[3] == Py_True && self->count_uses;
     if (!PyList_CheckExact(headers) || !PyBytes_CheckExact(header) ||
         (prefixes != Py_None && !PyTuple_CheckExact(prefixes)))
         Py_RETURN_NONE;
@@ -627,9 +938,6 @@ static PyObject *Table_hit(Table *self, PyObject *const *args, Py_ssize_t nargs)
             if (!PyBytes_CheckExact(PyTuple_GET_ITEM(prefixes, i)))
                 Py_RETURN_NONE;
     }
-    double now = PyFloat_AsDouble(args[3]);
-    if (now == -1.0 && PyErr_Occurred())
-        return NULL;
     const char *hname = PyBytes_AS_STRING(header);
     Py_ssize_t hlen = PyBytes_GET_SIZE(header);
 
@@ -686,7 +994,14 @@ static PyObject *Table_hit(Table *self, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t slot = table_find(self, d);
     if (slot < 0)
         Py_RETURN_NONE;
-    self->seen[slot] = now;
+    slot_state *st = &self->state[slot];
+    st->seen = now;
+    if (now - st->checked > self->ttl || wall >= st->expires)
+        Py_RETURN_NONE; /* stale or expired: Python refreshes or refuses */
+    count_use = count_use && st->plain;
+    if (count_use &&
+        (wall >= self->minute_end || (st->uses == 0 && self->pending >= self->pending_limit)))
+        Py_RETURN_NONE; /* Python counts this one, and harvests */
 
     /* Allocating may run the collector, and so any finalizer, which may change the table
      * (slot then belongs to another key, or to none) or the header list (hits, n). Both
@@ -695,7 +1010,7 @@ static PyObject *Table_hit(Table *self, PyObject *const *args, Py_ssize_t nargs)
     PyObject *without = PyList_New(n - count);
     if (without == NULL)
         return NULL;
-    PyObject *result = PyTuple_New(2);
+    PyObject *result = PyTuple_New(4);
     if (result == NULL) {
         Py_DECREF(without);
         return NULL;
@@ -712,195 +1027,345 @@ static PyObject *Table_hit(Table *self, PyObject *const *args, Py_ssize_t nargs)
         }
         PyList_SET_ITEM(without, j++, Py_NewRef(PyList_GET_ITEM(headers, i)));
     }
-    PyTuple_SET_ITEM(result, 0, Py_NewRef(self->entries[slot]));
-    PyTuple_SET_ITEM(result, 1, without);
+    st = &self->state[slot];
+    self->hits++;
+    if (count_use) {
+        if (st->uses++ == 0)
+            self->pending++;
+        if (wall > st->last_used)
+            st->last_used = wall;
+    }
+    PyTuple_SET_ITEM(result, 0, Py_NewRef(st->user));
+    PyTuple_SET_ITEM(result, 1, Py_NewRef(st->scopes));
+    PyTuple_SET_ITEM(result, 2, without);
+    PyTuple_SET_ITEM(result, 3, Py_NewRef(count_use ? Py_True : Py_False));
     return result;
 }
 
 /* -- maintenance ----------------------------------------------------------------------- */
 
-static PyObject *Table_append(Table *self, PyObject *const *args, Py_ssize_t nargs)
+static Py_ssize_t table_oldest(const Table *self)
 {
-    uint8_t d[DIGEST_SIZE];
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "append(digest, entry, now)");
-        return NULL;
-    }
-    if (digest_arg(args[0], d) < 0)
-        return NULL;
-    double now = PyFloat_AsDouble(args[2]);
-    if (now == -1.0 && PyErr_Occurred())
-        return NULL;
-    if (self->size == self->capacity && table_grow(self, self->capacity * 2) < 0)
-        return NULL;
-    Py_ssize_t slot = self->size;
-    memcpy(self->digests[slot], d, DIGEST_SIZE);
-    memcpy(&self->tags[slot], d, 8);
-    self->seen[slot] = now;
-    self->entries[slot] = Py_NewRef(args[1]);
-    self->size = slot + 1;
-    self->version++;
-    return PyLong_FromSsize_t(slot);
+    Py_ssize_t best = -1;
+    for (Py_ssize_t i = 0; i < self->size; i++)
+        if (best < 0 || self->state[i].seen < self->state[best].seen)
+            best = i;
+    return best;
 }
 
-static PyObject *Table_put(Table *self, PyObject *const *args, Py_ssize_t nargs)
+/* A slot's state as Python gives it: (key_id, user, scopes, expires_at, checked_at,
+ * plain). The tuple's items stay alive with the tuple the caller holds. */
+typedef struct {
+    PyObject *key_id, *user, *scopes;
+    double expires, checked;
+    uint32_t plain;
+} state_args;
+
+static int state_args_parse(PyObject *state, state_args *out)
 {
-    /* put(slot, digest, entry, now): a slot's digest and entry replaced */
+    if (!PyTuple_CheckExact(state) || PyTuple_GET_SIZE(state) != 6) {
+        PyErr_SetString(PyExc_TypeError,
+                        "a state is (key_id, user, scopes, expires_at, checked_at, plain)");
+        return -1;
+    }
+    PyObject **items = &PyTuple_GET_ITEM(state, 0);
+    if (key_id_arg(items[0]) < 0 || expiry_arg(items[3], &out->expires) < 0 ||
+        time_arg(items[4], &out->checked) < 0)
+        return -1;
+    if (!PyBool_Check(items[5])) {
+        PyErr_SetString(PyExc_TypeError, "plain is a bool");
+        return -1;
+    }
+    out->key_id = items[0];
+    out->user = items[1];
+    out->scopes = items[2];
+    out->plain = items[5] == Py_True;
+    return 0;
+}
+
+/* Replace a slot's state; the old references go to old[1..2]. */
+static void state_set(slot_state *st, const state_args *a, PyObject *old[3])
+{
+    old[0] = NULL;
+    old[1] = st->user;
+    old[2] = st->scopes;
+    st->user = Py_NewRef(a->user);
+    st->scopes = Py_NewRef(a->scopes);
+    st->expires = a->expires;
+    st->checked = a->checked;
+    st->plain = a->plain;
+}
+
+static PyObject *Table_insert(Table *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    /* insert(digest, state, now, max_size): a key's slot, new or replaced; a new key past
+     * max_size takes the place of the one least recently seen. */
     uint8_t d[DIGEST_SIZE];
-    Py_ssize_t slot;
+    state_args a;
+    double now;
     if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "put(slot, digest, entry, now)");
+        PyErr_SetString(PyExc_TypeError, "insert(digest, state, now, max_size)");
         return NULL;
     }
-    /* now's conversion may run Python code that changes the table: the slot is checked
-     * after it (slot_arg's own conversion comes before its range check). */
-    if (digest_arg(args[1], d) < 0)
+    if (digest_arg(args[0], d) < 0 || state_args_parse(args[1], &a) < 0 ||
+        time_arg(args[2], &now) < 0)
         return NULL;
-    double now = PyFloat_AsDouble(args[3]);
-    if (now == -1.0 && PyErr_Occurred())
+    Py_ssize_t max_size = PyLong_AsSsize_t(args[3]);
+    if (max_size == -1 && PyErr_Occurred())
         return NULL;
-    if (slot_arg(self, args[0], &slot) < 0)
-        return NULL;
-    memcpy(self->digests[slot], d, DIGEST_SIZE);
-    memcpy(&self->tags[slot], d, 8);
-    self->seen[slot] = now;
+    /* No Python code runs from here until the references are dropped. */
+    PyObject *evicted[3] = {NULL, NULL, NULL}, *old[3] = {NULL, NULL, NULL};
+    Py_ssize_t slot = index_find(self, a.key_id);
+    if (slot >= 0)
+        state_set(&self->state[slot], &a, old);
+    else {
+        if (self->size >= max_size && self->size > 0)
+            table_take(self, table_oldest(self), evicted);
+        if (self->size == self->capacity && table_grow(self, self->capacity * 2) < 0) {
+            drop_refs(evicted);
+            return NULL;
+        }
+        slot = self->size;
+        slot_state *st = &self->state[slot];
+        memset(st, 0, sizeof *st);
+        st->key_id = Py_NewRef(a.key_id);
+        state_set(st, &a, old);
+        self->index[index_probe(self, a.key_id, key_hash(a.key_id))] = (int32_t)slot;
+        self->size = slot + 1;
+    }
+    memcpy(&self->tags[slot], d, TAG_SIZE);
+    memcpy(self->tails[slot], d + TAG_SIZE, TAIL_SIZE);
+    self->state[slot].seen = now;
     self->version++;
-    /* the old entry is released last, the table whole: its finalizer may use it */
-    Py_SETREF(self->entries[slot], Py_NewRef(args[2]));
+    drop_refs(old);
+    drop_refs(evicted);
     Py_RETURN_NONE;
 }
 
-static PyObject *Table_set_entry(Table *self, PyObject *const *args, Py_ssize_t nargs)
+static PyObject *Table_set_state(Table *self, PyObject *state)
 {
-    Py_ssize_t slot;
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "set_entry(slot, entry)");
+    /* set_state(state) -> whether its key is here (then its state is replaced) */
+    state_args a;
+    if (state_args_parse(state, &a) < 0)
         return NULL;
-    }
-    if (slot_arg(self, args[0], &slot) < 0)
-        return NULL;
+    Py_ssize_t slot = index_find(self, a.key_id);
+    if (slot < 0)
+        Py_RETURN_FALSE;
+    PyObject *old[3];
+    state_set(&self->state[slot], &a, old);
     self->version++;
-    Py_SETREF(self->entries[slot], Py_NewRef(args[1]));
-    Py_RETURN_NONE;
+    drop_refs(old);
+    Py_RETURN_TRUE;
 }
 
-static PyObject *Table_entry(Table *self, PyObject *arg)
+static PyObject *Table_get(Table *self, PyObject *key_id)
 {
-    Py_ssize_t slot;
-    if (slot_arg(self, arg, &slot) < 0)
+    /* get(key_id) -> (user, expires_at, checked_at) or None */
+    if (key_id_arg(key_id) < 0)
         return NULL;
-    return Py_NewRef(self->entries[slot]);
+    Py_ssize_t slot = index_find(self, key_id);
+    if (slot < 0)
+        Py_RETURN_NONE;
+    slot_state *st = &self->state[slot];
+    return state_tuple(Py_NewRef(st->user), st->expires, st->checked);
 }
 
-static PyObject *Table_remove(Table *self, PyObject *arg)
+static PyObject *Table_evict(Table *self, PyObject *key_id)
 {
-    /* remove(slot) -> the entry moved into slot (the last one), or None */
-    Py_ssize_t slot;
-    if (slot_arg(self, arg, &slot) < 0)
+    /* evict(key_id) -> whether it was here */
+    if (key_id_arg(key_id) < 0)
         return NULL;
-    Py_ssize_t last = self->size - 1;
-    PyObject *removed = self->entries[slot];
-    PyObject *moved = Py_None;
-    if (slot != last) {
-        memcpy(self->digests[slot], self->digests[last], DIGEST_SIZE);
-        self->tags[slot] = self->tags[last];
-        self->seen[slot] = self->seen[last];
-        self->entries[slot] = self->entries[last];
-        moved = self->entries[slot];
+    Py_ssize_t slot = index_find(self, key_id);
+    if (slot < 0)
+        Py_RETURN_FALSE;
+    PyObject *refs[3];
+    table_take(self, slot, refs);
+    drop_refs(refs); /* last, the table whole: a finalizer may use it */
+    Py_RETURN_TRUE;
+}
+
+static PyObject *Table_evict_idle(Table *self, PyObject *arg)
+{
+    /* evict_idle(since) -> how many slots not seen since `since` were removed */
+    double since;
+    if (time_arg(arg, &since) < 0)
+        return NULL;
+    ref_bag bag = {NULL, 0, 0};
+    Py_ssize_t removed = 0;
+    /* From the end: the slot moved into a removed one was looked at already. */
+    for (Py_ssize_t i = self->size - 1; i >= 0; i--) {
+        if (i >= self->size) /* a release without memory ran a finalizer */
+            continue;
+        if (self->state[i].seen < since) {
+            PyObject *refs[3];
+            table_take(self, i, refs);
+            bag_put(&bag, refs);
+            removed++;
+        }
     }
-    self->tags[last] = 0;
-    memset(self->digests[last], 0, DIGEST_SIZE);
-    self->entries[last] = NULL;
-    self->size = last;
-    self->version++;
-    /* released last, the table whole: the removed entry's finalizer may use it */
-    Py_INCREF(moved);
-    Py_DECREF(removed);
-    return moved;
+    bag_release(&bag);
+    return PyLong_FromSsize_t(removed);
 }
 
 static PyObject *Table_clear(Table *self, PyObject *Py_UNUSED(ignored))
 {
-    /* Every entry taken out and the table emptied before the first reference is dropped:
-     * a finalizer run by a release finds an empty table, and what it inserts stays. */
-    Py_ssize_t size = self->size;
-    if (size == 0)
-        Py_RETURN_NONE;
-    PyObject **taken = PyMem_RawMalloc((size_t)size * sizeof *taken);
-    if (taken == NULL) {
-        /* Rather than fail and leave every key cached: one at a time from the end (what a
-         * finalizer inserts meanwhile goes too). */
-        Table_clear_refs(self);
-        Py_RETURN_NONE;
+    /* Every slot taken out before the first reference is dropped (its usage kept for the
+     * next harvest): a finalizer run by a release finds an empty table, and what it
+     * inserts stays. */
+    ref_bag bag = {NULL, 0, 0};
+    while (self->size > 0) {
+        PyObject *refs[3];
+        table_take(self, self->size - 1, refs);
+        bag_put(&bag, refs);
     }
-    memcpy(taken, self->entries, (size_t)size * sizeof *taken);
-    memset(self->entries, 0, (size_t)size * sizeof *self->entries);
-    memset(self->tags, 0, (size_t)size * sizeof *self->tags);
-    memset(self->digests, 0, (size_t)size * DIGEST_SIZE);
-    self->size = 0;
-    self->version++;
-    for (Py_ssize_t i = 0; i < size; i++)
-        Py_DECREF(taken[i]);
-    PyMem_RawFree(taken);
+    bag_release(&bag);
     Py_RETURN_NONE;
 }
 
-static PyObject *Table_oldest(Table *self, PyObject *Py_UNUSED(ignored))
+static PyObject *Table_invalidate(Table *self, PyObject *Py_UNUSED(ignored))
 {
-    /* the slot least recently seen (the first of equals), or -1 when empty */
-    Py_ssize_t best = -1;
+    /* Every slot's state stale: read again before its next use. */
     for (Py_ssize_t i = 0; i < self->size; i++)
-        if (best < 0 || self->seen[i] < self->seen[best])
-            best = i;
-    return PyLong_FromSsize_t(best);
+        self->state[i].checked = -Py_HUGE_VAL;
+    Py_RETURN_NONE;
 }
 
-static PyObject *Table_idle(Table *self, PyObject *arg)
+/* A list of one object per selected slot. Allocating the list may run a finalizer that
+ * changes the table: then again. Once it is allocated, the references and times are taken
+ * first, so the items' allocations change nothing the answer holds. */
+enum { LIST_KEY_IDS_STALE, LIST_STATES };
+
+static inline int list_selects(const slot_state *st, int what, double before)
 {
-    /* the slots seen before `since`, in increasing order */
-    double since = PyFloat_AsDouble(arg);
-    if (since == -1.0 && PyErr_Occurred())
-        return NULL;
-    PyObject *out = PyList_New(0);
-    if (out == NULL)
-        return NULL;
-    for (Py_ssize_t i = 0; i < self->size; i++) {
-        if (self->seen[i] < since) {
-            PyObject *slot = PyLong_FromSsize_t(i);
-            if (slot == NULL || PyList_Append(out, slot) < 0) {
-                Py_XDECREF(slot);
-                Py_DECREF(out);
-                return NULL;
-            }
-            Py_DECREF(slot);
-        }
+    return what == LIST_STATES || st->checked < before;
+}
+
+static PyObject *table_list(Table *self, int what, double before)
+{
+    PyObject *out;
+    Py_ssize_t n;
+    for (;;) {
+        n = 0;
+        for (Py_ssize_t i = 0; i < self->size; i++)
+            n += list_selects(&self->state[i], what, before);
+        uint64_t version = self->version;
+        out = PyList_New(n);
+        if (out == NULL)
+            return NULL;
+        if (self->version == version)
+            break;
+        Py_DECREF(out);
     }
+    if (n == 0)
+        return out;
+    PyObject **refs = PyMem_RawMalloc((size_t)n * sizeof *refs);
+    double *times = PyMem_RawMalloc((size_t)n * 2 * sizeof *times);
+    if (refs == NULL || times == NULL) {
+        PyMem_RawFree(refs);
+        PyMem_RawFree(times);
+        Py_DECREF(out);
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t i = 0, k = 0; i < self->size; i++) {
+        slot_state *st = &self->state[i];
+        if (!list_selects(st, what, before))
+            continue;
+        refs[k] = Py_NewRef(what == LIST_KEY_IDS_STALE ? st->key_id : st->user);
+        times[2 * k] = st->expires;
+        times[2 * k + 1] = st->checked;
+        k++;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (out == NULL) {
+            Py_DECREF(refs[i]);
+            continue;
+        }
+        PyObject *item = what == LIST_KEY_IDS_STALE
+                             ? refs[i]
+                             : state_tuple(refs[i], times[2 * i], times[2 * i + 1]);
+        if (item == NULL)
+            Py_CLEAR(out);
+        else
+            PyList_SET_ITEM(out, i, item);
+    }
+    PyMem_RawFree(refs);
+    PyMem_RawFree(times);
     return out;
 }
 
-static PyObject *Table_entries(Table *self, PyObject *Py_UNUSED(ignored))
+static PyObject *Table_stale(Table *self, PyObject *arg)
 {
-    /* Allocating the list may run a finalizer that changes the size: then again. */
-    for (;;) {
-        Py_ssize_t size = self->size;
-        PyObject *out = PyList_New(size);
-        if (out == NULL)
-            return NULL;
-        if (self->size == size) {
-            for (Py_ssize_t i = 0; i < size; i++)
-                PyList_SET_ITEM(out, i, Py_NewRef(self->entries[i]));
-            return out;
-        }
-        Py_DECREF(out);
-    }
+    /* stale(before) -> the key ids whose state was read before `before` */
+    double before;
+    if (time_arg(arg, &before) < 0)
+        return NULL;
+    return table_list(self, LIST_KEY_IDS_STALE, before);
 }
 
-static PyObject *Table_digest_at(Table *self, PyObject *arg)
+static PyObject *Table_states(Table *self, PyObject *Py_UNUSED(ignored))
 {
-    Py_ssize_t slot;
-    if (slot_arg(self, arg, &slot) < 0)
+    /* states() -> (user, expires_at, checked_at) of every slot, in slot order */
+    return table_list(self, LIST_STATES, 0.0);
+}
+
+static PyObject *Table_harvest(Table *self, PyObject *Py_UNUSED(ignored))
+{
+    /* harvest() -> [(key_id, last_used, uses)] counted since the last harvest, slots and
+     * removed keys; their counts start again from zero. */
+    Py_ssize_t n = self->n_released;
+    released_use *taken = PyMem_RawMalloc((size_t)(n + self->pending + 1) * sizeof *taken);
+    if (taken == NULL)
+        return PyErr_NoMemory();
+    if (n)
+        memcpy(taken, self->released, (size_t)n * sizeof *taken);
+    self->n_released = 0;
+    for (Py_ssize_t i = 0; i < self->size && self->pending > 0; i++) {
+        slot_state *st = &self->state[i];
+        if (st->uses) {
+            taken[n++] = (released_use){Py_NewRef(st->key_id), st->last_used, st->uses};
+            st->uses = 0;
+            self->pending--;
+        }
+    }
+    /* The table is done with: what follows may run finalizers. */
+    PyObject *out = PyList_New(n);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = NULL;
+        if (out != NULL)
+            item = Py_BuildValue("(OdI)", taken[i].key_id, taken[i].last_used, taken[i].uses);
+        Py_DECREF(taken[i].key_id);
+        if (item == NULL)
+            Py_CLEAR(out);
+        else
+            PyList_SET_ITEM(out, i, item);
+    }
+    PyMem_RawFree(taken);
+    return out;
+}
+
+static PyObject *Table_set_clocks(Table *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    /* set_clocks(monotonic, clock): what hit() reads; None: the system's clocks */
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "set_clocks(monotonic, clock)");
         return NULL;
-    return PyBytes_FromStringAndSize((const char *)self->digests[slot], DIGEST_SIZE);
+    }
+    for (int i = 0; i < 2; i++)
+        if (args[i] != Py_None && !PyCallable_Check(args[i])) {
+            PyErr_SetString(PyExc_TypeError, "a clock is a callable or None");
+            return NULL;
+        }
+    Py_XSETREF(self->monotonic, args[0] == Py_None ? NULL : Py_NewRef(args[0]));
+    Py_XSETREF(self->clock, args[1] == Py_None ? NULL : Py_NewRef(args[1]));
+    Py_RETURN_NONE;
+}
+
+static int Table_contains(Table *self, PyObject *key_id)
+{
+    /* key_id in table: whether that key is cached */
+    if (key_id_arg(key_id) < 0)
+        return -1;
+    return index_find(self, key_id) >= 0;
 }
 
 static Py_ssize_t Table_len(Table *self) { return self->size; }
@@ -909,35 +1374,56 @@ static Py_ssize_t Table_len(Table *self) { return self->size; }
  * inspect.signature reads: tests/speedups/test_speedups_stub.py holds _speedups.pyi to it. */
 static PyMethodDef Table_methods[] = {
     {"hit", (PyCFunction)(void (*)(void))Table_hit, METH_FASTCALL,
-     "hit($self, headers, header_name, prefixes, now, /)\n--\n\n"
-     "(entry, headers without credentials), or None to let Python decide"},
+     "hit($self, headers, header_name, prefixes, count, /)\n--\n\n"
+     "(user, auth_scopes, headers without credentials, counted), or None to let Python "
+     "decide"},
     {"digest", (PyCFunction)Table_digest, METH_O,
      "digest($self, token, /)\n--\n\nThe keyed digest of token"},
     {"lookup", (PyCFunction)(void (*)(void))Table_lookup, METH_FASTCALL,
-     "lookup($self, digest, now, /)\n--\n\nThe entry or None (constant-time scan)"},
-    {"append", (PyCFunction)(void (*)(void))Table_append, METH_FASTCALL,
-     "append($self, digest, entry, now, /)\n--\n\nThe slot of the new entry"},
-    {"put", (PyCFunction)(void (*)(void))Table_put, METH_FASTCALL,
-     "put($self, slot, digest, entry, now, /)\n--\n\nReplace a slot's digest and entry"},
-    {"set_entry", (PyCFunction)(void (*)(void))Table_set_entry, METH_FASTCALL,
-     "set_entry($self, slot, entry, /)\n--\n\nReplace a slot's entry"},
-    {"entry", (PyCFunction)Table_entry, METH_O, "entry($self, slot, /)\n--\n\nA slot's entry"},
-    {"digest_at", (PyCFunction)Table_digest_at, METH_O,
-     "digest_at($self, slot, /)\n--\n\nA slot's digest"},
-    {"remove", (PyCFunction)Table_remove, METH_O,
-     "remove($self, slot, /)\n--\n\nThe entry moved into slot, or None"},
-    {"clear", (PyCFunction)Table_clear, METH_NOARGS, "clear($self, /)\n--\n\nRemove every entry"},
-    {"oldest", (PyCFunction)Table_oldest, METH_NOARGS,
-     "oldest($self, /)\n--\n\nThe slot least recently seen, or -1 when empty"},
-    {"idle", (PyCFunction)Table_idle, METH_O,
-     "idle($self, since, /)\n--\n\nThe slots seen before since, in increasing order"},
-    {"entries", (PyCFunction)Table_entries, METH_NOARGS,
-     "entries($self, /)\n--\n\nEvery entry, in slot order"},
+     "lookup($self, digest, now, /)\n--\n\n"
+     "(user, expires_at, checked_at) or None (constant-time scan)"},
+    {"insert", (PyCFunction)(void (*)(void))Table_insert, METH_FASTCALL,
+     "insert($self, digest, state, now, max_size, /)\n--\n\n"
+     "Cache a key, or replace its slot; state is (key_id, user, scopes, expires_at, "
+     "checked_at, plain)"},
+    {"set_state", (PyCFunction)Table_set_state, METH_O,
+     "set_state($self, state, /)\n--\n\nReplace a cached key's state; whether it is cached"},
+    {"get", (PyCFunction)Table_get, METH_O,
+     "get($self, key_id, /)\n--\n\n(user, expires_at, checked_at) or None"},
+    {"evict", (PyCFunction)Table_evict, METH_O,
+     "evict($self, key_id, /)\n--\n\nRemove a key; whether it was cached"},
+    {"evict_idle", (PyCFunction)Table_evict_idle, METH_O,
+     "evict_idle($self, since, /)\n--\n\nRemove the keys not seen since since; how many"},
+    {"clear", (PyCFunction)Table_clear, METH_NOARGS, "clear($self, /)\n--\n\nRemove every key"},
+    {"invalidate", (PyCFunction)Table_invalidate, METH_NOARGS,
+     "invalidate($self, /)\n--\n\nMake every key's state stale"},
+    {"stale", (PyCFunction)Table_stale, METH_O,
+     "stale($self, before, /)\n--\n\nThe key ids whose state was read before before"},
+    {"states", (PyCFunction)Table_states, METH_NOARGS,
+     "states($self, /)\n--\n\n(user, expires_at, checked_at) of every key, in slot order"},
+    {"harvest", (PyCFunction)Table_harvest, METH_NOARGS,
+     "harvest($self, /)\n--\n\n(key_id, last_used, uses) counted since the last harvest"},
+    {"set_clocks", (PyCFunction)(void (*)(void))Table_set_clocks, METH_FASTCALL,
+     "set_clocks($self, monotonic, clock, /)\n--\n\nThe clocks hit() reads (None: the "
+     "system's)"},
     {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef Table_members[] = {
+    {"ttl", T_DOUBLE, offsetof(Table, ttl), 0, "Seconds a state may be old on a hit"},
+    {"count_uses", T_BOOL, offsetof(Table, count_uses), 0, "hit() counts plain slots' uses"},
+    {"minute_end", T_DOUBLE, offsetof(Table, minute_end), 0,
+     "hit() declines to count a use at or past this wall-clock time"},
+    {"pending_limit", T_PYSSIZET, offsetof(Table, pending_limit), 0,
+     "hit() declines to make more slots pending than this"},
+    {"hits", T_ULONGLONG, offsetof(Table, hits), READONLY, "Hits answered by hit()"},
+    {"pending", T_PYSSIZET, offsetof(Table, pending), READONLY, "Slots with uses counted"},
+    {NULL, 0, 0, 0, NULL},
 };
 
 static PySequenceMethods Table_as_sequence = {
     .sq_length = (lenfunc)Table_len,
+    .sq_contains = (objobjproc)Table_contains,
 };
 
 static PyTypeObject TableType = {
@@ -945,12 +1431,13 @@ static PyTypeObject TableType = {
     .tp_basicsize = sizeof(Table),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "Table(key, max_token_length)\n--\n\n"
-              "The verified-key cache's tags, digests, last-use times and entries.",
+              "The verified-key cache: tags, digests, each key's state and usage.",
     .tp_new = Table_new,
     .tp_dealloc = (destructor)Table_dealloc,
     .tp_traverse = (traverseproc)Table_traverse,
     .tp_clear = (inquiry)Table_clear_refs,
     .tp_methods = Table_methods,
+    .tp_members = Table_members,
     .tp_as_sequence = &Table_as_sequence,
 };
 

@@ -24,8 +24,11 @@ from starlette.responses import Response
 from .database_url import DATABASE_URL_ENV, DEFAULT_DATABASE_URL, resolve_database_url
 from .errors import AuthenticationError
 from .hashing import DEFAULT_PARAMETERS, Argon2Parameters
+from .legacy import LegacyFormats, LegacyOption
+from .limits.cost import CostOption, RequestCost
 from .limits.enforcer import OnError, check_limit_options
 from .limits.policy import DEFAULT_RATE_LIMIT_STORAGE
+from .memo import DEFAULT_MEMO_TTL, check_memo_options, memo_secret_from_env
 from .stores.protocol import KeyStore
 from .tokens import DEFAULT_PREFIX, key_matcher
 from .usage import DEFAULT_FLUSH_INTERVAL, DEFAULT_FLUSH_MAX
@@ -86,6 +89,10 @@ _RUNTIME_OPTIONS = (
     "reap_every",
     "reap_unused_for",
     "usage_retention",
+    "verification_memo",
+    "memo_secret",
+    "memo_ttl",
+    "legacy",
 )
 _POSITIVE = ("cache_ttl", "cache_idle", "flush_interval")
 _AT_LEAST_ONE = ("cache_max_size", "flush_max", "argon2_concurrency")
@@ -142,9 +149,23 @@ class KeystileConfig:
     default_rate_limit: str | None = None
     rate_limit_on_error: OnError = "allow"
     rate_limit_headers: bool = False
+    #: What a request weighs against the limits (``limits.cost``); ``None``: 1 each.
+    cost: CostOption = None
     usage_retention: timedelta | None = DEFAULT_USAGE_RETENTION
     metrics: bool | PrometheusMetrics = False
+    #: The fleet's verification memo (``redis://host:port/db``), or ``None``: no memo. Not
+    #: in the repr: a URL may carry a password.
+    verification_memo: str | None = field(default=None, repr=False)
+    #: The memo's secret; ``None``: ``KEYSTILE_MEMO_SECRET``, read when the config is built
+    #: with a ``verification_memo``. Not in the repr.
+    memo_secret: str | None = field(default=None, repr=False)
+    memo_ttl: float = DEFAULT_MEMO_TTL
+    #: Key shapes of other libraries to take, imported keys verified once and rehashed
+    #: (``keystile.legacy``): names, or names with options. Not in the repr: a pepper.
+    legacy_formats: LegacyOption | None = field(default=None, repr=False)
 
+    #: ``legacy_formats``, checked; ``None`` for none.
+    legacy: LegacyFormats | None = field(init=False, repr=False, compare=False)
     #: ``header_name`` as ASGI servers give header names: lowercase bytes.
     header: bytes = field(init=False, repr=False, compare=False)
     exempt_exact: frozenset[str] = field(init=False, repr=False, compare=False)
@@ -155,6 +176,8 @@ class KeystileConfig:
     #: their ``<prefix>_`` starts for the compiled path; a foreign token is left alone.
     bearer_filter: Callable[[bytes], bool] | None = field(init=False, repr=False, compare=False)
     bearer_starts: tuple[bytes, ...] | None = field(init=False, repr=False, compare=False)
+    #: ``cost`` parsed (falsy when every request costs 1).
+    request_cost: RequestCost = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in ("exempt_paths", "key_prefixes"):
@@ -179,15 +202,23 @@ class KeystileConfig:
         check_limit_options(
             self.rate_limit_storage, self.default_rate_limit, self.rate_limit_on_error
         )
+        if self.verification_memo is not None and self.memo_secret is None:
+            object.__setattr__(self, "memo_secret", memo_secret_from_env())
+        check_memo_options(self.verification_memo, self.memo_secret, self.memo_ttl)
+        legacy = LegacyFormats.from_option(self.legacy_formats)
         is_key = key_matcher(self.key_prefixes)
+        if legacy is not None:
+            is_key = _either(is_key, legacy.matches)
         url = None if self.store is not None else resolve_database_url(self.database_url)
         derived: dict[str, Any] = {
             "database_url": url,
+            "legacy": legacy,
             "header": self.header_name.lower().encode("latin-1"),
             "exempt_exact": frozenset(p for p in self.exempt_paths if not p.endswith("*")),
             "exempt_prefixes": tuple(p[:-1] for p in self.exempt_paths if p.endswith("*")),
             "is_key": is_key,
             "bearer_filter": None if self.required else is_key,
+            "request_cost": RequestCost(self.cost),
             "bearer_starts": (
                 None if self.required else tuple(f"{p}_".encode() for p in self.key_prefixes)
             ),
@@ -219,6 +250,12 @@ class KeystileConfig:
         """Equal for configs that may share a runtime: the runtime options, hashable values
         by value and anything else (a store object) by identity."""
         return tuple((name, _by_value(getattr(self, name))) for name in _RUNTIME_OPTIONS)
+
+
+def _either(
+    first: Callable[[bytes], bool], second: Callable[[bytes], bool]
+) -> Callable[[bytes], bool]:
+    return lambda token: first(token) or second(token)
 
 
 def _refuse_unknown(options: dict[str, Any]) -> None:
@@ -267,5 +304,10 @@ class KeystileOptions(TypedDict, total=False):
     default_rate_limit: str | None
     rate_limit_on_error: OnError
     rate_limit_headers: bool
+    cost: CostOption
     usage_retention: timedelta | None
     metrics: bool | PrometheusMetrics
+    verification_memo: str | None
+    memo_secret: str | None
+    memo_ttl: float
+    legacy_formats: LegacyOption | None

@@ -15,6 +15,7 @@
     │       └── QuotaExceeded       ``quota_exceeded``, ``Retry-After`` only when a refill is due
     ├── StoreError                  the key store could not be reached or failed
     ├── RequestRefused              a management API or admin page request refused (4xx)
+    ├── ImportSourceError           keys to import cannot be read (``reason``: why)
     ├── KeyManagementError          a refused key-management operation (CLI exit code 1)
     │   ├── InvalidKeyName
     │   ├── DuplicateKeyName
@@ -39,6 +40,7 @@ __all__ = [
     "ConfigurationError",
     "DuplicateKeyName",
     "IPNotAllowed",
+    "ImportSourceError",
     "InsufficientScope",
     "InvalidKeyName",
     "InvalidRequest",
@@ -197,8 +199,11 @@ class RateLimited(TooManyRequests):
         retry_after: int,
         headers: tuple[tuple[str, str], ...] = (),
         source: str | None = None,
+        policy: str = "default",
     ) -> None:
         self.limit = limit
+        #: The name of the limit that refused (``default``, ``burst``, ``owner.burst``).
+        self.policy = policy
         super().__init__(
             "rate_limited",
             f"Rate limit of {limit} exceeded; retry after {retry_after} s.",
@@ -219,8 +224,11 @@ class QuotaExceeded(TooManyRequests):
         *,
         retry_after: int | None = None,
         source: str | None = None,
+        policy: str = "quota",
     ) -> None:
         self.quota = quota
+        #: Whose quota: ``quota`` (the key's) or ``owner.quota``.
+        self.policy = policy
         when = f"it refills in {retry_after} s" if retry_after is not None else "it does not refill"
         super().__init__(
             "quota_exceeded",
@@ -244,6 +252,17 @@ class RequestRefused(KeystileError):
         self.error = error
         self.description = description
         super().__init__(f"{error}: {description}")
+
+
+class ImportSourceError(KeystileError):
+    """The keys of another library cannot be read: ``reason`` is ``unreachable`` (the
+    database or file cannot be opened), ``unknown_layout`` (not the tables or columns of a
+    version the importer knows) or ``bad_file`` (a CSV or JSON Lines file it cannot take).
+    The message is one line, without a password."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class KeyManagementError(KeystileError):

@@ -292,7 +292,8 @@ def protect(app: FastAPI, *, exempt_docs: bool = True, **options: Any) -> None:
       on exempt ones that do not, and documents every refusal an operation can meet
       (:mod:`keystile.openapi`): 400, 401 with its challenge, 403 (an address outside the
       key's allowlist, a missing scope), 429 with ``Retry-After`` and the ``RateLimit``
-      fields, 503 with ``Retry-After``, each with the error body as a schema.
+      fields, 503 with ``Retry-After``, each with the error body as a schema;
+    * with ``cost=``, says in each operation's description how many uses it spends.
 
     The OpenAPI part wraps ``app.openapi``: it runs when the document is generated (routes
     added after ``protect()`` are included), keeps FastAPI's caching in
@@ -399,6 +400,12 @@ class _Documenter:
                         app_known=self.app_known,
                         rate_limit_headers=self.config.rate_limit_headers,
                     )
+                    cost = self.config.request_cost
+                    note = None if exempt else cost.describe(method.upper(), path)
+                    if note:
+                        operation["description"] = "\n\n".join(
+                            filter(None, (operation.get("description"), note))
+                        )
         if with_body:
             components.setdefault("schemas", {})[openapi.ERROR_SCHEMA_NAME] = openapi.error_schema()
 

@@ -34,23 +34,20 @@ from .database_url import resolve_database_url
 from .errors import KeyAlreadyRotated, KeyNotFound
 from .hashing import DEFAULT_PARAMETERS, Argon2Parameters, SecretHasher
 from .keys import UNCHANGED, CreatedKey, Unchanged
+from .owners import OwnerOperations
 from .stores import store_from_url
 from .stores.protocol import KeyStore
-from .stores.records import KeyEvent, KeyRecord, UsageBucket, UsageTotal, utcnow
-from .stores.rules import SYSTEM_ACTOR, revoked_error
+from .stores.records import KeyEvent, KeyRecord, utcnow
+from .stores.rules import SYSTEM_ACTOR, is_imported, revoked_error
 from .tokens import DEFAULT_PREFIX, generate_key, normalize_key_id, validate_prefix
 from .validation import (
-    UsageGranularity,
     aware,
     create_limits,
     expiry,
     later,
     not_negative,
     quota_update,
-    since_moment,
     update_changes,
-    usage_seconds,
-    usage_start,
     validate_actor,
     validate_ip_allowlist,
     validate_limit,
@@ -66,8 +63,9 @@ __all__ = ["DEFAULT_ROTATION_GRACE", "UNCHANGED", "CreatedKey", "KeyManager"]
 DEFAULT_ROTATION_GRACE = timedelta(hours=1)
 
 
-class KeyManager:
-    """Async key management over a ``KeyStore``. Usable as ``async with``."""
+class KeyManager(OwnerOperations):
+    """Async key management over a ``KeyStore``. Usable as ``async with``. An owner's
+    limits and usage: :class:`~keystile.owners.OwnerOperations`."""
 
     def __init__(
         self,
@@ -126,6 +124,7 @@ class KeyManager:
         quota_refill: timedelta | str | None = None,
         ip_allowlist: Iterable[str] | None = None,
         actor: str | None = None,
+        rate_limits: Mapping[str, str] | None = None,
         max_keys: int | None = None,
     ) -> CreatedKey:
         """Mint a key. Raises ``DuplicateKeyName`` if ``(owner, name)`` already has an
@@ -136,10 +135,12 @@ class KeyManager:
         ``rate_limit`` (``"10/second"``, ``"100/minute"``, ``"1000/hour"``, ``"N/day"``)
         and ``quota`` (uses, refilled every ``quota_refill``, e.g. ``"1d"``) are the key's
         usage limits, enforced by the middleware after the key is verified;
-        ``ip_allowlist`` (CIDRs) the addresses it may be used from."""
+        ``rate_limits`` adds named ones (``{"burst": "5/second"}``; ``rate_limit`` is the
+        one named ``default``), every one needing room; ``ip_allowlist`` (CIDRs) the
+        addresses it may be used from."""
         now = utcnow()
         expires_at = expiry(now, expires_at, expires_in, self.default_expires_in)
-        limits = create_limits(rate_limit, quota, quota_refill, now)
+        limits = create_limits(rate_limit, quota, quota_refill, now, rate_limits)
         allowlist = validate_ip_allowlist(ip_allowlist)
         who = self._actor(actor)
         new = await self._mint(
@@ -219,10 +220,10 @@ class KeyManager:
     ) -> builtins.list[KeyEvent]:
         """The audit log, oldest first: every change to a key (``created``, ``replaced``,
         ``rotated``, ``revoked``, ``reaped``, ``updated``, ``disabled``, ``enabled``,
-        ``logout``), and every prune of the log (``pruned``, with no key and no owner),
-        with its time, actor and detail. Filtered by owner, key (id or display
-        form) and time (``since``: a moment, or a ``timedelta`` back from now); with
-        ``limit``, the newest ``limit`` events."""
+        ``logout``, ``imported``, ``rehashed``), and every prune of the log (``pruned``,
+        with no key and no owner), with its time, actor and detail. Filtered by owner, key
+        (id or display form) and time (``since``: a moment, or a ``timedelta`` back from
+        now); with ``limit``, the newest ``limit`` events."""
         if isinstance(since, timedelta):
             since = utcnow() - since
         return await self.store.list_events(
@@ -240,40 +241,6 @@ class KeyManager:
         who = self._actor(actor)
         return await self.store.prune_events(before=utcnow() - older_than, actor=who)
 
-    async def usage(
-        self,
-        key_id: str,
-        *,
-        owner: str,
-        since: timedelta | datetime,
-        until: datetime | None = None,
-        by: UsageGranularity = "minute",
-    ) -> builtins.list[UsageBucket]:
-        """``owner``'s key's usage (by id or display form): per ``by`` period (``minute``,
-        ``hour`` or ``day``, UTC), the requests it authenticated and the attempts refused
-        against it (wrong secret, revoked, expired, disabled), oldest first, periods
-        without any omitted. ``since`` (a moment, or a ``timedelta`` back from now) is
-        rounded down to the start of its period, so the first bucket is whole; ``until``
-        is exclusive. Counts reach the store with each process's flush (``flush_interval``).
-        Another owner's key raises ``KeyNotFound``."""
-        seconds = usage_seconds(by)
-        record = await self.get(key_id, owner=owner)
-        start = usage_start(since, seconds, utcnow())
-        until = None if until is None else aware(until, "until")
-        return await self.store.usage(
-            record.id, owner, since=start, until=until, bucket_seconds=seconds
-        )
-
-    async def top_keys(
-        self, owner: str, *, since: timedelta | datetime, limit: int = 10
-    ) -> builtins.list[UsageTotal]:
-        """``owner``'s ``limit`` busiest keys since ``since`` (most requests first), with
-        the attempts refused against each."""
-        limit = validate_limit(limit)
-        return await self.store.top_usage(
-            owner, since=since_moment(since, utcnow()), until=None, limit=limit
-        )
-
     async def update(
         self,
         key_id: str,
@@ -289,6 +256,7 @@ class KeyManager:
         quota: int | Unchanged | None = UNCHANGED,
         quota_refill: timedelta | str | Unchanged | None = UNCHANGED,
         actor: str | None = None,
+        rate_limits: Mapping[str, str] | Unchanged | None = UNCHANGED,
     ) -> KeyRecord:
         """Change ``owner``'s key (by id or display form) without changing its secret;
         returns it as updated. Every running middleware hears of the change as of a
@@ -301,11 +269,13 @@ class KeyManager:
         key of ``owner`` holding that name: ``DuplicateKeyName``); ``expires_at=None``
         removes the expiry, ``expires_in`` sets it from now; ``ip_allowlist`` (IPv4/IPv6
         CIDRs) replaces the allowlist, ``None`` or ``[]`` removes it. ``rate_limit=None``
-        clears it; a new ``quota`` starts full (its period, for ``quota_refill``, starts
-        now); ``quota=None`` removes the quota and its refill. Raises ``KeyNotFound`` for
-        an unknown id or another owner's key, and ``KeyManagementError`` for a revoked
-        key: a revocation is final, decided by the store in the write itself, so an
-        update racing a revocation never changes the revoked record."""
+        clears it; ``rate_limits`` replaces the named ones (``None``: none; a ``default``
+        among them sets ``rate_limit``); a new ``quota`` starts full (its period, for
+        ``quota_refill``, starts now); ``quota=None`` removes the quota and its refill.
+        Raises ``KeyNotFound`` for an unknown id or another owner's key, and
+        ``KeyManagementError`` for a revoked key: a revocation is final, decided by the
+        store in the write itself, so an update racing a revocation never changes the
+        revoked record."""
         key_id = normalize_key_id(key_id)
         who = self._actor(actor)
         fields = {
@@ -316,6 +286,7 @@ class KeyManager:
             "expires_in": expires_in,
             "ip_allowlist": ip_allowlist,
             "rate_limit": rate_limit,
+            "rate_limits": rate_limits,
             "quota": quota,
             "quota_refill": quota_refill,
         }
@@ -339,6 +310,7 @@ class KeyManager:
     ) -> CreatedKey:
         """Mint a successor with the same owner, name, prefix, scopes and metadata; the old
         key keeps working for ``grace`` and then expires. Returns the new plaintext once.
+        The successor of an imported key is a keystile key with the manager's prefix.
 
         The successor lives as long as the old key was meant to (``expires_at -
         created_at``, counted from now), or ``default_expires_in`` if the old key had no
@@ -353,7 +325,7 @@ class KeyManager:
         now = utcnow()
         grace_until = later(now, grace, "grace")
         new = await self._mint(
-            old.prefix,
+            self.prefix if is_imported(old) else old.prefix,
             owner=old.owner,
             name=old.name,
             scopes=old.scopes,
@@ -361,8 +333,11 @@ class KeyManager:
             created_at=now,
             expires_at=self._successor_expiry(old, now),
             replaces=old.id,
-            # The successor keeps the key's plan and what is left of its quota.
+            # The successor keeps the key's plan and spends the same budget: while the
+            # old key is in grace both draw on one rate limit and one quota.
+            budget_id=old.budget_id,
             rate_limit=old.rate_limit,
+            rate_limits=dict(old.rate_limits),
             quota=old.quota,
             quota_remaining=old.quota_left(now),
             quota_refill=old.quota_refill,

@@ -98,6 +98,9 @@ _COUNTER_HELP = (
     ),
     ("usage_rows_written", "Per-key, per-minute usage rows added to the store by flushes."),
     ("usage_dropped", "Per-key usage rows dropped because the store stayed unreachable too long."),
+    ("memo_hits", "Cache misses the verification memo answered: another process had run argon2."),
+    ("memo_misses", "Cache misses the verification memo had no matching entry for (argon2 ran)."),
+    ("memo_errors", "Cache misses the verification memo could not answer (Redis unreachable)."),
 )
 #: ``stats()`` gauges: field (the metric is ``keystile_<field>``) and help text. Summed
 #: over live workers only.

@@ -33,14 +33,14 @@ from starlette.requests import HTTPConnection
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .cache import CachedKey
 from .config import DEFAULT_HEADER_NAME, DEFAULT_REALM, ErrorHandler, KeystileConfig
 from .credentials import split_credential, without_credentials
 from .errors import AuthenticationError, MissingCredentials
+from .principal import APIKeyUser
 from .responses import WEBSOCKET_POLICY_VIOLATION, error_code, error_response
 from .runtime import KeystileRuntime
 from .socket_guard import guard_websocket
-from .stages import Headers, admit, read_credential, verify
+from .stages import Headers, admit, admit_now, check_allowlist, read_credential, verify
 from .stats import KeystileStats
 
 if TYPE_CHECKING:
@@ -142,12 +142,19 @@ class APIKeyMiddleware:
         self._bearer_starts = config.bearer_starts
         #: The compiled hit path (``None`` on the pure-Python path): stages 1 and 2 in one
         #: call for a cached key; it leaves anything else to ``read_credential``.
-        self._hit_request = self.verifier.hit_request if self.verifier.cache.compiled else None
+        self._hit_request = self.verifier.cache.hit_request
         self._has_exemptions = bool(config.exempt_paths)
         self._cors_inside: bool | None = None
         #: Usage limits, checked after a key is verified (docs/operations.md, "Limits").
         self.limits = self.runtime.limits_for(config)
         self._limit_every_key = self.limits.limits_every_key
+        #: Whether the compiled hit may count a use as it answers: not when every key is
+        #: limited, since the use is recorded only once the limit admits the request.
+        self._count = not self._limit_every_key
+        #: ``cost=``, asked only for a limited key's request.
+        self._cost = config.request_cost or None
+        #: Whether the limits decide without an await (``memory://``): ``admit_now``.
+        self._admit_now = not self.limits.is_async
         if config.metrics:
             # Read at scrape time from the runtime's counters: the hit path pays nothing.
             from .metrics import PrometheusMetrics
@@ -174,15 +181,15 @@ class APIKeyMiddleware:
             return
         # Stages 1 and 2, read and verify: compiled for a cached key (the stages module
         # says why inline), else in Python.
-        entry: CachedKey
+        user: APIKeyUser
         without: Headers | None
         found = (
-            self._hit_request(scope["headers"], self._header, self._bearer_starts)
+            self._hit_request(scope["headers"], self._header, self._bearer_starts, self._count)
             if self._hit_request is not None
             else None
         )
         if found is not None:
-            entry, without = found
+            user, auth_scopes, without, counted = found
         else:
             try:
                 token, source, without = read_credential(scope["headers"], self.config)
@@ -195,21 +202,29 @@ class APIKeyMiddleware:
                 scope["user"], scope["auth"] = UnauthenticatedUser(), AuthCredentials()
                 await self.app(scope, receive, send)
                 return
-        user = scope["user"] = entry.user
-        scope["auth"] = AuthCredentials(entry.auth_scopes)
-        # Stage 3, admit: a key without an IP allowlist or limits pays these checks alone.
-        if user.limits is not None or self._limit_every_key or user.ip_allowlist is not None:
-            try:
-                send = await admit(user, scope, self.limits, send)
-            except AuthenticationError as exc:
-                await self._deny(exc, scope, receive, send)
-                return
-        # Stage 4, record; stage 5, call the app.
-        self.recorder.touch(user.key_id, self.verifier.clock())
+            user, auth_scopes, counted = entry.user, entry.auth_scopes, False
+        scope["user"] = user
+        scope["auth"] = AuthCredentials(auth_scopes)
+        # Stages 3 and 4, admit and record: a use the compiled hit counted is of a key
+        # without an IP allowlist or limits, admitted as it is; any other key pays these
+        # checks, and a key with limits or an allowlist is admitted by them.
+        if not counted:
+            if user.limits is not None or self._limit_every_key or user.ip_allowlist is not None:
+                try:
+                    cost = self._cost.of(scope, route_path(scope)) if self._cost is not None else 1
+                    if self._admit_now:
+                        send = admit_now(user, scope, self.limits, send, cost)
+                    else:
+                        send = await admit(user, scope, self.limits, send, cost)
+                except AuthenticationError as exc:
+                    await self._deny(exc, scope, receive, send)
+                    return
+            self.recorder.touch(user.key_id, self.verifier.clock())
+        # Stage 5, call the app.
         if self.strip_credentials and without is not None:
             scope["headers"] = without
         if kind == "websocket":
-            receive, send = guard_websocket(self.verifier, entry, receive, send)
+            receive, send = guard_websocket(self.verifier, user, receive, send)
         await self.app(scope, receive, send)
 
     def _is_exempt(self, scope: Scope) -> bool:
@@ -235,9 +250,9 @@ class APIKeyMiddleware:
         if token is not None:
             try:
                 entry = await verify(self.verifier, token, source)
-                # An exempt path never refuses: over its limits, or from outside its IP
-                # allowlist, the key goes on unseen. Nor does it add RateLimit fields.
-                await admit(entry.user, scope, self.limits, send)
+                # An exempt path never refuses and never spends: from outside its IP
+                # allowlist the key goes on unseen; its limits are not touched.
+                check_allowlist(entry.user, scope)
             except AuthenticationError as exc:
                 self.verifier.counters.rejects[exc.reason] += 1
             else:
@@ -245,7 +260,7 @@ class APIKeyMiddleware:
                 scope["auth"] = AuthCredentials(entry.auth_scopes)
                 self.recorder.touch(entry.key_id, self.verifier.clock())
                 if scope["type"] == "websocket":
-                    receive, send = guard_websocket(self.verifier, entry, receive, send)
+                    receive, send = guard_websocket(self.verifier, entry.user, receive, send)
         if self.strip_credentials and without is not None:
             scope["headers"] = without
         await self.app(scope, receive, send)

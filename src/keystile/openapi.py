@@ -115,6 +115,11 @@ def error_schema() -> dict[str, Any]:
             "retry_after": {"type": "integer", "description": "Seconds to wait (429, 503)."},
             "limit": {"type": "string", "description": "The rate limit exceeded (429)."},
             "quota": {"type": "integer", "description": "The quota used up (429)."},
+            "policy": {
+                "type": "string",
+                "description": "The name of the limit or quota that refused (429): default,"
+                " a named limit, quota, or owner.NAME / owner.quota for the owner's.",
+            },
         },
         "required": ["error", "detail"],
         "additionalProperties": False,

@@ -150,8 +150,10 @@ def error_body(exc: AuthenticationError, *, header_name: str) -> dict[str, objec
     elif isinstance(exc, TooManyRequests):
         if isinstance(exc, RateLimited):
             body["limit"] = exc.limit
+            body["policy"] = exc.policy
         elif isinstance(exc, QuotaExceeded):
             body["quota"] = exc.quota
+            body["policy"] = exc.policy
         if exc.retry_after is not None:
             body["retry_after"] = exc.retry_after
     elif not isinstance(exc, IPNotAllowed):  # the key was sent right; the address is refused

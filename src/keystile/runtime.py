@@ -27,6 +27,7 @@ import anyio.lowlevel
 from .errors import AuthenticationError, InvalidToken, IPNotAllowed, ServiceUnavailable, StoreError
 from .hashing import SecretHasher
 from .limits import LimitEnforcer
+from .memo import open_memo
 from .principal import APIKeyUser
 from .stats import KeystileStats
 from .stores import store_from_url
@@ -75,9 +76,10 @@ class KeystileRuntime:
             assert config.database_url is not None
             store = store_from_url(config.database_url)
         self.store = store
+        legacy = config.legacy
         self.verifier = Verifier(
             self.store,
-            hasher=SecretHasher(config.argon2),
+            hasher=SecretHasher(config.argon2) if legacy is None else legacy.hasher(config.argon2),
             cache_ttl=config.cache_ttl,
             cache_idle=config.cache_idle,
             cache_max_size=config.cache_max_size,
@@ -87,12 +89,19 @@ class KeystileRuntime:
             argon2_concurrency=config.argon2_concurrency,
             max_pending_verifications=config.max_pending_verifications,
             per_key_pending=config.per_key_pending,
+            memo=open_memo(config.verification_memo, config.memo_secret, ttl=config.memo_ttl),
         )
+        if legacy is not None:
+            self.verifier.parse = legacy.parse
+            self.verifier.max_token_length = legacy.max_token_length
         self.recorder = UsageRecorder(
             self.store, flush_interval=config.flush_interval, flush_max=config.flush_max
         )
         #: Rejected attempts against a key id are counted in its usage, per minute.
         self.verifier.on_reject = self._count_reject
+        #: The compiled hit path counts the uses of plain hits in the cache's table.
+        if self.verifier.cache.compiled:
+            self.recorder.attach(self.verifier.cache.table)
         #: Duties others attach (the metrics snapshot writer), and calls made at ``stop``.
         self.extra_duties: dict[str, Callable[[], Awaitable[None]]] = {}
         self.stop_hooks: list[Callable[[], None]] = []
@@ -180,6 +189,7 @@ class KeystileRuntime:
                 )
             if self.owns_store:
                 await self.store.close()
+            await self.verifier.memo.aclose()
         for hook in list(self.stop_hooks):
             try:
                 hook()
@@ -243,6 +253,7 @@ class KeystileRuntime:
         verifier, recorder = self.verifier, self.recorder
         return KeystileStats.of(
             verifier.counters,
+            table_hits=verifier.cache.hits,
             argon2_in_flight=verifier.argon2_in_flight,
             cache_size=len(verifier.cache),
             cache_max_size=verifier.cache.max_size,
@@ -253,6 +264,9 @@ class KeystileRuntime:
             usage_pending=recorder.pending_usage,
             usage_rows_written=recorder.usage_rows_written,
             usage_dropped=recorder.usage_dropped,
+            memo_hits=verifier.memo.hits,
+            memo_misses=verifier.memo.misses,
+            memo_errors=verifier.memo.errors,
         )
 
     # -- background duties --------------------------------------------------------------

@@ -55,15 +55,23 @@ class KeyWatch:
 
     __slots__ = ("_checked_at", "_epoch", "_expires_at", "_failed_at", "_verifier", "key_id")
 
-    def __init__(self, verifier: Verifier, entry: CachedKey) -> None:
+    def __init__(self, verifier: Verifier, user: APIKeyUser) -> None:
         self._verifier = verifier
-        self.key_id = entry.key_id
-        self._expires_at = entry.expires_at
-        self._checked_at = entry.checked_at
+        self.key_id = user.key_id
         cache = verifier.cache
-        # The entry still cached is current as of now; one that left the cache (or was
-        # replaced) meanwhile may predate a change: -1 makes the first message look again.
-        self._epoch = cache.epoch if cache.get(entry.key_id) is entry else -1
+        entry = cache.get(user.key_id)
+        # The key still cached with this principal is current as of now; one that left the
+        # cache (or was replaced) meanwhile may predate a change: its state is looked at
+        # again at the first message.
+        if entry is not None and entry.user is user:
+            self._expires_at = entry.expires_at
+            self._checked_at = entry.checked_at
+            self._epoch = cache.epoch
+        else:
+            expires_at = user.expires_at
+            self._expires_at = expires_at.timestamp() if expires_at is not None else None
+            self._checked_at = float("-inf")
+            self._epoch = -1
         self._failed_at = float("-inf")
 
     async def refusal(self) -> AuthenticationError | None:
@@ -140,11 +148,11 @@ class KeyWatch:
 
 
 def guard_websocket(
-    verifier: Verifier, entry: CachedKey, receive: Receive, send: Send
+    verifier: Verifier, user: APIKeyUser, receive: Receive, send: Send
 ) -> tuple[Receive, Send]:
-    """``receive`` and ``send`` of a WebSocket opened with ``entry``'s key, checking the
+    """``receive`` and ``send`` of a WebSocket opened with ``user``'s key, checking the
     key at each message and closing the socket once it is no longer valid."""
-    watch = KeyWatch(verifier, entry)
+    watch = KeyWatch(verifier, user)
     closed: list[Message] = []
 
     async def close(refused: AuthenticationError) -> Message:

@@ -11,20 +11,23 @@ app's ``on_error``). The stages:
    ``MissingCredentials`` for none when a key is required.
 2. :func:`verify`: the cached entry of a valid key, or why it is not valid.
 3. :func:`admit`: the key's IP allowlist, then its limits; the ``send`` to answer with.
-4. Record: ``UsageRecorder.touch(key_id, now)``, a dict write.
+   An exempt path checks the allowlist alone (:func:`check_allowlist`): it never spends.
+4. Record: ``UsageRecorder.touch(key_id, now)``, a dict write; on the compiled hit path
+   the cache's table counts a plain key's use itself (``usage.py``, ``attach``).
 5. Call the app: the headers without the credential, a WebSocket under
    ``socket_guard``.
 
 Why the middleware inlines the hit path instead of calling these: a request for a cached
-key is served by one compiled call, ``Verifier.hit_request``, which does stages 1 and 2
-(header walk, digest, constant-time scan) and declines anything unusual, which then goes
-through :func:`read_credential` and :func:`verify`. A cached key without an allowlist or
-limits is then admitted by three attribute checks in the middleware, and recorded by
-calling ``touch`` directly. Measured with ``benchmarks/instructions.py`` (callgrind, 10
-cached keys): awaiting ``admit`` and calling a ``record`` function on every hit cost about
-1 500 instructions per request (keystile's share from about 16 100 to 18 400, past its
-18 000 target). So the hit path stays inline; the stages are still one each, in this
-order, on every path.
+key is served by one compiled call, ``VerifiedKeyCache.hit_request``, which does stages 1
+and 2 (header walk, digest, constant-time scan, the key's freshness and expiry) and, for a
+key without limits or an allowlist, stage 4 (its use counted in the table); it declines
+anything unusual, which then goes through :func:`read_credential` and :func:`verify`. A
+cached key without an allowlist or limits is then admitted by three attribute checks in
+the middleware; a key with them is admitted by :func:`admit` and recorded by ``touch``.
+Measured with ``benchmarks/instructions.py`` (callgrind, 10 cached keys): awaiting
+``admit`` and calling a ``record`` function on every hit cost about 1 500 instructions per
+request (keystile's share from about 16 100 to 18 400, past its 18 000 target). So the
+hit path stays inline; the stages are still one each, in this order, on every path.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from .limits import LimitEnforcer, send_with_headers
 from .principal import APIKeyUser
 from .verifier import Verifier
 
-__all__ = ["Headers", "admit", "read_credential", "verify"]
+__all__ = ["Headers", "admit", "admit_now", "check_allowlist", "read_credential", "verify"]
 
 logger = logging.getLogger("keystile")
 
@@ -81,18 +84,45 @@ async def verify(verifier: Verifier, token: bytes, source: str) -> CachedKey:
         raise ServiceUnavailable("internal_error", source=source) from None
 
 
-async def admit(user: APIKeyUser, scope: Scope, limits: LimitEnforcer, send: Send) -> Send:
-    """Let a verified key's request on, or raise why not: a client outside the key's IP
-    allowlist (``scope["client"]``, what the server says; behind a proxy its own
-    proxy-header handling, never ``X-Forwarded-For`` read here), then the key's rate limit
-    or quota. Returns ``send``, with the ``RateLimit`` fields on the response when
-    ``rate_limit_headers`` is on and the key is limited."""
+def check_allowlist(user: APIKeyUser, scope: Scope) -> None:
+    """Refuse a client outside the key's IP allowlist (``scope["client"]``, what the
+    server says; behind a proxy its own proxy-header handling, never ``X-Forwarded-For``
+    read here). The one check an exempt path makes: it never spends a limit."""
     allowlist = user.ip_allowlist
+    if allowlist is not None and not allowlist.allows(scope.get("client")):
+        raise IPNotAllowed()
+
+
+async def admit(
+    user: APIKeyUser, scope: Scope, limits: LimitEnforcer, send: Send, cost: int = 1
+) -> Send:
+    """Let a verified key's request on, or raise why not: a client outside the key's IP
+    allowlist (:func:`check_allowlist`), then the limits of the key and its owner, each
+    with room for the request's ``cost`` (``cost=``; none spent if one refuses). Returns
+    ``send``, with the ``RateLimit`` fields on the response when ``rate_limit_headers`` is
+    on and the key is limited."""
+    if not limits.is_async:
+        return admit_now(user, scope, limits, send, cost)
+    check_allowlist(user, scope)
+    if user.limits is None and not limits.limits_every_key:
+        return send
+    refusal = await limits.acheck(user, cost)
+    if refusal is not None:
+        raise refusal
+    return send_with_headers(send, limits.success_headers(user)) if limits.headers else send
+
+
+def admit_now(
+    user: APIKeyUser, scope: Scope, limits: LimitEnforcer, send: Send, cost: int = 1
+) -> Send:
+    """:func:`admit` when the limits decide in this process (``memory://``): no await, so
+    the middleware calls it without making a coroutine for every limited request."""
+    allowlist = user.ip_allowlist  # check_allowlist, inlined: this runs on every request
     if allowlist is not None and not allowlist.allows(scope.get("client")):
         raise IPNotAllowed()
     if user.limits is None and not limits.limits_every_key:
         return send
-    refusal = await limits.acheck(user) if limits.is_async else limits.check(user)
+    refusal = limits.check(user, cost)
     if refusal is not None:
         raise refusal
     return send_with_headers(send, limits.success_headers(user)) if limits.headers else send

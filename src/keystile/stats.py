@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -40,6 +41,12 @@ class Counters:
     #: argon2 verifications by duration: ``[i]`` counts those in ``ARGON2_BUCKETS[i-1],
     #: ARGON2_BUCKETS[i]`` (the last, those above every bound). Bumped on the miss path.
     argon2_buckets: list[int] = field(default_factory=lambda: [0] * (len(ARGON2_BUCKETS) + 1))
+
+    def count_argon2(self, seconds: float) -> None:
+        """One argon2 verification that took ``seconds``."""
+        self.argon2_verifications += 1
+        self.argon2_seconds += seconds
+        self.argon2_buckets[bisect_left(ARGON2_BUCKETS, seconds)] += 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,16 +89,24 @@ class KeystileStats:
     usage_pending: int = 0
     usage_rows_written: int = 0
     usage_dropped: int = 0
+    #: The verification memo: misses it answered (no argon2), misses with no matching
+    #: entry, and misses it could not answer (Redis failed, or left alone after a failure).
+    memo_hits: int = 0
+    memo_misses: int = 0
+    memo_errors: int = 0
 
     @classmethod
-    def of(cls, counters: Counters, **others: Any) -> KeystileStats:
+    def of(cls, counters: Counters, *, table_hits: int = 0, **others: Any) -> KeystileStats:
         """A snapshot of the request path's ``counters``, each under its own name, and of
-        ``others``: what the cache and the usage recorder report."""
+        ``others``: what the cache and the usage recorder report. ``table_hits``: the hits
+        the compiled cache table answered, counted there (with ``counters.cache_hits``,
+        those Python answered, they are ``cache_hits``)."""
         values = {f.name: getattr(counters, f.name) for f in fields(counters)}
         values["rejects"] = dict(counters.rejects)
         values["argon2_buckets"] = tuple(counters.argon2_buckets)
-        lookups = counters.cache_hits + counters.cache_misses
-        hit_ratio = counters.cache_hits / lookups if lookups else 0.0
+        values["cache_hits"] = hits = counters.cache_hits + table_hits
+        lookups = hits + counters.cache_misses
+        hit_ratio = hits / lookups if lookups else 0.0
         return cls(**values, **others, hit_ratio=hit_ratio)
 
     def as_dict(self) -> dict[str, Any]:

@@ -6,10 +6,12 @@ pending, in one statement (Postgres) or one transaction (SQLite), and once more 
 shutdown. A failed flush keeps its batch, merged with newer touches, and retries with
 capped exponential backoff; memory is bounded by the number of distinct keys touched.
 
-It also carries quota uses: ``count_use`` is another dict write, and the same statement
-that writes ``last_used_at`` takes each key's uses from its remaining quota and returns
-what is left, which listeners (the limit enforcer) learn after every flush: that is how
-a process hears of the uses of every other process.
+It also carries quota uses: ``count_use`` is another dict write, and the same
+transaction that writes ``last_used_at`` takes each budget's uses from its remaining
+quota and returns what is left, which listeners (the limit enforcer) learn after every
+flush: that is how a process hears of the uses of every other process. Each batch of
+uses is named; a batch whose write failed is retried as it was, under its name, so a
+write that committed before its acknowledgement was lost is not taken twice.
 
 And it counts, per key and per minute, authenticated requests (``touch``: one more
 integer add in the same call) and attempts refused against a key id (``reject``: wrong
@@ -25,10 +27,11 @@ from __future__ import annotations
 
 import logging
 import math
-import time
+import uuid
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
+from typing import Protocol
 
 import anyio
 
@@ -42,7 +45,22 @@ __all__ = [
     "DEFAULT_MAX_USAGE_ROWS",
     "QuotaListener",
     "UsageRecorder",
+    "UsageTable",
 ]
+
+
+class UsageTable(Protocol):
+    """What the recorder reads of a table that counts uses itself (the compiled cache's)."""
+
+    count_uses: bool
+    minute_end: float
+    pending_limit: int
+
+    @property
+    def pending(self) -> int: ...
+
+    def harvest(self) -> list[tuple[str, float, int]]: ...
+
 
 #: Called after each flush that wrote uses with the quota state the store returned.
 QuotaListener = Callable[[Mapping[str, QuotaState]], None]
@@ -78,7 +96,9 @@ class UsageRecorder:
             raise ValueError("flush_interval must be positive and flush_max at least 1")
         self.store = store
         self.flush_interval = flush_interval
-        self.flush_max = flush_max
+        #: The compiled cache's table, which counts the uses of plain cache hits itself.
+        self._table: UsageTable | None = None
+        self._flush_max = flush_max
         self.flush_timeout = flush_timeout
         self.max_backoff = max_backoff
         self.flushes = 0
@@ -91,6 +111,9 @@ class UsageRecorder:
         #: Quota uses counted and not yet written, and those a flush is writing.
         self._uses: dict[str, int] = {}
         self._uses_in_flight: dict[str, int] = {}
+        #: A batch of uses whose write failed, perhaps after it committed: its name and
+        #: uses, retried as they are (``touch_many(batch=)`` takes a replay once).
+        self._unacknowledged: tuple[str, dict[str, int]] | None = None
         self._quota_listeners: list[QuotaListener] = []
         #: Per-key counts of the minute starting at ``_minute`` (epoch seconds), and the
         #: folded ``(key id, minute) -> [requests, rejected]`` rows awaiting a flush.
@@ -105,8 +128,49 @@ class UsageRecorder:
         self.count_usage = count_usage
 
     @property
+    def flush_max(self) -> int:
+        """Pending keys that trigger an early flush."""
+        return self._flush_max
+
+    @flush_max.setter
+    def flush_max(self, flush_max: int) -> None:
+        self._flush_max = flush_max
+        if self._table is not None:
+            self._table.pending_limit = flush_max
+
+    def attach(self, table: UsageTable) -> None:
+        """Take the uses ``table`` counts (the compiled hit path counts a plain hit's use in
+        the cache's table, with no dict write): harvested into this recorder at each minute
+        boundary, each flush, and whenever ``pending`` is read. The table declines to count
+        past the current minute or past ``flush_max`` pending keys, so the request that
+        finds it so comes through ``touch``, which harvests (and wakes the flush)."""
+        self._table = table
+        table.pending_limit = self.flush_max
+        table.minute_end = self._minute_end if self.count_usage else math.inf
+        table.count_uses = True
+
+    def _collect(self) -> None:
+        """Move the uses the table counted into the pending touches and this minute's
+        request counts."""
+        table = self._table
+        if table is None:
+            return
+        pending, requests, counting = self._pending, self._requests, self.count_usage
+        for key_id, at, uses in table.harvest():
+            if at > pending.get(key_id, -math.inf):
+                pending[key_id] = at
+            if counting:
+                requests[key_id] += uses
+
+    def _pending_keys(self) -> int:
+        """Keys pending here and in the table (a key in both counted twice: a bound)."""
+        table = self._table
+        return len(self._pending) + (table.pending if table is not None else 0)
+
+    @property
     def pending(self) -> int:
         """Keys whose latest use is not in the store yet (including a flush under way)."""
+        self._collect()
         if not self._in_flight:
             return len(self._pending)
         return len(self._pending.keys() | self._in_flight.keys())
@@ -123,10 +187,13 @@ class UsageRecorder:
             self.__dict__.pop("touch", None)
         else:
             self.__dict__["touch"] = self._touch_uncounted
+        if self._table is not None:
+            self._table.minute_end = self._minute_end if on else math.inf
 
     @property
     def pending_usage(self) -> int:
         """Usage rows (key, minute) counted and not yet in the store."""
+        self._collect()
         return len(self._counts) + len(self._requests.keys() | self._rejected.keys())
 
     def touch(self, key_id: str, at: float) -> None:
@@ -137,7 +204,7 @@ class UsageRecorder:
         last = pending.get(key_id)
         if last is None:
             pending[key_id] = at
-            if len(pending) >= self.flush_max and self._wakeup is not None:
+            if self._pending_keys() >= self.flush_max and self._wakeup is not None:
                 self._wakeup.set()
         elif at > last:
             pending[key_id] = at
@@ -151,7 +218,7 @@ class UsageRecorder:
         last = pending.get(key_id)
         if last is None:
             pending[key_id] = at
-            if len(pending) >= self.flush_max and self._wakeup is not None:
+            if self._pending_keys() >= self.flush_max and self._wakeup is not None:
                 self._wakeup.set()
         elif at > last:
             pending[key_id] = at
@@ -168,8 +235,11 @@ class UsageRecorder:
         minute = int(at // 60) * 60
         self._minute = minute
         self._minute_end = minute + 60.0
+        if self._table is not None and self.count_usage:
+            self._table.minute_end = self._minute_end
 
     def _fold(self) -> None:
+        self._collect()
         minute, counts = self._minute, self._counts
         if self._requests:
             requests, self._requests = self._requests, defaultdict(int)
@@ -209,15 +279,19 @@ class UsageRecorder:
                 )
             self.usage_dropped += excess
 
-    def count_use(self, key_id: str) -> None:
-        """Count one quota use of ``key_id``, taken from the store's remaining count by the
-        next flush. No I/O."""
-        self._uses[key_id] = self._uses.get(key_id, 0) + 1
+    def count_use(self, budget_id: str, n: int = 1) -> None:
+        """Count ``n`` quota uses of ``budget_id`` (a key's, or its rotation chain's),
+        taken from the store's remaining count by the next flush. No I/O."""
+        self._uses[budget_id] = self._uses.get(budget_id, 0) + n
 
-    def unwritten_uses(self, key_id: str) -> int:
-        """Uses of ``key_id`` counted here and not yet in the store (a flush under way
-        included): what a process must still subtract from the remaining count it read."""
-        return self._uses.get(key_id, 0) + self._uses_in_flight.get(key_id, 0)
+    def unwritten_uses(self, budget_id: str) -> int:
+        """Uses of ``budget_id`` counted here and not yet known to be in the store (a
+        flush under way, or one whose acknowledgement was lost, included): what a
+        process must still subtract from the remaining count it read."""
+        used = self._uses.get(budget_id, 0) + self._uses_in_flight.get(budget_id, 0)
+        if self._unacknowledged is not None:
+            used += self._unacknowledged[1].get(budget_id, 0)
+        return used
 
     def on_quota(self, listener: QuotaListener) -> Callable[[], None]:
         """Call ``listener`` after every flush with the quota state of the keys written."""
@@ -256,20 +330,24 @@ class UsageRecorder:
         self.usage_rows_written += len(rows)
 
     async def _flush_touches(self) -> int:
-        if not self._pending and not self._uses:
+        if not self._pending and not self._uses and self._unacknowledged is None:
             return 0
         batch, self._pending = self._pending, {}
-        uses, self._uses = self._uses, {}
-        if uses:
-            now = time.time()
-            batch.update({k: now for k in uses.keys() - batch.keys()})
+        if self._unacknowledged is not None:
+            # Uses whose write may have landed: sent again as they were, under their name,
+            # so the store takes them once (newer uses wait for the next flush).
+            name, uses = self._unacknowledged
+            self._unacknowledged = None
+        else:
+            uses, self._uses = self._uses, {}
+            name = uuid.uuid4().hex
         self._in_flight = batch
         self._uses_in_flight = uses
         touches = {k: datetime.fromtimestamp(at, timezone.utc) for k, at in batch.items()}
         try:
             with anyio.fail_after(self.flush_timeout):
                 if uses:
-                    quotas = await self.store.touch_many(touches, uses)
+                    quotas = await self.store.touch_many(touches, uses, batch=name)
                 else:
                     quotas = await self.store.touch_many(touches)
         except BaseException as exc:
@@ -280,8 +358,8 @@ class UsageRecorder:
             for key_id, at in batch.items():
                 if at > self._pending.get(key_id, -math.inf):
                     self._pending[key_id] = at
-            for key_id, n in uses.items():
-                self._uses[key_id] = self._uses.get(key_id, 0) + n
+            if uses:
+                self._unacknowledged = (name, uses)
             raise
         self._in_flight = {}
         self._uses_in_flight = {}
@@ -303,7 +381,7 @@ class UsageRecorder:
             self._wakeup = anyio.Event()
             if failing:
                 await anyio.sleep(delay)
-            elif len(self._pending) < self.flush_max:
+            elif self._pending_keys() < self.flush_max:
                 with anyio.move_on_after(delay):
                     await self._wakeup.wait()
             try:

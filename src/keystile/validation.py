@@ -16,7 +16,13 @@ from typing import Any, Literal
 
 from .durations import parse_duration
 from .errors import InvalidKeyName, KeyManagementError
-from .limits import normalize_rate_limit, quota_changes
+from .limits import (
+    MAX_QUOTA,
+    POLICY_NAME,
+    normalize_rate_limit,
+    parse_rate_limits,
+    quota_changes,
+)
 from .principal import normalize_cidrs
 from .stores.records import KeyRecord
 
@@ -28,8 +34,10 @@ __all__ = [
     "aware",
     "create_limits",
     "expiry",
+    "key_rate_limits",
     "later",
     "not_negative",
+    "owner_quota",
     "quota_update",
     "since_moment",
     "update_changes",
@@ -43,6 +51,7 @@ __all__ = [
     "validate_owner",
     "validate_quota",
     "validate_rate_limit",
+    "validate_rate_limits",
     "validate_refill",
     "validate_scopes",
 ]
@@ -105,8 +114,10 @@ def validate_rate_limit(rate_limit: str | None) -> str | None:
 def validate_quota(quota: int | None) -> int | None:
     if quota is None:
         return None
-    if isinstance(quota, bool) or not isinstance(quota, int) or not 0 <= quota < 2**62:
-        raise KeyManagementError(f"quota must be a whole number of uses >= 0, got {quota!r}")
+    if isinstance(quota, bool) or not isinstance(quota, int) or not 0 <= quota <= MAX_QUOTA:
+        raise KeyManagementError(
+            f"quota must be a whole number of uses from 0 to {MAX_QUOTA} (2**53 - 1), got {quota!r}"
+        )
     return quota
 
 
@@ -129,17 +140,62 @@ def _refill_needs_quota(quota: int | None, refill: timedelta | None) -> None:
         raise KeyManagementError("quota_refill needs a quota")
 
 
+def validate_rate_limits(limits: Mapping[str, str] | None) -> dict[str, str]:
+    """Named rate limits as stored (name → normalised rate), or ``KeyManagementError``
+    naming the first bad name or rate. ``None``: none."""
+    if limits is None:
+        return {}
+    try:
+        return {name: rate.text for name, rate in sorted(parse_rate_limits(limits).items())}
+    except ValueError as exc:
+        raise KeyManagementError(f"rate_limits: {exc}") from None
+
+
+def key_rate_limits(
+    rate_limit: str | None, rate_limits: Mapping[str, str] | None
+) -> tuple[str | None, dict[str, str]]:
+    """A key's ``default`` rate and its other named rates, as stored: ``rate_limit`` is
+    the one named ``default``, which ``rate_limits`` may also give (once)."""
+    default = validate_rate_limit(rate_limit)
+    named = validate_rate_limits(rate_limits)
+    if POLICY_NAME in named:
+        given = named.pop(POLICY_NAME)
+        if default is not None and default != given:
+            raise KeyManagementError(
+                f"rate_limit {default!r} and rate_limits['default'] {given!r} differ;"
+                " give the default limit once"
+            )
+        default = given
+    return default, named
+
+
 def create_limits(
-    rate_limit: str | None, quota: int | None, quota_refill: timedelta | str | None, now: datetime
+    rate_limit: str | None,
+    quota: int | None,
+    quota_refill: timedelta | str | None,
+    now: datetime,
+    rate_limits: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """A new key's stored limit fields; its quota, if any, starts full ``now``."""
     refill = validate_refill(quota_refill)
     quota = validate_quota(quota)
     _refill_needs_quota(quota, refill)
+    default, named = key_rate_limits(rate_limit, rate_limits)
     return {
-        "rate_limit": validate_rate_limit(rate_limit),
+        "rate_limit": default,
+        "rate_limits": named,
         **(quota_changes(quota, refill, now) if quota is not None else {}),
     }
+
+
+def owner_quota(
+    quota: int | None, quota_refill: timedelta | str | None, now: datetime
+) -> dict[str, Any]:
+    """An owner's stored quota fields: a quota starts full ``now``."""
+    refill = validate_refill(quota_refill)
+    quota = validate_quota(quota)
+    _refill_needs_quota(quota, refill)
+    return quota_changes(quota, refill, now)
 
 
 def quota_update(current: KeyRecord, given: Mapping[str, Any], now: datetime) -> dict[str, Any]:
@@ -340,6 +396,12 @@ def update_changes(given: Mapping[str, Any], now: datetime) -> dict[str, Any]:
         changes["expires_at"] = expiry(now, None, given["expires_in"], None)
     if "ip_allowlist" in given:
         changes["ip_allowlist"] = validate_ip_allowlist(given["ip_allowlist"])
-    if "rate_limit" in given:
+    if "rate_limits" in given:
+        default, changes["rate_limits"] = key_rate_limits(
+            given.get("rate_limit"), given["rate_limits"]
+        )
+        if "rate_limit" in given or default is not None:
+            changes["rate_limit"] = default
+    elif "rate_limit" in given:
         changes["rate_limit"] = validate_rate_limit(given["rate_limit"])
     return changes

@@ -5,21 +5,20 @@ The pipeline (``docs/architecture.md``, "The request path")::
     digest ─► constant-time cache scan ─► hit: expiry check, state refresh after cache_ttl
                                        └► miss: parse (malformed / bad checksum: no store
                                           access) ─► negative cache ─► single flight per
-                                          token: store.get ─► argon2 in a worker thread
-                                          (bounded) ─► cache insert
+                                          token: store.get ─► the fleet's memo (memo.py),
+                                          else argon2 in a worker thread ─► cache insert
 
 It knows nothing of ASGI. argon2 runs at most once per token at a time, in at most
-``argon2_concurrency`` worker threads (``argon2_pool.py``). Misses are admitted
-before any store access (``admission.py``): one verification per key id with
-``per_key_pending`` waiting, ``max_pending_verifications`` in all, and a failure budget
-per key id, so an id whose recent attempts all failed is refused before the store read
-while other misses wait. Misses of such ids, and of ids with several tokens in flight,
-are suspects: they hold a quarter of the slots, read the store a few at a time and
-verify after everyone else, so a flood of wrong secrets over many public key ids leaves
-other tenants' first requests their argon2 time. Every refusal there is a ``503`` with
-``Retry-After`` (the key was not checked), the same for an id that exists and one that
-does not, and none is remembered by the negative cache: the owner of a flooded id is
-served within a second of the flood ending.
+``argon2_concurrency`` worker threads (``argon2_pool.py``). Misses are admitted before
+any store access (``admission.py``): one verification per key id with ``per_key_pending``
+waiting, ``max_pending_verifications`` in all, and a failure budget per key id, so an id
+whose recent attempts all failed is refused before the store read while other misses
+wait. Suspects (such ids, and ids with several tokens in flight) hold a quarter of the
+slots, read the store a few at a time and verify after everyone else: a flood of wrong
+secrets over many public key ids leaves other tenants their argon2 time. Each refusal
+there is a ``503`` with ``Retry-After``, the same for an id that exists and one that does
+not, and none is remembered by the negative cache: the owner of a flooded id is served
+within a second of the flood ending.
 
 Counting: a hit is a request the verified-key cache answered; a miss, a well-formed key
 that neither it nor the negative cache answered. A refusal repeated from the negative
@@ -35,27 +34,24 @@ the change, so it reads again before it answers and never writes the old state b
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import os
 import time
-from bisect import bisect_left
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from datetime import datetime, timezone
 from functools import partial
-
-import anyio
 
 from .admission import DEFAULT_FAILURE_BUDGET, DEFAULT_FAILURE_REFILL, Admission, FailureBudget
 from .argon2_pool import Argon2Pool
 from .cache import CachedKey, VerifiedKeyCache
-from .errors import AuthenticationError, InvalidToken, ServiceUnavailable, StoreError
+from .errors import InvalidToken, ServiceUnavailable, StoreError
 from .hashing import DEFAULT_PARAMETERS, SecretHasher
+from .memo import NullMemo, VerificationMemo
 from .negative import NegativeCache
 from .principal import APIKeyUser
-from .stats import ARGON2_BUCKETS, Counters
+from .single_flight import SingleFlight
+from .stats import Counters
 from .stores.protocol import KeyStore
 from .stores.records import KeyRecord
 from .tokens import MAX_TOKEN_LENGTH, ParsedKey, parse_key
@@ -105,48 +101,6 @@ DEFAULT_PER_KEY_PENDING = 3
 _SETTLE_ATTEMPTS = 3
 
 
-class _Interrupted(Exception):
-    """The leader of a single flight was cancelled; followers retry."""
-
-
-@dataclass(slots=True)
-class _Flight:
-    done: anyio.Event
-    result: CachedKey | None = None
-    error: BaseException | None = None
-
-
-@dataclass(slots=True)
-class _SingleFlight:
-    flights: dict[bytes, _Flight] = field(default_factory=dict)
-
-    async def run(self, key: bytes, work: Callable[[], Awaitable[CachedKey]]) -> CachedKey:
-        while True:
-            flight = self.flights.get(key)
-            if flight is None:
-                break
-            await flight.done.wait()
-            if isinstance(flight.error, _Interrupted):
-                continue
-            if flight.error is not None:
-                raise copy.copy(flight.error)
-            assert flight.result is not None
-            return flight.result
-        flight = self.flights[key] = _Flight(anyio.Event())
-        try:
-            flight.result = await work()
-            return flight.result
-        except AuthenticationError as exc:
-            flight.error = exc
-            raise
-        except BaseException:
-            flight.error = _Interrupted()
-            raise
-        finally:
-            del self.flights[key]
-            flight.done.set()
-
-
 class Verifier:
     def __init__(
         self,
@@ -166,21 +120,22 @@ class Verifier:
         failure_refill: float = DEFAULT_FAILURE_REFILL,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        memo: VerificationMemo | None = None,
     ) -> None:
         if cache_ttl <= 0 or cache_idle <= 0:
             raise ValueError("cache_ttl and cache_idle must be positive")
         self.store = store
         self.hasher = hasher or SecretHasher(DEFAULT_PARAMETERS)
-        self.cache_ttl = cache_ttl
+        self._cache_ttl = cache_ttl
         self.cache_idle = cache_idle
         self.stale_if_error = stale_if_error
         self.argon2_concurrency = argon2_concurrency
         self._argon2 = Argon2Pool(argon2_concurrency)
-        self.cache = VerifiedKeyCache(max_size=cache_max_size)
+        self.memo: VerificationMemo = memo or NullMemo()
+        self.cache = VerifiedKeyCache(max_size=cache_max_size, ttl=cache_ttl)
         self.counters = Counters()
         self.argon2_in_flight = 0
-        #: Wall clock (expiry) and monotonic clock (TTLs); tests may replace them.
-        self.clock = clock
+        self._clock = clock
         self.monotonic = monotonic
         self.admission = Admission(
             max_pending=max_pending_verifications,
@@ -198,7 +153,9 @@ class Verifier:
             if negative_ttl > 0 and negative_max_size > 0
             else None
         )
-        self._flights = _SingleFlight()
+        self._flights: SingleFlight[CachedKey] = SingleFlight()
+        #: Monotonic time a state refresh last failed (store down), per cached key id.
+        self._refresh_failed: dict[str, float] = {}
         #: A store read that fails after this many seconds opens a short breaker.
         self.slow_store_failure = SLOW_STORE_FAILURE
         self._store_down_until = -math.inf
@@ -206,6 +163,9 @@ class Verifier:
         #: revoked, expired, disabled): the usage recorder counts them per key and minute.
         #: Unknown ids and malformed keys are nobody's, so they are not reported.
         self.on_reject: Callable[[str], None] | None = None
+        #: How a miss reads a token, and the longest taken (``keystile.legacy`` widens both).
+        self.parse: Callable[[bytes], ParsedKey] = parse_key
+        self.max_token_length = MAX_TOKEN_LENGTH
 
     @property
     def max_pending_verifications(self) -> int:
@@ -220,12 +180,42 @@ class Verifier:
         """Misses admitted and not yet answered (reading the store, waiting or verifying)."""
         return self.admission.pending
 
+    @property
+    def cache_ttl(self) -> float:
+        """Seconds a cached key's state may be old before it is read again."""
+        return self._cache_ttl
+
+    @cache_ttl.setter
+    def cache_ttl(self, ttl: float) -> None:
+        self._cache_ttl = ttl
+        self.cache.set_clocks(self._monotonic, self._clock, ttl=ttl)
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        """The wall clock (expiry, usage); tests may replace it, and ``monotonic``."""
+        return self._clock
+
+    @clock.setter
+    def clock(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self.cache.set_clocks(self.monotonic, clock, ttl=self._cache_ttl)
+
+    @property
+    def monotonic(self) -> Callable[[], float]:
+        """The monotonic clock (TTLs, idle times)."""
+        return self._monotonic
+
+    @monotonic.setter
+    def monotonic(self, monotonic: Callable[[], float]) -> None:
+        self._monotonic = monotonic
+        self.cache.set_clocks(monotonic, self._clock, ttl=self._cache_ttl)
+
     # -- the request path -----------------------------------------------------------
 
     def hit(self, token: bytes) -> CachedKey | None:
         """The hit path without a coroutine: the entry if ``token`` is cached, unexpired
         and fresh, else ``None`` (then ``verify`` decides). Counts only the hits it returns."""
-        if len(token) > MAX_TOKEN_LENGTH:
+        if len(token) > self.max_token_length:
             return None
         now = self.monotonic()
         entry = self.cache.lookup(self.cache.digest(token), now)
@@ -234,33 +224,9 @@ class Verifier:
         self.counters.cache_hits += 1
         return entry
 
-    def hit_request(
-        self,
-        headers: list[tuple[bytes, bytes]],
-        header_name: bytes,
-        prefixes: tuple[bytes, ...] | None,
-    ) -> tuple[CachedKey, list[tuple[bytes, bytes]]] | None:
-        """The compiled hit path: the entry and the headers without the credential, if the
-        request is a plain hit on a cached, unexpired and fresh key; else ``None`` (then
-        the pure-Python path decides). Only with ``cache.compiled``."""
-        now = self.monotonic()
-        found: tuple[CachedKey, list[tuple[bytes, bytes]]] | None = self.cache.hit_request(
-            headers, header_name, prefixes, now
-        )
-        if found is None:
-            return None
-        entry = found[0]
-        expires_at = entry.expires_at  # _expired, inlined: this runs on every request
-        if now - entry.checked_at > self.cache_ttl or (
-            expires_at is not None and self.clock() >= expires_at
-        ):
-            return None
-        self.counters.cache_hits += 1
-        return found
-
     async def verify(self, token: bytes) -> CachedKey:
         """Return the cached principal for ``token`` or raise an ``AuthenticationError``."""
-        if len(token) > MAX_TOKEN_LENGTH:
+        if len(token) > self.max_token_length:
             raise InvalidToken("malformed")
         digest = self.cache.digest(token)
         now = self.monotonic()
@@ -278,7 +244,7 @@ class Verifier:
         return entry
 
     async def _verify_miss(self, token: bytes, digest: bytes) -> CachedKey:
-        parsed = parse_key(token)
+        parsed = self.parse(token)
         if self._negative is not None:
             remembered = self._negative.get(digest)
             if remembered is not None:
@@ -298,22 +264,13 @@ class Verifier:
             if record is None or record.prefix != parsed.prefix:
                 budget.failed(key_id)
                 raise self._remember(digest, "unknown")
-            self.argon2_in_flight += 1
-            try:
-                matched, upgraded, seconds = await self._argon2.run(
-                    partial(self._timed_verify, record.secret_hash, parsed.secret),
-                    suspect=self.admission.suspect(key_id),
-                )
-            finally:
-                self.argon2_in_flight -= 1
+            recalled = await self.memo.recall(parsed, record.secret_hash, self.hasher.upgrades)
+            matched, upgraded = (True, None) if recalled else await self._by_argon2(parsed, record)
             # Counted while the id's lock is held, so its next miss sees the outcome.
             if matched:
                 budget.succeeded(key_id)
             else:
                 budget.failed(key_id)
-        self.counters.argon2_verifications += 1
-        self.counters.argon2_seconds += seconds
-        self.counters.argon2_buckets[bisect_left(ARGON2_BUCKETS, seconds)] += 1
         if not matched:
             self._rejected(record.id, "wrong_secret")
             raise self._remember(digest, "wrong_secret")
@@ -326,10 +283,25 @@ class Verifier:
         if status != "active":
             self._rejected(settled.id, status)
             raise self._remember(digest, status, settled.id)
+        if not recalled:
+            await self.memo.remember(parsed, upgraded or record.secret_hash)
         entry = self._entry(settled)
         if settled_epoch is not None:
             self.cache.insert(digest, entry, now=entry.checked_at, epoch=settled_epoch)
         return entry
+
+    async def _by_argon2(self, parsed: ParsedKey, record: KeyRecord) -> tuple[bool, str | None]:
+        """argon2 in a worker thread, counted: ``(matched, upgraded hash or None)``."""
+        self.argon2_in_flight += 1
+        try:
+            matched, upgraded, seconds = await self._argon2.run(
+                partial(self._timed_verify, record.secret_hash, parsed.secret),
+                suspect=self.admission.suspect(record.id),
+            )
+        finally:
+            self.argon2_in_flight -= 1
+        self.counters.count_argon2(seconds)
+        return matched, upgraded
 
     async def _settle(self, record: KeyRecord, epoch: int) -> tuple[KeyRecord | None, int | None]:
         """``record`` if its key was not evicted since ``epoch``, else its state read again.
@@ -354,7 +326,9 @@ class Verifier:
     async def _reload(self, entry: CachedKey) -> CachedKey:
         now = self.monotonic()
         servable = now - entry.checked_at <= self.cache_ttl + self.stale_if_error
-        if servable and now - entry.refresh_failed_at < STALE_RETRY_INTERVAL:
+        if servable and now - self._refresh_failed.get(entry.key_id, -math.inf) < (
+            STALE_RETRY_INTERVAL
+        ):
             # The store just failed for this key: serve the stale state without making
             # every request wait for another connect timeout.
             self.counters.stale_served += 1
@@ -367,12 +341,15 @@ class Verifier:
                     break
         except StoreError as exc:
             if servable and not self.cache.changed_since(entry.key_id, epoch):
-                entry.refresh_failed_at = now
+                if len(self._refresh_failed) >= self.cache.max_size:
+                    self._refresh_failed.clear()
+                self._refresh_failed[entry.key_id] = now
                 self.counters.stale_served += 1
                 return entry
             raise ServiceUnavailable("store_unavailable") from exc
         self.counters.state_refreshes += 1
-        fresh = self._apply(entry, record, epoch)
+        self._refresh_failed.pop(entry.key_id, None)
+        fresh = self._apply(entry.key_id, record, epoch)
         if fresh is None:
             disabled = record is not None and record.revoked_at is None
             raise self._rejected(entry.key_id, "disabled" if disabled else "revoked")
@@ -387,10 +364,10 @@ class Verifier:
         if not stale:
             return 0
         epoch = self.cache.epoch
-        records = await self.store.get_many([e.key_id for e in stale])
+        records = await self.store.get_many(stale)
         self.counters.state_refreshes += len(stale)
-        for entry in stale:
-            self._apply(entry, records.get(entry.key_id), epoch)
+        for key_id in stale:
+            self._apply(key_id, records.get(key_id), epoch)
         return len(stale)
 
     def evict_idle(self) -> int:
@@ -436,7 +413,7 @@ class Verifier:
 
     async def _upgrade_hash(self, record: KeyRecord, secret_hash: str) -> None:
         try:
-            await self.store.update_hash(record.id, secret_hash)
+            await self.store.update_hash(record.id, secret_hash, replacing=record.secret_hash)
         except StoreError as exc:
             logger.warning("keystile: could not upgrade the hash of key %s: %s", record.id, exc)
 
@@ -459,14 +436,14 @@ class Verifier:
         expires = record.expires_at.timestamp() if record.expires_at is not None else None
         return CachedKey(APIKeyUser.from_record(record), expires, self.monotonic())
 
-    def _apply(self, entry: CachedKey, record: KeyRecord | None, epoch: int) -> CachedKey | None:
+    def _apply(self, key_id: str, record: KeyRecord | None, epoch: int) -> CachedKey | None:
         """Fold state read at ``epoch`` into the cache; ``None`` when the key is gone.
 
         A key evicted since ``epoch`` keeps what the eviction left (nothing, or state
         read after it): the record in hand may predate the change.
         """
         if record is None or record.revoked_at is not None or record.disabled_at is not None:
-            self.cache.evict(entry.key_id)
+            self.cache.evict(key_id)
             return None
         fresh = self._entry(record)
         self.cache.replace_state(fresh, epoch=epoch)

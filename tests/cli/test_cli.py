@@ -279,6 +279,7 @@ NO_DB_COMMANDS = [
     ["rotate", "AbC123def456", "--owner", "acme"],
     ["reap", "--unused-for", "90d"],
     ["reap", "--dry-run"],
+    ["import", "csv", "--file", "keys.csv"],
 ]
 
 

@@ -26,6 +26,8 @@ sys.exit(main(sys.argv[1:]))
 
 HEAVY = (
     "keystile.manager",
+    "keystile.importers",
+    "keystile.legacy",
     "keystile.stores",
     "keystile.middleware",
     "keystile.validation",
@@ -55,10 +57,13 @@ def _heavy(modules: set[str]) -> set[str]:
     return {m for m in modules if any(m == h or m.startswith(f"{h}.") for h in HEAVY)}
 
 
-@pytest.mark.parametrize("command", [[], ["create"], ["usage"], ["demo"]], ids=str)
+@pytest.mark.parametrize(
+    "command", [[], ["create"], ["usage"], ["demo"], ["import"], ["import", "csv"]], ids=str
+)
 def test_help_imports_no_manager_store_or_framework(command: list[str], tmp_path: Path) -> None:
     """``keystile --help`` (and a command's ``--help``) imports none of the manager, the
-    stores, anyio, argon2, starlette, asyncpg or numpy: the command's modules only."""
+    stores, the importers, anyio, argon2, starlette, asyncpg or numpy: the command's
+    modules only."""
     loaded = _loaded_by(*command, "--help", cwd=tmp_path)
     assert _heavy(loaded) == set()
     assert "keystile.cli.keys" in loaded

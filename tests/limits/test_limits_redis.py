@@ -9,10 +9,6 @@ failure. Every test uses a key prefix of its own, deleted afterwards.
 from __future__ import annotations
 
 import logging
-import os
-import socket
-import uuid
-from collections.abc import AsyncIterator
 
 import pytest
 from test_limits import enforcer_of, limited_app, mint, statuses
@@ -22,40 +18,6 @@ from keystile import KeyManager
 from keystile.stores import store_from_url
 
 pytestmark = pytest.mark.anyio
-
-REDIS_URL = os.environ.get("KEYSTILE_TEST_REDIS_URL", "")
-REQUIRE_REDIS = os.environ.get("KEYSTILE_REQUIRE_REDIS") == "1"
-SKIP_REASON = "Redis tests need KEYSTILE_TEST_REDIS_URL, e.g. redis://127.0.0.1:6379/0"
-
-
-@pytest.fixture
-async def redis_url() -> AsyncIterator[str]:
-    """The test Redis with a key prefix of its own (``?key_prefix=``), cleaned afterwards."""
-    if not REDIS_URL:
-        if REQUIRE_REDIS:
-            pytest.fail(f"KEYSTILE_REQUIRE_REDIS=1 but {SKIP_REASON}")
-        pytest.skip(SKIP_REASON)
-    import redis.asyncio as aioredis
-
-    prefix = f"keystile-test-{uuid.uuid4().hex[:12]}"
-    sep = "&" if "?" in REDIS_URL else "?"
-    yield f"{REDIS_URL}{sep}key_prefix={prefix}"
-    conn = aioredis.Redis.from_url(REDIS_URL)
-    try:
-        keys = [k async for k in conn.scan_iter(match=f"{prefix}:*")]
-        if keys:
-            await conn.delete(*keys)
-    finally:
-        await conn.aclose()
-
-
-@pytest.fixture
-def closed_port_url() -> str:
-    """A Redis URL on a local port nobody listens on: connections are refused."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"redis://127.0.0.1:{port}/0"
 
 
 async def test_two_middlewares_on_one_redis_share_one_limit_exactly(

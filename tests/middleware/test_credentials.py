@@ -166,13 +166,13 @@ def test_compiled_walk_reads_an_empty_x_api_key_as_python_does(
     assert cache.insert(cache.digest(KEY), cached, now=0.0, epoch=cache.epoch)
     assert cache.hit_request is not None
     headers = [(b"x-api-key", b" "), (b"host", b"h"), (b"authorization", b"Bearer " + KEY)]
-    found = cache.hit_request(headers, X_API_KEY, prefixes, 1.0)
+    found = cache.hit_request(headers, X_API_KEY, prefixes, True)
     assert found is not None
-    assert found[0] is cached
-    assert found[1] == split_credential(headers, X_API_KEY)[2] == [(b"host", b"h")]
-    assert cache.hit_request([(b"x-api-key", b"")], X_API_KEY, prefixes, 1.0) is None
+    assert found[0] is cached.user
+    assert found[2] == split_credential(headers, X_API_KEY)[2] == [(b"host", b"h")]
+    assert cache.hit_request([(b"x-api-key", b"")], X_API_KEY, prefixes, True) is None
     with_empty_bearer = [(b"x-api-key", KEY), (b"authorization", b"Bearer ")]
-    assert cache.hit_request(with_empty_bearer, X_API_KEY, prefixes, 1.0) is None
+    assert cache.hit_request(with_empty_bearer, X_API_KEY, prefixes, True) is None
 
 
 def test_empty_x_api_key_does_not_hide_two_different_keys() -> None:

@@ -23,7 +23,7 @@ import hashlib
 import pytest
 
 from hitpaths import COMPILED_AVAILABLE
-from keystile.cache import PyTable
+from keystile.pytable import PyTable
 from keystile.tokens import MAX_TOKEN_LENGTH
 
 compiled_only = pytest.mark.skipif(not COMPILED_AVAILABLE, reason="keystile._speedups not in use")

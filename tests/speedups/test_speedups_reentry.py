@@ -79,12 +79,12 @@ class OnCollect:
 
 
 class Now:
-    """A ``now`` argument that notes when the table reads it (as its call begins)."""
+    """A monotonic clock that notes when the table reads it (as its call begins)."""
 
     def __init__(self, events: list[str]) -> None:
         self.events = events
 
-    def __float__(self) -> float:
+    def __call__(self) -> float:
         self.events.append("call")
         return 1.0
 
@@ -113,24 +113,37 @@ def collector_armed() -> Iterator[Callable[[], None]]:
         del spare
 
 
-def compiled_table() -> Any:
+def compiled_table(now: Callable[[], float] | None = None) -> Any:
     from keystile import _speedups
 
-    return _speedups.Table(KEY, MAX_TOKEN_LENGTH)
+    table = _speedups.Table(KEY, MAX_TOKEN_LENGTH)
+    table.set_clocks(now, None)
+    return table
 
 
 def token(name: str) -> bytes:
     return f"token-{name}".encode()
 
 
-class Key(CachedKey):
-    """A cached key that runs ``on_release`` when its last reference is dropped."""
+class Releasing(APIKeyUser):
+    """A principal that runs ``on_release`` when its last reference is dropped."""
 
-    __slots__ = ("on_release",)
-    on_release: Callable[[], object]
+    def __init__(self, key_id: str, on_release: Callable[[], object]) -> None:
+        super().__init__(key_id=key_id, owner="o", name=key_id)
+        object.__setattr__(self, "on_release", on_release)
 
     def __del__(self) -> None:
-        self.on_release()
+        self.on_release()  # type: ignore[attr-defined]
+
+
+def put(table: Any, user: APIKeyUser, checked_at: Any = 0.0, now: float = 0.0) -> None:
+    """``user`` into the compiled table under its token."""
+    digest = table.digest(token(user.key_id))
+    table.insert(digest, (user.key_id, user, (), None, checked_at, True), now, 100)
+
+
+def users(table: Any) -> list[APIKeyUser]:
+    return [state[0] for state in table.states()]
 
 
 def insert(
@@ -140,8 +153,7 @@ def insert(
     *,
     now: float = 0.0,
 ) -> None:
-    entry = Key(APIKeyUser(key_id=key_id, owner="o", name=key_id), None, 0.0)
-    entry.on_release = on_release
+    entry = CachedKey(Releasing(key_id, on_release), None, 0.0)
     assert cache.insert(cache.digest(token(key_id)), entry, now=now, epoch=cache.epoch)
 
 
@@ -160,38 +172,36 @@ def assert_holds(cache: VerifiedKeyCache, expected: set[str], names: str) -> Non
             assert found is None and by_id is None, (name, found, by_id)
 
 
-# -- the compiled table: hit, entries, clear, put --------------------------------------------
+# -- the compiled table: hit, states, clear, insert ------------------------------------------
 
 
 def hit_while_the_key_moves(path: str) -> None:
-    table = compiled_table()
-    a, b = APIKeyUser(key_id="a", owner="o", name="a"), APIKeyUser(key_id="b", owner="o", name="b")
-    table.append(table.digest(token("a")), a, 0.0)
-    table.append(table.digest(token("b")), b, 0.0)
     events: list[str] = []
+    table = compiled_table(Now(events))
+    a, b = APIKeyUser(key_id="a", owner="o", name="a"), APIKeyUser(key_id="b", owner="o", name="b")
+    put(table, a)
+    put(table, b)
     headers = [(b"x-api-key", token("a"))]
-    now = Now(events)
 
     def remove_a() -> None:
         events.append("finalizer")
-        table.remove(0)  # b moves into a's slot
+        table.evict("a")  # b moves into a's slot
 
     with collector_armed() as arm:
         OnCollect(remove_a)
         arm()
-        found = table.hit(headers, b"x-api-key", None, now)
+        found = table.hit(headers, b"x-api-key", None, True)
     assert events == ["call", "finalizer"], events
     assert found is None, f"token a answered with {found[0]!r}"
-    assert table.hit(headers, b"x-api-key", None, 2.0) is None
-    assert table.hit([(b"x-api-key", token("b"))], b"x-api-key", None, 2.0)[0] is b
+    assert table.hit(headers, b"x-api-key", None, True) is None
+    assert table.hit([(b"x-api-key", token("b"))], b"x-api-key", None, True)[0] is b
 
 
 def hit_while_the_table_is_cleared(path: str) -> None:
-    table = compiled_table()
-    table.append(table.digest(token("a")), APIKeyUser(key_id="a", owner="o", name="a"), 0.0)
     events: list[str] = []
+    table = compiled_table(Now(events))
+    put(table, APIKeyUser(key_id="a", owner="o", name="a"))
     headers = [(b"host", b"h"), (b"x-api-key", token("a"))]
-    now = Now(events)
 
     def clear() -> None:
         events.append("finalizer")
@@ -200,19 +210,19 @@ def hit_while_the_table_is_cleared(path: str) -> None:
     with collector_armed() as arm:
         OnCollect(clear)
         arm()
-        found = table.hit(headers, b"x-api-key", None, now)
+        found = table.hit(headers, b"x-api-key", None, True)
     assert events == ["call", "finalizer"], events
     assert found is None
-    assert len(table) == 0 and table.entries() == []
+    assert len(table) == 0 and table.states() == []
+    assert table.hits == 0 and table.harvest() == []  # nothing counted for a declined hit
 
 
 def hit_while_the_headers_change(path: str) -> None:
-    table = compiled_table()
-    a = APIKeyUser(key_id="a", owner="o", name="a")
-    table.append(table.digest(token("a")), a, 0.0)
     events: list[str] = []
+    table = compiled_table(Now(events))
+    a = APIKeyUser(key_id="a", owner="o", name="a")
+    put(table, a)
     headers = [(b"host", b"h"), (b"x-api-key", token("a")), (b"accept", b"*/*")]
-    now = Now(events)
 
     def empty_the_headers() -> None:
         events.append("finalizer")
@@ -221,32 +231,32 @@ def hit_while_the_headers_change(path: str) -> None:
     with collector_armed() as arm:
         OnCollect(empty_the_headers)
         arm()
-        found = table.hit(headers, b"x-api-key", None, now)
+        found = table.hit(headers, b"x-api-key", None, True)
     assert events == ["call", "finalizer"], events
     assert found is None
 
 
-def entries_while_the_table_shrinks(path: str) -> None:
+def states_while_the_table_shrinks(path: str) -> None:
     table = compiled_table()
     kept = [APIKeyUser(key_id=f"k{i}", owner="o", name="n") for i in range(4)]
-    for i, user in enumerate(kept):
-        table.append(table.digest(token(f"k{i}")), user, 0.0)
+    for user in kept:
+        put(table, user)
     events: list[str] = []
 
     def remove_two() -> None:
         events.append("finalizer")
-        table.remove(0)
-        table.remove(0)
+        table.evict("k0")
+        table.evict("k3")
 
     with collector_armed() as arm:
         OnCollect(remove_two)
         arm()
         events.append("call")
-        out = table.entries()
+        out = table.states()
     assert events == ["call", "finalizer"], events
     assert len(out) == len(table) == 2
-    assert all(user is not None for user in out)
-    assert {user.key_id for user in out} == {"k1", "k2"}  # k3, then k2 moved into slot 0
+    assert all(state[0] is not None for state in out)
+    assert {state[0].key_id for state in out} == {"k1", "k2"}
 
 
 def clear_while_a_release_inserts(path: str) -> None:
@@ -255,22 +265,21 @@ def clear_while_a_release_inserts(path: str) -> None:
 
     def refill() -> None:
         table.clear()  # again, from inside the first
-        table.append(table.digest(token("x")), x, 0.0)
-        table.append(table.digest(token("y")), y, 0.0)
+        put(table, x)
+        put(table, y)
 
-    holder = Key(APIKeyUser(key_id="a", owner="o", name="a"), None, 0.0)
-    holder.on_release = refill
-    table.append(table.digest(token("a")), holder, 0.0)
-    table.append(table.digest(token("b")), APIKeyUser(key_id="b", owner="o", name="b"), 0.0)
-    table.append(table.digest(token("c")), APIKeyUser(key_id="c", owner="o", name="c"), 0.0)
-    del holder
+    put(table, Releasing("a", refill))
+    put(table, APIKeyUser(key_id="b", owner="o", name="b"))
+    put(table, APIKeyUser(key_id="c", owner="o", name="c"))
     table.clear()
     assert len(table) == 2
-    assert table.entries() == [x, y]
+    assert users(table) == [x, y]
     for name, user in (("x", x), ("y", y)):
-        assert table.lookup(table.digest(token(name)), 1.0) is user
+        assert table.lookup(table.digest(token(name)), 1.0)[0] is user
+        assert table.get(name)[0] is user
     for name in "abc":
         assert table.lookup(table.digest(token(name)), 1.0) is None
+        assert table.get(name) is None
 
 
 def clear_without_memory(path: str) -> None:
@@ -278,35 +287,34 @@ def clear_without_memory(path: str) -> None:
 
     table = compiled_table()
     for name in "abc":
-        table.append(table.digest(token(name)), APIKeyUser(key_id=name, owner="o", name=name), 0.0)
+        put(table, APIKeyUser(key_id=name, owner="o", name=name))
     _testcapi.set_nomemory(0, 1)  # the next allocation fails
     try:
         table.clear()
     finally:
         _testcapi.remove_mem_hooks()
-    assert len(table) == 0 and table.entries() == []
+    assert len(table) == 0 and table.states() == []
     assert table.lookup(table.digest(token("a")), 1.0) is None
+    assert table.get("a") is None
 
 
-def put_whose_time_clears_the_table(path: str) -> None:
+def insert_whose_time_clears_the_table(path: str) -> None:
     table = compiled_table()
     for name in "abc":
-        table.append(table.digest(token(name)), APIKeyUser(key_id=name, owner="o", name=name), 0.0)
+        put(table, APIKeyUser(key_id=name, owner="o", name=name))
 
     class Clearing:
         def __float__(self) -> float:
             table.clear()
             return 1.0
 
-    try:
-        table.put(
-            2, table.digest(token("d")), APIKeyUser(key_id="d", owner="o", name="d"), Clearing()
-        )
-    except IndexError:
-        pass
-    else:
-        raise AssertionError("put wrote a slot that the table no longer has")
-    assert len(table) == 0 and table.entries() == []
+    d = APIKeyUser(key_id="d", owner="o", name="d")
+    put(table, d, checked_at=Clearing())  # converted before any slot is looked for
+    assert len(table) == 1 and users(table) == [d]
+    assert table.lookup(table.digest(token("d")), 1.0)[0] is d
+    for name in "abc":
+        assert table.lookup(table.digest(token(name)), 1.0) is None and name not in table
+    assert not table.set_state(("a", d, (), None, Clearing(), True))  # a is gone
 
 
 @compiled_only
@@ -317,24 +325,25 @@ def put_whose_time_clears_the_table(path: str) -> None:
         hit_while_the_key_moves,
         hit_while_the_table_is_cleared,
         hit_while_the_headers_change,
-        entries_while_the_table_shrinks,
+        states_while_the_table_shrinks,
     ],
 )
 def test_collection_inside_an_allocation(scenario: Scenario) -> None:
-    """A finalizer run by a collection inside ``hit`` or ``entries`` (evicting the key that
+    """A finalizer run by a collection inside ``hit`` or ``states`` (evicting the key that
     matched, clearing, emptying the header list) never makes a token answer with another
-    key's principal or crash: ``hit`` declines, ``entries`` lists what the table holds."""
+    key's principal or crash: ``hit`` declines (and counts nothing), ``states`` lists what
+    the table holds."""
     run_alone(scenario, "compiled")
 
 
 @compiled_only
 @pytest.mark.parametrize(
-    "scenario", [clear_while_a_release_inserts, put_whose_time_clears_the_table]
+    "scenario", [clear_while_a_release_inserts, insert_whose_time_clears_the_table]
 )
 def test_python_code_inside_a_compiled_mutation(scenario: Scenario) -> None:
-    """``clear`` takes the entries out before releasing them, so a finalizer that clears
-    and inserts leaves a consistent table; ``put`` checks its slot after its arguments'
-    conversions, which may change the table."""
+    """``clear`` takes the slots out before releasing them, so a finalizer that clears
+    and inserts leaves a consistent table; ``insert`` and ``set_state`` find the key's slot
+    after their arguments' conversions, which may change the table."""
     run_alone(scenario, "compiled")
 
 

@@ -589,3 +589,36 @@ async def test_watch_keeps_retrying_while_the_server_is_unreachable(
     warnings = [r for r in caplog.records if r.name == "keystile.postgres"]
     assert len(warnings) == 1
     assert "s3cret" not in warnings[0].getMessage()
+
+
+@pytest.mark.anyio
+async def test_a_pooled_connection_goes_back_without_a_reset_round_trip(
+    pg_store: PostgresKeyStore, raw: asyncpg.Connection
+) -> None:
+    """A read is one statement: releasing its connection sends no ``RESET ALL`` batch."""
+    r = record()
+    await pg_store.insert(r)
+    assert await pg_store.get(r.id) == r
+    last = await raw.fetch(
+        "SELECT query FROM pg_stat_activity WHERE application_name = $1",
+        pg_store.application_name(POOL_APPLICATION_NAME),
+    )
+    assert last
+    assert not [row["query"] for row in last if "RESET ALL" in row["query"]]
+
+
+@pytest.mark.anyio
+async def test_a_connection_released_inside_a_transaction_comes_back_clean(
+    pg_store: PostgresKeyStore,
+) -> None:
+    """asyncpg's own rollback still runs: a transaction left open does not leak into the
+    next borrower."""
+    pool = await pg_store._get_pool()
+    async with pool.acquire() as conn:
+        transaction = conn.transaction()
+        await transaction.start()
+        await conn.execute("CREATE TEMP TABLE leftover (x int)")
+    for _ in range(pool.get_max_size()):
+        async with pool.acquire() as conn:
+            assert not conn.is_in_transaction()
+            assert await conn.fetchval("SELECT to_regclass('pg_temp.leftover')") is None

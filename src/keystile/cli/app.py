@@ -20,7 +20,8 @@ from typing import Any, NoReturn
 
 from ..database_url import DATABASE_URL_ENV, DEFAULT_DATABASE_URL
 from ..errors import KeystileError
-from . import demo, keys, maintenance, usage
+from . import demo, importing, keys, maintenance, owners, usage
+from .arguments import global_options
 from .command import Command, CommandError
 from .output import err
 
@@ -32,6 +33,7 @@ EXIT_BROKEN_PIPE = 128 + 13
 #: operator meets it.
 HELP_ORDER = (
     "init",
+    "import",
     "create",
     "list",
     "show",
@@ -42,6 +44,7 @@ HELP_ORDER = (
     "revoke",
     "rotate",
     "reap",
+    "owner",
     "usage",
     "demo",
 )
@@ -72,6 +75,8 @@ examples:
   keystile rotate KEY_ID --owner acme --grace 1h
   keystile revoke KEY_ID --owner acme
   keystile reap --unused-for 90d --dry-run
+  keystile import drf-api-key --source-url sqlite:///db.sqlite3 --owner-from name
+  keystile import csv --file keys.csv --dry-run
   keystile usage KEY_ID --owner acme --since 7d --by hour
   keystile usage --owner acme --since 1d --top 10
   keystile demo
@@ -107,30 +112,16 @@ class _Version(argparse.Action):
         parser.exit()
 
 
-def _global_options(*, on_command: bool) -> _Parser:
-    """``--database-url`` and ``--json``, taken before the command and after it, as gh and
-    stripe take theirs. On a command they default to ``SUPPRESS``: a command that was not
-    given the option leaves the value given before the command alone."""
-    options = _Parser(add_help=False)
-    default: dict[str, Any] = {"default": argparse.SUPPRESS} if on_command else {}
-    options.add_argument(
-        "--database-url",
-        metavar="URL",
-        help=f"key database (default: ${DATABASE_URL_ENV}, else {DEFAULT_DATABASE_URL})",
-        **default,
-    )
-    options.add_argument(
-        "--json",
-        action="store_true",
-        help="JSON on stdout: one object per line for lists, one object for one key",
-        **default,
-    )
-    return options
-
-
 def _commands() -> list[Command]:
     """Every command, in ``HELP_ORDER`` (a command missing from it fails here, loudly)."""
-    found = [*maintenance.COMMANDS, *keys.COMMANDS, *usage.COMMANDS, *demo.COMMANDS]
+    found = [
+        *maintenance.COMMANDS,
+        *keys.COMMANDS,
+        *owners.COMMANDS,
+        *importing.COMMANDS,
+        *usage.COMMANDS,
+        *demo.COMMANDS,
+    ]
     return sorted(found, key=lambda command: HELP_ORDER.index(command.name))
 
 
@@ -140,12 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
         description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        parents=[_global_options(on_command=False)],
+        parents=[global_options(on_command=False, parser_class=_Parser)],
     )
     parser.add_argument("--version", action=_Version)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    shared = [_global_options(on_command=True)]
+    shared = [global_options(on_command=True, parser_class=_Parser)]
     for command in _commands():
         p = sub.add_parser(
             command.name,

@@ -12,8 +12,9 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from datetime import timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 
+from ..database_url import DATABASE_URL_ENV, DEFAULT_DATABASE_URL
 from ..durations import format_duration, parse_duration
 from ..errors import KeystileError
 
@@ -28,6 +29,7 @@ __all__ = [
     "cidr",
     "count",
     "duration",
+    "global_options",
     "key_id",
     "key_name",
     "metadata_pair",
@@ -42,10 +44,33 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+P = TypeVar("P", bound=argparse.ArgumentParser)
 
-#: Past these a store could not hold the number (a quota is a 62-bit integer; a count is
-#: a 32-bit SQL LIMIT).
-MAX_QUOTA, MAX_COUNT = 2**62 - 1, 2**31 - 1
+#: Past these a number is refused: a quota is exact up to 2**53 - 1 everywhere (the
+#: stores, Redis's Lua, JSON: ``limits.MAX_QUOTA``, not imported so that ``--help`` stays
+#: light); a count is a 32-bit SQL LIMIT.
+MAX_QUOTA, MAX_COUNT = 2**53 - 1, 2**31 - 1
+
+
+def global_options(*, on_command: bool, parser_class: type[P]) -> P:
+    """``--database-url`` and ``--json``, taken before the command and after it, as gh and
+    stripe take theirs. On a command they default to ``SUPPRESS``: a command that was not
+    given the option leaves the value given before the command alone."""
+    options = parser_class(add_help=False)
+    default: dict[str, Any] = {"default": argparse.SUPPRESS} if on_command else {}
+    options.add_argument(
+        "--database-url",
+        metavar="URL",
+        help=f"key database (default: ${DATABASE_URL_ENV}, else {DEFAULT_DATABASE_URL})",
+        **default,
+    )
+    options.add_argument(
+        "--json",
+        action="store_true",
+        help="JSON on stdout: one object per line for lists, one object for one key",
+        **default,
+    )
+    return options
 
 
 def checked(check: Callable[[str], T]) -> Callable[[str], T]:
@@ -133,6 +158,15 @@ def _pair(text: str) -> tuple[str, str]:
     return key, value
 
 
+def _named_limit(text: str) -> tuple[str, str]:
+    from ..limits import parse_rate_limits
+
+    name, sep, rate = text.partition("=")
+    if not sep:
+        raise ValueError(f"NAME=N/UNIT, e.g. burst=50/second, got {text!r}")
+    return name, parse_rate_limits({name: rate})[name].text
+
+
 def key_id(text: str) -> str:
     """A key's id, or its display form ``ks_<id>…`` (or a whole key pasted by mistake)."""
     from ..tokens import normalize_key_id
@@ -143,6 +177,7 @@ def key_id(text: str) -> str:
 duration = checked(parse_duration)
 positive_duration = _at_least_duration(timedelta(seconds=1))
 rate_limit = checked(_rate_limit)
+named_limit = checked(_named_limit)
 quota = whole("quota", 0, MAX_QUOTA)
 new_quota = whole("quota", 1, MAX_QUOTA, " (a key with a quota of 0 could never be used)")
 count = whole("count", 1, MAX_COUNT)
@@ -161,6 +196,18 @@ def add_key_id(p: argparse.ArgumentParser) -> None:
     p.add_argument("--owner", required=True, type=owner)
 
 
+def add_named_limits_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--limit",
+        action="append",
+        dest="limits",
+        type=named_limit,
+        metavar="NAME=N/UNIT",
+        help="a named rate limit, e.g. burst=50/second; each needs room (repeatable;"
+        " on update, the named limits become those given)",
+    )
+
+
 def add_actor_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--actor",
@@ -173,6 +220,7 @@ def add_limit_options(p: argparse.ArgumentParser, *, quota: Callable[[str], int]
     p.add_argument(
         "--rate-limit", type=rate_limit, metavar="N/UNIT", help="e.g. 10/second, 100/minute, 5/day"
     )
+    add_named_limits_option(p)
     p.add_argument("--quota", type=quota, metavar="N", help="uses allowed (in each refill period)")
     p.add_argument(
         "--quota-refill",

@@ -61,10 +61,15 @@ def _limit_changes(args: argparse.Namespace, *, required: bool) -> dict[str, Any
         changes["quota"] = args.quota
     if args.quota_refill is not None:
         changes["quota_refill"] = args.quota_refill
+    if args.limits is not None and args.no_limits:
+        raise CommandError("give --limit or --no-limits, not both")
+    if args.limits is not None or args.no_limits:
+        changes["rate_limits"] = dict(args.limits or ())
     if not changes and required:
         raise CommandError(
             "nothing to update: give --scope, --name, --metadata, --expires-in, --no-expiry,"
-            " --ip-allow, --no-ip-allow, --rate-limit, --quota, --quota-refill or a --no-…"
+            " --ip-allow, --no-ip-allow, --rate-limit, --limit, --quota, --quota-refill or a"
+            " --no-…"
             " option"
         )
     return changes

@@ -80,6 +80,7 @@ async def _create(args: argparse.Namespace, manager: KeyManager) -> None:
         expires_in=args.expires_in,
         replace=args.replace,
         rate_limit=args.rate_limit,
+        rate_limits=dict(args.limits or ()),
         quota=args.quota,
         quota_refill=args.quota_refill,
         ip_allowlist=args.ip_allow,
@@ -129,6 +130,7 @@ def _update_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-ip-allow", action="store_true", help="remove the IP allowlist")
     types.add_limit_options(p, quota=types.quota)
     p.add_argument("--no-rate-limit", action="store_true", help="remove the key's rate limit")
+    p.add_argument("--no-limits", action="store_true", help="remove the key's named limits")
     p.add_argument("--no-quota", action="store_true", help="remove the key's quota")
     types.add_actor_option(p)
 

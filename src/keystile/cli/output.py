@@ -89,6 +89,7 @@ def table(records: Sequence[KeyRecord], *, owners: bool = False) -> None:
 def limits_text(record: KeyRecord) -> str:
     """``rate limit 10/second; quota 998 of 1000 left, refilled every 1d (next …)``."""
     parts = [f"rate limit {record.rate_limit or '-'}"]
+    parts += [f"{name} {rate}" for name, rate in record.rate_limits.items()]
     if record.quota is None:
         parts.append("quota -")
     else:
@@ -105,6 +106,8 @@ def show(record: KeyRecord) -> None:
     for field, value in record.to_public_dict().items():
         if field == "quota_refill" and value is not None:
             value = format_duration(timedelta(seconds=value))
+        elif field == "rate_limits":
+            value = ", ".join(f"{name} {rate}" for name, rate in value.items()) or None
         out(f"{field:17} {value if value not in (None, [], {}) else '-'}")
 
 

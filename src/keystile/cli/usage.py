@@ -1,5 +1,6 @@
-"""``keystile usage``: a key's requests and refused attempts per period, as a bar chart,
-JSON Lines or a PNG; or, with ``--top N``, an owner's busiest keys."""
+"""``keystile usage``: a key's requests and refused attempts per period (without a key,
+the owner's over all its keys), as a bar chart, JSON Lines or a PNG; or, with
+``--top N``, an owner's busiest keys."""
 
 from __future__ import annotations
 
@@ -53,8 +54,6 @@ async def _usage(args: argparse.Namespace, manager: KeyManager) -> None:
     if args.top is not None:
         await _top(args, manager)
         return
-    if args.key_id is None:
-        raise CommandError("give a KEY_ID, or --top N for the owner's busiest keys")
     if args.plot:
         usage_chart.require_matplotlib()
     now = utcnow()
@@ -62,7 +61,8 @@ async def _usage(args: argparse.Namespace, manager: KeyManager) -> None:
     buckets = await manager.usage(args.key_id, owner=args.owner, since=starts[0], by=args.by)
     rows = usage_chart.dense(buckets, starts)
     if args.plot:
-        title = f"key {args.key_id}, per {args.by}"
+        who = f"key {args.key_id}" if args.key_id is not None else f"owner {args.owner}"
+        title = f"{who}, per {args.by}"
         try:
             usage_chart.plot_png(rows, args.plot, title=title, by=args.by)
         except OSError as exc:
@@ -79,8 +79,8 @@ async def _usage(args: argparse.Namespace, manager: KeyManager) -> None:
 COMMANDS = (
     Command(
         "usage",
-        "a key's requests and refused attempts per period from --since to now, or an"
-        " owner's busiest keys",
+        "a key's (or, without KEY_ID, an owner's) requests and refused attempts per period"
+        " from --since to now, or an owner's busiest keys",
         "keystile usage KEY_ID --owner acme --since 7d --by hour",
         _usage_arguments,
         on_keys(_usage),

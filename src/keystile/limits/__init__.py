@@ -21,16 +21,19 @@ One idea a module, each importing only those above it:
 
 from __future__ import annotations
 
+from .cost import CostOption, RequestCost
 from .enforcer import REDIS_RETRY_INTERVAL, LimitEnforcer, OnError, send_with_headers
 from .gcra import MemoryRateLimiter, RateLimiter
 from .policy import (
     DEFAULT_RATE_LIMIT_STORAGE,
+    MAX_QUOTA,
     POLICY_NAME,
     LimitPolicy,
     QuotaPolicy,
     Rate,
     normalize_rate_limit,
     parse_rate_limit,
+    parse_rate_limits,
     quota_changes,
 )
 from .quota import QuotaBook
@@ -38,9 +41,11 @@ from .redis import REDIS_TIMEOUT, RedisRateLimiter
 
 __all__ = [
     "DEFAULT_RATE_LIMIT_STORAGE",
+    "MAX_QUOTA",
     "POLICY_NAME",
     "REDIS_RETRY_INTERVAL",
     "REDIS_TIMEOUT",
+    "CostOption",
     "LimitEnforcer",
     "LimitPolicy",
     "MemoryRateLimiter",
@@ -50,8 +55,10 @@ __all__ = [
     "Rate",
     "RateLimiter",
     "RedisRateLimiter",
+    "RequestCost",
     "normalize_rate_limit",
     "parse_rate_limit",
+    "parse_rate_limits",
     "quota_changes",
     "send_with_headers",
 ]

@@ -30,12 +30,14 @@ from .policy import (
     DEFAULT_RATE_LIMIT_STORAGE,
     POLICY_NAME,
     LimitPolicy,
+    NamedRate,
     QuotaPolicy,
     Rate,
     parse_rate_limit,
+    redis_tag,
 )
 from .quota import QuotaBook
-from .redis import RedisRateLimiter
+from .redis import RedisRateLimiter, RedisScriptError
 
 __all__ = [
     "REDIS_RETRY_INTERVAL",
@@ -59,6 +61,8 @@ class LimitedKey(Protocol):
 
     @property
     def key_id(self) -> str: ...
+    @property
+    def owner(self) -> str: ...
     @property
     def limits(self) -> LimitPolicy | None: ...
 
@@ -129,6 +133,10 @@ class LimitEnforcer:
         self.is_async = self.redis is not None
         #: Whether every key is limited (a default rate), not only keys with limits.
         self.limits_every_key = self.default_rate is not None
+        #: The middleware's default rate as each unlimited key's one limit, built once.
+        self._defaults: dict[str, tuple[NamedRate, ...]] = {}
+        #: Uses charged after the fact and not yet taken from the Redis counters.
+        self._charged: dict[str, int] = {}
         self._redis_down_until = -math.inf
         self._redis_failing = False
 
@@ -145,83 +153,118 @@ class LimitEnforcer:
 
     # -- decisions ------------------------------------------------------------------
 
-    def check(self, user: LimitedKey) -> RateLimited | QuotaExceeded | None:
-        """The in-process decision for ``user`` (``memory://``, or Redis's fallback)."""
+    def _rates(self, user: LimitedKey) -> tuple[NamedRate, ...]:
+        """The rate limits of ``user``'s request: its policy's, with the middleware's
+        default in front when the key has no ``default`` of its own."""
+        policy, rate = user.limits, self.default_rate
+        if policy is not None:
+            return policy.rates if policy.has_default or rate is None else policy.with_default(rate)
+        if rate is None:
+            return ()
+        named = self._defaults.get(user.key_id)
+        if named is None:
+            if len(self._defaults) >= 10_000:
+                self._defaults.clear()
+            named = self._defaults[user.key_id] = (NamedRate.of(POLICY_NAME, rate, user.key_id),)
+        return named
+
+    def check(self, user: LimitedKey, cost: int = 1) -> RateLimited | QuotaExceeded | None:
+        """The in-process decision for ``user`` (``memory://``, or Redis's fallback): every
+        limit (the key's and its owner's) must have room for ``cost``; else nothing is
+        spent and the refusal names the limit."""
         policy = user.limits
-        if policy is None:
-            rate, quota = self.default_rate, None
-            if rate is None:
-                return None
+        if policy is not None:
+            quotas = policy.quotas
+            if quotas:
+                now = self.clock()
+                for q in quotas:
+                    wait = self.quotas.wait(q.budget, q, now, cost)
+                    if wait is not None:
+                        return self._quota_refusal(q, wait)
+            rates = policy.rates if policy.has_default or self.default_rate is None else None
         else:
-            rate, quota = policy.rate or self.default_rate, policy.quota
-        key_id = user.key_id
-        if quota is not None:
-            wait = self.quotas.wait(key_id, quota, self.clock())
-            if wait is not None:
-                return self._quota_refusal(quota, wait)
-        if rate is not None:
-            wait = self.local.take(key_id, rate, self.monotonic())
+            quotas, rates = (), None
+        if rates is None:
+            rates = self._rates(user)
+        if len(rates) == 1:
+            limit = rates[0]
+            wait = self.local.take(limit.slot, limit.rate, self.monotonic(), cost)
             if wait:
-                return self._rate_refusal(rate, wait)
-        if quota is not None:
-            self.quotas.use(key_id)
+                return self._rate_refusal(rates, 0, wait)
+        elif rates:
+            refusing, wait = self.local.take_all(rates, self.monotonic(), cost)
+            if refusing >= 0:
+                return self._rate_refusal(rates, refusing, wait)
+        for q in quotas:
+            self.quotas.use(q.budget, cost)
         return None
 
     async def acheck(
-        self, user: LimitedKey
+        self, user: LimitedKey, cost: int = 1
     ) -> RateLimited | QuotaExceeded | ServiceUnavailable | None:
-        """The decision for ``user`` with any storage."""
+        """The decision for ``user`` with any storage: with Redis, one round trip covers
+        every limit and quota."""
         if self.redis is None:
-            return self.check(user)
+            return self.check(user, cost)
         policy = user.limits
-        rate = self.default_rate if policy is None else (policy.rate or self.default_rate)
-        quota = None if policy is None else policy.quota
-        if rate is None and quota is None:
+        rates = self._rates(user)
+        quotas = policy.quotas if policy is not None else ()
+        if not rates and not quotas:
             return None
         if self.monotonic() < self._redis_down_until:
-            return self._fallback(user)
-        key_id = user.key_id
+            return self._fallback(user, cost)
+        tag = policy.tag if policy is not None else redis_tag(user.owner)
         now = self.clock()
-        counter = None
-        if quota is not None:
-            start, initial = self.quotas.period(key_id, quota, now)
-            lifetime = int(quota.refill + 60) if quota.refill else 86_400
-            counter = (self.redis.quota_key(key_id, quota.quota, start), initial, lifetime)
+        counters = []
+        charged = self._charged
+        for q in quotas:
+            start, left = self.quotas.period(q.budget, q, now)
+            lifetime = int(q.refill + 60) if q.refill else 86_400
+            key = self.redis.quota_key(tag, q.budget, q.quota, start)
+            counters.append((key, left, lifetime, charged.pop(q.budget, 0) if charged else 0))
         try:
-            code, wait = await self.redis.decide(key_id, rate, counter)
-        except Exception as exc:  # any client or socket failure: never a 500
-            self._redis_failed(exc)
-            return self._fallback(user)
+            code, index, wait = await self.redis.decide(tag, rates, counters, cost)
+        except Exception as exc:
+            for q, counter in zip(quotas, counters, strict=True):
+                if counter[3]:
+                    charged[q.budget] = charged.get(q.budget, 0) + counter[3]
+            if not isinstance(exc, RedisScriptError):  # any client or socket failure
+                self._redis_failed(exc)
+                return self._fallback(user, cost)
+            # Redis answered, so it is up: this request's state is what is broken.
+            self.counters.rate_limit_errors += 1
+            logger.error("keystile: the Redis limit script failed for one request: %s", exc)
+            return _unavailable()
         if self._redis_failing:
             self._redis_failing = False
             logger.warning("keystile: Redis at %s answers again", self.redis.display_url)
         if code == 1:
-            assert rate is not None
-            return self._rate_refusal(rate, wait)
+            return self._rate_refusal(rates, index, wait)
         if code == 2:
-            assert quota is not None
-            wait_quota = self.quotas.wait(key_id, quota, now)
-            return self._quota_refusal(quota, math.inf if wait_quota is None else wait_quota)
-        if quota is not None:
-            self.quotas.use(key_id)  # the store follows the Redis counter in the flush
+            q = quotas[index]
+            wait_quota = self.quotas.wait(q.budget, q, now, cost)
+            return self._quota_refusal(q, math.inf if wait_quota is None else wait_quota)
+        for q in quotas:
+            self.quotas.use(q.budget, cost)  # the store follows the Redis counter in the flush
         return None
+
+    def charge(self, policy: LimitPolicy, n: int) -> None:
+        """Spend ``n`` uses of every quota of ``policy`` after the fact (``keystile.charge``):
+        counted at once (the next request sees them), written by the next flush, and with
+        Redis taken from its counters by the next decision on them."""
+        for q in policy.quotas:
+            self.quotas.use(q.budget, n)
+            if self.redis is not None:
+                self._charged[q.budget] = self._charged.get(q.budget, 0) + n
 
     def success_headers(self, user: LimitedKey) -> list[tuple[bytes, bytes]]:
         """``RateLimit-Policy`` and ``RateLimit`` for a request that passed (with
-        ``headers=True``); empty for a key without a rate limit."""
-        policy = user.limits
-        rate = self.default_rate if policy is None else (policy.rate or self.default_rate)
-        if rate is None:
+        ``headers=True``), one item per rate limit; empty for a key without one."""
+        rates = self._rates(user)
+        if not rates:
             return []
-        limiter: Any = self.redis if self.redis is not None else self.local
-        remaining, reset = limiter.state(user.key_id, rate)
-        return [
-            (b"ratelimit-policy", rate.policy_field.encode()),
-            (
-                b"ratelimit",
-                f'"{POLICY_NAME}";r={remaining};t={math.ceil(reset - 1e-9)}'.encode(),
-            ),
-        ]
+        policies, states = self._fields(rates, -1, 0)
+        return [(b"ratelimit-policy", policies.encode()), (b"ratelimit", states.encode())]
 
     async def aclose(self) -> None:
         if self.redis is not None:
@@ -229,21 +272,40 @@ class LimitEnforcer:
 
     # -- helpers --------------------------------------------------------------------
 
-    def _rate_refusal(self, rate: Rate, wait: float) -> RateLimited:
+    def _fields(self, rates: tuple[NamedRate, ...], refusing: int, seconds: int) -> tuple[str, str]:
+        """``RateLimit-Policy`` and ``RateLimit``: every rate limit, the refusing one
+        (index ``refusing``) at ``r=0`` for ``seconds``."""
+        limiter: Any = self.redis if self.redis is not None else self.local
+        states = []
+        for i, limit in enumerate(rates):
+            if i == refusing:
+                states.append(f'"{limit.name}";r=0;t={seconds}')
+            else:
+                remaining, reset = limiter.state(limit.slot, limit.rate)
+                states.append(f'"{limit.name}";r={remaining};t={math.ceil(reset - 1e-9)}')
+        return ", ".join(limit.policy_field for limit in rates), ", ".join(states)
+
+    def _rate_refusal(
+        self, rates: tuple[NamedRate, ...], refusing: int, wait: float
+    ) -> RateLimited:
         self.counters.rate_limited += 1
         seconds = _seconds(wait)
+        policies, states = self._fields(rates, refusing, seconds)
+        limit = rates[refusing]
         return RateLimited(
-            rate.text,
+            limit.rate.text,
             retry_after=seconds,
-            headers=(
-                ("RateLimit-Policy", rate.policy_field),
-                ("RateLimit", f'"{POLICY_NAME}";r=0;t={seconds}'),
-            ),
+            policy=limit.name,
+            headers=(("RateLimit-Policy", policies), ("RateLimit", states)),
         )
 
     def _quota_refusal(self, quota: QuotaPolicy, wait: float) -> QuotaExceeded:
         self.counters.quota_exceeded += 1
-        return QuotaExceeded(quota.quota, retry_after=None if wait == math.inf else _seconds(wait))
+        return QuotaExceeded(
+            quota.quota,
+            retry_after=None if wait == math.inf else _seconds(wait),
+            policy=quota.name,
+        )
 
     def _redis_failed(self, exc: Exception) -> None:
         assert self.redis is not None
@@ -263,15 +325,19 @@ class LimitEnforcer:
             )
 
     def _fallback(
-        self, user: LimitedKey
+        self, user: LimitedKey, cost: int
     ) -> RateLimited | QuotaExceeded | ServiceUnavailable | None:
         self.counters.rate_limit_errors += 1
         if self.on_error == "deny":
-            return ServiceUnavailable(
-                "rate_limiter_unavailable",
-                "The key's usage limits could not be checked right now; retry shortly.",
-            )
-        return self.check(user)
+            return _unavailable()
+        return self.check(user, cost)
+
+
+def _unavailable() -> ServiceUnavailable:
+    return ServiceUnavailable(
+        "rate_limiter_unavailable",
+        "The key's usage limits could not be checked right now; retry shortly.",
+    )
 
 
 def send_with_headers(send: Send, headers: list[tuple[bytes, bytes]]) -> Send:

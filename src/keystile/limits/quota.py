@@ -1,4 +1,5 @@
-"""What this process knows of each key's remaining quota.
+"""What this process knows of each budget's remaining quota (a key's, or its rotation
+chain's: the book is keyed by ``LimitPolicy.budget``).
 
 The remaining count lives in the key store. Uses are counted in memory and taken from it
 by the usage recorder's batched flush (the same statement that writes ``last_used_at``),
@@ -64,28 +65,32 @@ class QuotaBook:
             slot[3], slot[4] = slot[0], 0
         return slot
 
-    def wait(self, key_id: str, q: QuotaPolicy, now: float) -> float | None:
-        """``None`` if a use is left, else the seconds until the refill (``inf``: never)."""
-        slot = self._slot(key_id, q, now)
-        if slot[3] - slot[4] > 0:
+    def wait(self, budget: str, q: QuotaPolicy, now: float, cost: int = 1) -> float | None:
+        """``None`` if ``cost`` uses are left, else the seconds until the refill (``inf``:
+        never)."""
+        slot = self._slot(budget, q, now)
+        if slot[3] - slot[4] >= cost:
             return None
         return float(slot[5] - now)
 
-    def use(self, key_id: str) -> None:
-        """Count a use (after ``wait`` said one is left)."""
-        self._slots[key_id][4] += 1
-        self.recorder.count_use(key_id)
+    def use(self, budget: str, n: int = 1) -> None:
+        """Count ``n`` uses (after ``wait`` said one is left)."""
+        slot = self._slots.get(budget)
+        if slot is not None:
+            slot[4] += n
+        self.recorder.count_use(budget, n)
 
     def left(self, key_id: str) -> int | None:
         slot = self._slots.get(key_id)
         return None if slot is None else max(0, slot[3] - slot[4])
 
-    def period(self, key_id: str, q: QuotaPolicy, now: float) -> tuple[float, int]:
-        """The current period's start (epoch seconds) and the count it starts from: the
-        key's snapshot if the period is the one it was read in, else the full quota."""
-        slot = self._slot(key_id, q, now)
-        start = slot[2]
-        return start, (q.remaining if start == q.reset_at else q.quota)
+    def period(self, budget: str, q: QuotaPolicy, now: float) -> tuple[float, int]:
+        """The current period's start (epoch seconds) and what this process knows is left
+        in it: the count the store last said (the key's state, or a flush's answer) minus
+        this process's uses since. A Redis counter that was lost (restart, failover,
+        eviction) starts again from this."""
+        slot = self._slot(budget, q, now)
+        return slot[2], max(0, slot[3] - slot[4])
 
     def _synced(self, states: Mapping[str, QuotaState]) -> None:
         for key_id, state in states.items():

@@ -16,6 +16,7 @@ from .records import KeyEvent, KeyRecord
 from .rules import (
     check_name_free,
     duplicate_name,
+    imported_events,
     insert_events,
     is_stale,
     names_matter,
@@ -26,7 +27,7 @@ from .rules import (
     update_action,
 )
 
-__all__ = ["Change", "EventQuery", "Insertion", "Reaping", "Rotation", "UsageQuery"]
+__all__ = ["Change", "EventQuery", "Importing", "Insertion", "Reaping", "Rotation", "UsageQuery"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +56,19 @@ class Insertion:
 
     def events(self, inserted: KeyRecord, replaced: Sequence[str], at: datetime) -> list[KeyEvent]:
         return insert_events(inserted, replaced, at, self.actor)
+
+
+@dataclass(frozen=True, slots=True)
+class Importing:
+    """An ``import_keys`` call: ``records`` to insert where their id is free, each with
+    its ``imported`` event (``details`` by key id: where it came from)."""
+
+    records: Sequence[KeyRecord]
+    details: Mapping[str, Mapping[str, Any]]
+    actor: str
+
+    def events(self, inserted: Sequence[KeyRecord], at: datetime) -> list[KeyEvent]:
+        return imported_events(inserted, self.details, at, self.actor)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,9 +140,10 @@ class Change:
 
 @dataclass(frozen=True, slots=True)
 class UsageQuery:
-    """A ``usage`` call: ``owner``'s key's counts in buckets of ``bucket_seconds``."""
+    """A ``usage`` call: ``owner``'s key's counts (``key_id=None``: all its keys') in
+    buckets of ``bucket_seconds``."""
 
-    key_id: str
+    key_id: str | None
     owner: str
     since: datetime
     until: datetime | None

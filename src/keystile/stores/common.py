@@ -10,15 +10,21 @@ to share and each store writes them.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
 from .bus import LocalChangeBus
-from .calls import Change, EventQuery, Insertion, Reaping, Rotation, UsageQuery
+from .calls import Change, EventQuery, Importing, Insertion, Reaping, Rotation, UsageQuery
 from .protocol import ChangeListener
-from .records import KeyEvent, KeyRecord, UsageBucket
-from .rules import SYSTEM_ACTOR, check_updatable, event_detail, revoked_error
+from .records import KeyEvent, KeyRecord, OwnerLimits, UsageBucket
+from .rules import (
+    SYSTEM_ACTOR,
+    check_updatable,
+    event_detail,
+    owner_limits_event,
+    revoked_error,
+)
 
 __all__ = ["CommonStore"]
 
@@ -56,6 +62,15 @@ class CommonStore(ABC):
         replaced = await self._insert(Insertion(record, replace, actor, max_keys))
         self._publish(replaced)
         return replaced
+
+    async def import_keys(
+        self,
+        records: Sequence[KeyRecord],
+        *,
+        details: Mapping[str, Mapping[str, Any]],
+        actor: str = SYSTEM_ACTOR,
+    ) -> list[str]:
+        return await self._import(Importing(tuple(records), details, actor))
 
     async def revoke(
         self,
@@ -114,9 +129,24 @@ class CommonStore(ABC):
         change = Change(key_id, owner, dict(changes), at, actor, detail)
         return self._published(key_id, await self._update(change))
 
+    async def set_owner_limits(
+        self,
+        owner: str,
+        limits: OwnerLimits | None,
+        *,
+        at: datetime,
+        actor: str = SYSTEM_ACTOR,
+    ) -> bool:
+        event = owner_limits_event(owner, limits, at, actor)
+        changed = await self._put_owner_limits(owner, limits, event)
+        if changed is None:
+            return False
+        self._publish(changed)
+        return True
+
     async def usage(
         self,
-        key_id: str,
+        key_id: str | None,
         owner: str,
         *,
         since: datetime,
@@ -146,6 +176,11 @@ class CommonStore(ABC):
         the insertion replaces them (else it refuses). Returns their ids."""
 
     @abstractmethod
+    async def _import(self, importing: Importing) -> list[str]:
+        """Insert each key whose id is free, with its ``imported`` event, in one
+        transaction; the ids inserted."""
+
+    @abstractmethod
     async def _revoke(self, event: KeyEvent) -> bool:
         """Revoke ``event.owner``'s unrevoked key ``event.key_id`` and record ``event``."""
 
@@ -159,6 +194,14 @@ class CommonStore(ABC):
     async def _update(self, change: Change) -> KeyRecord | None:
         """Write ``change`` unless the key is revoked (``revoked_error``) or would take a
         name another key holds (``duplicate_name``); ``None``: no such key of the owner."""
+
+    @abstractmethod
+    async def _put_owner_limits(
+        self, owner: str, limits: OwnerLimits | None, event: KeyEvent
+    ) -> list[str] | None:
+        """Set (or with ``None`` delete) ``owner``'s limits, copy them onto every key of
+        the owner and record ``event``, in one transaction; the ids of the owner's keys
+        (to evict), or ``None`` when there was nothing to delete (nothing written)."""
 
     @abstractmethod
     async def _buckets(self, query: UsageQuery) -> list[UsageBucket]: ...

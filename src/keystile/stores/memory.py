@@ -14,10 +14,28 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 
 from .bus import LocalChangeBus
-from .calls import Change, EventQuery, Insertion, Reaping, Rotation, UsageQuery
+from .calls import Change, EventQuery, Importing, Insertion, Reaping, Rotation, UsageQuery
 from .common import CommonStore
-from .records import KeyEvent, KeyRecord, QuotaState, UsageBucket, UsageCounts, UsageTotal, utcnow
-from .rules import SYSTEM_ACTOR, apply_uses, grace_expiry, pruned_event, rotatable
+from .records import (
+    KeyEvent,
+    KeyRecord,
+    OwnerLimits,
+    QuotaState,
+    UsageBucket,
+    UsageCounts,
+    UsageTotal,
+    utcnow,
+)
+from .rules import (
+    BATCH_MEMORY,
+    SYSTEM_ACTOR,
+    apply_uses,
+    budget_states,
+    grace_expiry,
+    pruned_event,
+    rehashed_event,
+    rotatable,
+)
 
 __all__ = ["MemoryKeyStore"]
 
@@ -28,17 +46,23 @@ class MemoryKeyStore(CommonStore):
     _named: dict[str, dict[str, KeyRecord]] = {}
     _named_events: dict[str, list[KeyEvent]] = {}
     _named_usage: dict[str, dict[tuple[str, datetime], list[int]]] = {}
+    _named_batches: dict[str, dict[str, datetime]] = {}
+    _named_owners: dict[str, dict[str, OwnerLimits]] = {}
 
     def __init__(self, name: str | None = None) -> None:
         if name:
             self._rows = self._named.setdefault(name, {})
             self._events = self._named_events.setdefault(name, [])
             self._usage = self._named_usage.setdefault(name, {})
+            self._batches = self._named_batches.setdefault(name, {})
+            self._owners = self._named_owners.setdefault(name, {})
             identity = f"memory://{name}"
         else:
             self._rows = {}
             self._events = []
             self._usage = {}
+            self._batches = {}
+            self._owners = {}
             identity = f"memory://#{next(_anonymous)}"
         self.display_url = identity
         self._bus = LocalChangeBus.for_identity(identity)
@@ -92,9 +116,18 @@ class MemoryKeyStore(CommonStore):
             self._rows[old] = dataclasses.replace(
                 self._rows[old], revoked_at=now, replaced_by=record.id
             )
-        inserted = self._rows[record.id] = insertion.new_key(clash)
+        inserted = self._rows[record.id] = self._adopt(insertion.new_key(clash))
         self._log(insertion.events(inserted, clash, now))
         return clash
+
+    async def _import(self, importing: Importing) -> list[str]:
+        inserted = []
+        for record in importing.records:
+            if record.id not in self._rows:
+                self._rows[record.id] = record
+                inserted.append(record)
+        self._log(importing.events(inserted, utcnow()))
+        return [r.id for r in inserted]
 
     async def _revoke(self, event: KeyEvent) -> bool:
         record = self._owned(event.key_id, event.owner)
@@ -113,7 +146,7 @@ class MemoryKeyStore(CommonStore):
         expires = grace_expiry(old.expires_at, rotation.grace_until)
         updated = dataclasses.replace(old, expires_at=expires, replaced_by=successor.id)
         self._rows[old.id] = updated
-        self._rows[successor.id] = successor
+        self._rows[successor.id] = self._adopt(successor)
         self._log(rotation.events(updated, utcnow()))
         return updated
 
@@ -144,21 +177,72 @@ class MemoryKeyStore(CommonStore):
         return updated
 
     async def touch_many(
-        self, touches: Mapping[str, datetime], uses: Mapping[str, int] | None = None
+        self,
+        touches: Mapping[str, datetime],
+        uses: Mapping[str, int] | None = None,
+        *,
+        batch: str | None = None,
     ) -> dict[str, QuotaState]:
-        quotas: dict[str, QuotaState] = {}
+        rows = self._rows
         for key_id, at in touches.items():
-            record = self._rows.get(key_id)
+            record = rows.get(key_id)
             if record is None:
                 continue
             if record.last_used_at is None or record.last_used_at < at:
                 record = dataclasses.replace(record, last_used_at=at)
-            if record.quota is not None:
-                record = apply_uses(record, at, (uses or {}).get(key_id, 0))
-                assert record.quota_remaining is not None
-                quotas[key_id] = QuotaState(record.quota_remaining, record.quota_reset_at)
-            self._rows[key_id] = record
-        return quotas
+            rows[key_id] = apply_uses(record, at, 0)
+        budgets = {r.budget_id for k in touches if (r := rows.get(k)) is not None}
+        owners: dict[str, OwnerLimits] = {}
+        if uses and self._fresh_batch(batch):
+            now = utcnow()
+            for record in [r for r in rows.values() if r.budget_id in uses]:
+                at = touches.get(record.budget_id, now)
+                rows[record.id] = apply_uses(record, at, uses[record.budget_id])
+            for limits in [o for o in self._owners.values() if o.budget_id in uses]:
+                spent = apply_uses(limits, now, uses[limits.budget_id])
+                self._owners[limits.owner] = owners[limits.budget_id] = spent
+            budgets.update(uses)
+        states = budget_states(
+            (r.budget_id, r.created_at, r.quota_remaining, r.quota_reset_at)
+            for r in rows.values()
+            if r.budget_id in budgets and r.quota is not None
+        )
+        for budget, o in owners.items():
+            if o.quota_remaining is not None:
+                states[budget] = QuotaState(o.quota_remaining, o.quota_reset_at)
+        return states
+
+    def _adopt(self, record: KeyRecord) -> KeyRecord:
+        """``record`` carrying its owner's limits, as a new key takes them."""
+        return dataclasses.replace(record, owner_limits=self._owners.get(record.owner))
+
+    async def get_owner_limits(self, owner: str) -> OwnerLimits | None:
+        return self._owners.get(owner)
+
+    async def _put_owner_limits(
+        self, owner: str, limits: OwnerLimits | None, event: KeyEvent
+    ) -> list[str] | None:
+        if limits is not None:
+            self._owners[owner] = limits
+        elif self._owners.pop(owner, None) is None:
+            return None
+        ids = [r.id for r in self._rows.values() if r.owner == owner]
+        for key_id in ids:
+            self._rows[key_id] = dataclasses.replace(self._rows[key_id], owner_limits=limits)
+        self._log([event])
+        return ids
+
+    def _fresh_batch(self, batch: str | None) -> bool:
+        """Whether ``batch`` was not taken yet (now it is); unnamed batches always are."""
+        if batch is None:
+            return True
+        now = utcnow()
+        for old in [b for b, at in self._batches.items() if at < now - BATCH_MEMORY]:
+            del self._batches[old]
+        if batch in self._batches:
+            return False
+        self._batches[batch] = now
+        return True
 
     async def add_usage(self, counts: UsageCounts) -> None:
         for key, (requests, rejected) in counts.items():
@@ -182,7 +266,7 @@ class MemoryKeyStore(CommonStore):
         step = query.bucket_seconds
         sums: dict[int, list[int]] = {}
         for kid, minute, requests, rejected in self._counts(query.owner, query.since, query.until):
-            if kid == query.key_id:
+            if query.key_id is None or kid == query.key_id:
                 row = sums.setdefault(int(minute.timestamp()) // step * step, [0, 0])
                 row[0] += requests
                 row[1] += rejected
@@ -224,10 +308,16 @@ class MemoryKeyStore(CommonStore):
         self._events[:] = kept
         return pruned
 
-    async def update_hash(self, key_id: str, secret_hash: str) -> None:
+    async def update_hash(
+        self, key_id: str, secret_hash: str, *, replacing: str | None = None
+    ) -> None:
         record = self._rows.get(key_id)
-        if record is not None:
-            self._rows[key_id] = dataclasses.replace(record, secret_hash=secret_hash)
+        if record is None or replacing not in (None, record.secret_hash):
+            return
+        self._rows[key_id] = dataclasses.replace(record, secret_hash=secret_hash)
+        if replacing is not None:
+            event = rehashed_event(key_id, record.owner, replacing, utcnow())
+            self._log([event] if event is not None else [])
 
     async def watch(self) -> None:
         return None

@@ -13,7 +13,15 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
 
-from .records import KeyEvent, KeyRecord, QuotaState, UsageBucket, UsageCounts, UsageTotal
+from .records import (
+    KeyEvent,
+    KeyRecord,
+    OwnerLimits,
+    QuotaState,
+    UsageBucket,
+    UsageCounts,
+    UsageTotal,
+)
 from .rules import SYSTEM_ACTOR
 
 __all__ = ["ChangeListener", "KeyStore"]
@@ -67,6 +75,18 @@ class KeyStore(Protocol):
         when the owner would hold more live keys (counted in the same transaction).
         """
 
+    async def import_keys(
+        self,
+        records: Sequence[KeyRecord],
+        *,
+        details: Mapping[str, Mapping[str, Any]],
+        actor: str = SYSTEM_ACTOR,
+    ) -> list[str]:
+        """Insert the keys another library issued (``keystile.importers``), in one
+        transaction, each with an ``imported`` event (its detail: ``details[id]``); a key
+        whose id is taken is left as it is. Returns the ids inserted. Names are not
+        checked here: the importer renames a key whose name another key holds."""
+
     async def revoke(
         self,
         key_id: str,
@@ -112,15 +132,43 @@ class KeyStore(Protocol):
         left alone unless ``include_disabled``. Returns them as they were before."""
 
     async def touch_many(
-        self, touches: Mapping[str, datetime], uses: Mapping[str, int] | None = None
+        self,
+        touches: Mapping[str, datetime],
+        uses: Mapping[str, int] | None = None,
+        *,
+        batch: str | None = None,
     ) -> dict[str, QuotaState]:
         """Write ``last_used_at`` for many keys in one statement/transaction, never
-        moving a timestamp backwards, and take ``uses[key_id]`` from the remaining quota
-        of keys that have one (never below 0; a refill due by the key's ``touches`` time
-        first sets it back to ``quota``, and ``quota_reset_at`` to the period's start).
+        moving a timestamp backwards, and take ``uses[budget_id]`` from the remaining
+        quota of every key of that budget that has one (a rotation chain: all spent
+        together; ``owner:NAME``: the owner's quota); never below 0; a refill due by the
+        budget's ``touches`` time, else now, first sets it back to ``quota``, and
+        ``quota_reset_at`` to the period's start.
 
-        Returns the quota state after the write of every touched key that has a quota,
-        so each process learns what the others used."""
+        ``batch`` names the uses: a store that took a batch of that name (within
+        ``BATCH_MEMORY``) takes nothing again, decided in the same transaction, so a
+        flush retried after a lost acknowledgement is a no-op.
+
+        Returns the quota state after the write of every budget touched or spent that
+        has a quota (``rules.budget_states``), so each process learns what the others
+        used."""
+
+    async def get_owner_limits(self, owner: str) -> OwnerLimits | None:
+        """``owner``'s own limits, with its quota's count as the flushes left it."""
+
+    async def set_owner_limits(
+        self,
+        owner: str,
+        limits: OwnerLimits | None,
+        *,
+        at: datetime,
+        actor: str = SYSTEM_ACTOR,
+    ) -> bool:
+        """Set ``owner``'s limits (``None``: remove them) in one transaction that copies
+        them onto every key of the owner (``KeyRecord.owner_limits``; a key created later
+        takes them in its own insert) and records an ``owner_limits`` event; every
+        process hears of each key as of a revocation. ``False``: there were none to
+        remove (nothing written)."""
 
     async def add_usage(self, counts: UsageCounts) -> None:
         """Add per-minute request and rejection counts, in one statement (Postgres: an
@@ -128,7 +176,7 @@ class KeyStore(Protocol):
 
     async def usage(
         self,
-        key_id: str,
+        key_id: str | None,
         owner: str,
         *,
         since: datetime,
@@ -137,7 +185,8 @@ class KeyStore(Protocol):
     ) -> list[UsageBucket]:
         """``owner``'s key's counts from ``since`` (inclusive) to ``until`` (exclusive),
         summed into buckets of ``bucket_seconds`` aligned to the Unix epoch (UTC), oldest
-        first; only buckets with counts. Another owner's key reads as empty."""
+        first; only buckets with counts. Another owner's key reads as empty;
+        ``key_id=None`` sums every key of ``owner``."""
 
     async def top_usage(
         self, owner: str, *, since: datetime, until: datetime | None, limit: int
@@ -186,7 +235,13 @@ class KeyStore(Protocol):
         (``pruned_detail``, no key, no owner) in the same transaction, after the delete,
         so the prune never deletes its own record; returns how many were deleted."""
 
-    async def update_hash(self, key_id: str, secret_hash: str) -> None: ...
+    async def update_hash(
+        self, key_id: str, secret_hash: str, *, replacing: str | None = None
+    ) -> None:
+        """Store a new hash of the key's secret. With ``replacing``, only while the stored
+        hash is still that one (two processes upgrading one key write once); replacing an
+        imported hash (``rules.IMPORTED_HASH``) also records a ``rehashed`` event in the
+        same transaction."""
 
     def subscribe(self, listener: ChangeListener) -> Callable[[], None]:
         """Call ``listener`` on every key state change; returns the unsubscribe call."""

@@ -17,6 +17,7 @@ from typing import Any
 __all__ = [
     "KeyEvent",
     "KeyRecord",
+    "OwnerLimits",
     "QuotaState",
     "UsageBucket",
     "UsageCounts",
@@ -40,6 +41,95 @@ def refills_due(refill: timedelta | None, reset_at: datetime | None, at: datetim
 
 def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
+
+
+def _quota_left(q: KeyRecord | OwnerLimits, now: datetime | None) -> int | None:
+    if q.quota is None:
+        return None
+    if refills_due(q.quota_refill, q.quota_reset_at, now or utcnow()):
+        return q.quota
+    return q.quota_remaining if q.quota_remaining is not None else q.quota
+
+
+def _next_refill(q: KeyRecord | OwnerLimits, now: datetime | None) -> datetime | None:
+    refill, reset_at = q.quota_refill, q.quota_reset_at
+    if q.quota is None or refill is None or reset_at is None or refill <= timedelta(0):
+        return None
+    return reset_at + (refills_due(refill, reset_at, now or utcnow()) + 1) * refill
+
+
+def _public_limits(q: KeyRecord | OwnerLimits, now: datetime | None) -> dict[str, Any]:
+    refill = q.quota_refill
+    return {
+        "rate_limits": dict(q.rate_limits),
+        "quota": q.quota,
+        "quota_remaining": _quota_left(q, now),
+        "quota_refill": refill.total_seconds() if refill is not None else None,
+        "quota_next_refill": _iso(_next_refill(q, now)),
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class OwnerLimits:
+    """An owner's own limits, shared by every key of the owner: named rate limits and a
+    quota with its refill, spent from the budget ``owner:OWNER``."""
+
+    owner: str
+    #: name → normalised rate (``{"burst": "50/second"}``).
+    rate_limits: Mapping[str, str] = field(default_factory=dict)
+    quota: int | None = None
+    quota_remaining: int | None = None
+    quota_refill: timedelta | None = None
+    quota_reset_at: datetime | None = None
+    #: When they were last set: the start of a quota without ``quota_reset_at``.
+    updated_at: datetime = field(default_factory=utcnow)
+
+    @property
+    def budget_id(self) -> str:
+        return f"owner:{self.owner}"
+
+    def quota_left(self, now: datetime | None = None) -> int | None:
+        """Uses left now (the full quota when a refill fell due since the last write)."""
+        return _quota_left(self, now)
+
+    def next_refill(self, now: datetime | None = None) -> datetime | None:
+        return _next_refill(self, now)
+
+    def to_row(self) -> dict[str, Any]:
+        """As copied onto the owner's keys (JSON, times as epoch seconds)."""
+        refill, reset_at = self.quota_refill, self.quota_reset_at
+        return {
+            "owner": self.owner,
+            "rate_limits": dict(self.rate_limits),
+            "quota": self.quota,
+            "quota_remaining": self.quota_remaining,
+            "quota_refill": refill.total_seconds() if refill is not None else None,
+            "quota_reset_at": reset_at.timestamp() if reset_at is not None else None,
+            "updated_at": self.updated_at.timestamp(),
+        }
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> OwnerLimits:
+        refill, reset_at = row.get("quota_refill"), row.get("quota_reset_at")
+        return cls(
+            owner=row["owner"],
+            rate_limits=dict(row.get("rate_limits") or {}),
+            quota=row.get("quota"),
+            quota_remaining=row.get("quota_remaining"),
+            quota_refill=timedelta(seconds=refill) if refill is not None else None,
+            quota_reset_at=(
+                datetime.fromtimestamp(reset_at, timezone.utc) if reset_at is not None else None
+            ),
+            updated_at=datetime.fromtimestamp(row["updated_at"], timezone.utc),
+        )
+
+    def to_public_dict(self, now: datetime | None = None) -> dict[str, Any]:
+        """JSON-ready (``keystile owner show --json``)."""
+        return {
+            "owner": self.owner,
+            **_public_limits(self, now),
+            "updated_at": _iso(self.updated_at),
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +217,23 @@ class KeyRecord:
     disabled_at: datetime | None = None
     #: CIDRs (IPv4 and IPv6, normalised) the key may be used from; empty: anywhere.
     ip_allowlist: tuple[str, ...] = ()
+    #: The budget the key spends its rate limits and quota from: its own id, or for a
+    #: successor the budget of the key it rotated (a rotation chain spends one budget).
+    #: ``None`` when built becomes the key's own id.
+    budget_id: str = ""
+    #: Named rate limits besides ``rate_limit`` (which is the one named ``default``):
+    #: name → normalised rate. A request needs room in every one.
+    rate_limits: Mapping[str, str] = field(default_factory=dict)
+    #: The owner's limits, copied onto each of its keys in the transaction that sets
+    #: them (and into a key created later), so a verified key carries its owner's
+    #: limits and a change to them reaches every process as a change to each key does.
+    #: ``None``: the owner has none. The quota's ``quota_remaining`` here is a starting
+    #: point; the owner's own row holds the count every flush takes from.
+    owner_limits: OwnerLimits | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.budget_id:
+            object.__setattr__(self, "budget_id", self.id)
 
     def status(self, now: datetime | None = None) -> str:
         """``active``, ``disabled``, ``expired`` or ``revoked``."""
@@ -152,18 +259,11 @@ class KeyRecord:
     def quota_left(self, now: datetime | None = None) -> int | None:
         """Uses left now: ``quota_remaining``, or the full ``quota`` when a refill fell
         due since the last usage write (the store applies it with the next one)."""
-        if self.quota is None:
-            return None
-        if refills_due(self.quota_refill, self.quota_reset_at, now or utcnow()):
-            return self.quota
-        return self.quota_remaining if self.quota_remaining is not None else self.quota
+        return _quota_left(self, now)
 
     def next_refill(self, now: datetime | None = None) -> datetime | None:
         """When the quota is next set back to full, or ``None`` if it never is."""
-        refill, reset_at = self.quota_refill, self.quota_reset_at
-        if self.quota is None or refill is None or reset_at is None or refill <= timedelta(0):
-            return None
-        return reset_at + (refills_due(refill, reset_at, now or utcnow()) + 1) * refill
+        return _next_refill(self, now)
 
     def to_public_dict(self, now: datetime | None = None) -> dict[str, Any]:
         """Every field but the hash, JSON-ready (timestamps as ISO 8601)."""
@@ -183,12 +283,7 @@ class KeyRecord:
             "replaces": self.replaces,
             "replaced_by": self.replaced_by,
             "rate_limit": self.rate_limit,
-            "quota": self.quota,
-            "quota_remaining": self.quota_left(now),
-            "quota_refill": (
-                self.quota_refill.total_seconds() if self.quota_refill is not None else None
-            ),
-            "quota_next_refill": _iso(self.next_refill(now)),
+            **_public_limits(self, now),
             "disabled_at": _iso(self.disabled_at),
             "ip_allowlist": list(self.ip_allowlist),
         }

@@ -9,44 +9,55 @@ statements (``sql.py`` holds those predicates, each named after its rule here).
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from ..errors import DuplicateKeyName, KeyManagementError
-from .records import KeyEvent, KeyRecord, refills_due, utcnow
+from .records import KeyEvent, KeyRecord, OwnerLimits, QuotaState, refills_due, utcnow
 
 __all__ = [
+    "BATCH_MEMORY",
     "EVENT_ACTIONS",
+    "IMPORTED_HASH",
     "LIMIT_FIELDS",
+    "OWNER_BUDGET",
     "SYSTEM_ACTOR",
     "UPDATABLE_FIELDS",
     "apply_uses",
+    "budget_states",
     "check_name_free",
     "check_updatable",
     "created_detail",
     "duplicate_name",
     "event_detail",
     "grace_expiry",
+    "imported_algorithm",
+    "imported_events",
+    "imported_hash",
     "insert_events",
+    "is_imported",
     "is_stale",
     "names_matter",
+    "owner_limits_event",
     "pruned_detail",
     "pruned_event",
     "reap_events",
     "reaped_detail",
+    "rehashed_event",
     "revoked_error",
     "rotatable",
     "rotate_events",
     "rotated_detail",
+    "split_uses",
     "successor_of",
     "update_action",
 ]
 
 #: The usage-limit fields of a key.
 LIMIT_FIELDS = frozenset(
-    {"rate_limit", "quota", "quota_remaining", "quota_refill", "quota_reset_at"}
+    {"rate_limit", "rate_limits", "quota", "quota_remaining", "quota_refill", "quota_reset_at"}
 )
 #: The fields ``KeyStore.update`` may change: everything but the id, the owner, the
 #: secret and the lifecycle links (revocation and rotation have calls of their own).
@@ -68,14 +79,65 @@ EVENT_ACTIONS = frozenset(
         "enabled",
         "logout",
         "pruned",
+        "owner_limits",
+        "imported",
+        "rehashed",
     }
 )
+#: How an imported key's hash starts: ``imported$<algorithm>$<the source's hash>``. No
+#: argon2 verifier takes it, so such a hash authenticates nothing until a middleware
+#: with ``legacy_formats`` verifies it with its algorithm and rehashes it to argon2id.
+IMPORTED_HASH = "imported$"
+
+
+# -- imported keys --------------------------------------------------------------------
+
+
+def is_imported(record: KeyRecord) -> bool:
+    """Whether another library issued the key: its id is ``<tag>.<public part>``
+    (``keystile.legacy``), where keystile's own ids are 12 base62 characters."""
+    return "." in record.id
+
+
+def imported_hash(algorithm: str, source_hash: str) -> str:
+    """The stored form of a hash carried over from another library."""
+    return f"{IMPORTED_HASH}{algorithm}${source_hash}"
+
+
+def imported_algorithm(secret_hash: str) -> str | None:
+    """The algorithm of an imported hash not yet rehashed, else ``None``."""
+    if not secret_hash.startswith(IMPORTED_HASH):
+        return None
+    return secret_hash[len(IMPORTED_HASH) :].partition("$")[0]
+
+
+def imported_events(
+    records: Sequence[KeyRecord], details: Mapping[str, Mapping[str, Any]], at: datetime, actor: str
+) -> list[KeyEvent]:
+    """What an import records: one ``imported`` event per key inserted, with where it came
+    from (``details`` by key id) and what it was created with (never the hash)."""
+    return [
+        KeyEvent(at, r.id, r.owner, "imported", actor, {**created_detail(r, None), **details[r.id]})
+        for r in records
+    ]
+
+
+def rehashed_event(key_id: str, owner: str, replaced: str, at: datetime) -> KeyEvent | None:
+    """What replacing hash ``replaced`` records: ``rehashed`` (and from which algorithm)
+    when it was an imported hash, nothing for an argon2 parameter upgrade."""
+    algorithm = imported_algorithm(replaced)
+    if algorithm is None:
+        return None
+    return KeyEvent(at, key_id, owner, "rehashed", SYSTEM_ACTOR, {"from": algorithm})
 
 
 # -- quotas ---------------------------------------------------------------------------
 
 
-def apply_uses(record: KeyRecord, at: datetime, uses: int) -> KeyRecord:
+Spendable = TypeVar("Spendable", KeyRecord, OwnerLimits)
+
+
+def apply_uses(record: Spendable, at: datetime, uses: int) -> Spendable:
     """``record`` after ``uses`` counted at ``at``: a refill due by ``at`` first (the
     remaining count back to ``quota``, ``quota_reset_at`` to the period's start), then the
     uses taken, never below 0. The memory store's version of ``sql.touch_statement``."""
@@ -88,6 +150,50 @@ def apply_uses(record: KeyRecord, at: datetime, uses: int) -> KeyRecord:
         reset_at = reset_at + due * record.quota_refill
         remaining = record.quota
     return replace(record, quota_remaining=max(remaining - uses, 0), quota_reset_at=reset_at)
+
+
+#: How long a store remembers a quota batch it took, so a replay (a flush retried after its
+#: acknowledgement was lost) takes nothing twice; a recorder retries far sooner.
+BATCH_MEMORY = timedelta(days=1)
+
+
+def budget_states(
+    rows: Iterable[tuple[str, datetime, int | None, datetime | None]],
+) -> dict[str, QuotaState]:
+    """The quota state of each budget from its keys' rows ``(budget_id, created_at,
+    remaining, reset_at)``: the newest key's (a rotation chain's head, whose limits apply
+    from now on; the keys of one chain are spent together, so they agree)."""
+    newest: dict[str, tuple[datetime, QuotaState]] = {}
+    for budget, created, remaining, reset_at in rows:
+        if remaining is None:
+            continue
+        seen = newest.get(budget)
+        if seen is None or created > seen[0]:
+            newest[budget] = (created, QuotaState(remaining, reset_at))
+    return {budget: state for budget, (_, state) in newest.items()}
+
+
+#: The budget of an owner's own limits: ``owner:`` and the owner (a key id has no colon).
+OWNER_BUDGET = "owner:"
+
+Spend = tuple[str, datetime, int]
+
+
+def split_uses(
+    uses: Mapping[str, int], touches: Mapping[str, datetime], now: datetime
+) -> tuple[list[Spend], list[Spend]]:
+    """A flush's uses as ``(budget, at, n)`` for keys' budgets and ``(owner, at, n)`` for
+    owners': ``at`` the budget's touch time, else ``now``; budgets without uses dropped."""
+    keys: list[Spend] = []
+    owners: list[Spend] = []
+    for budget, n in uses.items():
+        if not n:
+            continue
+        if budget.startswith(OWNER_BUDGET):
+            owners.append((budget[len(OWNER_BUDGET) :], now, n))
+        else:
+            keys.append((budget, touches.get(budget, now), n))
+    return keys, owners
 
 
 # -- names ----------------------------------------------------------------------------
@@ -207,6 +313,8 @@ def created_detail(record: KeyRecord, replaces: str | None) -> dict[str, Any]:
         "ip_allowlist": list(record.ip_allowlist),
         "metadata_keys": sorted(record.metadata),
     }
+    if record.rate_limits:
+        detail["rate_limits"] = dict(record.rate_limits)
     if replaces is not None:
         detail["replaces"] = replaces
     return detail
@@ -224,6 +332,21 @@ def reaped_detail(record: KeyRecord, unused_since: datetime) -> dict[str, Any]:
         "why": "unused" if last < unused_since else "expired",
         "last_used_at": _json_value(record.last_used_at),
     }
+
+
+def owner_limits_event(
+    owner: str, limits: OwnerLimits | None, at: datetime, actor: str
+) -> KeyEvent:
+    """What setting (or, with ``None``, clearing) an owner's limits records: about the
+    owner, no key; the limits set, never a count."""
+    detail: dict[str, Any] = {"cleared": True}
+    if limits is not None:
+        detail = {
+            "rate_limits": dict(limits.rate_limits),
+            "quota": limits.quota,
+            "quota_refill": _json_value(limits.quota_refill),
+        }
+    return KeyEvent(at, "", owner, "owner_limits", actor, detail)
 
 
 def pruned_detail(before: datetime, count: int) -> dict[str, Any]:

@@ -8,6 +8,7 @@ parameter appear twice), and converts values to and from the columns.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -15,13 +16,14 @@ from functools import cached_property
 from typing import Any, Literal, Protocol
 
 from .calls import EventQuery
-from .records import KeyEvent, KeyRecord
+from .records import KeyEvent, KeyRecord, OwnerLimits
 
 __all__ = [
     "COLUMNS",
     "EVENT_COLUMNS",
     "HOLDS_NAME",
     "KEY_COLUMNS",
+    "OWNER_COLUMNS",
     "ROTATABLE",
     "STALE",
     "Dialect",
@@ -31,7 +33,7 @@ __all__ = [
 ]
 
 #: How a column's values are stored; a ``Dialect`` converts each kind its own way.
-Kind = Literal["text", "int", "time", "period", "strings", "json"]
+Kind = Literal["text", "int", "time", "period", "strings", "json", "owner"]
 Convert = Callable[[Any], Any]
 
 #: The key table's columns, in ``KeyRecord``'s field order.
@@ -56,8 +58,22 @@ KEY_COLUMNS: dict[str, Kind] = {
     "quota_reset_at": "time",
     "disabled_at": "time",
     "ip_allowlist": "strings",
+    "budget_id": "text",
+    "rate_limits": "json",
+    "owner_limits": "owner",
 }
 COLUMNS = ", ".join(KEY_COLUMNS)
+#: The owner-limits table: the limits as copied onto the owner's keys, and the quota's
+#: columns (named as a key's, so a flush spends from both with one ``SET`` list).
+OWNER_COLUMNS: dict[str, Kind] = {
+    "owner": "text",
+    "limits": "owner",
+    "quota": "int",
+    "quota_remaining": "int",
+    "quota_refill": "period",
+    "quota_reset_at": "time",
+    "updated_at": "time",
+}
 #: The event table's columns but its sequence number (``Dialect.seq`` names that).
 EVENT_COLUMNS: dict[str, Kind] = {
     "at": "time",
@@ -84,9 +100,9 @@ STALE = (
 #: right-hand side reads the row as it was before the UPDATE. The dialect supplies the
 #: time arithmetic: ``{refill_due}`` (a refill period has passed since
 #: ``quota_reset_at``) and ``{periods}`` (how many whole ones).
+_LAST_USED = "last_used_at = {greatest}(COALESCE({k}last_used_at, {at}), {at}), "
 _TOUCH = (
-    "last_used_at = {greatest}(COALESCE({k}last_used_at, {at}), {at}),"
-    " quota_reset_at = CASE WHEN {due} THEN {k}quota_reset_at + {k}quota_refill * {periods}"
+    "quota_reset_at = CASE WHEN {due} THEN {k}quota_reset_at + {k}quota_refill * {periods}"
     " ELSE {k}quota_reset_at END,"
     " quota_remaining = CASE WHEN {k}quota IS NULL THEN {k}quota_remaining"
     " WHEN {due} THEN {greatest}({k}quota - {n}, 0)"
@@ -102,12 +118,22 @@ class Row(Protocol):
 
 
 def touch_assignments(
-    dialect: Dialect, *, k: str, at: str, n: str, zero: str, refill_due: str, periods: str
+    dialect: Dialect,
+    *,
+    k: str,
+    at: str,
+    n: str,
+    zero: str,
+    refill_due: str,
+    periods: str,
+    last_used: bool = True,
 ) -> str:
-    """The ``SET`` list of a usage write (``_TOUCH``) in ``dialect``'s arithmetic."""
+    """The ``SET`` list of a usage write (``_TOUCH``) in ``dialect``'s arithmetic; without
+    ``last_used``, the quota's part alone (uses taken from a budget, not a key's touch)."""
     due = _DUE.format(k=k, zero=zero) + f" AND {refill_due}"
     fields = {"k": k, "at": at, "n": n, "due": due, "periods": periods}
-    return _TOUCH.format(greatest=dialect.greatest, **fields)
+    template = _LAST_USED + _TOUCH if last_used else _TOUCH
+    return template.format(greatest=dialect.greatest, **fields)
 
 
 @dataclass(frozen=True)
@@ -181,6 +207,8 @@ class Statements:
         self.keys = keys = f"{prefix}keystile_keys"
         self.events = events = f"{prefix}keystile_events"
         self.usage = f"{prefix}keystile_usage"
+        self.batches = f"{prefix}keystile_quota_batches"
+        self.owners = owners = f"{prefix}keystile_owner_limits"
         r = dialect.render
         select = f"SELECT {COLUMNS} FROM {keys}"  # noqa: S608
         self.get = r(f"{select} WHERE id = $1")
@@ -215,9 +243,57 @@ class Statements:
         stale = STALE.format(include_disabled="$1", unused_since="$2", at="$3")
         self.stale = r(f"{select} WHERE {stale} ORDER BY created_at, id")
         self.insert_key = self._insert(keys, KEY_COLUMNS)
+        #: An imported key, unless its id is taken; returns its id when inserted.
+        self.insert_new_key = self.insert_key + " ON CONFLICT (id) DO NOTHING RETURNING id"
         self.insert_event = self._insert(events, EVENT_COLUMNS)
         self.prune_events = r(f"DELETE FROM {events} WHERE at < $1")  # noqa: S608
         self.set_hash = r(f"UPDATE {keys} SET secret_hash = $1 WHERE id = $2")  # noqa: S608
+        #: A new hash while the stored one is still ``$3``; returns the key's owner.
+        self.replace_hash = r(
+            f"UPDATE {keys} SET secret_hash = $1"  # noqa: S608
+            " WHERE id = $2 AND secret_hash = $3 RETURNING owner"
+        )
+        #: A new key takes its owner's limits (insert and rotate, in their transaction).
+        self.adopt_owner_limits = r(
+            f"UPDATE {keys} SET owner_limits = (SELECT limits FROM {owners}"  # noqa: S608
+            " WHERE owner = $2) WHERE id = $1"
+        )
+        #: The owner's limits copied onto every key of the owner: ``(limits, owner)``.
+        self.share_owner_limits = r(
+            f"UPDATE {keys} SET owner_limits = {dialect.param(1, 'owner')}"  # noqa: S608
+            " WHERE owner = $2"
+        )
+        self.owner_keys = r(f"SELECT id FROM {keys} WHERE owner = $1")  # noqa: S608
+        self.get_owner_limits = r(
+            f"SELECT limits, quota_remaining, quota_reset_at FROM {owners}"  # noqa: S608
+            " WHERE owner = $1"
+        )
+        self.delete_owner_limits = r(f"DELETE FROM {owners} WHERE owner = $1")  # noqa: S608
+        owner_values = ", ".join(
+            dialect.param(i, kind) for i, kind in enumerate(OWNER_COLUMNS.values(), 1)
+        )
+        updates = ", ".join(f"{c} = excluded.{c}" for c in OWNER_COLUMNS if c != "owner")
+        self.put_owner_limits = (
+            f"INSERT INTO {owners} ({', '.join(OWNER_COLUMNS)}) VALUES ({owner_values})"  # noqa: S608
+            f" ON CONFLICT (owner) DO UPDATE SET {updates}"
+        )
+
+    def owner_values(self, limits: OwnerLimits) -> list[Any]:
+        """The owner table's row of ``limits`` (``OWNER_COLUMNS``)."""
+        d = self.dialect
+        values = {**{name: getattr(limits, name, None) for name in OWNER_COLUMNS}, "limits": limits}
+        return [d.encode(kind, values[name]) for name, kind in OWNER_COLUMNS.items()]
+
+    def owner_limits(self, row: Row) -> OwnerLimits:
+        """An owner's limits from ``get_owner_limits``'s row: as set, with the quota's
+        count as the flushes left it."""
+        d = self.dialect
+        limits: OwnerLimits = d.decode("owner", row["limits"])
+        return dataclasses.replace(
+            limits,
+            quota_remaining=row["quota_remaining"],
+            quota_reset_at=d.decode("time", row["quota_reset_at"]),
+        )
 
     def _insert(self, table: str, columns: Mapping[str, Kind]) -> str:
         marks = (self.dialect.param(i, kind) for i, kind in enumerate(columns.values(), 1))

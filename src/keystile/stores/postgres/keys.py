@@ -6,8 +6,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ..calls import Change, Insertion, Reaping, Rotation
+from ..calls import Change, Importing, Insertion, Reaping, Rotation
 from ..records import KeyEvent, KeyRecord, utcnow
+from ..rules import rehashed_event
 from ..sql import COLUMNS
 from .connection import Connection
 from .events import log_events
@@ -55,11 +56,33 @@ class Keys(Connection):
     async def list_all(self) -> list[KeyRecord]:
         return await self._fetch("list_all", self._sql.list_all)
 
-    async def update_hash(self, key_id: str, secret_hash: str) -> None:
-        async def update(conn: Any) -> None:
-            await conn.execute(self._sql.set_hash, secret_hash, key_id)
+    async def update_hash(
+        self, key_id: str, secret_hash: str, *, replacing: str | None = None
+    ) -> None:
+        if replacing is None:
 
-        await self._idempotent("update_hash", update)
+            async def update(conn: Any) -> None:
+                await conn.execute(self._sql.set_hash, secret_hash, key_id)
+
+            await self._idempotent("update_hash", update)
+            return
+        sql = self._sql
+        async with self._connection("update_hash") as conn, conn.transaction():
+            owner = await conn.fetchval(sql.replace_hash, secret_hash, key_id, replacing)
+            event = owner is not None and rehashed_event(key_id, owner, replacing, utcnow())
+            if event:
+                await log_events(conn, sql, [event])
+
+    async def _import(self, importing: Importing) -> list[str]:
+        sql = self._sql
+        async with self._connection("import_keys") as conn, conn.transaction():
+            inserted = [
+                record
+                for record in importing.records
+                if await conn.fetchval(sql.insert_new_key, *POSTGRES.key_values(record))
+            ]
+            await log_events(conn, sql, importing.events(inserted, utcnow()))
+        return [record.id for record in inserted]
 
     async def _lock_name(self, conn: Any, owner: str, name: str) -> None:
         """Serialise, until the transaction ends, every change that could make a key of
@@ -98,6 +121,7 @@ class Keys(Connection):
                 await notify(conn, self.channel, clash)
             inserted = insertion.new_key(clash)
             await conn.execute(sql.insert_key, *POSTGRES.key_values(inserted))
+            await conn.execute(sql.adopt_owner_limits, inserted.id, inserted.owner)
             await log_events(conn, sql, insertion.events(inserted, clash, now))
         return clash
 
@@ -128,6 +152,7 @@ class Keys(Connection):
             if row is None:
                 return None
             await conn.execute(self._sql.insert_key, *POSTGRES.key_values(successor))
+            await conn.execute(self._sql.adopt_owner_limits, successor.id, successor.owner)
             await notify(conn, self.channel, [key_id])
             old = POSTGRES.record(row)
             await log_events(conn, self._sql, rotation.events(old, utcnow()))

@@ -14,6 +14,7 @@ import re
 from typing import Any
 
 from ...errors import ConfigurationError
+from ..records import OwnerLimits
 from ..sql import Dialect
 
 __all__ = [
@@ -90,6 +91,27 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX keystile_usage_minute ON {schema}.keystile_usage (minute);
     """,
+    """
+    ALTER TABLE {schema}.keystile_keys ADD COLUMN budget_id text;
+    ALTER TABLE {schema}.keystile_keys ADD COLUMN rate_limits jsonb NOT NULL DEFAULT '{{}}';
+    ALTER TABLE {schema}.keystile_keys ADD COLUMN owner_limits jsonb;
+    UPDATE {schema}.keystile_keys SET budget_id = id;
+    CREATE INDEX keystile_keys_budget ON {schema}.keystile_keys (budget_id);
+    CREATE TABLE {schema}.keystile_quota_batches (
+        batch text PRIMARY KEY,
+        at timestamptz NOT NULL
+    );
+    CREATE INDEX keystile_quota_batches_at ON {schema}.keystile_quota_batches (at);
+    CREATE TABLE {schema}.keystile_owner_limits (
+        owner text PRIMARY KEY,
+        limits jsonb NOT NULL,
+        quota bigint,
+        quota_remaining bigint,
+        quota_refill interval,
+        quota_reset_at timestamptz,
+        updated_at timestamptz NOT NULL
+    );
+    """,
 ]
 
 POSTGRES = Dialect(
@@ -97,8 +119,16 @@ POSTGRES = Dialect(
     seq="id",
     greatest="GREATEST",
     least="LEAST",
-    encoders={"strings": list, "json": lambda v: json.dumps(dict(v))},
-    decoders={"strings": tuple, "json": json.loads},
+    encoders={
+        "strings": list,
+        "json": lambda v: json.dumps(dict(v)),
+        "owner": lambda v: json.dumps(v.to_row()),
+    },
+    decoders={
+        "strings": tuple,
+        "json": json.loads,
+        "owner": lambda v: OwnerLimits.from_row(json.loads(v)),
+    },
     casts={
         "text": "text",
         "int": "bigint",
@@ -106,6 +136,7 @@ POSTGRES = Dialect(
         "period": "interval",
         "strings": "text[]",
         "json": "jsonb",
+        "owner": "jsonb",
     },
 )
 

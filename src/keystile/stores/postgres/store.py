@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from .events import Events
 from .keys import Keys
+from .owners import Owners
 from .usage import Usage
 from .watch import Watch
 
 __all__ = ["PostgresKeyStore"]
 
 
-class PostgresKeyStore(Keys, Events, Usage, Watch):
+class PostgresKeyStore(Keys, Events, Owners, Usage, Watch):
     """``postgresql://…``: the production store, an asyncpg pool shared by many processes.
 
     Every lifecycle change is one transaction that also runs ``pg_notify`` on a channel
@@ -18,4 +19,4 @@ class PostgresKeyStore(Keys, Events, Usage, Watch):
 
     Its parts, one concern each: ``connection`` (the URL, the pool, errors and retries),
     ``schema`` (migrations, schema names, how values are stored), ``keys``, ``events``,
-    ``usage``, ``watch`` (NOTIFY and the LISTEN connection)."""
+    ``owners`` (owner limits), ``usage``, ``watch`` (NOTIFY and the LISTEN connection)."""

@@ -1,5 +1,6 @@
-"""The Postgres store's usage: ``last_used_at`` and quotas in one statement per flush,
-per-minute counts upserted from ``unnest``, and their sums by bucket."""
+"""The Postgres store's usage: ``last_used_at`` in one statement per flush (quota uses in
+the same transaction, with the batch's name), per-minute counts upserted from
+``unnest``, and their sums by bucket."""
 
 from __future__ import annotations
 
@@ -8,24 +9,35 @@ from datetime import datetime
 from typing import Any
 
 from ..calls import UsageQuery
-from ..records import QuotaState, UsageBucket, UsageCounts, UsageTotal
+from ..records import QuotaState, UsageBucket, UsageCounts, UsageTotal, utcnow
+from ..rules import BATCH_MEMORY, budget_states, split_uses
 from ..sql import touch_assignments
 from .connection import Connection
 from .schema import POSTGRES
 
 __all__ = ["Usage"]
 
-#: A usage write's ``SET`` list (``sql.touch_assignments``), the uses of each key in ``t``.
-_TOUCH = touch_assignments(
-    POSTGRES,
-    k="k.",
-    at="t.at",
-    n="t.n",
-    zero="interval '0'",
-    refill_due="t.at >= k.quota_reset_at + k.quota_refill",
-    periods="floor(extract(epoch from (t.at - k.quota_reset_at))"
-    " / extract(epoch from k.quota_refill))",
-)
+
+def _assignments(n: str, *, last_used: bool) -> str:
+    """A usage write's ``SET`` list (``sql.touch_assignments``), ``n`` uses at ``t.at``."""
+    return touch_assignments(
+        POSTGRES,
+        k="k.",
+        at="t.at",
+        n=n,
+        zero="interval '0'",
+        refill_due="t.at >= k.quota_reset_at + k.quota_refill",
+        periods="floor(extract(epoch from (t.at - k.quota_reset_at))"
+        " / extract(epoch from k.quota_refill))",
+        last_used=last_used,
+    )
+
+
+#: A touch: ``last_used_at``, and a refill that fell due.
+_TOUCH = _assignments("0", last_used=True)
+#: A budget's uses, taken from every key of it (``t.n`` uses at ``t.at``).
+_SPEND = _assignments("t.n", last_used=False)
+_STATE = "k.budget_id, k.created_at, k.quota_remaining, k.quota_reset_at"
 #: One statement per usage flush: every (key, minute) row added to what other processes
 #: already wrote for it.
 _USAGE_UPSERT = (
@@ -40,33 +52,74 @@ class Usage(Connection):
     """The usage part of ``PostgresKeyStore``."""
 
     async def touch_many(
-        self, touches: Mapping[str, datetime], uses: Mapping[str, int] | None = None
+        self,
+        touches: Mapping[str, datetime],
+        uses: Mapping[str, int] | None = None,
+        *,
+        batch: str | None = None,
     ) -> dict[str, QuotaState]:
-        if not touches:
-            return {}
+        keys, q = self._sql.keys, self._sql
+        touch_sql = (
+            f"UPDATE {keys} AS k SET {_TOUCH}"  # noqa: S608
+            " FROM unnest($1::text[], $2::timestamptz[]) AS t(id, at)"
+            f" WHERE k.id = t.id RETURNING {_STATE}, k.quota"
+        )
         ids = list(touches)
         ats = [touches[k] for k in ids]
-        counts = [(uses or {}).get(k, 0) for k in ids]
-        sql = (
-            f"UPDATE {self._sql.keys} AS k SET {_TOUCH}"  # noqa: S608
-            " FROM unnest($1::text[], $2::timestamptz[], $3::bigint[]) AS t(id, at, n)"
-            " WHERE k.id = t.id RETURNING k.id, k.quota, k.quota_remaining, k.quota_reset_at"
-        )
 
         async def touch(conn: Any) -> dict[str, QuotaState]:
-            rows = await conn.fetch(sql, ids, ats, counts)
-            return {
-                row["id"]: QuotaState(row["quota_remaining"], row["quota_reset_at"])
-                for row in rows
-                if row["quota"] is not None
-            }
+            rows = await conn.fetch(touch_sql, ids, ats) if ids else []
+            return budget_states(tuple(r)[:4] for r in rows if r["quota"] is not None)
 
-        if any(counts):
-            # Taking uses is not idempotent: a retry after a lost commit acknowledgement
-            # would take them twice. The recorder keeps a failed batch and retries it.
-            async with self._connection("touch_many") as conn:
-                return await touch(conn)
-        return await self._idempotent("touch_many", touch)
+        now = utcnow()
+        spent, owners = split_uses(uses or {}, touches, now)
+        if not spent and not owners:
+            return await self._idempotent("touch_many", touch) if ids else {}
+        budgets = [b for b, _, _ in spent]
+        spend_sql = (
+            f"UPDATE {keys} AS k SET {_SPEND}"  # noqa: S608
+            " FROM unnest($1::text[], $2::timestamptz[], $3::bigint[]) AS t(b, at, n)"
+            " WHERE k.budget_id = t.b"
+        )
+        owner_sql = (
+            f"UPDATE {q.owners} AS k SET {_SPEND}"  # noqa: S608
+            " FROM unnest($1::text[], $2::timestamptz[], $3::bigint[]) AS t(b, at, n)"
+            " WHERE k.owner = t.b"
+        )
+        states_sql = (
+            f"SELECT {_STATE} FROM {keys} AS k"  # noqa: S608
+            " WHERE k.budget_id = ANY($1::text[]) AND k.quota IS NOT NULL"
+        )
+        owner_states_sql = (
+            f"SELECT owner, quota_remaining, quota_reset_at FROM {q.owners}"  # noqa: S608
+            " WHERE owner = ANY($1::text[]) AND quota IS NOT NULL"
+        )
+        # One transaction: the batch's name is stored with its uses, so a retry after a
+        # lost commit acknowledgement finds it and takes nothing twice.
+        async with self._connection("touch_many") as conn, conn.transaction():
+            touched = await touch(conn)
+            fresh = batch is None or await conn.fetchval(
+                f"INSERT INTO {q.batches} (batch, at) VALUES ($1, $2)"  # noqa: S608
+                " ON CONFLICT (batch) DO NOTHING RETURNING 1",
+                batch,
+                now,
+            )
+            if batch is not None:
+                await conn.execute(
+                    f"DELETE FROM {q.batches} WHERE at < $1",  # noqa: S608
+                    now - BATCH_MEMORY,
+                )
+            if fresh:
+                for statement, spends in ((spend_sql, spent), (owner_sql, owners)):
+                    if spends:
+                        columns = [list(column) for column in zip(*spends, strict=True)]
+                        await conn.execute(statement, *columns)
+            rows = await conn.fetch(states_sql, [*touched.keys() | set(budgets)])
+            owner_rows = await conn.fetch(owner_states_sql, [o for o, _, _ in owners])
+        states = budget_states(tuple(r) for r in rows)
+        for r in owner_rows:
+            states[f"owner:{r['owner']}"] = QuotaState(r["quota_remaining"], r["quota_reset_at"])
+        return states
 
     async def add_usage(self, counts: UsageCounts) -> None:
         if not counts:
@@ -89,7 +142,7 @@ class Usage(Connection):
             "SELECT to_timestamp(floor(extract(epoch FROM u.minute) / $5) * $5) AS start,"  # noqa: S608
             " sum(u.requests)::bigint AS requests, sum(u.rejected)::bigint AS rejected"
             f" FROM {self._sql.usage} AS u JOIN {self._sql.keys} AS k ON k.id = u.key_id"
-            " WHERE u.key_id = $1 AND k.owner = $2 AND u.minute >= $3"
+            " WHERE ($1::text IS NULL OR u.key_id = $1) AND k.owner = $2 AND u.minute >= $3"
             " AND ($4::timestamptz IS NULL OR u.minute < $4) GROUP BY 1 ORDER BY 1"
         )
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Sequence
 
-from ..calls import Change, Insertion, Reaping, Rotation
+from ..calls import Change, Importing, Insertion, Reaping, Rotation
 from ..records import KeyEvent, KeyRecord, utcnow
+from ..rules import rehashed_event
 from ..sql import COLUMNS
 from .connection import Connection, select_in
 from .events import log_events
@@ -47,8 +48,34 @@ class Keys(Connection):
     async def list_all(self) -> list[KeyRecord]:
         return _records(await self._run(lambda c: c.execute(SQL.list_all).fetchall()))
 
-    async def update_hash(self, key_id: str, secret_hash: str) -> None:
-        await self._run(lambda conn: conn.execute(SQL.set_hash, (secret_hash, key_id)))
+    async def update_hash(
+        self, key_id: str, secret_hash: str, *, replacing: str | None = None
+    ) -> None:
+        if replacing is None:
+            await self._run(lambda conn: conn.execute(SQL.set_hash, (secret_hash, key_id)))
+            return
+
+        def replace(conn: sqlite3.Connection) -> None:
+            with transaction(conn):
+                row = conn.execute(SQL.replace_hash, (secret_hash, key_id, replacing)).fetchone()
+                event = row and rehashed_event(key_id, row[0], replacing, utcnow())
+                if event:
+                    log_events(conn, [event])
+
+        await self._run(replace)
+
+    async def _import(self, importing: Importing) -> list[str]:
+        def insert(conn: sqlite3.Connection) -> list[KeyRecord]:
+            with transaction(conn):
+                inserted = [
+                    record
+                    for record in importing.records
+                    if conn.execute(SQL.insert_new_key, SQLITE.key_values(record)).fetchone()
+                ]
+                log_events(conn, importing.events(inserted, utcnow()))
+                return inserted
+
+        return [record.id for record in await self._run(insert)]
 
     async def _insert(self, insertion: Insertion) -> list[str]:
         record = insertion.record
@@ -70,6 +97,7 @@ class Keys(Connection):
                 log_changes(conn, clash, now)
                 inserted = insertion.new_key(clash)
                 conn.execute(SQL.insert_key, SQLITE.key_values(inserted))
+                conn.execute(SQL.adopt_owner_limits, (inserted.id, inserted.owner))
                 log_events(conn, insertion.events(inserted, clash, now))
                 return clash
 
@@ -98,6 +126,7 @@ class Keys(Connection):
                 if not conn.execute(SQL.rotate, params).rowcount:
                     return None
                 conn.execute(SQL.insert_key, SQLITE.key_values(successor))
+                conn.execute(SQL.adopt_owner_limits, (successor.id, successor.owner))
                 log_changes(conn, [key_id], now)
                 old = SQLITE.record(conn.execute(SQL.get, (key_id,)).fetchone())
                 log_events(conn, rotation.events(old, now))

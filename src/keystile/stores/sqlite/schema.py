@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 
-from ..records import utcnow
+from ..records import OwnerLimits, utcnow
 from ..sql import Dialect, Statements
 
 __all__ = ["MIGRATIONS", "SQL", "SQLITE", "migrate", "transaction"]
@@ -76,6 +76,27 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX keystile_usage_minute ON keystile_usage (minute);
     """,
+    """
+    ALTER TABLE keystile_keys ADD COLUMN budget_id TEXT;
+    ALTER TABLE keystile_keys ADD COLUMN rate_limits TEXT NOT NULL DEFAULT '{}';
+    ALTER TABLE keystile_keys ADD COLUMN owner_limits TEXT;
+    UPDATE keystile_keys SET budget_id = id;
+    CREATE INDEX keystile_keys_budget ON keystile_keys (budget_id);
+    CREATE TABLE keystile_quota_batches (
+        batch TEXT PRIMARY KEY,
+        at REAL NOT NULL
+    );
+    CREATE INDEX keystile_quota_batches_at ON keystile_quota_batches (at);
+    CREATE TABLE keystile_owner_limits (
+        owner TEXT PRIMARY KEY,
+        limits TEXT NOT NULL,
+        quota INTEGER,
+        quota_remaining INTEGER,
+        quota_refill REAL,
+        quota_reset_at REAL,
+        updated_at REAL NOT NULL
+    );
+    """,
 ]
 
 SQLITE = Dialect(
@@ -88,12 +109,14 @@ SQLITE = Dialect(
         "period": timedelta.total_seconds,
         "strings": lambda v: json.dumps(list(v)),
         "json": lambda v: json.dumps(dict(v)),
+        "owner": lambda v: json.dumps(v.to_row()),
     },
     decoders={
         "time": lambda v: datetime.fromtimestamp(v, timezone.utc),
         "period": lambda v: timedelta(seconds=v),
         "strings": lambda v: tuple(json.loads(v)),
         "json": json.loads,
+        "owner": lambda v: OwnerLimits.from_row(json.loads(v)),
     },
 )
 SQL = Statements(SQLITE)

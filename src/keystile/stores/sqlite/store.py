@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from .events import Events
 from .keys import Keys
+from .owners import Owners
 from .usage import Usage
 from .watch import Watch
 
 __all__ = ["SQLiteKeyStore"]
 
 
-class SQLiteKeyStore(Keys, Events, Usage, Watch):
+class SQLiteKeyStore(Keys, Events, Owners, Usage, Watch):
     """``sqlite:///path``: the embedded default, stdlib ``sqlite3`` run off the event loop.
 
     One connection per store, used by one worker thread at a time (a lock), in WAL mode
@@ -20,5 +21,5 @@ class SQLiteKeyStore(Keys, Events, Usage, Watch):
     evict changed keys.
 
     Its parts, one concern each: ``connection`` (the connection and the worker thread),
-    ``schema`` (migrations, how values are stored), ``keys``, ``events``, ``usage``,
-    ``watch`` (the change log)."""
+    ``schema`` (migrations, how values are stored), ``keys``, ``events``, ``owners``
+    (owner limits), ``usage``, ``watch`` (the change log)."""

@@ -8,28 +8,52 @@ from collections.abc import Mapping
 from datetime import datetime, timezone
 
 from ..calls import UsageQuery
-from ..records import QuotaState, UsageBucket, UsageCounts, UsageTotal
+from ..records import QuotaState, UsageBucket, UsageCounts, UsageTotal, utcnow
+from ..rules import BATCH_MEMORY, budget_states, split_uses
 from ..sql import touch_assignments
 from .connection import Connection, select_in
 from .schema import SQLITE, transaction
 
 __all__ = ["Usage"]
 
-#: One key's usage write: parameters ``(at, uses, id)``, the time in UTC seconds.
-_TOUCH_SET = touch_assignments(
-    SQLITE,
-    k="",
-    at="$1",
-    n="$2",
-    zero="0",
-    refill_due="$1 - quota_reset_at >= quota_refill",
-    periods="CAST(($1 - quota_reset_at) / quota_refill AS INTEGER)",
+
+def _assignments(*, last_used: bool) -> str:
+    """A usage write's ``SET`` list in SQLite's arithmetic: parameters ``(at, n, …)``."""
+    return touch_assignments(
+        SQLITE,
+        k="",
+        at="$1",
+        n="$2",
+        zero="0",
+        refill_due="$1 - quota_reset_at >= quota_refill",
+        periods="CAST(($1 - quota_reset_at) / quota_refill AS INTEGER)",
+        last_used=last_used,
+    )
+
+
+#: One key's touch: parameters ``(at, 0, id)``, the time in UTC seconds.
+_TOUCH = SQLITE.render(
+    f"UPDATE keystile_keys SET {_assignments(last_used=True)} WHERE id = $3"  # noqa: S608
 )
-_TOUCH = SQLITE.render(f"UPDATE keystile_keys SET {_TOUCH_SET} WHERE id = $3")  # noqa: S608
+#: One budget's uses, taken from every key of it: parameters ``(at, uses, budget_id)``.
+_SPEND = SQLITE.render(
+    f"UPDATE keystile_keys SET {_assignments(last_used=False)} WHERE budget_id = $3"  # noqa: S608
+)
+#: One owner's uses: parameters ``(at, uses, owner)``.
+_OWNER_SPEND = SQLITE.render(
+    f"UPDATE keystile_owner_limits SET {_assignments(last_used=False)} WHERE owner = $3"  # noqa: S608
+)
+_OWNER_QUOTAS = (
+    "SELECT owner, quota_remaining, quota_reset_at FROM keystile_owner_limits"
+    " WHERE owner IN ({marks}) AND quota IS NOT NULL"
+)
+_BUDGETS_OF = "SELECT DISTINCT budget_id FROM keystile_keys WHERE id IN ({marks})"
 _QUOTAS = (
-    "SELECT id, quota_remaining, quota_reset_at FROM keystile_keys"
-    " WHERE id IN ({marks}) AND quota IS NOT NULL"
+    "SELECT budget_id, created_at, quota_remaining, quota_reset_at FROM keystile_keys"
+    " WHERE budget_id IN ({marks}) AND quota IS NOT NULL"
 )
+_BATCH = "INSERT INTO keystile_quota_batches VALUES (?, ?) ON CONFLICT (batch) DO NOTHING"
+_FORGET_BATCHES = "DELETE FROM keystile_quota_batches WHERE at < ?"
 #: One row per (key, minute), added to by every process's flush.
 _USAGE_UPSERT = (
     "INSERT INTO keystile_usage (key_id, minute, requests, rejected) VALUES (?, ?, ?, ?)"
@@ -37,9 +61,10 @@ _USAGE_UPSERT = (
     " rejected = rejected + excluded.rejected"
 )
 _BUCKETS = (
-    "SELECT (u.minute / ?) * ? AS start, SUM(u.requests), SUM(u.rejected)"
+    "SELECT (u.minute / :step) * :step AS start, SUM(u.requests), SUM(u.rejected)"
     " FROM keystile_usage AS u JOIN keystile_keys AS k ON k.id = u.key_id"
-    " WHERE u.key_id = ? AND k.owner = ? AND u.minute >= ? AND u.minute < ?"
+    " WHERE (:key IS NULL OR u.key_id = :key) AND k.owner = :owner"
+    " AND u.minute >= :since AND u.minute < :until"
     " GROUP BY start ORDER BY start"
 )
 _TOP = (
@@ -56,6 +81,15 @@ _PRUNE = (
 _NO_END = 2**62
 
 
+def _fresh(conn: sqlite3.Connection, batch: str | None, now: datetime) -> bool:
+    """Whether the uses of ``batch`` were not taken yet (now they are, in this
+    transaction); an unnamed batch always is."""
+    if batch is None:
+        return True
+    conn.execute(_FORGET_BATCHES, ((now - BATCH_MEMORY).timestamp(),))
+    return bool(conn.execute(_BATCH, (batch, now.timestamp())).rowcount)
+
+
 def _minute(value: datetime | None) -> int:
     return int(value.timestamp()) if value is not None else _NO_END
 
@@ -64,19 +98,32 @@ class Usage(Connection):
     """The usage part of ``SQLiteKeyStore``."""
 
     async def touch_many(
-        self, touches: Mapping[str, datetime], uses: Mapping[str, int] | None = None
+        self,
+        touches: Mapping[str, datetime],
+        uses: Mapping[str, int] | None = None,
+        *,
+        batch: str | None = None,
     ) -> dict[str, QuotaState]:
-        counts = uses or {}
-        rows = [(at.timestamp(), counts.get(k, 0), k) for k, at in touches.items()]
+        rows = [(at.timestamp(), 0, k) for k, at in touches.items()]
+        now = utcnow()
+        spent, owners = split_uses(uses or {}, touches, now)
         ids = list(touches)
 
         def touch(conn: sqlite3.Connection) -> dict[str, QuotaState]:
             with transaction(conn):
                 conn.executemany(_TOUCH, rows)
-                return {
-                    row[0]: QuotaState(row[1], SQLITE.decode("time", row[2]))
-                    for row in select_in(conn, _QUOTAS, ids)
-                }
+                budgets = {row[0] for row in select_in(conn, _BUDGETS_OF, ids)}
+                if (spent or owners) and _fresh(conn, batch, now):
+                    conn.executemany(_SPEND, [(at.timestamp(), n, b) for b, at, n in spent])
+                    conn.executemany(_OWNER_SPEND, [(at.timestamp(), n, o) for o, at, n in owners])
+                budgets.update(b for b, _, _ in spent)
+                states = budget_states(
+                    (r[0], SQLITE.decode("time", r[1]), r[2], SQLITE.decode("time", r[3]))
+                    for r in select_in(conn, _QUOTAS, list(budgets))
+                )
+                for r in select_in(conn, _OWNER_QUOTAS, [o for o, _, _ in owners]):
+                    states[f"owner:{r[0]}"] = QuotaState(r[1], SQLITE.decode("time", r[2]))
+                return states
 
         return await self._run(touch)
 
@@ -95,9 +142,13 @@ class Usage(Connection):
         await self._run(add)
 
     async def _buckets(self, query: UsageQuery) -> list[UsageBucket]:
-        step = query.bucket_seconds
-        period = (_minute(query.since), _minute(query.until))
-        params = (step, step, query.key_id, query.owner, *period)
+        params = {
+            "step": query.bucket_seconds,
+            "key": query.key_id,
+            "owner": query.owner,
+            "since": _minute(query.since),
+            "until": _minute(query.until),
+        }
         rows = await self._run(lambda conn: conn.execute(_BUCKETS, params).fetchall())
         return [UsageBucket(datetime.fromtimestamp(r[0], timezone.utc), r[1], r[2]) for r in rows]
 
