@@ -15,11 +15,12 @@ from datetime import datetime, timedelta
 
 from ..stores.records import UsageBucket
 from ..usage_chart import dense, periods
+from ..validation import UsageGranularity
 
 __all__ = ["RANGES", "Bar", "Chart", "chart"]
 
 #: The ranges a key's page offers: (label, how far back, bucket period).
-RANGES: dict[str, tuple[timedelta, str]] = {
+RANGES: dict[str, tuple[timedelta, UsageGranularity]] = {
     "24h": (timedelta(hours=24), "hour"),
     "7d": (timedelta(days=7), "hour"),
     "30d": (timedelta(days=30), "day"),

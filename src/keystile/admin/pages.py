@@ -240,7 +240,7 @@ class AdminPages:
             record.id,
             owner=record.owner,
             since=delta,
-            by=by,  # type: ignore[arg-type]
+            by=by,
         )
         events = await self.manager.events(key_id=record.id, limit=100)
         return self._page(

@@ -17,25 +17,29 @@ the policy, and what protects them.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from starlette.applications import Starlette
 
-from .api import ActorOf, ManagementAPI, OwnerOf
+from .api import ActorOf, ManagementAPI, ManagementOptions, OwnerOf
 from .document import management_document
 from .policy import KeyPolicy
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = [
     "ActorOf",
     "KeyPolicy",
     "ManagementAPI",
+    "ManagementOptions",
     "OwnerOf",
     "management_app",
     "management_document",
 ]
 
 
-def management_app(**options: Any) -> Starlette:
+def management_app(**options: Unpack[ManagementOptions]) -> Starlette:
     """A Starlette app of the management endpoints, to mount where the customer's account
     pages are. The options are those of :meth:`ManagementAPI.build`: ``owner``, and
     ``database_url`` or ``manager`` (keys live in ``manager``'s store, or the one

@@ -17,7 +17,7 @@ import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -42,7 +42,10 @@ from . import bodies
 from .document import management_document
 from .policy import KeyPolicy
 
-__all__ = ["ActorOf", "ManagementAPI", "OwnerOf"]
+if TYPE_CHECKING:
+    from typing_extensions import Required, Unpack
+
+__all__ = ["ActorOf", "ManagementAPI", "ManagementOptions", "OwnerOf"]
 
 logger = logging.getLogger("keystile")
 
@@ -51,6 +54,21 @@ OwnerOf = Callable[[Request], "Awaitable[str | None] | str | None"]
 #: The audit actor of a request (``None``: ``owner:<owner>``).
 ActorOf = Callable[[Request], "Awaitable[str | None] | str | None"]
 Handler = Callable[[Request, str, str], Awaitable[Response]]
+
+
+class ManagementOptions(TypedDict, total=False):
+    """What ``management_app``, ``key_management_router`` and ``ManagementAPI.build``
+    take: ``owner`` (required), ``database_url`` or ``manager``, ``policy``, ``actor``,
+    ``argon2`` (for a manager made from ``database_url``), ``max_body`` (bytes)."""
+
+    owner: Required[OwnerOf]
+    database_url: str | None
+    manager: KeyManager | None
+    policy: KeyPolicy | None
+    actor: ActorOf | None
+    argon2: Argon2Parameters
+    max_body: int
+
 
 STATES = ("active", "disabled", "expired", "revoked")
 USAGE_PERIODS = ("minute", "hour", "day")
@@ -128,23 +146,22 @@ class ManagementAPI:
         self.max_body = max_body
 
     @classmethod
-    def build(
-        cls,
-        *,
-        owner: OwnerOf,
-        database_url: str | None = None,
-        manager: KeyManager | None = None,
-        policy: KeyPolicy | None = None,
-        actor: ActorOf | None = None,
-        argon2: Argon2Parameters = DEFAULT_PARAMETERS,
-        max_body: int = bodies.DEFAULT_MAX_BODY,
-    ) -> ManagementAPI:
-        """The API on ``manager``, or on a manager of the store ``database_url`` names."""
+    def build(cls, **options: Unpack[ManagementOptions]) -> ManagementAPI:
+        """The API on ``manager``, or on a manager of the store ``database_url`` names
+        (``KEYSTILE_DATABASE_URL``, else the CLI's default, when neither is given)."""
+        manager, database_url = options.get("manager"), options.get("database_url")
         if manager is not None and database_url is not None:
             raise TypeError("give database_url or manager, not both")
         if manager is None:
+            argon2 = options.get("argon2", DEFAULT_PARAMETERS)
             manager = KeyManager.from_url(database_url, argon2=argon2)
-        return cls(manager, owner=owner, policy=policy, actor=actor, max_body=max_body)
+        return cls(
+            manager,
+            owner=options["owner"],
+            policy=options.get("policy"),
+            actor=options.get("actor"),
+            max_body=options.get("max_body", bodies.DEFAULT_MAX_BODY),
+        )
 
     @property
     def routes(self) -> list[Route]:

@@ -6,19 +6,20 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from .api import ManagementAPI
+from .api import ManagementAPI, ManagementOptions
 from .document import OPERATIONS, operation
 
 if TYPE_CHECKING:
     from fastapi import APIRouter
+    from typing_extensions import Unpack
 
 __all__ = ["management_router"]
 
 
 def management_router(
-    *, prefix: str = "", tags: Sequence[str] = ("API keys",), **options: Any
+    *, prefix: str = "", tags: Sequence[str] = ("API keys",), **options: Unpack[ManagementOptions]
 ) -> APIRouter:
     """The endpoints of ``management_app`` (same options: ``ManagementAPI.build``) on a
     FastAPI ``APIRouter`` with ``prefix`` and ``tags``."""
