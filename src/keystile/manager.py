@@ -154,7 +154,9 @@ class KeyManager(OwnerOperations):
             ip_allowlist=allowlist,
             **limits,
         )
-        await self.store.insert(new.record, replace=replace, actor=who, max_keys=max_keys)
+        # Passed only when set: a store of one's own written before the cap keeps working.
+        cap = {} if max_keys is None else {"max_keys": max_keys}
+        await self.store.insert(new.record, replace=replace, actor=who, **cap)
         return await self._as_stored(new)
 
     async def list(self, owner: str) -> builtins.list[KeyRecord]:
