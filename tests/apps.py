@@ -12,7 +12,7 @@ from starlette.applications import Starlette
 from starlette.authentication import requires
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route, WebSocketRoute
+from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from keystile import CHEAPEST_PARAMETERS, APIKeyMiddleware, KeyStore
@@ -85,3 +85,21 @@ def installed_middleware(app: Any) -> APIKeyMiddleware:
     while not isinstance(node, APIKeyMiddleware):
         node = node.app
     return node
+
+
+def keys_page_app(database_url: str, path: str, pages: Any, **options: Any) -> Starlette:
+    """``pages`` (the management API or the admin page) mounted at ``path``, exempt from
+    the middleware, beside ``GET /whoami`` (the display name of the key that called it)."""
+
+    async def whoami(request: Request) -> JSONResponse:
+        return JSONResponse({"key": request.user.display_name})
+
+    app = Starlette(routes=[Mount(path, pages), Route("/whoami", whoami)])
+    app.add_middleware(
+        APIKeyMiddleware,
+        database_url=database_url,
+        exempt_paths=[f"{path}/*", *options.pop("exempt_paths", [])],
+        argon2=CHEAPEST_PARAMETERS,
+        **options,
+    )
+    return app

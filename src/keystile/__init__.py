@@ -37,6 +37,7 @@ if _typing.TYPE_CHECKING:
     from .principal import APIKeyUser
     from .stores import KeyEvent, KeyRecord, KeyStore, MemoryKeyStore, store_from_url
     from .stores.records import UsageBucket, UsageTotal
+    from .verification import verify
 
 if not _typing.TYPE_CHECKING:  # type checkers read the imports above, and no other name
     from . import _lazy
@@ -72,6 +73,7 @@ if not _typing.TYPE_CHECKING:  # type checkers read the imports above, and no ot
             "store_from_url": "stores",
             "UsageBucket": "stores.records",
             "UsageTotal": "stores.records",
+            "verify": "verification",
         },
         # Formerly public names (internals, and the refusals an app rarely names), still
         # found here for one release with a DeprecationWarning naming their module.
@@ -131,4 +133,5 @@ __all__ = [
     "charge",
     "revoke_presented",
     "store_from_url",
+    "verify",
 ]

@@ -14,12 +14,14 @@
     │       ├── RateLimited         ``rate_limited``, with ``Retry-After`` and ``RateLimit`` fields
     │       └── QuotaExceeded       ``quota_exceeded``, ``Retry-After`` only when a refill is due
     ├── StoreError                  the key store could not be reached or failed
+    ├── RequestRefused              a management API or admin page request refused (4xx)
     ├── ImportSourceError           keys to import cannot be read (``reason``: why)
     ├── KeyManagementError          a refused key-management operation (CLI exit code 1)
     │   ├── InvalidKeyName
     │   ├── DuplicateKeyName
     │   ├── KeyNotFound
-    │   └── KeyAlreadyRotated       the key already has a successor
+    │   ├── KeyAlreadyRotated       the key already has a successor
+    │   └── KeyLimitReached         the owner holds as many live keys as it may
     └── ConfigurationError          bad options, bad database URL, missing extra
 
 ``AuthenticationError.reason`` is a stable machine code used for counters and logs;
@@ -44,12 +46,14 @@ __all__ = [
     "InvalidRequest",
     "InvalidToken",
     "KeyAlreadyRotated",
+    "KeyLimitReached",
     "KeyManagementError",
     "KeyNotFound",
     "KeystileError",
     "MissingCredentials",
     "QuotaExceeded",
     "RateLimited",
+    "RequestRefused",
     "ServiceUnavailable",
     "StoreError",
     "TooManyRequests",
@@ -238,6 +242,18 @@ class StoreError(KeystileError):
     """The key store failed or could not be reached."""
 
 
+class RequestRefused(KeystileError):
+    """A request to the key-management API or the admin page refused before (or instead
+    of) any change: its HTTP status, a stable ``error`` code and a ``description`` for the
+    client, sent in the middleware's body shape by ``responses.refusal_response``."""
+
+    def __init__(self, status_code: int, error: str, description: str) -> None:
+        self.status_code = status_code
+        self.error = error
+        self.description = description
+        super().__init__(f"{error}: {description}")
+
+
 class ImportSourceError(KeystileError):
     """The keys of another library cannot be read: ``reason`` is ``unreachable`` (the
     database or file cannot be opened), ``unknown_layout`` (not the tables or columns of a
@@ -275,6 +291,14 @@ class KeyAlreadyRotated(KeyManagementError):
         super().__init__(
             f"key {key_id!r} was already rotated to {successor!r}; rotate {successor!r} instead"
         )
+
+
+class KeyLimitReached(KeyManagementError):
+    """The owner already holds ``max_keys`` live keys (neither revoked nor expired)."""
+
+    def __init__(self, owner: str, max_keys: int) -> None:
+        self.max_keys = max_keys
+        super().__init__(f"owner {owner!r} already holds {max_keys} live keys, the most it may")
 
 
 class ConfigurationError(KeystileError, ValueError):

@@ -43,14 +43,14 @@ FastAPI is an optional extra: ``pip install "keystile[fastapi]"``.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Any, cast
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
 from . import adapters
 
 try:
-    from fastapi import Depends, FastAPI, Security, WebSocketException
+    from fastapi import APIRouter, Depends, FastAPI, Security, WebSocketException
     from fastapi import routing as fastapi_routing
     from fastapi.routing import APIRoute
     from fastapi.security import (
@@ -72,6 +72,11 @@ from .middleware import APIKeyMiddleware
 from .openapi import DEFAULT_BEARER_SCHEME_NAME, DEFAULT_HEADER_SCHEME_NAME
 from .principal import APIKeyUser
 from .responses import KeystileHTTPException
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from .management.api import ManagementOptions
 
 #: The type of ``current_key``: the verified key (id, owner, name, scopes, metadata).
 APIKey = APIKeyUser
@@ -410,6 +415,18 @@ class _Documenter:
             components.setdefault("schemas", {})[openapi.ERROR_SCHEMA_NAME] = openapi.error_schema()
 
 
+def key_management_router(
+    *, prefix: str = "", tags: Sequence[str] = ("API keys",), **options: Unpack[ManagementOptions]
+) -> APIRouter:
+    """The key-management endpoints of ``keystile.management.management_app`` (same
+    keyword arguments, plus ``prefix`` and ``tags``) as an ``APIRouter``: include it and
+    they show in the app's ``/docs``. Exempt its paths from the middleware: the app's own
+    sign-in, through ``owner(request)``, says whose keys a request may manage."""
+    from .management.router import management_router
+
+    return management_router(prefix=prefix, tags=tags, **options)
+
+
 __all__ = [
     "DEFAULT_BEARER_SCHEME_NAME",
     "DEFAULT_HEADER_SCHEME_NAME",
@@ -419,6 +436,7 @@ __all__ = [
     "KeystileSecurity",
     "OptionalKey",
     "current_key",
+    "key_management_router",
     "keystile_exception_handler",
     "optional_key",
     "protect",

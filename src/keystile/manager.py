@@ -125,10 +125,12 @@ class KeyManager(OwnerOperations):
         ip_allowlist: Iterable[str] | None = None,
         actor: str | None = None,
         rate_limits: Mapping[str, str] | None = None,
+        max_keys: int | None = None,
     ) -> CreatedKey:
         """Mint a key. Raises ``DuplicateKeyName`` if ``(owner, name)`` already has an
         active (or disabled) key, unless ``replace=True`` (then the old key is revoked
-        atomically).
+        atomically). With ``max_keys``, raises ``KeyLimitReached`` if ``owner`` would then
+        hold more live (unrevoked, unexpired) keys, counted in the insert's transaction.
 
         ``rate_limit`` (``"10/second"``, ``"100/minute"``, ``"1000/hour"``, ``"N/day"``)
         and ``quota`` (uses, refilled every ``quota_refill``, e.g. ``"1d"``) are the key's
@@ -152,7 +154,9 @@ class KeyManager(OwnerOperations):
             ip_allowlist=allowlist,
             **limits,
         )
-        await self.store.insert(new.record, replace=replace, actor=who)
+        # Passed only when set: a store of one's own written before the cap keeps working.
+        cap = {} if max_keys is None else {"max_keys": max_keys}
+        await self.store.insert(new.record, replace=replace, actor=who, **cap)
         return await self._as_stored(new)
 
     async def list(self, owner: str) -> builtins.list[KeyRecord]:

@@ -36,7 +36,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .config import DEFAULT_HEADER_NAME, DEFAULT_REALM, ErrorHandler, KeystileConfig
 from .credentials import split_credential, without_credentials
 from .errors import AuthenticationError, MissingCredentials
-from .limits import LimitEnforcer
 from .principal import APIKeyUser
 from .responses import WEBSOCKET_POLICY_VIOLATION, error_code, error_response
 from .runtime import KeystileRuntime
@@ -147,14 +146,7 @@ class APIKeyMiddleware:
         self._has_exemptions = bool(config.exempt_paths)
         self._cors_inside: bool | None = None
         #: Usage limits, checked after a key is verified (docs/operations.md, "Limits").
-        self.limits = LimitEnforcer.shared(
-            self.recorder,
-            self.verifier.counters,
-            storage=config.rate_limit_storage,
-            default_rate_limit=config.default_rate_limit,
-            on_error=config.rate_limit_on_error,
-            headers=config.rate_limit_headers,
-        )
+        self.limits = self.runtime.limits_for(config)
         self._limit_every_key = self.limits.limits_every_key
         #: Whether the compiled hit may count a use as it answers: not when every key is
         #: limited, since the use is recorded only once the limit admits the request.

@@ -39,6 +39,7 @@ from .errors import (
     IPNotAllowed,
     QuotaExceeded,
     RateLimited,
+    RequestRefused,
     ServiceUnavailable,
     TooManyRequests,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "error_response",
     "refusal_classes",
     "refusal_headers",
+    "refusal_response",
     "www_authenticate",
 ]
 
@@ -178,6 +180,16 @@ def error_response(exc: AuthenticationError, *, realm: str, header_name: str) ->
         error_body(exc, header_name=header_name),
         status_code=exc.status_code,
         headers=error_headers(exc, realm=realm),
+    )
+
+
+def refusal_response(exc: RequestRefused) -> Response:
+    """A refused management request: the middleware's body shape (``error``, ``detail``),
+    never cached."""
+    return JSONResponse(
+        {"error": exc.error, "detail": exc.description},
+        status_code=exc.status_code,
+        headers={"Cache-Control": "no-store"},
     )
 
 

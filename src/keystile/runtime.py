@@ -24,9 +24,11 @@ from typing import TYPE_CHECKING
 import anyio
 import anyio.lowlevel
 
-from .errors import StoreError
+from .errors import AuthenticationError, InvalidToken, IPNotAllowed, ServiceUnavailable, StoreError
 from .hashing import SecretHasher
+from .limits import LimitEnforcer
 from .memo import open_memo
+from .principal import APIKeyUser
 from .stats import KeystileStats
 from .stores import store_from_url
 from .stores.records import utcnow
@@ -193,6 +195,57 @@ class KeystileRuntime:
                 hook()
             except Exception:
                 logger.exception("keystile: a shutdown hook failed")
+
+    # -- verification outside a request -------------------------------------------------
+
+    def limits_for(self, config: KeystileConfig) -> LimitEnforcer:
+        """The limit enforcer of ``config``'s limit options on this runtime, shared by every
+        middleware (and ``verify``) with those options, so they spend the same limits."""
+        return LimitEnforcer.shared(
+            self.recorder,
+            self.verifier.counters,
+            storage=config.rate_limit_storage,
+            default_rate_limit=config.default_rate_limit,
+            on_error=config.rate_limit_on_error,
+            headers=config.rate_limit_headers,
+        )
+
+    async def verify(
+        self, token: str | bytes, *, client: tuple[str, int] | None = None
+    ) -> APIKeyUser:
+        """The key behind ``token``, verified as the middleware verifies a request's: the
+        same cache (argon2 once per key per process), the key's IP allowlist (checked
+        against ``client``, ``(host, port)``; without one, a key with an allowlist is
+        refused), its limits, and its use counted in ``last_used_at`` and its usage.
+
+        Raises the middleware's refusals: ``InvalidToken`` (401), ``IPNotAllowed`` (403),
+        ``RateLimited`` / ``QuotaExceeded`` (429), ``ServiceUnavailable`` (503). For a
+        WebSocket subprotocol, a task queue, another protocol: anything without headers.
+        """
+        if not self.running:
+            self.start()
+        if isinstance(token, str):
+            if not token.isascii():
+                raise InvalidToken("malformed")
+            token = token.encode()
+        verifier = self.verifier
+        try:
+            entry = verifier.hit(token) or await verifier.verify(token)
+        except AuthenticationError:
+            raise
+        except Exception:
+            logger.exception("keystile: unexpected error while verifying a key")
+            raise ServiceUnavailable("internal_error") from None
+        user = entry.user
+        if user.ip_allowlist is not None and not user.ip_allowlist.allows(client):
+            raise IPNotAllowed()
+        limits = self.limits_for(self.config)
+        if user.limits is not None or limits.limits_every_key:
+            refusal = await limits.acheck(user) if limits.is_async else limits.check(user)
+            if refusal is not None:
+                raise refusal
+        self.recorder.touch(user.key_id, verifier.clock())
+        return user
 
     # -- operator API -----------------------------------------------------------------
 

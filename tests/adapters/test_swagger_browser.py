@@ -15,61 +15,28 @@ Run as a script, this module is the server: ``python tests/adapters/test_swagger
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import importlib.util
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
+from browsers import STEP_TIMEOUT, child_server, chromium, require_browser, serve
 from keystile import CHEAPEST_PARAMETERS, KeyManager
 from keystile.fastapi import CurrentKey, protect
 
 HERE = Path(__file__).resolve()
-CHROMIUM = Path("/usr/bin/chromium")
-REQUIRE_BROWSER = os.environ.get("KEYSTILE_REQUIRE_BROWSER") == "1"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-#: How long one step in the page may take (ms).
-STEP_TIMEOUT = 20_000
-
-
-def _browser_missing() -> str | None:
-    if not CHROMIUM.exists():
-        return f"{CHROMIUM} is missing (apt-get install chromium)"
-    if importlib.util.find_spec("playwright") is None:
-        return "playwright is not installed (pip install -e '.[dev]')"
-    return None
 
 
 def _require_browser() -> None:
-    missing = _browser_missing()
-    if missing is None:
-        return
-    if REQUIRE_BROWSER:
-        pytest.fail(f"KEYSTILE_REQUIRE_BROWSER=1 but {missing}")
-    pytest.skip(f"the Swagger UI browser tests need Chromium: {missing}")
+    require_browser("the Swagger UI browser tests")
 
 
 # -- the server (child process) -----------------------------------------------------------
@@ -112,15 +79,7 @@ def build_app(database_url: str) -> FastAPI:
 
 
 def main() -> None:
-    import uvicorn
-
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--fd", type=int, required=True)
-    parser.add_argument("--database-url", required=True)
-    args = parser.parse_args()
-    sock = socket.socket(fileno=args.fd)
-    config = uvicorn.Config(build_app(args.database_url), log_level="warning", lifespan="on")
-    uvicorn.Server(config).run(sockets=[sock])
+    serve(build_app)
 
 
 # -- the tests ------------------------------------------------------------------------------
@@ -146,49 +105,14 @@ def server(keys: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> It
     """The app under uvicorn in a child process; its base URL."""
     _require_browser()
     log = tmp_path_factory.mktemp("browser-log") / "uvicorn.log"
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(64)
-    port = sock.getsockname()[1]
-    argv = [sys.executable, str(HERE), "--fd", str(sock.fileno()), "--database-url", keys["url"]]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(argv, pass_fds=[sock.fileno()], stdout=out, stderr=out)
-    sock.close()
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()}")
-            try:
-                if httpx.get(f"{base_url}/docs", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                if time.monotonic() > deadline:
-                    raise
-            time.sleep(0.05)
+    with child_server(HERE, ["--database-url", keys["url"]], log, "/docs") as base_url:
         yield base_url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
 def browser(server: str) -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(
-            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
-        )
-        try:
-            yield chromium
-        finally:
-            chromium.close()
+    with chromium() as browser:
+        yield browser
 
 
 class Outcome(NamedTuple):

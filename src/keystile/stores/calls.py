@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from ..errors import KeyManagementError
+from ..errors import KeyLimitReached, KeyManagementError
 from .records import KeyEvent, KeyRecord
 from .rules import (
     check_name_free,
@@ -37,10 +37,18 @@ class Insertion:
     record: KeyRecord
     replace: bool
     actor: str
+    #: The most live keys (``holds_name``) the owner may hold with this one, or ``None``.
+    max_keys: int | None = None
 
     def check(self, holders: Sequence[str]) -> None:
         """Refuse while keys ``holders`` hold the name, unless they are to be replaced."""
         check_name_free(self.record, holders, self.replace)
+
+    def check_room(self, live: int, holders: Sequence[str]) -> None:
+        """Refuse a key past ``max_keys``: ``live`` keys held, ``holders`` of them replaced.
+        Counted in the insert's transaction, so concurrent inserts cannot pass it."""
+        if self.max_keys is not None and live - len(holders) >= self.max_keys:
+            raise KeyLimitReached(self.record.owner, self.max_keys)
 
     def new_key(self, replaced: Sequence[str]) -> KeyRecord:
         """The key as inserted: it ``replaces`` the newest key it replaced, if any."""

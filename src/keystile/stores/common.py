@@ -52,9 +52,14 @@ class CommonStore(ABC):
         return outcome
 
     async def insert(
-        self, record: KeyRecord, *, replace: bool = False, actor: str = SYSTEM_ACTOR
+        self,
+        record: KeyRecord,
+        *,
+        replace: bool = False,
+        actor: str = SYSTEM_ACTOR,
+        max_keys: int | None = None,
     ) -> list[str]:
-        replaced = await self._insert(Insertion(record, replace, actor))
+        replaced = await self._insert(Insertion(record, replace, actor, max_keys))
         self._publish(replaced)
         return replaced
 

@@ -110,6 +110,8 @@ class MemoryKeyStore(CommonStore):
         record, now = insertion.record, utcnow()
         clash = [r.id for r in self._holders(record.owner, record.name, now)]
         insertion.check(clash)
+        live = sum(r.owner == record.owner and r.holds_name(now) for r in self._rows.values())
+        insertion.check_room(live, clash)
         for old in clash:
             self._rows[old] = dataclasses.replace(
                 self._rows[old], revoked_at=now, replaced_by=record.id

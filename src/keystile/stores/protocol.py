@@ -59,14 +59,20 @@ class KeyStore(Protocol):
         """Every owner's keys, by owner then age: for operators, never for a request."""
 
     async def insert(
-        self, record: KeyRecord, *, replace: bool = False, actor: str = SYSTEM_ACTOR
+        self,
+        record: KeyRecord,
+        *,
+        replace: bool = False,
+        actor: str = SYSTEM_ACTOR,
+        max_keys: int | None = None,
     ) -> list[str]:
         """Insert a new key in one transaction, with its ``created`` event.
 
         If ``(owner, name)`` already has a key holding the name (``holds_name``): raise
         ``DuplicateKeyName``, or with ``replace=True`` revoke those keys (``replaced_by`` =
         the new id, a ``replaced`` event each) and return their ids. Two concurrent
-        replaces leave exactly one active key.
+        replaces leave exactly one active key. With ``max_keys``, raise ``KeyLimitReached``
+        when the owner would hold more live keys (counted in the same transaction).
         """
 
     async def import_keys(

@@ -220,6 +220,11 @@ class Statements:
             f"SELECT id FROM {keys} WHERE owner = $1 AND name = $2"  # noqa: S608
             f" AND {HOLDS_NAME.format(now='$3')} ORDER BY created_at, id"
         )
+        #: How many keys of an owner hold their names (``insert`` with ``max_keys``).
+        self.live_count = r(
+            f"SELECT count(*) FROM {keys} WHERE owner = $1"  # noqa: S608
+            f" AND {HOLDS_NAME.format(now='$2')}"
+        )
         #: Whether a key other than ``$3`` holds a name (``update``).
         self.other_holder = r(
             f"SELECT 1 FROM {keys} WHERE owner = $1 AND name = $2 AND id <> $3"  # noqa: S608

@@ -104,11 +104,18 @@ class Keys(Connection):
         sql = self._sql
         async with self._connection("insert") as conn, conn.transaction():
             await lock_owner_limits(conn, self.schema, [record.owner], shared=True)
+            if insertion.max_keys is not None:
+                # Every insert with a cap on the owner's keys, whatever their names, waits
+                # here for the one before it: the count below is then the committed one.
+                await self._lock_name(conn, record.owner, "")
             await self._lock_name(conn, record.owner, record.name)
             now = utcnow()
             holders = await conn.fetch(sql.name_holders, record.owner, record.name, now)
             clash: list[str] = [row["id"] for row in holders]
             insertion.check(clash)
+            if insertion.max_keys is not None:
+                live = await conn.fetchval(sql.live_count, record.owner, now)
+                insertion.check_room(live, clash)
             if clash:
                 await conn.execute(
                     f"UPDATE {sql.keys} SET revoked_at = $1, replaced_by = $2"  # noqa: S608

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -25,6 +26,9 @@ T = TypeVar("T")
 #: Ids per ``IN (...)`` list: SQLite limits the parameters of one statement.
 _CHUNK = 500
 
+#: Seconds a statement waits for another connection's lock before "database is locked".
+BUSY_TIMEOUT = 10.0
+
 #: How often ``watch`` polls the change log for changes made by other processes.
 DEFAULT_POLL_INTERVAL = 1.0
 
@@ -34,6 +38,20 @@ def select_in(conn: sqlite3.Connection, sql: str, ids: Sequence[str]) -> Iterato
     for start in range(0, len(ids), _CHUNK):
         chunk = ids[start : start + _CHUNK]
         yield from conn.execute(sql.format(marks=",".join("?" * len(chunk))), chunk)
+
+
+def _use_wal(conn: sqlite3.Connection) -> None:
+    """Switch to WAL. Two connections opening a new database at once can see the switch
+    refused as "locked" at once, without SQLite's busy handler: wait for it as for a lock."""
+    deadline = time.monotonic() + BUSY_TIMEOUT
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+        time.sleep(0.005)
 
 
 class Connection(CommonStore):
@@ -59,14 +77,14 @@ class Connection(CommonStore):
             self._create_private()
             try:
                 conn = sqlite3.connect(
-                    self.path, timeout=10.0, isolation_level=None, check_same_thread=False
+                    self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
                 )
             except sqlite3.Error as exc:
                 raise StoreError(f"cannot open SQLite database {self.path!r}: {exc}") from exc
             conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode=WAL")
+            _use_wal(conn)
             conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA busy_timeout=10000")
+            conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000)}")
             migrate(conn)
             self._seq_at_open = conn.execute(
                 "SELECT COALESCE(MAX(seq), 0) FROM keystile_changes"

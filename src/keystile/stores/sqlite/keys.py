@@ -90,6 +90,11 @@ class Keys(Connection):
                 )
                 clash: list[str] = [row[0] for row in holders]
                 insertion.check(clash)
+                if insertion.max_keys is not None:
+                    (live,) = conn.execute(
+                        SQL.live_count, (record.owner, now.timestamp())
+                    ).fetchone()
+                    insertion.check_room(live, clash)
                 conn.executemany(_REPLACED, [(now.timestamp(), record.id, old) for old in clash])
                 log_changes(conn, clash, now)
                 inserted = insertion.new_key(clash)
