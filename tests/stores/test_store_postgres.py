@@ -592,22 +592,6 @@ async def test_watch_keeps_retrying_while_the_server_is_unreachable(
 
 
 @pytest.mark.anyio
-async def test_a_pooled_connection_goes_back_without_a_reset_round_trip(
-    pg_store: PostgresKeyStore, raw: asyncpg.Connection
-) -> None:
-    """A read is one statement: releasing its connection sends no ``RESET ALL`` batch."""
-    r = record()
-    await pg_store.insert(r)
-    assert await pg_store.get(r.id) == r
-    last = await raw.fetch(
-        "SELECT query FROM pg_stat_activity WHERE application_name = $1",
-        pg_store.application_name(POOL_APPLICATION_NAME),
-    )
-    assert last
-    assert not [row["query"] for row in last if "RESET ALL" in row["query"]]
-
-
-@pytest.mark.anyio
 async def test_a_connection_released_inside_a_transaction_comes_back_clean(
     pg_store: PostgresKeyStore,
 ) -> None:

@@ -179,7 +179,6 @@ class Connection(CommonStore):
                         self._dsn,
                         min_size=self.min_size,
                         max_size=self.max_size,
-                        reset=_keep_session,
                         **self._connect_kwargs(POOL_APPLICATION_NAME),
                     ),
                     timeout=self.connect_timeout * 2,
@@ -283,13 +282,3 @@ class Connection(CommonStore):
                 raise
             except DB_ERRORS:
                 pool.terminate()
-
-
-async def _keep_session(connection: asyncpg.Connection) -> None:
-    """The pool's release step: nothing beyond asyncpg's own rollback.
-
-    asyncpg's default sends ``pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL``
-    on every release, one more round trip for every store read. keystile's pooled
-    connections keep no session state: advisory locks are transaction-scoped, there are
-    no cursors or ``SET`` statements, and ``LISTEN`` runs on its own connection. asyncpg still rolls
-    back an open transaction before this runs."""
