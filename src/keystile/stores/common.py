@@ -15,9 +15,18 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from .bus import LocalChangeBus
-from .calls import Change, EventQuery, Importing, Insertion, Reaping, Rotation, UsageQuery
+from .calls import (
+    Change,
+    EventQuery,
+    Importing,
+    Insertion,
+    Reaping,
+    Rotation,
+    Touching,
+    UsageQuery,
+)
 from .protocol import ChangeListener
-from .records import KeyEvent, KeyRecord, OwnerLimits, UsageBucket
+from .records import KeyEvent, KeyRecord, OwnerLimits, QuotaState, UsageBucket
 from .rules import (
     SYSTEM_ACTOR,
     check_updatable,
@@ -139,6 +148,15 @@ class CommonStore(ABC):
         self._publish(changed)
         return True
 
+    async def touch_many(
+        self,
+        touches: Mapping[str, datetime],
+        uses: Mapping[str, int] | None = None,
+        *,
+        batch: str | None = None,
+    ) -> dict[str, QuotaState]:
+        return await self._touch_many(Touching(touches, uses or {}, batch))
+
     async def usage(
         self,
         key_id: str | None,
@@ -197,6 +215,11 @@ class CommonStore(ABC):
         """Set (or with ``None`` delete) ``owner``'s limits, copy them onto every key of
         the owner and record ``event``, in one transaction; the ids of the owner's keys
         (to evict), or ``None`` when there was nothing to delete (nothing written)."""
+
+    @abstractmethod
+    async def _touch_many(self, touching: Touching) -> dict[str, QuotaState]:
+        """Write the touches and take the uses, in one transaction (``KeyStore.touch_many``);
+        the quota state of each budget touched or spent."""
 
     @abstractmethod
     async def _buckets(self, query: UsageQuery) -> list[UsageBucket]: ...
