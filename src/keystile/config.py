@@ -69,23 +69,27 @@ DEFAULT_USAGE_RETENTION = timedelta(days=90)
 
 ErrorHandler = Callable[[HTTPConnection, AuthenticationError], Response]
 
-#: The options that make a runtime (store, cache, verification, background work): equal
-#: values share one; the others (header, exempt paths, limits, errors) are per middleware.
-_RUNTIME_OPTIONS = (
-    "store",
-    "database_url",
+#: The options ``Verifier`` takes under the same names.
+_VERIFIER_OPTIONS = (
     "cache_ttl",
     "cache_idle",
     "cache_max_size",
     "negative_ttl",
     "negative_max_size",
     "stale_if_error",
-    "flush_interval",
-    "flush_max",
-    "argon2",
     "argon2_concurrency",
     "max_pending_verifications",
     "per_key_pending",
+)
+#: The options that make a runtime (store, cache, verification, background work): equal
+#: values share one; the others (header, exempt paths, limits, errors) are per middleware.
+_RUNTIME_OPTIONS = (
+    "store",
+    "database_url",
+    *_VERIFIER_OPTIONS,
+    "flush_interval",
+    "flush_max",
+    "argon2",
     "reap_every",
     "reap_unused_for",
     "usage_retention",
@@ -250,6 +254,11 @@ class KeystileConfig:
         """Equal for configs that may share a runtime: the runtime options, hashable values
         by value and anything else (a store object) by identity."""
         return tuple((name, _by_value(getattr(self, name))) for name in _RUNTIME_OPTIONS)
+
+    def verifier_options(self) -> dict[str, Any]:
+        """The options ``Verifier`` takes as they are, by name (cache, negative cache,
+        outage and argon2 admission)."""
+        return {name: getattr(self, name) for name in _VERIFIER_OPTIONS}
 
 
 def _either(

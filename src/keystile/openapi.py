@@ -103,27 +103,32 @@ def error_schema() -> dict[str, Any]:
                 "description": "The error code: RFC 6750's where there is one, "
                 "`unauthorized` when no key was sent, `temporarily_unavailable` on a 503.",
             },
-            "detail": {"type": "string", "description": "What went wrong, for a person."},
-            "hint": {"type": "string", "description": "How to send a key (400 and 401)."},
-            "credential_source": {
-                "type": "string",
-                "description": "Where the refused key was read from: `authorization` or the "
-                "API-key header's name.",
-            },
+            "detail": _field("string", "What went wrong, for a person."),
+            "hint": _field("string", "How to send a key (400 and 401)."),
+            "credential_source": _field(
+                "string",
+                "Where the refused key was read from: `authorization` or the API-key header's"
+                " name.",
+            ),
             "required_scopes": strings,
             "missing_scopes": strings,
-            "retry_after": {"type": "integer", "description": "Seconds to wait (429, 503)."},
-            "limit": {"type": "string", "description": "The rate limit exceeded (429)."},
-            "quota": {"type": "integer", "description": "The quota used up (429)."},
-            "policy": {
-                "type": "string",
-                "description": "The name of the limit or quota that refused (429): default,"
-                " a named limit, quota, or owner.NAME / owner.quota for the owner's.",
-            },
+            "retry_after": _field("integer", "Seconds to wait (429, 503)."),
+            "limit": _field("string", "The rate limit exceeded (429)."),
+            "quota": _field("integer", "The quota used up (429)."),
+            "policy": _field(
+                "string",
+                "The name of the limit or quota that refused (429): default, a named limit,"
+                " quota, or owner.NAME / owner.quota for the owner's.",
+            ),
         },
         "required": ["error", "detail"],
         "additionalProperties": False,
     }
+
+
+def _field(json_type: str, description: str) -> dict[str, Any]:
+    """A field of the error body: its JSON type and what it holds."""
+    return {"type": json_type, "description": description}
 
 
 def _keystile_classes() -> list[type[AuthenticationError]]:

@@ -80,16 +80,8 @@ class KeystileRuntime:
         self.verifier = Verifier(
             self.store,
             hasher=SecretHasher(config.argon2) if legacy is None else legacy.hasher(config.argon2),
-            cache_ttl=config.cache_ttl,
-            cache_idle=config.cache_idle,
-            cache_max_size=config.cache_max_size,
-            negative_ttl=config.negative_ttl,
-            negative_max_size=config.negative_max_size,
-            stale_if_error=config.stale_if_error,
-            argon2_concurrency=config.argon2_concurrency,
-            max_pending_verifications=config.max_pending_verifications,
-            per_key_pending=config.per_key_pending,
             memo=open_memo(config.verification_memo, config.memo_secret, ttl=config.memo_ttl),
+            **config.verifier_options(),
         )
         if legacy is not None:
             self.verifier.parse = legacy.parse
@@ -250,23 +242,17 @@ class KeystileRuntime:
     # -- operator API -----------------------------------------------------------------
 
     def stats(self) -> KeystileStats:
-        verifier, recorder = self.verifier, self.recorder
+        verifier = self.verifier
         return KeystileStats.of(
             verifier.counters,
             table_hits=verifier.cache.hits,
             argon2_in_flight=verifier.argon2_in_flight,
             cache_size=len(verifier.cache),
             cache_max_size=verifier.cache.max_size,
-            pending_touches=recorder.pending,
-            flushes=recorder.flushes,
-            flush_failures=recorder.flush_failures,
-            touches_written=recorder.touches_written,
-            usage_pending=recorder.pending_usage,
-            usage_rows_written=recorder.usage_rows_written,
-            usage_dropped=recorder.usage_dropped,
             memo_hits=verifier.memo.hits,
             memo_misses=verifier.memo.misses,
             memo_errors=verifier.memo.errors,
+            **self.recorder.stats(),
         )
 
     # -- background duties --------------------------------------------------------------

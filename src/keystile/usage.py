@@ -78,6 +78,8 @@ DEFAULT_MAX_BACKOFF = 60.0
 #: ``(key, minute)`` usage rows kept while the store is unreachable (about 100 bytes
 #: each); past this the oldest minutes are dropped and counted in ``usage_dropped``.
 DEFAULT_MAX_USAGE_ROWS = 100_000
+#: The counts a recorder keeps under their ``KeystileStats`` names.
+_COUNTS = ("flushes", "flush_failures", "touches_written", "usage_rows_written", "usage_dropped")
 
 
 class UsageRecorder:
@@ -195,6 +197,11 @@ class UsageRecorder:
         """Usage rows (key, minute) counted and not yet in the store."""
         self._collect()
         return len(self._counts) + len(self._requests.keys() | self._rejected.keys())
+
+    def stats(self) -> dict[str, int]:
+        """This recorder's numbers, under their ``KeystileStats`` names."""
+        counts = {name: getattr(self, name) for name in _COUNTS}
+        return {"pending_touches": self.pending, "usage_pending": self.pending_usage, **counts}
 
     def touch(self, key_id: str, at: float) -> None:
         """Record a use of ``key_id`` at wall-clock epoch ``at``, and count the request in

@@ -41,6 +41,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from functools import partial
+from typing import Any
 
 from .admission import DEFAULT_FAILURE_BUDGET, DEFAULT_FAILURE_REFILL, Admission, FailureBudget
 from .argon2_pool import Argon2Pool
@@ -96,6 +97,8 @@ DEFAULT_MAX_PENDING_VERIFICATIONS = 256
 #: tokens for the same id queue here (one token is one single flight), and a real client
 #: has one secret per id, so anything past a few is a guessing flood.
 DEFAULT_PER_KEY_PENDING = 3
+#: What the cache keeps a copy of: the verifier passes a new value on.
+_CACHE_SETTINGS = frozenset({"cache_ttl", "clock", "monotonic"})
 #: Re-reads of a key whose state keeps changing while it is verified, before the last
 #: state read is used without being cached.
 _SETTLE_ATTEMPTS = 3
@@ -126,17 +129,21 @@ class Verifier:
             raise ValueError("cache_ttl and cache_idle must be positive")
         self.store = store
         self.hasher = hasher or SecretHasher(DEFAULT_PARAMETERS)
-        self._cache_ttl = cache_ttl
         self.cache_idle = cache_idle
         self.stale_if_error = stale_if_error
         self.argon2_concurrency = argon2_concurrency
         self._argon2 = Argon2Pool(argon2_concurrency)
         self.memo: VerificationMemo = memo or NullMemo()
+        #: Seconds a cached key's state may be old before it is read again.
+        self.cache_ttl = cache_ttl
+        #: The wall clock (expiry, usage) and the monotonic clock (TTLs, idle times);
+        #: tests may replace them.
+        self.clock = clock
+        self.monotonic = monotonic
         self.cache = VerifiedKeyCache(max_size=cache_max_size, ttl=cache_ttl)
+        self.cache.set_clocks(monotonic, clock, ttl=cache_ttl)
         self.counters = Counters()
         self.argon2_in_flight = 0
-        self._clock = clock
-        self.monotonic = monotonic
         self.admission = Admission(
             max_pending=max_pending_verifications,
             per_key_pending=per_key_pending,
@@ -180,35 +187,13 @@ class Verifier:
         """Misses admitted and not yet answered (reading the store, waiting or verifying)."""
         return self.admission.pending
 
-    @property
-    def cache_ttl(self) -> float:
-        """Seconds a cached key's state may be old before it is read again."""
-        return self._cache_ttl
-
-    @cache_ttl.setter
-    def cache_ttl(self, ttl: float) -> None:
-        self._cache_ttl = ttl
-        self.cache.set_clocks(self._monotonic, self._clock, ttl=ttl)
-
-    @property
-    def clock(self) -> Callable[[], float]:
-        """The wall clock (expiry, usage); tests may replace it, and ``monotonic``."""
-        return self._clock
-
-    @clock.setter
-    def clock(self, clock: Callable[[], float]) -> None:
-        self._clock = clock
-        self.cache.set_clocks(self.monotonic, clock, ttl=self._cache_ttl)
-
-    @property
-    def monotonic(self) -> Callable[[], float]:
-        """The monotonic clock (TTLs, idle times)."""
-        return self._monotonic
-
-    @monotonic.setter
-    def monotonic(self, monotonic: Callable[[], float]) -> None:
-        self._monotonic = monotonic
-        self.cache.set_clocks(monotonic, self._clock, ttl=self._cache_ttl)
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Set ``name``; the cache keeps its own copy of the clocks and ``cache_ttl`` (the
+        compiled hit path reads them without calling back), so a new one is passed on.
+        Plain attributes: the hit path reads them with no property call."""
+        object.__setattr__(self, name, value)
+        if name in _CACHE_SETTINGS and "cache" in self.__dict__:
+            self.cache.set_clocks(self.monotonic, self.clock, ttl=self.cache_ttl)
 
     # -- the request path -----------------------------------------------------------
 

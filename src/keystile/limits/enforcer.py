@@ -6,7 +6,7 @@ respond with. If Redis cannot be reached the decision follows ``on_error``: ``"a
 (this process's own limiter decides, as with ``memory://``) or ``"deny"`` (503); one log
 line per outage, a counter per decision.
 
-The key is read through :class:`LimitedKey`, the two attributes used of
+The key is read through :class:`LimitedKey`, the three attributes used of
 ``principal.APIKeyUser``, so that this package never imports the principal (which
 imports :mod:`keystile.limits.policy`).
 """
@@ -59,12 +59,9 @@ OnError = Literal["allow", "deny"]
 class LimitedKey(Protocol):
     """What the enforcer reads of a verified key (``APIKeyUser`` has this shape)."""
 
-    @property
-    def key_id(self) -> str: ...
-    @property
-    def owner(self) -> str: ...
-    @property
-    def limits(self) -> LimitPolicy | None: ...
+    key_id: str
+    owner: str
+    limits: LimitPolicy | None
 
 
 def _seconds(wait: float) -> int:

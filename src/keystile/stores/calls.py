@@ -14,6 +14,7 @@ from typing import Any
 from ..errors import KeyLimitReached, KeyManagementError
 from .records import KeyEvent, KeyRecord
 from .rules import (
+    Spend,
     check_name_free,
     duplicate_name,
     imported_events,
@@ -23,11 +24,21 @@ from .rules import (
     reap_events,
     revoked_error,
     rotate_events,
+    split_uses,
     successor_of,
     update_action,
 )
 
-__all__ = ["Change", "EventQuery", "Importing", "Insertion", "Reaping", "Rotation", "UsageQuery"]
+__all__ = [
+    "Change",
+    "EventQuery",
+    "Importing",
+    "Insertion",
+    "Reaping",
+    "Rotation",
+    "Touching",
+    "UsageQuery",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +147,22 @@ class Change:
         """The audit event it records: ``updated``, ``disabled`` or ``enabled``."""
         action = update_action(self.fields)
         return KeyEvent(self.at, self.key_id, self.owner, action, self.actor, self.detail)
+
+
+@dataclass(frozen=True, slots=True)
+class Touching:
+    """A ``touch_many`` call: the latest use of each key, and the uses to take from each
+    budget (empty: none), named ``batch`` so a replay takes nothing twice (``None``: not
+    named, always taken)."""
+
+    touches: Mapping[str, datetime]
+    uses: Mapping[str, int]
+    batch: str | None
+
+    def spends(self, now: datetime) -> tuple[list[Spend], list[Spend]]:
+        """The uses as ``(budget, at, n)`` for keys' budgets and ``(owner, at, n)`` for
+        owners' (``split_uses``)."""
+        return split_uses(self.uses, self.touches, now)
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,10 +14,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
+from . import calls
 from .bus import LocalChangeBus
-from .calls import Change, EventQuery, Importing, Insertion, Reaping, Rotation, UsageQuery
 from .protocol import ChangeListener
-from .records import KeyEvent, KeyRecord, OwnerLimits, UsageBucket
+from .records import KeyEvent, KeyRecord, OwnerLimits, QuotaState, UsageBucket
 from .rules import (
     SYSTEM_ACTOR,
     check_updatable,
@@ -59,7 +59,7 @@ class CommonStore(ABC):
         actor: str = SYSTEM_ACTOR,
         max_keys: int | None = None,
     ) -> list[str]:
-        replaced = await self._insert(Insertion(record, replace, actor, max_keys))
+        replaced = await self._insert(calls.Insertion(record, replace, actor, max_keys))
         self._publish(replaced)
         return replaced
 
@@ -70,7 +70,7 @@ class CommonStore(ABC):
         details: Mapping[str, Mapping[str, Any]],
         actor: str = SYSTEM_ACTOR,
     ) -> list[str]:
-        return await self._import(Importing(tuple(records), details, actor))
+        return await self._import(calls.Importing(tuple(records), details, actor))
 
     async def revoke(
         self,
@@ -93,7 +93,7 @@ class CommonStore(ABC):
         grace_until: datetime,
         actor: str = SYSTEM_ACTOR,
     ) -> KeyRecord | None:
-        rotation = Rotation(key_id, owner, successor, grace_until, actor)
+        rotation = calls.Rotation(key_id, owner, successor, grace_until, actor)
         return self._published(key_id, await self._rotate(rotation))
 
     async def reap(
@@ -105,7 +105,7 @@ class CommonStore(ABC):
         include_disabled: bool = False,
         actor: str = SYSTEM_ACTOR,
     ) -> list[KeyRecord]:
-        stale = await self._reap(Reaping(unused_since, at, dry_run, include_disabled, actor))
+        stale = await self._reap(calls.Reaping(unused_since, at, dry_run, include_disabled, actor))
         if not dry_run:
             self._publish(r.id for r in stale)
         return stale
@@ -126,7 +126,7 @@ class CommonStore(ABC):
             if current is not None and current.revoked_at is not None:
                 raise revoked_error(key_id, owner)
             return current
-        change = Change(key_id, owner, dict(changes), at, actor, detail)
+        change = calls.Change(key_id, owner, dict(changes), at, actor, detail)
         return self._published(key_id, await self._update(change))
 
     async def set_owner_limits(
@@ -144,6 +144,15 @@ class CommonStore(ABC):
         self._publish(changed)
         return True
 
+    async def touch_many(
+        self,
+        touches: Mapping[str, datetime],
+        uses: Mapping[str, int] | None = None,
+        *,
+        batch: str | None = None,
+    ) -> dict[str, QuotaState]:
+        return await self._touch_many(calls.Touching(touches, uses or {}, batch))
+
     async def usage(
         self,
         key_id: str | None,
@@ -153,7 +162,7 @@ class CommonStore(ABC):
         until: datetime | None,
         bucket_seconds: int,
     ) -> list[UsageBucket]:
-        return await self._buckets(UsageQuery(key_id, owner, since, until, bucket_seconds))
+        return await self._buckets(calls.UsageQuery(key_id, owner, since, until, bucket_seconds))
 
     async def list_events(
         self,
@@ -165,18 +174,18 @@ class CommonStore(ABC):
     ) -> list[KeyEvent]:
         """Oldest first; with ``limit``, the newest ``limit`` events."""
         bounded = limit if limit is not None and limit > 0 else None
-        return await self._list_events(EventQuery(owner, key_id, since, bounded))
+        return await self._list_events(calls.EventQuery(owner, key_id, since, bounded))
 
     @abstractmethod
     async def get_owned(self, key_id: str, owner: str) -> KeyRecord | None: ...
 
     @abstractmethod
-    async def _insert(self, insertion: Insertion) -> list[str]:
+    async def _insert(self, insertion: calls.Insertion) -> list[str]:
         """Insert the key with its events, after revoking the keys holding its name if
         the insertion replaces them (else it refuses). Returns their ids."""
 
     @abstractmethod
-    async def _import(self, importing: Importing) -> list[str]:
+    async def _import(self, importing: calls.Importing) -> list[str]:
         """Insert each key whose id is free, with its ``imported`` event, in one
         transaction; the ids inserted."""
 
@@ -185,13 +194,13 @@ class CommonStore(ABC):
         """Revoke ``event.owner``'s unrevoked key ``event.key_id`` and record ``event``."""
 
     @abstractmethod
-    async def _rotate(self, rotation: Rotation) -> KeyRecord | None: ...
+    async def _rotate(self, rotation: calls.Rotation) -> KeyRecord | None: ...
 
     @abstractmethod
-    async def _reap(self, reaping: Reaping) -> list[KeyRecord]: ...
+    async def _reap(self, reaping: calls.Reaping) -> list[KeyRecord]: ...
 
     @abstractmethod
-    async def _update(self, change: Change) -> KeyRecord | None:
+    async def _update(self, change: calls.Change) -> KeyRecord | None:
         """Write ``change`` unless the key is revoked (``revoked_error``) or would take a
         name another key holds (``duplicate_name``); ``None``: no such key of the owner."""
 
@@ -204,7 +213,12 @@ class CommonStore(ABC):
         (to evict), or ``None`` when there was nothing to delete (nothing written)."""
 
     @abstractmethod
-    async def _buckets(self, query: UsageQuery) -> list[UsageBucket]: ...
+    async def _touch_many(self, touching: calls.Touching) -> dict[str, QuotaState]:
+        """Write the touches and take the uses, in one transaction (``KeyStore.touch_many``);
+        the quota state of each budget touched or spent."""
 
     @abstractmethod
-    async def _list_events(self, query: EventQuery) -> list[KeyEvent]: ...
+    async def _buckets(self, query: calls.UsageQuery) -> list[UsageBucket]: ...
+
+    @abstractmethod
+    async def _list_events(self, query: calls.EventQuery) -> list[KeyEvent]: ...

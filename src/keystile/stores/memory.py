@@ -10,11 +10,20 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from datetime import datetime, timezone
 
 from .bus import LocalChangeBus
-from .calls import Change, EventQuery, Importing, Insertion, Reaping, Rotation, UsageQuery
+from .calls import (
+    Change,
+    EventQuery,
+    Importing,
+    Insertion,
+    Reaping,
+    Rotation,
+    Touching,
+    UsageQuery,
+)
 from .common import CommonStore
 from .records import (
     KeyEvent,
@@ -176,14 +185,8 @@ class MemoryKeyStore(CommonStore):
         self._log([change.event()])
         return updated
 
-    async def touch_many(
-        self,
-        touches: Mapping[str, datetime],
-        uses: Mapping[str, int] | None = None,
-        *,
-        batch: str | None = None,
-    ) -> dict[str, QuotaState]:
-        rows = self._rows
+    async def _touch_many(self, touching: Touching) -> dict[str, QuotaState]:
+        rows, touches, uses = self._rows, touching.touches, touching.uses
         for key_id, at in touches.items():
             record = rows.get(key_id)
             if record is None:
@@ -193,7 +196,7 @@ class MemoryKeyStore(CommonStore):
             rows[key_id] = apply_uses(record, at, 0)
         budgets = {r.budget_id for k in touches if (r := rows.get(k)) is not None}
         owners: dict[str, OwnerLimits] = {}
-        if uses and self._fresh_batch(batch):
+        if uses and self._fresh_batch(touching.batch):
             now = utcnow()
             for record in [r for r in rows.values() if r.budget_id in uses]:
                 at = touches.get(record.budget_id, now)

@@ -10,7 +10,7 @@ stores run the same rule in one statement (``sql.touch_statement``).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -168,12 +168,7 @@ class UsageTotal:
     rejected: int
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "key_id": self.key_id,
-            "name": self.name,
-            "requests": self.requests,
-            "rejected": self.rejected,
-        }
+        return asdict(self)
 
 
 #: What a usage flush writes: ``(key_id, minute start) -> (requests, rejected)``, added to

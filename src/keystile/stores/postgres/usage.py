@@ -4,13 +4,12 @@ the same transaction, with the batch's name), per-minute counts upserted from
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from ..calls import UsageQuery
+from ..calls import Touching, UsageQuery
 from ..records import QuotaState, UsageBucket, UsageCounts, UsageTotal, utcnow
-from ..rules import BATCH_MEMORY, budget_states, split_uses
+from ..rules import BATCH_MEMORY, budget_states
 from ..sql import touch_assignments
 from .connection import Connection
 from .schema import POSTGRES
@@ -51,19 +50,14 @@ _USAGE_UPSERT = (
 class Usage(Connection):
     """The usage part of ``PostgresKeyStore``."""
 
-    async def touch_many(
-        self,
-        touches: Mapping[str, datetime],
-        uses: Mapping[str, int] | None = None,
-        *,
-        batch: str | None = None,
-    ) -> dict[str, QuotaState]:
+    async def _touch_many(self, touching: Touching) -> dict[str, QuotaState]:
         keys, q = self._sql.keys, self._sql
         touch_sql = (
             f"UPDATE {keys} AS k SET {_TOUCH}"  # noqa: S608
             " FROM unnest($1::text[], $2::timestamptz[]) AS t(id, at)"
             f" WHERE k.id = t.id RETURNING {_STATE}, k.quota"
         )
+        touches, batch = touching.touches, touching.batch
         ids = list(touches)
         ats = [touches[k] for k in ids]
 
@@ -72,7 +66,7 @@ class Usage(Connection):
             return budget_states(tuple(r)[:4] for r in rows if r["quota"] is not None)
 
         now = utcnow()
-        spent, owners = split_uses(uses or {}, touches, now)
+        spent, owners = touching.spends(now)
         if not spent and not owners:
             return await self._idempotent("touch_many", touch) if ids else {}
         budgets = [b for b, _, _ in spent]

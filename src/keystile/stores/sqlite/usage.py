@@ -4,12 +4,11 @@ and per-minute counts summed into buckets."""
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Mapping
 from datetime import datetime, timezone
 
-from ..calls import UsageQuery
+from ..calls import Touching, UsageQuery
 from ..records import QuotaState, UsageBucket, UsageCounts, UsageTotal, utcnow
-from ..rules import BATCH_MEMORY, budget_states, split_uses
+from ..rules import BATCH_MEMORY, budget_states
 from ..sql import touch_assignments
 from .connection import Connection, select_in
 from .schema import SQLITE, transaction
@@ -97,23 +96,17 @@ def _minute(value: datetime | None) -> int:
 class Usage(Connection):
     """The usage part of ``SQLiteKeyStore``."""
 
-    async def touch_many(
-        self,
-        touches: Mapping[str, datetime],
-        uses: Mapping[str, int] | None = None,
-        *,
-        batch: str | None = None,
-    ) -> dict[str, QuotaState]:
-        rows = [(at.timestamp(), 0, k) for k, at in touches.items()]
+    async def _touch_many(self, touching: Touching) -> dict[str, QuotaState]:
+        rows = [(at.timestamp(), 0, k) for k, at in touching.touches.items()]
         now = utcnow()
-        spent, owners = split_uses(uses or {}, touches, now)
-        ids = list(touches)
+        spent, owners = touching.spends(now)
+        ids = list(touching.touches)
 
         def touch(conn: sqlite3.Connection) -> dict[str, QuotaState]:
             with transaction(conn):
                 conn.executemany(_TOUCH, rows)
                 budgets = {row[0] for row in select_in(conn, _BUDGETS_OF, ids)}
-                if (spent or owners) and _fresh(conn, batch, now):
+                if (spent or owners) and _fresh(conn, touching.batch, now):
                     conn.executemany(_SPEND, [(at.timestamp(), n, b) for b, at, n in spent])
                     conn.executemany(_OWNER_SPEND, [(at.timestamp(), n, o) for o, at, n in owners])
                 budgets.update(b for b, _, _ in spent)
