@@ -19,7 +19,8 @@
     │   ├── InvalidKeyName
     │   ├── DuplicateKeyName
     │   ├── KeyNotFound
-    │   └── KeyAlreadyRotated       the key already has a successor
+    │   ├── KeyAlreadyRotated       the key already has a successor
+    │   └── LifetimeExceeded        no expiry, or one past the manager's ``max_lifetime``
     └── ConfigurationError          bad options, bad database URL, missing extra
 
 ``AuthenticationError.reason`` is a stable machine code used for counters and logs;
@@ -47,6 +48,7 @@ __all__ = [
     "KeyManagementError",
     "KeyNotFound",
     "KeystileError",
+    "LifetimeExceeded",
     "MissingCredentials",
     "QuotaExceeded",
     "RateLimited",
@@ -275,6 +277,15 @@ class KeyAlreadyRotated(KeyManagementError):
         super().__init__(
             f"key {key_id!r} was already rotated to {successor!r}; rotate {successor!r} instead"
         )
+
+
+class LifetimeExceeded(KeyManagementError):
+    """A key would live without an expiry (``reason`` ``no_expiry``) or past the
+    manager's ``max_lifetime`` (``reason`` ``too_long``)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class ConfigurationError(KeystileError, ValueError):
