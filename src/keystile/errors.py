@@ -15,6 +15,7 @@
     │       └── QuotaExceeded       ``quota_exceeded``, ``Retry-After`` only when a refill is due
     ├── StoreError                  the key store could not be reached or failed
     ├── ImportSourceError           keys to import cannot be read (``reason``: why)
+    ├── ReportRefused               a secret-scanning report not acted on (``reason``, status)
     ├── KeyManagementError          a refused key-management operation (CLI exit code 1)
     │   ├── InvalidKeyName
     │   ├── DuplicateKeyName
@@ -52,6 +53,7 @@ __all__ = [
     "MissingCredentials",
     "QuotaExceeded",
     "RateLimited",
+    "ReportRefused",
     "ServiceUnavailable",
     "StoreError",
     "TooManyRequests",
@@ -249,6 +251,18 @@ class ImportSourceError(KeystileError):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class ReportRefused(KeystileError):
+    """A secret-scanning report the endpoint does not act on: ``reason`` is a stable code
+    (``missing_signature``, ``bad_signature``, ``unknown_key_id``, ``too_large``,
+    ``too_many_tokens``, ``malformed``, ``keys_unavailable``, ``method_not_allowed``) and
+    ``status_code`` the HTTP status it is answered with. Nothing was changed."""
+
+    def __init__(self, reason: str, status_code: int, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.status_code = status_code
 
 
 class KeyManagementError(KeystileError):

@@ -20,14 +20,13 @@ def lifetime_option(value: timedelta | str | None, name: str = "max_lifetime") -
     """``"366d"`` or a ``timedelta`` → a positive ``timedelta``; ``None`` stays ``None``."""
     if value is None:
         return None
-    if isinstance(value, str):
-        try:
-            value = parse_duration(value)
-        except ValueError as exc:
-            raise ConfigurationError(f"{name}: {exc}") from None
-    if not isinstance(value, timedelta) or value <= timedelta(0):
-        raise ConfigurationError(f"{name} must be a positive duration such as '366d'")
-    return value
+    try:
+        delta = parse_duration(value) if isinstance(value, str) else value
+    except ValueError as exc:
+        raise ConfigurationError(f"{name}: {exc}") from None
+    if isinstance(delta, timedelta) and delta > timedelta(0):
+        return delta
+    raise ConfigurationError(f"{name} must be a positive duration such as '366d'")
 
 
 def check_lifetime(

@@ -7,6 +7,8 @@
 * a verified key used from outside its IP allowlist: 403 ``ip_not_allowed``, no challenge
   (the key is valid; another key would not help);
 * the store down or the argon2 guard full: 503 with ``Retry-After``;
+* a secret-scanning report not acted on (``ReportRefused``): its status, ``{"error":
+  reason, "error_description": …}``;
 * a verified key over its limits: 429 ``rate_limited`` (with ``Retry-After`` and the IETF
   ``RateLimit-Policy``/``RateLimit`` fields) or ``quota_exceeded`` (``Retry-After`` only
   when a refill is due). No challenge: the key is valid, so retrying it is right.
@@ -39,6 +41,7 @@ from .errors import (
     IPNotAllowed,
     QuotaExceeded,
     RateLimited,
+    ReportRefused,
     ServiceUnavailable,
     TooManyRequests,
 )
@@ -54,6 +57,7 @@ __all__ = [
     "error_response",
     "refusal_classes",
     "refusal_headers",
+    "report_refusal",
     "www_authenticate",
 ]
 
@@ -179,6 +183,13 @@ def error_response(exc: AuthenticationError, *, realm: str, header_name: str) ->
         status_code=exc.status_code,
         headers=error_headers(exc, realm=realm),
     )
+
+
+def report_refusal(exc: ReportRefused) -> Response:
+    """The secret-scanning endpoint's answer to a report it did not act on."""
+    body = {"error": exc.reason, "error_description": str(exc)}
+    headers = {"Allow": "POST"} if exc.status_code == 405 else None
+    return JSONResponse(body, status_code=exc.status_code, headers=headers)
 
 
 class _JSONBody(dict[str, Any]):

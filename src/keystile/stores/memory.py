@@ -306,6 +306,9 @@ class MemoryKeyStore(CommonStore):
         self._events[:] = kept
         return pruned
 
+    async def record_event(self, event: KeyEvent) -> None:
+        self._log([event])
+
     async def update_hash(
         self, key_id: str, secret_hash: str, *, replacing: str | None = None
     ) -> None:

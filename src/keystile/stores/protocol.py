@@ -229,6 +229,10 @@ class KeyStore(Protocol):
         (``pruned_detail``, no key, no owner) in the same transaction, after the delete,
         so the prune never deletes its own record; returns how many were deleted."""
 
+    async def record_event(self, event: KeyEvent) -> None:
+        """Append an event that changes no key (``leaked``: a report that the key was
+        found in public), in a transaction of its own."""
+
     async def update_hash(
         self, key_id: str, secret_hash: str, *, replacing: str | None = None
     ) -> None:

@@ -34,6 +34,11 @@ class Events(Connection):
 
         return await self._idempotent("list_events", list_events)
 
+    async def record_event(self, event: KeyEvent) -> None:
+        # Not retried: a retry after a lost commit acknowledgement would record it twice.
+        async with self._connection("record_event") as conn, conn.transaction():
+            await log_events(conn, self._sql, [event])
+
     async def prune_events(self, *, before: datetime, actor: str = SYSTEM_ACTOR) -> int:
         # Not retried: a retry after a lost commit acknowledgement would record two prunes.
         async with self._connection("prune_events") as conn, conn.transaction():

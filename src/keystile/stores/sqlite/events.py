@@ -28,6 +28,13 @@ class Events(Connection):
         rows = await self._run(lambda conn: conn.execute(sql, params).fetchall())
         return [SQLITE.event(row) for row in reversed(rows)]
 
+    async def record_event(self, event: KeyEvent) -> None:
+        def record(conn: sqlite3.Connection) -> None:
+            with transaction(conn):
+                log_events(conn, [event])
+
+        await self._run(record)
+
     async def prune_events(self, *, before: datetime, actor: str = SYSTEM_ACTOR) -> int:
         def prune(conn: sqlite3.Connection) -> int:
             with transaction(conn):
