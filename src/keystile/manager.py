@@ -58,6 +58,7 @@ from .validation import (
     validate_owner,
     validate_scopes,
 )
+from .webhooks.operations import WebhookOperations
 
 __all__ = ["DEFAULT_ROTATION_GRACE", "UNCHANGED", "CreatedKey", "KeyManager"]
 
@@ -65,9 +66,10 @@ __all__ = ["DEFAULT_ROTATION_GRACE", "UNCHANGED", "CreatedKey", "KeyManager"]
 DEFAULT_ROTATION_GRACE = timedelta(hours=1)
 
 
-class KeyManager(OwnerOperations):
+class KeyManager(OwnerOperations, WebhookOperations):
     """Async key management over a ``KeyStore``. Usable as ``async with``. An owner's
-    limits and usage: :class:`~keystile.owners.OwnerOperations`."""
+    limits and usage: :class:`~keystile.owners.OwnerOperations`; webhooks:
+    :class:`~keystile.webhooks.operations.WebhookOperations`."""
 
     def __init__(
         self,

@@ -170,6 +170,13 @@ class APIKeyMiddleware:
             metrics = config.metrics
             exporter = metrics if isinstance(metrics, PrometheusMetrics) else PrometheusMetrics()
             exporter.install(self.runtime)
+        if config.webhooks:
+            from .webhooks.delivery import WebhookDelivery
+
+            hooks = config.webhooks
+            (hooks if isinstance(hooks, WebhookDelivery) else WebhookDelivery()).install(
+                self.runtime
+            )
 
     # -- ASGI -----------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from ..records import KeyEvent
 from ..rules import SYSTEM_ACTOR, pruned_event
 from ..sql import Statements
 from .connection import Connection
+from .hooks import queue_deliveries
 from .schema import POSTGRES
 
 __all__ = ["Events", "log_events"]
@@ -21,6 +22,7 @@ async def log_events(conn: Any, sql: Statements, events: Sequence[KeyEvent]) -> 
     with the change they record."""
     if events:
         await conn.executemany(sql.insert_event, [POSTGRES.event_values(e) for e in events])
+        await queue_deliveries(conn, sql, events)
 
 
 class Events(Connection):
