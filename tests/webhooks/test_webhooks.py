@@ -268,3 +268,38 @@ class anyio_task:
     async def __aexit__(self, *exc: Any) -> None:
         self._group.cancel_scope.cancel()
         await self._group.__aexit__(*exc)
+
+
+async def test_expiry_notices_are_sent_once_per_key(store: KeyStore) -> None:
+    """``key.expiring`` within the lead, ``key.expired`` after: each once per key however
+    often (and by however many processes) they are queued; a rotated key is not announced."""
+    keys = manager(store)
+    receiver = Receiver()
+    async with serving(receiver.app()) as base:
+        await hook(store, base + "/hook", receiver, events=["key.expiring", "key.expired"])
+        soon = await keys.create(owner="acme", name="soon", expires_in=timedelta(days=3))
+        await keys.create(owner="acme", name="later", expires_in=timedelta(days=30))
+        await keys.create(owner="acme", name="never")
+        brief = await keys.create(owner="acme", name="brief", expires_in=timedelta(seconds=1))
+        rotated = await keys.create(owner="acme", name="rotated", expires_in=timedelta(days=2))
+        await keys.rotate(rotated.id, owner="acme", grace=timedelta(hours=1))
+        delivery = sender()
+        assert await delivery.queue_notices(store) == 3  # soon, brief, rotated's successor
+        assert await sender().queue_notices(store) == 3  # another process: the same ids
+        await deliver_all(store, delivery)
+        first = await receiver.wait_for(3)
+        assert sorted(m["data"]["name"] for m in first) == ["brief", "rotated", "soon"]
+        assert {m["type"] for m in first} == {"key.expiring"}
+        [soon_notice] = [m for m in first if m["data"]["key_id"] == soon.id]
+        assert soon_notice["data"]["expires_at"] == soon.record.expires_at.isoformat()  # type: ignore[union-attr]
+        import anyio
+
+        with anyio.fail_after(10):
+            while (await store.get(brief.id)).is_active():  # type: ignore[union-attr]
+                await anyio.sleep(0.05)
+        await delivery.queue_notices(store)
+        await delivery.queue_notices(store)
+        await deliver_all(store, delivery)
+        [*_, expired] = await receiver.wait_for(4)
+    assert (expired["type"], expired["data"]["key_id"]) == ("key.expired", brief.id)
+    assert len(receiver.received) == 4 and set(receiver.ids.values()) == {1}

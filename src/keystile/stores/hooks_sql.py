@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .hooks import REMOVED, Attempt, ClaimedDelivery, Delivery, Webhook, error_of, status_after
-from .sql import Dialect, Row
+from .sql import COLUMNS, Dialect, Row
 
 __all__ = ["HookStatements"]
 
@@ -35,6 +35,10 @@ class HookStatements:
         self.keys = f"{prefix}keystile_keys"
         r = dialect.render
         t = d.param
+        self.expiring = r(
+            f"SELECT {COLUMNS} FROM {self.keys} WHERE revoked_at IS NULL"  # noqa: S608
+            f" AND expires_at > {t(1, 'time')} AND expires_at <= {t(2, 'time')}"
+        )
         self.insert_webhook = r(
             f"INSERT INTO {hooks} (id, url, secret, events, created_at)"  # noqa: S608
             f" VALUES ($1, $2, $3, $4, {t(5, 'time')})"

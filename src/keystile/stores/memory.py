@@ -343,6 +343,13 @@ class MemoryKeyStore(CommonStore):
     async def list_attempts(self, *, delivery_id: str | None = None) -> list[Attempt]:
         return self._outbox.attempts_of(delivery_id)
 
+    async def keys_expiring(self, *, after: datetime, until: datetime) -> list[KeyRecord]:
+        return [
+            r
+            for r in self._rows.values()
+            if r.revoked_at is None and r.expires_at is not None and after < r.expires_at <= until
+        ]
+
     async def update_hash(
         self, key_id: str, secret_hash: str, *, replacing: str | None = None
     ) -> None:

@@ -264,6 +264,9 @@ class KeyStore(Protocol):
 
     async def list_attempts(self, *, delivery_id: str | None = None) -> list[Attempt]: ...
 
+    async def keys_expiring(self, *, after: datetime, until: datetime) -> list[KeyRecord]:
+        """Unrevoked keys whose expiry falls in ``(after, until]`` (expiry notices)."""
+
     async def update_hash(
         self, key_id: str, secret_hash: str, *, replacing: str | None = None
     ) -> None:

@@ -14,6 +14,7 @@ a receiver deduplicates on ``webhook-id``.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections.abc import Sequence
@@ -28,6 +29,7 @@ from ..stores.hooks import Attempt, ClaimedDelivery
 from ..stores.protocol import KeyStore
 from ..stores.records import utcnow
 from .addresses import checked_addresses
+from .notices import DEFAULT_EXPIRING_LEAD, EXPIRED_LOOKBACK, expiry_notices
 from .signing import signed_headers
 
 __all__ = ["RETRY_SCHEDULE", "WebhookDelivery", "next_attempt_at"]
@@ -81,6 +83,10 @@ class WebhookDelivery:
     #: internal receiver). Off by default: a webhook URL must not reach inside the network.
     allow_private_networks: bool = False
     schedule: Sequence[timedelta] = RETRY_SCHEDULE
+    #: How long before its expiry a key is announced (``key.expiring``).
+    expiring_lead: timedelta = DEFAULT_EXPIRING_LEAD
+    #: Seconds between looks for keys about to expire or just expired.
+    notice_interval: float = 60.0
 
     def __post_init__(self) -> None:
         if not self.timeout > 0 or self.lease.total_seconds() <= self.timeout:
@@ -97,10 +103,29 @@ class WebhookDelivery:
         runtime.extra_duties["webhook delivery"] = deliver
 
     async def run(self, store: KeyStore) -> None:
-        """Deliver until cancelled."""
+        """Queue expiry notices and deliver, until cancelled."""
+        noticed = -math.inf
         while True:
+            if time.monotonic() - noticed >= self.notice_interval:
+                noticed = time.monotonic()
+                await self.queue_notices(store)
             if not await self.deliver_due(store):
                 await anyio.sleep(self.interval)
+
+    async def queue_notices(self, store: KeyStore) -> int:
+        """Queue ``key.expiring`` and ``key.expired`` for the webhooks that want them
+        (each once per key and expiry, however many processes queue it); how many made."""
+        webhooks = await store.list_webhooks()
+        if not webhooks:
+            return 0
+        now = utcnow()
+        keys = await store.keys_expiring(
+            after=now - EXPIRED_LOOKBACK, until=now + self.expiring_lead
+        )
+        notices = expiry_notices(keys, webhooks, now, self.expiring_lead)
+        if notices:
+            await store.enqueue_deliveries(notices)
+        return len(notices)
 
     async def deliver_due(self, store: KeyStore) -> int:
         """One pass: send what is due and not claimed elsewhere; how many were tried."""

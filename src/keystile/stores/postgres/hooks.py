@@ -11,7 +11,7 @@ from typing import Any
 
 from ..hooks import Attempt, ClaimedDelivery, Delivery, Webhook, new_deliveries
 from ..hooks_sql import HookStatements, ids_and_names
-from ..records import KeyEvent, utcnow
+from ..records import KeyEvent, KeyRecord, utcnow
 from ..sql import Statements
 from .connection import Connection
 from .schema import POSTGRES
@@ -115,3 +115,11 @@ class Hooks(Connection):
             return [hooks.attempt(row) for row in rows]
 
         return await self._idempotent("list_attempts", read)
+
+    async def keys_expiring(self, *, after: datetime, until: datetime) -> list[KeyRecord]:
+        hooks = self._hooks
+
+        async def read(conn: Any) -> list[KeyRecord]:
+            return [POSTGRES.record(row) for row in await conn.fetch(hooks.expiring, after, until)]
+
+        return await self._idempotent("keys_expiring", read)

@@ -10,7 +10,7 @@ from typing import TypeVar
 
 from ..hooks import Attempt, ClaimedDelivery, Delivery, Webhook, new_deliveries
 from ..hooks_sql import HookStatements, ids_and_names
-from ..records import KeyEvent, utcnow
+from ..records import KeyEvent, KeyRecord, utcnow
 from .connection import Connection, select_in
 from .schema import SQLITE, transaction
 
@@ -88,6 +88,11 @@ class Hooks(Connection):
             sql, params = HOOKS.delivery_attempts, [delivery_id]
         rows = await self._run(lambda conn: conn.execute(sql, params).fetchall())
         return [HOOKS.attempt(row) for row in rows]
+
+    async def keys_expiring(self, *, after: datetime, until: datetime) -> list[KeyRecord]:
+        params = (after.timestamp(), until.timestamp())
+        rows = await self._run(lambda conn: conn.execute(HOOKS.expiring, params).fetchall())
+        return [SQLITE.record(row) for row in rows]
 
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         def write(conn: sqlite3.Connection) -> T:
