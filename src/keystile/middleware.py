@@ -174,9 +174,8 @@ class APIKeyMiddleware:
             from .webhooks.delivery import WebhookDelivery
 
             hooks = config.webhooks
-            (hooks if isinstance(hooks, WebhookDelivery) else WebhookDelivery()).install(
-                self.runtime
-            )
+            sender = hooks if isinstance(hooks, WebhookDelivery) else WebhookDelivery()
+            sender.install(self.runtime, self.limits)
 
     # -- ASGI -----------------------------------------------------------------------
 

@@ -303,3 +303,49 @@ async def test_expiry_notices_are_sent_once_per_key(store: KeyStore) -> None:
         [*_, expired] = await receiver.wait_for(4)
     assert (expired["type"], expired["data"]["key_id"]) == ("key.expired", brief.id)
     assert len(receiver.received) == 4 and set(receiver.ids.values()) == {1}
+
+
+LIMIT_EVENTS = ["quota.low", "quota.exhausted", "rate_limit.exceeded"]
+
+
+async def test_quota_and_rate_limit_events_from_a_running_app(store: KeyStore) -> None:
+    """A key at 10% of its quota: ``quota.low``; at none: ``quota.exhausted``, each once
+    per period; a rate-limited key refused again and again: ``rate_limit.exceeded`` at
+    most once a minute. Noted without I/O on the request path, sent by the duty."""
+    from apps import protect
+
+    receiver = Receiver()
+    keys = manager(store)
+    async with serving(receiver.app()) as base:
+        await hook(store, base + "/hook", receiver, events=LIMIT_EVENTS)
+        quota = await keys.create(owner="acme", name="metered", quota=10, quota_refill="30d")
+        rated = await keys.create(owner="acme", name="rated", rate_limit="1/minute")
+        app: APIKeyMiddleware = protect(store, webhooks=sender(), flush_interval=0.05)
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://test"
+        ) as client:
+
+            async def get(key: str) -> int:
+                response = await client.get("/whoami", headers={"X-API-Key": key})
+                return response.status_code
+
+            assert [await get(quota.key) for _ in range(9)] == [200] * 9
+            [low] = await receiver.wait_for(1)
+            assert [await get(quota.key) for _ in range(3)] == [200, 429, 429]
+            statuses = [await get(rated.key) for _ in range(6)]
+            assert statuses[0] == 200 and statuses.count(429) == 5
+            messages = await receiver.wait_for(3)
+        await app.aclose()
+    assert (low["type"], low["data"]["key_id"], low["data"]["remaining"]) == (
+        "quota.low",
+        quota.id,
+        1,
+    )
+    types = sorted(m["type"] for m in messages)
+    assert types == ["quota.exhausted", "quota.low", "rate_limit.exceeded"]
+    # Once per minute: a second one only if the refusals straddled a minute's end.
+    minutes = [m["data"]["minute"] for m in receiver.received if m["type"] == "rate_limit.exceeded"]
+    assert len(minutes) == len(set(minutes)) <= 2
+    [exceeded] = [m for m in messages if m["type"] == "rate_limit.exceeded"]
+    assert (exceeded["data"]["key_id"], exceeded["data"]["name"]) == (rated.id, "rated")
+    assert receiver.refused == 0

@@ -29,6 +29,7 @@ from ..stores.hooks import Attempt, ClaimedDelivery
 from ..stores.protocol import KeyStore
 from ..stores.records import utcnow
 from .addresses import checked_addresses
+from .limit_events import DEFAULT_QUOTA_LOW, LimitNotices
 from .notices import DEFAULT_EXPIRING_LEAD, EXPIRED_LOOKBACK, expiry_notices
 from .signing import signed_headers
 
@@ -64,6 +65,11 @@ def next_attempt_at(
 class _Runtime(Protocol):
     store: KeyStore
     extra_duties: dict[str, Any]
+    recorder: Any
+
+
+class _Limits(Protocol):
+    on_refusal: Any
 
 
 @dataclass
@@ -87,6 +93,8 @@ class WebhookDelivery:
     expiring_lead: timedelta = DEFAULT_EXPIRING_LEAD
     #: Seconds between looks for keys about to expire or just expired.
     notice_interval: float = 60.0
+    #: ``quota.low`` when at most this fraction of a quota is left.
+    quota_low: float = DEFAULT_QUOTA_LOW
 
     def __post_init__(self) -> None:
         if not self.timeout > 0 or self.lease.total_seconds() <= self.timeout:
@@ -94,23 +102,39 @@ class WebhookDelivery:
         if self.batch < 1 or not self.interval > 0:
             raise ConfigurationError("batch and interval must be positive")
 
-    def install(self, runtime: _Runtime) -> None:
-        """Run in ``runtime``'s supervised background work."""
+    def install(self, runtime: _Runtime, limits: _Limits | None = None) -> LimitNotices:
+        """Run in ``runtime``'s supervised background work, with the quota notes of its
+        usage flush and the rate-limit refusals of ``limits``."""
+        notices = LimitNotices()
+        runtime.recorder.on_quota(notices.quota_synced)
+        if limits is not None:
+            limits.on_refusal = notices.refused
 
         async def deliver() -> None:
-            await self.run(runtime.store)
+            await self.run(runtime.store, notices)
 
         runtime.extra_duties["webhook delivery"] = deliver
+        return notices
 
-    async def run(self, store: KeyStore) -> None:
-        """Queue expiry notices and deliver, until cancelled."""
+    async def run(self, store: KeyStore, notices: LimitNotices | None = None) -> None:
+        """Queue expiry notices and the limits' notes, and deliver, until cancelled."""
         noticed = -math.inf
         while True:
             if time.monotonic() - noticed >= self.notice_interval:
                 noticed = time.monotonic()
                 await self.queue_notices(store)
+            if notices is not None:
+                await self.queue_limit_notes(store, notices)
             if not await self.deliver_due(store):
                 await anyio.sleep(self.interval)
+
+    async def queue_limit_notes(self, store: KeyStore, notices: LimitNotices) -> int:
+        """Queue what ``notices`` noted of quotas and rate limits; how many made."""
+        webhooks = await store.list_webhooks()
+        made = await notices.deliveries(store, webhooks, self.quota_low) if webhooks else []
+        if made:
+            await store.enqueue_deliveries(made)
+        return len(made)
 
     async def queue_notices(self, store: KeyStore) -> int:
         """Queue ``key.expiring`` and ``key.expired`` for the webhooks that want them
