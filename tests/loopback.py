@@ -13,11 +13,21 @@ import anyio
 import uvicorn
 
 
-@asynccontextmanager
-async def serving(app: Any, *, startup_timeout: float = 30.0) -> AsyncIterator[str]:
-    """Serve ``app`` on a free loopback port; yields its base URL (``http://127.0.0.1:N``)."""
+def reserved_port() -> socket.socket:
+    """A loopback port bound and not listening: connections to it are refused (a receiver
+    that is down) until ``serving(app, sock=...)`` serves on it."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+@asynccontextmanager
+async def serving(
+    app: Any, *, sock: socket.socket | None = None, startup_timeout: float = 30.0
+) -> AsyncIterator[str]:
+    """Serve ``app`` on a free loopback port (or on ``sock``); yields its base URL
+    (``http://127.0.0.1:N``)."""
+    sock = sock or reserved_port()
     port = sock.getsockname()[1]
     config = uvicorn.Config(app, log_level="warning", lifespan="off")
     server = uvicorn.Server(config)

@@ -251,3 +251,21 @@ def test_options_are_checked_when_built() -> None:
         secret_scanning_app(database_url="memory://", keys_url="http://example.com/keys")
     with pytest.raises(ConfigurationError):
         secret_scanning_app(database_url="memory://", keys_url="file:///etc/passwd")
+
+
+async def test_an_endpoint_on_a_database_url_opens_and_closes_its_own_manager(
+    sqlite_database_url: str,
+) -> None:
+    async with KeyManager.from_url(sqlite_database_url, argon2=CHEAPEST_PARAMETERS) as keys:
+        leaked = await keys.create(owner="acme", name="ci")
+    app = secret_scanning_app(
+        database_url=sqlite_database_url, public_keys={GITHUB.identifier: GITHUB.pem}
+    )
+    body = report(leaked.key)
+    response = await post(app, body, GITHUB.headers(body))
+    assert response.json()[0]["label"] == "true_positive"
+    await app.aclose()
+    async with KeyManager.from_url(sqlite_database_url) as keys:
+        assert (await keys.get(leaked.id, owner="acme")).revoked_at is not None
+        [leak] = [e for e in await keys.events(key_id=leaked.id) if e.action == "leaked"]
+    assert leak.actor == SCANNING_ACTOR

@@ -16,7 +16,7 @@ import pytest
 from keystile import CHEAPEST_PARAMETERS, APIKeyMiddleware, KeyManager, KeyStore
 from keystile.errors import DuplicateKeyName, KeyManagementError
 from keystile.webhooks import WebhookDelivery, next_attempt_at
-from loopback import serving
+from loopback import reserved_port, serving
 from webhook_receiver import Receiver
 
 pytestmark = pytest.mark.anyio
@@ -114,23 +114,49 @@ async def test_a_webhook_gets_only_the_events_it_asked_for(store: KeyStore) -> N
     ]
 
 
+async def one_change(store: KeyStore, url: str, receiver: Receiver) -> WebhookDelivery:
+    """A webhook to ``url``, one created key, and one failed pass at sending it."""
+    await hook(store, url, receiver)
+    await manager(store).create(owner="acme", name="ci")
+    delivery = sender(schedule=(timedelta(milliseconds=200),) * 5)
+    await delivery.deliver_due(store)
+    return delivery
+
+
+async def delivered(store: KeyStore, receiver: Receiver, delivery: WebhookDelivery) -> Any:
+    """The first message, once the delivery duty has sent it and recorded it sent."""
+    async with anyio_task(delivery.run, store):
+        [message] = await receiver.wait_for(1)
+        await statuses_become(store, ["delivered"])
+    return message
+
+
 async def test_a_receiver_down_at_first_gets_the_delivery_once_it_is_up(store: KeyStore) -> None:
     receiver = Receiver()
     receiver.status = 503
     async with serving(receiver.app()) as base:
-        await hook(store, base + "/hook", receiver)
-        await manager(store).create(owner="acme", name="ci")
-        delivery = sender(schedule=(timedelta(milliseconds=200),) * 5)
-        await delivery.deliver_due(store)
+        delivery = await one_change(store, base + "/hook", receiver)
         [waiting] = await store.list_deliveries()
         assert (waiting.status, waiting.attempts, waiting.last_error) == ("pending", 1, "HTTP 503")
         receiver.status = 204
-        async with anyio_task(delivery.run, store):
-            [message] = await receiver.wait_for(1)
-            await statuses_become(store, ["delivered"])
+        message = await delivered(store, receiver, delivery)
     assert message["type"] == "key.created"
     outcomes = [a.outcome for a in await store.list_attempts()]
     assert outcomes[0] == "retry" and outcomes[-1] == "delivered"
+
+
+async def test_a_receiver_not_listening_at_first_gets_the_delivery_once_it_listens(
+    store: KeyStore,
+) -> None:
+    sock = reserved_port()
+    receiver = Receiver()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}/hook"
+    delivery = await one_change(store, url, receiver)
+    [attempt] = await store.list_attempts()
+    assert attempt.status_code is None and "Connect" in (attempt.error or "")
+    async with serving(receiver.app(), sock=sock):
+        message = await delivered(store, receiver, delivery)
+    assert message["type"] == "key.created"
 
 
 async def test_after_the_last_try_a_delivery_is_dead_lettered(store: KeyStore) -> None:
