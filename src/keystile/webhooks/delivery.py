@@ -194,13 +194,11 @@ class WebhookDelivery:
             )
 
     async def _post(self, client: Any, item: ClaimedDelivery) -> tuple[int | None, str | None]:
-        import httpx
-
         body = item.delivery.payload.encode("utf-8")
         headers = signed_headers(item.secret, item.delivery.id, int(time.time()), body)
         try:
             await checked_addresses(item.url, allow_private_networks=self.allow_private_networks)
             response = await client.post(item.url, content=body, headers=headers)
-        except (OSError, httpx.HTTPError) as exc:
+        except Exception as exc:  # any failure to send is this attempt's, never the pass's
             return None, f"{type(exc).__name__}: {exc}"[:500]
         return response.status_code, None
