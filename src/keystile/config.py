@@ -46,6 +46,7 @@ from .verifier import (
 
 if TYPE_CHECKING:
     from .metrics import PrometheusMetrics
+    from .webhooks.delivery import WebhookDelivery
 
 __all__ = [
     "DATABASE_URL_ENV",
@@ -157,6 +158,8 @@ class KeystileConfig:
     cost: CostOption = None
     usage_retention: timedelta | None = DEFAULT_USAGE_RETENTION
     metrics: bool | PrometheusMetrics = False
+    #: Send webhooks from the outbox in the background (``WebhookDelivery`` for options).
+    webhooks: bool | WebhookDelivery = False
     #: The fleet's verification memo (``redis://host:port/db``), or ``None``: no memo. Not
     #: in the repr: a URL may carry a password.
     verification_memo: str | None = field(default=None, repr=False)
@@ -316,6 +319,7 @@ class KeystileOptions(TypedDict, total=False):
     cost: CostOption
     usage_retention: timedelta | None
     metrics: bool | PrometheusMetrics
+    webhooks: bool | WebhookDelivery
     verification_memo: str | None
     memo_secret: str | None
     memo_ttl: float

@@ -16,12 +16,14 @@
     ├── StoreError                  the key store could not be reached or failed
     ├── RequestRefused              a management API or admin page request refused (4xx)
     ├── ImportSourceError           keys to import cannot be read (``reason``: why)
+    ├── ReportRefused               a secret-scanning report not acted on (``reason``, status)
     ├── KeyManagementError          a refused key-management operation (CLI exit code 1)
     │   ├── InvalidKeyName
     │   ├── DuplicateKeyName
     │   ├── KeyNotFound
     │   ├── KeyAlreadyRotated       the key already has a successor
-    │   └── KeyLimitReached         the owner holds as many live keys as it may
+    │   ├── KeyLimitReached         the owner holds as many live keys as it may
+    │   └── LifetimeExceeded        no expiry, or one past the manager's ``max_lifetime``
     └── ConfigurationError          bad options, bad database URL, missing extra
 
 ``AuthenticationError.reason`` is a stable machine code used for counters and logs;
@@ -50,9 +52,11 @@ __all__ = [
     "KeyManagementError",
     "KeyNotFound",
     "KeystileError",
+    "LifetimeExceeded",
     "MissingCredentials",
     "QuotaExceeded",
     "RateLimited",
+    "ReportRefused",
     "RequestRefused",
     "ServiceUnavailable",
     "StoreError",
@@ -265,6 +269,18 @@ class ImportSourceError(KeystileError):
         self.reason = reason
 
 
+class ReportRefused(KeystileError):
+    """A secret-scanning report the endpoint does not act on: ``reason`` is a stable code
+    (``missing_signature``, ``bad_signature``, ``unknown_key_id``, ``too_large``,
+    ``too_many_tokens``, ``malformed``, ``keys_unavailable``, ``method_not_allowed``) and
+    ``status_code`` the HTTP status it is answered with. Nothing was changed."""
+
+    def __init__(self, reason: str, status_code: int, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.status_code = status_code
+
+
 class KeyManagementError(KeystileError):
     """A key-management operation was refused; the message is meant for the operator."""
 
@@ -299,6 +315,15 @@ class KeyLimitReached(KeyManagementError):
     def __init__(self, owner: str, max_keys: int) -> None:
         self.max_keys = max_keys
         super().__init__(f"owner {owner!r} already holds {max_keys} live keys, the most it may")
+
+
+class LifetimeExceeded(KeyManagementError):
+    """A key would live without an expiry (``reason`` ``no_expiry``) or past the
+    manager's ``max_lifetime`` (``reason`` ``too_long``)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class ConfigurationError(KeystileError, ValueError):

@@ -17,7 +17,8 @@ and here:
   can be none of these (a revocation is final for the record too);
 * every change is recorded, in its own transaction, as an audit event naming its actor
   (``KeyManager(actor=...)``, or ``actor=`` per call); ``events`` reads them back;
-* the plaintext key is returned exactly once, by ``create`` and ``rotate``.
+* the plaintext key is returned exactly once, by ``create`` and ``rotate``;
+* with ``max_lifetime`` every key expires within it (``keystile.lifetime``).
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ from typing import Any
 import anyio.to_thread
 
 from .database_url import resolve_database_url
-from .errors import KeyAlreadyRotated, KeyNotFound
+from .errors import ConfigurationError, KeyAlreadyRotated, KeyNotFound
 from .hashing import DEFAULT_PARAMETERS, Argon2Parameters, SecretHasher
 from .keys import UNCHANGED, CreatedKey, Unchanged
+from .lifetime import check_lifetime, lifetime_option
 from .owners import OwnerOperations
 from .stores import store_from_url
 from .stores.protocol import KeyStore
@@ -56,6 +58,7 @@ from .validation import (
     validate_owner,
     validate_scopes,
 )
+from .webhooks.operations import WebhookOperations
 
 __all__ = ["DEFAULT_ROTATION_GRACE", "UNCHANGED", "CreatedKey", "KeyManager"]
 
@@ -63,9 +66,10 @@ __all__ = ["DEFAULT_ROTATION_GRACE", "UNCHANGED", "CreatedKey", "KeyManager"]
 DEFAULT_ROTATION_GRACE = timedelta(hours=1)
 
 
-class KeyManager(OwnerOperations):
+class KeyManager(OwnerOperations, WebhookOperations):
     """Async key management over a ``KeyStore``. Usable as ``async with``. An owner's
-    limits and usage: :class:`~keystile.owners.OwnerOperations`."""
+    limits and usage: :class:`~keystile.owners.OwnerOperations`; webhooks:
+    :class:`~keystile.webhooks.operations.WebhookOperations`."""
 
     def __init__(
         self,
@@ -75,8 +79,13 @@ class KeyManager(OwnerOperations):
         argon2: Argon2Parameters = DEFAULT_PARAMETERS,
         default_expires_in: timedelta | None = None,
         actor: str = SYSTEM_ACTOR,
+        max_lifetime: timedelta | str | None = None,
     ) -> None:
         self.store = store
+        #: The longest a key may live, from its creation; ``None``: no policy.
+        self.max_lifetime = lifetime_option(max_lifetime)
+        if self.max_lifetime and default_expires_in and default_expires_in > self.max_lifetime:
+            raise ConfigurationError("default_expires_in is longer than max_lifetime")
         self.prefix = validate_prefix(prefix)
         self.hasher = SecretHasher(argon2)
         self.default_expires_in = default_expires_in
@@ -140,6 +149,7 @@ class KeyManager(OwnerOperations):
         addresses it may be used from."""
         now = utcnow()
         expires_at = expiry(now, expires_at, expires_in, self.default_expires_in)
+        check_lifetime(self.max_lifetime, now, expires_at)
         limits = create_limits(rate_limit, quota, quota_refill, now, rate_limits)
         allowlist = validate_ip_allowlist(ip_allowlist)
         who = self._actor(actor)
@@ -297,6 +307,9 @@ class KeyManager(OwnerOperations):
         if "quota" in given or "quota_refill" in given:
             current = await self.get(key_id, owner=owner)
             changes.update(quota_update(current, given, utcnow()))
+        if "expires_at" in changes and self.max_lifetime is not None:
+            created_at = (await self.get(key_id, owner=owner)).created_at
+            check_lifetime(self.max_lifetime, created_at, changes["expires_at"])
         updated = await self.store.update(key_id, owner, changes, at=utcnow(), actor=who)
         if updated is None:
             raise KeyNotFound(f"no key {key_id!r} for owner {owner!r}")
@@ -326,6 +339,8 @@ class KeyManager(OwnerOperations):
         self._check_rotatable(old, owner)
         now = utcnow()
         grace_until = later(now, grace, "grace")
+        successor_expiry = self._successor_expiry(old, now)
+        check_lifetime(self.max_lifetime, now, successor_expiry)
         new = await self._mint(
             self.prefix if is_imported(old) else old.prefix,
             owner=old.owner,
@@ -333,7 +348,7 @@ class KeyManager(OwnerOperations):
             scopes=old.scopes,
             metadata=validate_metadata(old.metadata),
             created_at=now,
-            expires_at=self._successor_expiry(old, now),
+            expires_at=successor_expiry,
             replaces=old.id,
             # The successor keeps the key's plan and spends the same budget: while the
             # old key is in grace both draw on one rate limit and one quota.

@@ -162,6 +162,12 @@ class APIKeyMiddleware:
             metrics = config.metrics
             exporter = metrics if isinstance(metrics, PrometheusMetrics) else PrometheusMetrics()
             exporter.install(self.runtime)
+        if config.webhooks:
+            from .webhooks.delivery import WebhookDelivery
+
+            hooks = config.webhooks
+            sender = hooks if isinstance(hooks, WebhookDelivery) else WebhookDelivery()
+            sender.install(self.runtime, self.limits)
 
     # -- ASGI -----------------------------------------------------------------------
 

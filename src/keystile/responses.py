@@ -7,6 +7,8 @@
 * a verified key used from outside its IP allowlist: 403 ``ip_not_allowed``, no challenge
   (the key is valid; another key would not help);
 * the store down or the argon2 guard full: 503 with ``Retry-After``;
+* a secret-scanning report not acted on (``ReportRefused``): its status, ``{"error":
+  reason, "error_description": …}``;
 * a verified key over its limits: 429 ``rate_limited`` (with ``Retry-After`` and the IETF
   ``RateLimit-Policy``/``RateLimit`` fields) or ``quota_exceeded`` (``Retry-After`` only
   when a refill is due). No challenge: the key is valid, so retrying it is right.
@@ -39,6 +41,7 @@ from .errors import (
     IPNotAllowed,
     QuotaExceeded,
     RateLimited,
+    ReportRefused,
     RequestRefused,
     ServiceUnavailable,
     TooManyRequests,
@@ -56,6 +59,7 @@ __all__ = [
     "refusal_classes",
     "refusal_headers",
     "refusal_response",
+    "report_refusal",
     "www_authenticate",
 ]
 
@@ -191,6 +195,13 @@ def refusal_response(exc: RequestRefused) -> Response:
         status_code=exc.status_code,
         headers={"Cache-Control": "no-store"},
     )
+
+
+def report_refusal(exc: ReportRefused) -> Response:
+    """The secret-scanning endpoint's answer to a report it did not act on."""
+    body = {"error": exc.reason, "error_description": str(exc)}
+    headers = {"Allow": "POST"} if exc.status_code == 405 else None
+    return JSONResponse(body, status_code=exc.status_code, headers=headers)
 
 
 class _JSONBody(dict[str, Any]):

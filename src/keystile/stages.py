@@ -108,7 +108,7 @@ async def admit(
         return send
     refusal = await limits.acheck(user, cost)
     if refusal is not None:
-        raise refusal
+        raise limits.refused(user, refusal)
     return send_with_headers(send, limits.success_headers(user)) if limits.headers else send
 
 
@@ -124,5 +124,5 @@ def admit_now(
         return send
     refusal = limits.check(user, cost)
     if refusal is not None:
-        raise refusal
+        raise limits.refused(user, refusal)
     return send_with_headers(send, limits.success_headers(user)) if limits.headers else send

@@ -30,6 +30,7 @@ __all__ = [
     "normalize_key_id",
     "parse_key",
     "redact",
+    "scanning_pattern",
     "validate_prefix",
 ]
 
@@ -157,3 +158,13 @@ def normalize_key_id(text: str) -> str:
 def redact(key_id: str, prefix: str = DEFAULT_PREFIX) -> str:
     """The display form of a key: its public parts and an ellipsis, e.g. ``ks_AbC123def456…``."""
     return f"{prefix}_{key_id}…"
+
+
+def scanning_pattern(prefixes: Iterable[str] = (DEFAULT_PREFIX,)) -> str:
+    """The regular expression a secret scanner is given to find leaked keys with these
+    ``prefixes``: the whole key between word boundaries, in the syntax GitHub's partner
+    program and most scanners take (no look-arounds)."""
+    names = "|".join(validate_prefix(p) for p in dict.fromkeys(prefixes))
+    group = names if "|" not in names else f"(?:{names})"
+    tail = SECRET_LENGTH + CHECKSUM_LENGTH
+    return rf"\b{group}_[0-9A-Za-z]{{{KEY_ID_LENGTH}}}_[0-9A-Za-z]{{{tail}}}\b"

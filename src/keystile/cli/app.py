@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 
 from ..database_url import DATABASE_URL_ENV, DEFAULT_DATABASE_URL
 from ..errors import KeystileError
-from . import demo, importing, keys, maintenance, owners, usage
+from . import demo, importing, keys, maintenance, owners, usage, webhooks
 from .arguments import global_options
 from .command import Command, CommandError
 from .output import err
@@ -46,6 +46,7 @@ HELP_ORDER = (
     "reap",
     "owner",
     "usage",
+    "webhooks",
     "demo",
 )
 
@@ -79,6 +80,8 @@ examples:
   keystile import csv --file keys.csv --dry-run
   keystile usage KEY_ID --owner acme --since 7d --by hour
   keystile usage --owner acme --since 1d --top 10
+  keystile webhooks add https://example.com/hooks/keystile --event key.revoked
+  keystile webhooks deliveries --json
   keystile demo
 """
 
@@ -120,6 +123,7 @@ def _commands() -> list[Command]:
         *owners.COMMANDS,
         *importing.COMMANDS,
         *usage.COMMANDS,
+        *webhooks.COMMANDS,
         *demo.COMMANDS,
     ]
     return sorted(found, key=lambda command: HELP_ORDER.index(command.name))

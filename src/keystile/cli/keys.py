@@ -4,6 +4,7 @@ and ``rotate``: one key's life, each a thin shell over a ``KeyManager`` call."""
 from __future__ import annotations
 
 import argparse
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from . import arguments as types
@@ -92,17 +93,40 @@ def _list_arguments(p: argparse.ArgumentParser) -> None:
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--owner", type=types.owner)
     who.add_argument("--all", action="store_true", help="every owner's keys (for operators)")
+    p.add_argument(
+        "--expiring-within",
+        type=types.positive_duration,
+        metavar="DURATION",
+        help="only the active keys that expire within it, e.g. 7d",
+    )
 
 
 async def _list(args: argparse.Namespace, manager: KeyManager) -> None:
     records = await (manager.list_all() if args.all else manager.list(args.owner))
+    if args.expiring_within is not None:
+        records = expiring(records, args.expiring_within)
     if args.json:
         for record in records:
             json_line(record.to_public_dict())
     elif records:
         table(records, owners=args.all)
     else:
-        err("no keys" if args.all else f"no keys for owner {args.owner!r}")
+        soon = "" if args.expiring_within is None else " expiring within that time"
+        err(("no keys" if args.all else f"no keys for owner {args.owner!r}") + soon)
+
+
+def expiring(records: list[KeyRecord], within: timedelta) -> list[KeyRecord]:
+    """The active keys among ``records`` that expire within ``within`` from now, soonest
+    first."""
+    from ..stores.records import utcnow
+
+    now = utcnow()
+    soon = [
+        (r.expires_at, r.id, r)
+        for r in records
+        if r.is_active(now) and r.expires_at is not None and r.expires_at <= now + within
+    ]
+    return [r for _, _, r in sorted(soon, key=lambda item: item[:2])]
 
 
 async def _show(args: argparse.Namespace, manager: KeyManager) -> None:
@@ -214,7 +238,7 @@ COMMANDS = (
     Command(
         "list",
         "list an owner's keys, or every key",
-        "keystile list --owner acme --json",
+        "keystile list --all --expiring-within 7d",
         _list_arguments,
         on_keys(_list),
     ),

@@ -21,7 +21,7 @@ from ..stores import SQLiteKeyStore, store_from_url
 from ..stores.protocol import KeyStore
 from .work import CommandError, Work
 
-__all__ = ["default_actor", "require_database", "run_on_keys"]
+__all__ = ["MAX_LIFETIME_ENV", "default_actor", "require_database", "run_on_keys"]
 
 
 def default_actor() -> str:
@@ -59,8 +59,14 @@ def run_on_keys(args: argparse.Namespace, work: Work, *, creates_database: bool)
     return 0
 
 
+#: The environment variable holding the lifetime policy of every key the command mints
+#: or changes (``366d``): ``KeyManager(max_lifetime=...)``.
+MAX_LIFETIME_ENV = "KEYSTILE_MAX_LIFETIME"
+
+
 async def _with_manager(store: KeyStore, args: argparse.Namespace, work: Work) -> None:
-    manager = KeyManager(store, actor=default_actor())
+    max_lifetime = os.environ.get(MAX_LIFETIME_ENV) or None
+    manager = KeyManager(store, actor=default_actor(), max_lifetime=max_lifetime)
     await manager.open()
     try:
         if getattr(args, "actor", None) is not None:

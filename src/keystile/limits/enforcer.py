@@ -136,6 +136,18 @@ class LimitEnforcer:
         self._charged: dict[str, int] = {}
         self._redis_down_until = -math.inf
         self._redis_failing = False
+        #: Told of each refusal (webhooks' ``rate_limit.exceeded``); never of a success.
+        self.on_refusal: Callable[[LimitedKey, Exception], None] | None = None
+
+    def refused(self, user: LimitedKey, refusal: Exception) -> Exception:
+        """``refusal``, after telling ``on_refusal`` of it (without I/O)."""
+        listener = self.on_refusal
+        if listener is not None:
+            try:
+                listener(user, refusal)
+            except Exception:
+                logger.exception("keystile: a refusal listener failed")
+        return refusal
 
     @classmethod
     def shared(cls, recorder: UsageRecorder, counters: Counters, **options: Any) -> LimitEnforcer:

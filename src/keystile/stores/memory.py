@@ -25,6 +25,7 @@ from .calls import (
     UsageQuery,
 )
 from .common import CommonStore
+from .hooks import Attempt, ClaimedDelivery, Delivery, Outbox, Webhook
 from .records import (
     KeyEvent,
     KeyRecord,
@@ -57,6 +58,7 @@ class MemoryKeyStore(CommonStore):
     _named_usage: dict[str, dict[tuple[str, datetime], list[int]]] = {}
     _named_batches: dict[str, dict[str, datetime]] = {}
     _named_owners: dict[str, dict[str, OwnerLimits]] = {}
+    _named_outboxes: dict[str, Outbox] = {}
 
     def __init__(self, name: str | None = None) -> None:
         if name:
@@ -65,6 +67,7 @@ class MemoryKeyStore(CommonStore):
             self._usage = self._named_usage.setdefault(name, {})
             self._batches = self._named_batches.setdefault(name, {})
             self._owners = self._named_owners.setdefault(name, {})
+            self._outbox = self._named_outboxes.setdefault(name, Outbox())
             identity = f"memory://{name}"
         else:
             self._rows = {}
@@ -72,6 +75,7 @@ class MemoryKeyStore(CommonStore):
             self._usage = {}
             self._batches = {}
             self._owners = {}
+            self._outbox = Outbox()
             identity = f"memory://#{next(_anonymous)}"
         self.display_url = identity
         self._bus = LocalChangeBus.for_identity(identity)
@@ -80,6 +84,8 @@ class MemoryKeyStore(CommonStore):
         for event in events:
             seq = self._events[-1].id + 1 if self._events else 1
             self._events.append(dataclasses.replace(event, id=seq))
+        names = {e.key_id: self._rows[e.key_id].name for e in events if e.key_id in self._rows}
+        self._outbox.log(events, names, utcnow())
 
     def _owned(self, key_id: str, owner: str) -> KeyRecord | None:
         record = self._rows.get(key_id)
@@ -310,6 +316,44 @@ class MemoryKeyStore(CommonStore):
         kept.append(dataclasses.replace(pruned_event(before, pruned, actor), id=seq))
         self._events[:] = kept
         return pruned
+
+    async def record_event(self, event: KeyEvent) -> None:
+        self._log([event])
+
+    async def add_webhook(self, webhook: Webhook) -> None:
+        self._outbox.webhooks[webhook.id] = webhook
+
+    async def list_webhooks(self) -> list[Webhook]:
+        return sorted(self._outbox.webhooks.values(), key=lambda w: (w.created_at, w.id))
+
+    async def remove_webhook(self, webhook_id: str) -> bool:
+        return self._outbox.remove(webhook_id)
+
+    async def enqueue_deliveries(self, deliveries: Sequence[Delivery]) -> None:
+        self._outbox.enqueue(deliveries)
+
+    async def claim_deliveries(
+        self, *, now: datetime, lease_until: datetime, limit: int
+    ) -> list[ClaimedDelivery]:
+        return self._outbox.claim(now, lease_until, limit)
+
+    async def finish_delivery(self, attempt: Attempt, next_attempt_at: datetime | None) -> None:
+        self._outbox.finish(attempt, next_attempt_at)
+
+    async def list_deliveries(
+        self, *, webhook_id: str | None = None, limit: int = 100
+    ) -> list[Delivery]:
+        return self._outbox.recent(webhook_id, limit)
+
+    async def list_attempts(self, *, delivery_id: str | None = None) -> list[Attempt]:
+        return self._outbox.attempts_of(delivery_id)
+
+    async def keys_expiring(self, *, after: datetime, until: datetime) -> list[KeyRecord]:
+        return [
+            r
+            for r in self._rows.values()
+            if r.revoked_at is None and r.expires_at is not None and after < r.expires_at <= until
+        ]
 
     async def update_hash(
         self, key_id: str, secret_hash: str, *, replacing: str | None = None

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
 
+from .hooks import Attempt, ClaimedDelivery, Delivery, Webhook
 from .records import (
     KeyEvent,
     KeyRecord,
@@ -234,6 +235,43 @@ class KeyStore(Protocol):
         """Delete audit events older than ``before`` and record a ``pruned`` event
         (``pruned_detail``, no key, no owner) in the same transaction, after the delete,
         so the prune never deletes its own record; returns how many were deleted."""
+
+    async def record_event(self, event: KeyEvent) -> None:
+        """Append an event that changes no key (``leaked``: a report that the key was
+        found in public), in a transaction of its own."""
+
+    # -- webhooks (``stores.hooks``) -------------------------------------------------
+    # Every audit event a webhook wants is queued as a delivery in the event's own
+    # transaction; these calls manage the webhooks and work through the outbox.
+
+    async def add_webhook(self, webhook: Webhook) -> None: ...
+
+    async def list_webhooks(self) -> list[Webhook]: ...
+
+    async def remove_webhook(self, webhook_id: str) -> bool:
+        """Remove it and give up on its pending deliveries; ``False`` if unknown."""
+
+    async def enqueue_deliveries(self, deliveries: Sequence[Delivery]) -> None:
+        """Queue deliveries not made by an audit event (a test, an expiry notice)."""
+
+    async def claim_deliveries(
+        self, *, now: datetime, lease_until: datetime, limit: int
+    ) -> list[ClaimedDelivery]:
+        """Up to ``limit`` pending deliveries due by ``now`` that no other process holds,
+        held by this one until ``lease_until`` (then another may take them: a process
+        that died mid-delivery does not lose them)."""
+
+    async def finish_delivery(self, attempt: Attempt, next_attempt_at: datetime | None) -> None:
+        """Record ``attempt`` and its outcome, and release the delivery."""
+
+    async def list_deliveries(
+        self, *, webhook_id: str | None = None, limit: int = 100
+    ) -> list[Delivery]: ...
+
+    async def list_attempts(self, *, delivery_id: str | None = None) -> list[Attempt]: ...
+
+    async def keys_expiring(self, *, after: datetime, until: datetime) -> list[KeyRecord]:
+        """Unrevoked keys whose expiry falls in ``(after, until]`` (expiry notices)."""
 
     async def update_hash(
         self, key_id: str, secret_hash: str, *, replacing: str | None = None

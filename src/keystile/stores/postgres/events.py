@@ -11,6 +11,7 @@ from ..records import KeyEvent
 from ..rules import SYSTEM_ACTOR, pruned_event
 from ..sql import Statements
 from .connection import Connection
+from .hooks import queue_deliveries
 from .schema import POSTGRES
 
 __all__ = ["Events", "log_events"]
@@ -21,6 +22,7 @@ async def log_events(conn: Any, sql: Statements, events: Sequence[KeyEvent]) -> 
     with the change they record."""
     if events:
         await conn.executemany(sql.insert_event, [POSTGRES.event_values(e) for e in events])
+        await queue_deliveries(conn, sql, events)
 
 
 class Events(Connection):
@@ -33,6 +35,11 @@ class Events(Connection):
             return [POSTGRES.event(row) for row in reversed(await conn.fetch(sql, *params))]
 
         return await self._idempotent("list_events", list_events)
+
+    async def record_event(self, event: KeyEvent) -> None:
+        # Not retried: a retry after a lost commit acknowledgement would record it twice.
+        async with self._connection("record_event") as conn, conn.transaction():
+            await log_events(conn, self._sql, [event])
 
     async def prune_events(self, *, before: datetime, actor: str = SYSTEM_ACTOR) -> int:
         # Not retried: a retry after a lost commit acknowledgement would record two prunes.

@@ -112,6 +112,41 @@ MIGRATIONS: list[str] = [
         updated_at timestamptz NOT NULL
     );
     """,
+    """
+    CREATE TABLE {schema}.keystile_webhooks (
+        id text PRIMARY KEY,
+        url text NOT NULL,
+        secret text NOT NULL,
+        events text,
+        created_at timestamptz NOT NULL
+    );
+    CREATE TABLE {schema}.keystile_deliveries (
+        id text PRIMARY KEY,
+        webhook_id text NOT NULL,
+        type text NOT NULL,
+        payload text NOT NULL,
+        created_at timestamptz NOT NULL,
+        next_attempt_at timestamptz NOT NULL,
+        attempts integer NOT NULL DEFAULT 0,
+        status text NOT NULL DEFAULT 'pending',
+        last_error text,
+        claimed_until timestamptz
+    );
+    CREATE INDEX keystile_deliveries_due
+        ON {schema}.keystile_deliveries (status, next_attempt_at);
+    CREATE INDEX keystile_deliveries_webhook
+        ON {schema}.keystile_deliveries (webhook_id, created_at);
+    CREATE TABLE {schema}.keystile_delivery_attempts (
+        id bigserial PRIMARY KEY,
+        delivery_id text NOT NULL,
+        at timestamptz NOT NULL,
+        status_code integer,
+        error text,
+        outcome text NOT NULL
+    );
+    CREATE INDEX keystile_delivery_attempts_delivery
+        ON {schema}.keystile_delivery_attempts (delivery_id);
+    """,
 ]
 
 POSTGRES = Dialect(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .events import Events
+from .hooks import Hooks
 from .keys import Keys
 from .owners import Owners
 from .usage import Usage
@@ -11,7 +12,7 @@ from .watch import Watch
 __all__ = ["PostgresKeyStore"]
 
 
-class PostgresKeyStore(Keys, Events, Owners, Usage, Watch):
+class PostgresKeyStore(Keys, Events, Owners, Usage, Watch, Hooks):
     """``postgresql://…``: the production store, an asyncpg pool shared by many processes.
 
     Every lifecycle change is one transaction that also runs ``pg_notify`` on a channel
@@ -19,4 +20,5 @@ class PostgresKeyStore(Keys, Events, Owners, Usage, Watch):
 
     Its parts, one concern each: ``connection`` (the URL, the pool, errors and retries),
     ``schema`` (migrations, schema names, how values are stored), ``keys``, ``events``,
-    ``owners`` (owner limits), ``usage``, ``watch`` (NOTIFY and the LISTEN connection)."""
+    ``owners`` (owner limits), ``usage``, ``watch`` (NOTIFY and the LISTEN connection),
+    ``hooks`` (webhooks and their outbox)."""

@@ -10,6 +10,7 @@ from ..calls import EventQuery
 from ..records import KeyEvent
 from ..rules import SYSTEM_ACTOR, pruned_event
 from .connection import Connection
+from .hooks import queue_deliveries
 from .schema import SQL, SQLITE, transaction
 
 __all__ = ["Events", "log_events"]
@@ -18,6 +19,7 @@ __all__ = ["Events", "log_events"]
 def log_events(conn: sqlite3.Connection, events: Sequence[KeyEvent]) -> None:
     """Append ``events`` inside the caller's transaction: they commit with the change."""
     conn.executemany(SQL.insert_event, [SQLITE.event_values(e) for e in events])
+    queue_deliveries(conn, events)
 
 
 class Events(Connection):
@@ -27,6 +29,13 @@ class Events(Connection):
         sql, params = SQL.select_events(query)
         rows = await self._run(lambda conn: conn.execute(sql, params).fetchall())
         return [SQLITE.event(row) for row in reversed(rows)]
+
+    async def record_event(self, event: KeyEvent) -> None:
+        def record(conn: sqlite3.Connection) -> None:
+            with transaction(conn):
+                log_events(conn, [event])
+
+        await self._run(record)
 
     async def prune_events(self, *, before: datetime, actor: str = SYSTEM_ACTOR) -> int:
         def prune(conn: sqlite3.Connection) -> int:

@@ -97,6 +97,38 @@ MIGRATIONS: list[str] = [
         updated_at REAL NOT NULL
     );
     """,
+    """
+    CREATE TABLE keystile_webhooks (
+        id TEXT PRIMARY KEY,
+        url TEXT NOT NULL,
+        secret TEXT NOT NULL,
+        events TEXT,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE keystile_deliveries (
+        id TEXT PRIMARY KEY,
+        webhook_id TEXT NOT NULL,
+        type TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        next_attempt_at REAL NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        status TEXT NOT NULL DEFAULT 'pending',
+        last_error TEXT,
+        claimed_until REAL
+    );
+    CREATE INDEX keystile_deliveries_due ON keystile_deliveries (status, next_attempt_at);
+    CREATE INDEX keystile_deliveries_webhook ON keystile_deliveries (webhook_id, created_at);
+    CREATE TABLE keystile_delivery_attempts (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        delivery_id TEXT NOT NULL,
+        at REAL NOT NULL,
+        status_code INTEGER,
+        error TEXT,
+        outcome TEXT NOT NULL
+    );
+    CREATE INDEX keystile_delivery_attempts_delivery ON keystile_delivery_attempts (delivery_id);
+    """,
 ]
 
 SQLITE = Dialect(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .events import Events
+from .hooks import Hooks
 from .keys import Keys
 from .owners import Owners
 from .usage import Usage
@@ -11,7 +12,7 @@ from .watch import Watch
 __all__ = ["SQLiteKeyStore"]
 
 
-class SQLiteKeyStore(Keys, Events, Owners, Usage, Watch):
+class SQLiteKeyStore(Keys, Events, Owners, Usage, Watch, Hooks):
     """``sqlite:///path``: the embedded default, stdlib ``sqlite3`` run off the event loop.
 
     One connection per store, used by one worker thread at a time (a lock), in WAL mode
@@ -22,4 +23,5 @@ class SQLiteKeyStore(Keys, Events, Owners, Usage, Watch):
 
     Its parts, one concern each: ``connection`` (the connection and the worker thread),
     ``schema`` (migrations, how values are stored), ``keys``, ``events``, ``owners``
-    (owner limits), ``usage``, ``watch`` (the change log)."""
+    (owner limits), ``usage``, ``watch`` (the change log), ``hooks`` (webhooks and their
+    outbox)."""
