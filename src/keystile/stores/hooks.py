@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from .records import KeyEvent
+from .records import KeyEvent, json_fields
 
 __all__ = [
     "AUDIT_EVENT_TYPES",
@@ -83,12 +83,7 @@ class Webhook:
 
     def to_public_dict(self) -> dict[str, Any]:
         """Without the signing secret."""
-        return {
-            "id": self.id,
-            "url": self.url,
-            "events": None if self.events is None else list(self.events),
-            "created_at": self.created_at.isoformat(),
-        }
+        return json_fields(self, "id", "url", "events", "created_at")
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,16 +102,9 @@ class Delivery:
     last_error: str | None = None
 
     def to_public_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "webhook_id": self.webhook_id,
-            "type": self.type,
-            "status": self.status,
-            "attempts": self.attempts,
-            "created_at": self.created_at.isoformat(),
-            "next_attempt_at": self.next_attempt_at.isoformat(),
-            "last_error": self.last_error,
-        }
+        """Without the payload."""
+        names = ("id", "webhook_id", "type", "status", "attempts", "created_at")
+        return json_fields(self, *names, "next_attempt_at", "last_error")
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,13 +127,7 @@ class Attempt:
     outcome: str  # delivered | retry | dead
 
     def to_public_dict(self) -> dict[str, Any]:
-        return {
-            "delivery_id": self.delivery_id,
-            "at": self.at.isoformat(),
-            "status_code": self.status_code,
-            "error": self.error,
-            "outcome": self.outcome,
-        }
+        return json_fields(self, "delivery_id", "at", "status_code", "error", "outcome")
 
 
 def new_delivery_id() -> str:

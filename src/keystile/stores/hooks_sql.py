@@ -15,13 +15,41 @@ from collections.abc import Sequence
 from typing import Any
 
 from .hooks import REMOVED, Attempt, ClaimedDelivery, Delivery, Webhook, error_of, status_after
-from .sql import COLUMNS, Dialect, Row
+from .sql import COLUMNS, Dialect, Kind, Row, read
 
 __all__ = ["HookStatements"]
 
-_DELIVERY = (
-    "id, webhook_id, type, payload, created_at, next_attempt_at, attempts, status, last_error"
-)
+#: ``Webhook``'s fields; ``events`` holds a JSON list of names (NULL: every event).
+_WEBHOOK: dict[str, Kind] = {
+    "id": "text",
+    "url": "text",
+    "secret": "text",
+    "events": "text",
+    "created_at": "time",
+}
+#: A new delivery's columns, then the ones its attempts change (``Delivery``'s fields).
+_NEW_DELIVERY: dict[str, Kind] = {
+    "id": "text",
+    "webhook_id": "text",
+    "type": "text",
+    "payload": "text",
+    "created_at": "time",
+    "next_attempt_at": "time",
+}
+_DELIVERY: dict[str, Kind] = {
+    **_NEW_DELIVERY,
+    "attempts": "int",
+    "status": "text",
+    "last_error": "text",
+}
+#: ``Attempt``'s fields.
+_ATTEMPT: dict[str, Kind] = {
+    "delivery_id": "text",
+    "at": "time",
+    "status_code": "int",
+    "error": "text",
+    "outcome": "text",
+}
 
 
 class HookStatements:
@@ -39,25 +67,16 @@ class HookStatements:
             f"SELECT {COLUMNS} FROM {self.keys} WHERE revoked_at IS NULL"  # noqa: S608
             f" AND expires_at > {t(1, 'time')} AND expires_at <= {t(2, 'time')}"
         )
-        self.insert_webhook = r(
-            f"INSERT INTO {hooks} (id, url, secret, events, created_at)"  # noqa: S608
-            f" VALUES ($1, $2, $3, $4, {t(5, 'time')})"
-        )
-        self.webhooks = (
-            f"SELECT id, url, secret, events, created_at FROM {hooks} ORDER BY created_at, id"  # noqa: S608
-        )
+        self.insert_webhook = d.insert(hooks, _WEBHOOK)
+        self.webhooks = f"SELECT {', '.join(_WEBHOOK)} FROM {hooks} ORDER BY created_at, id"  # noqa: S608
         self.delete_webhook = r(f"DELETE FROM {hooks} WHERE id = $1")  # noqa: S608
         self.abandon = r(
             f"UPDATE {deliveries} SET status = 'dead', last_error = '{REMOVED}'"  # noqa: S608
             " WHERE webhook_id = $1 AND status = 'pending'"
         )
-        self.insert_delivery = r(
-            f"INSERT INTO {deliveries} (id, webhook_id, type, payload, created_at,"  # noqa: S608
-            f" next_attempt_at) VALUES ($1, $2, $3, $4, {t(5, 'time')}, {t(6, 'time')})"
-            " ON CONFLICT (id) DO NOTHING"
-        )
+        self.insert_delivery = d.insert(deliveries, _NEW_DELIVERY) + " ON CONFLICT (id) DO NOTHING"
         lock = " FOR UPDATE OF d SKIP LOCKED" if skip_locked else ""
-        columns = ", ".join(f"d.{c.strip()}" for c in _DELIVERY.split(","))
+        columns = ", ".join(f"d.{c}" for c in _DELIVERY)
         self.due = r(
             f"SELECT {columns}, w.url, w.secret FROM {deliveries} d"  # noqa: S608
             f" JOIN {hooks} w ON w.id = d.webhook_id"
@@ -73,20 +92,19 @@ class HookStatements:
             f" next_attempt_at = COALESCE({t(2, 'time')}, next_attempt_at),"
             " last_error = $3, claimed_until = NULL WHERE id = $4"
         )
-        self.insert_attempt = r(
-            f"INSERT INTO {attempts} (delivery_id, at, status_code, error, outcome)"  # noqa: S608
-            f" VALUES ($1, {t(2, 'time')}, $3, $4, $5)"
-        )
-        select = f"SELECT {_DELIVERY} FROM {deliveries}"  # noqa: S608
+        self.insert_attempt = d.insert(attempts, _ATTEMPT)
+        select = f"SELECT {', '.join(_DELIVERY)} FROM {deliveries}"  # noqa: S608
         order = "ORDER BY created_at DESC, id DESC LIMIT"
         self.deliveries = r(f"{select} {order} $1")
         self.webhook_deliveries = r(f"{select} WHERE webhook_id = $1 {order} $2")
-        attempt_columns = "delivery_id, at, status_code, error, outcome"
+        attempt_columns = ", ".join(_ATTEMPT)
         self.attempts = f"SELECT {attempt_columns} FROM {attempts} ORDER BY {d.seq}"  # noqa: S608
         self.delivery_attempts = r(
             f"SELECT {attempt_columns} FROM {attempts}"  # noqa: S608
             f" WHERE delivery_id = $1 ORDER BY {d.seq}"
         )
+        self._delivery_readers = d.readers(_DELIVERY)
+        self._attempt_readers = d.readers(_ATTEMPT)
 
     # -- values in and out -----------------------------------------------------------
 
@@ -105,28 +123,10 @@ class HookStatements:
         )
 
     def delivery_values(self, delivery: Delivery) -> list[Any]:
-        return [
-            delivery.id,
-            delivery.webhook_id,
-            delivery.type,
-            delivery.payload,
-            self._time(delivery.created_at),
-            self._time(delivery.next_attempt_at),
-        ]
+        return self.dialect.values(_NEW_DELIVERY, delivery)
 
     def delivery(self, row: Row) -> Delivery:
-        time = self.dialect.decode
-        return Delivery(
-            row["id"],
-            row["webhook_id"],
-            row["type"],
-            row["payload"],
-            time("time", row["created_at"]),
-            time("time", row["next_attempt_at"]),
-            row["attempts"],
-            row["status"],
-            row["last_error"],
-        )
+        return Delivery(*read(row, self._delivery_readers))
 
     def claimed(self, row: Row) -> ClaimedDelivery:
         return ClaimedDelivery(self.delivery(row), row["url"], row["secret"])
@@ -140,17 +140,10 @@ class HookStatements:
         ]
 
     def attempt_values(self, attempt: Attempt) -> list[Any]:
-        return [
-            attempt.delivery_id,
-            self._time(attempt.at),
-            attempt.status_code,
-            attempt.error,
-            attempt.outcome,
-        ]
+        return self.dialect.values(_ATTEMPT, attempt)
 
     def attempt(self, row: Row) -> Attempt:
-        at = self.dialect.decode("time", row["at"])
-        return Attempt(row["delivery_id"], at, row["status_code"], row["error"], row["outcome"])
+        return Attempt(*read(row, self._attempt_readers))
 
     def _time(self, value: Any) -> Any:
         return None if value is None else self.dialect.encode("time", value)

@@ -22,6 +22,7 @@ __all__ = [
     "UsageBucket",
     "UsageCounts",
     "UsageTotal",
+    "json_fields",
     "refills_due",
     "utcnow",
 ]
@@ -41,6 +42,22 @@ def refills_due(refill: timedelta | None, reset_at: datetime | None, at: datetim
 
 def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
+
+
+def json_fields(item: Any, *names: str) -> dict[str, Any]:
+    """``item``'s attributes ``names``, in that order, JSON-ready: times as ISO 8601 text,
+    tuples as lists, mappings as dicts."""
+    return {name: _json_value(getattr(item, name)) for name in names}
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, Mapping):
+        return dict(value)
+    return value
 
 
 def _quota_left(q: KeyRecord | OwnerLimits, now: datetime | None) -> int | None:
@@ -151,11 +168,7 @@ class UsageBucket:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (``keystile usage --json``)."""
-        return {
-            "start": self.start.isoformat(),
-            "requests": self.requests,
-            "rejected": self.rejected,
-        }
+        return json_fields(self, "start", "requests", "rejected")
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,12 +316,4 @@ class KeyEvent:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready, one line per event for a SIEM (``keystile events --json``)."""
-        return {
-            "id": self.id,
-            "at": self.at.isoformat(),
-            "key_id": self.key_id,
-            "owner": self.owner,
-            "action": self.action,
-            "actor": self.actor,
-            "detail": dict(self.detail),
-        }
+        return json_fields(self, "id", "at", "key_id", "owner", "action", "actor", "detail")

@@ -27,8 +27,10 @@ __all__ = [
     "ROTATABLE",
     "STALE",
     "Dialect",
+    "Kind",
     "Row",
     "Statements",
+    "read",
     "touch_assignments",
 ]
 
@@ -174,28 +176,40 @@ class Dialect:
         """A new value of the key column ``name``, as the column takes it."""
         return self.encode(KEY_COLUMNS[name], value)
 
+    def insert(self, table: str, columns: Mapping[str, Kind]) -> str:
+        """``INSERT`` of one row of ``columns``, parameters 1…n in their order."""
+        marks = (self.param(i, kind) for i, kind in enumerate(columns.values(), 1))
+        return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join(marks)})"  # noqa: S608
+
+    def values(self, columns: Mapping[str, Kind], item: Any) -> list[Any]:
+        """``item``'s attributes named by ``columns``, as the columns take them."""
+        return [self.encode(kind, getattr(item, name)) for name, kind in columns.items()]
+
+    def readers(self, columns: Mapping[str, Kind]) -> list[tuple[str, Convert | None]]:
+        """What ``read`` takes to decode a row of ``columns``."""
+        return [(name, self.decoders.get(kind)) for name, kind in columns.items()]
+
     def key_values(self, record: KeyRecord) -> list[Any]:
-        return [self.encode(kind, getattr(record, name)) for name, kind in KEY_COLUMNS.items()]
+        return self.values(KEY_COLUMNS, record)
 
     def event_values(self, event: KeyEvent) -> list[Any]:
-        return [self.encode(kind, getattr(event, name)) for name, kind in EVENT_COLUMNS.items()]
+        return self.values(EVENT_COLUMNS, event)
 
     @cached_property
     def _key_readers(self) -> list[tuple[str, Convert | None]]:
-        return [(name, self.decoders.get(kind)) for name, kind in KEY_COLUMNS.items()]
+        return self.readers(KEY_COLUMNS)
 
     @cached_property
     def _event_readers(self) -> list[tuple[str, Convert | None]]:
-        columns = [(name, self.decoders.get(kind)) for name, kind in EVENT_COLUMNS.items()]
-        return [*columns, (self.seq, None)]
+        return [*self.readers(EVENT_COLUMNS), (self.seq, None)]
 
     def record(self, row: Row) -> KeyRecord:
         """The key of a row of ``COLUMNS`` (the columns are ``KeyRecord``'s fields, in order)."""
-        return KeyRecord(*_read(row, self._key_readers))
+        return KeyRecord(*read(row, self._key_readers))
 
     def event(self, row: Row) -> KeyEvent:
         """The event of a row of ``EVENT_COLUMNS`` and ``seq`` (``KeyEvent``'s fields)."""
-        return KeyEvent(*_read(row, self._event_readers))
+        return KeyEvent(*read(row, self._event_readers))
 
 
 class Statements:
@@ -242,10 +256,10 @@ class Statements:
         )
         stale = STALE.format(include_disabled="$1", unused_since="$2", at="$3")
         self.stale = r(f"{select} WHERE {stale} ORDER BY created_at, id")
-        self.insert_key = self._insert(keys, KEY_COLUMNS)
+        self.insert_key = dialect.insert(keys, KEY_COLUMNS)
         #: An imported key, unless its id is taken; returns its id when inserted.
         self.insert_new_key = self.insert_key + " ON CONFLICT (id) DO NOTHING RETURNING id"
-        self.insert_event = self._insert(events, EVENT_COLUMNS)
+        self.insert_event = dialect.insert(events, EVENT_COLUMNS)
         self.prune_events = r(f"DELETE FROM {events} WHERE at < $1")  # noqa: S608
         self.set_hash = r(f"UPDATE {keys} SET secret_hash = $1 WHERE id = $2")  # noqa: S608
         #: A new hash while the stored one is still ``$3``; returns the key's owner.
@@ -295,10 +309,6 @@ class Statements:
             quota_reset_at=d.decode("time", row["quota_reset_at"]),
         )
 
-    def _insert(self, table: str, columns: Mapping[str, Kind]) -> str:
-        marks = (self.dialect.param(i, kind) for i, kind in enumerate(columns.values(), 1))
-        return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join(marks)})"  # noqa: S608
-
     def update_key(self, fields: Sequence[str]) -> str:
         """``UPDATE`` of ``fields`` (parameters 1…n) of the unrevoked key with the id and
         owner of parameters n+1 and n+2."""
@@ -328,7 +338,7 @@ class Statements:
         return sql, params
 
 
-def _read(row: Row, readers: list[tuple[str, Convert | None]]) -> list[Any]:
+def read(row: Row, readers: list[tuple[str, Convert | None]]) -> list[Any]:
     """The row's values, decoded: run for every key a store reads, so kept lean."""
     values = [row[name] for name, _ in readers]
     for i, (_, decode) in enumerate(readers):
