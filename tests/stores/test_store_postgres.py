@@ -606,3 +606,39 @@ async def test_a_connection_released_inside_a_transaction_comes_back_clean(
         async with pool.acquire() as conn:
             assert not conn.is_in_transaction()
             assert await conn.fetchval("SELECT to_regclass('pg_temp.leftover')") is None
+
+
+@pytest.mark.anyio
+async def test_concurrent_flushes_of_the_same_keys_never_deadlock(
+    postgres_database_url: str,
+) -> None:
+    """Workers flushing the same keys at once, each in its own order, lock them in one
+    order: no flush fails with a deadlock and has to be retried."""
+    stores = [open_store(postgres_database_url) for _ in range(3)]
+    for store in stores:
+        await store.open()
+    try:
+        keys = [record(name=f"busy-{i}") for i in range(300)]
+        for r in keys:
+            await stores[0].insert(r)
+        await stores[0].touch_many({r.id: NOW for r in keys})
+        errors: list[BaseException] = []
+
+        async def flush(store: PostgresKeyStore, order: list[KeyRecord], at: datetime) -> None:
+            try:
+                await store.touch_many({r.id: at for r in order})
+            except StoreError as exc:
+                errors.append(exc)
+
+        for round_ in range(15):
+            at = NOW + timedelta(seconds=round_)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(flush, stores[0], keys, at)
+                tg.start_soon(flush, stores[1], keys[::-1], at)
+                tg.start_soon(flush, stores[2], keys[150:] + keys[:150], at)
+        assert errors == []
+        found = await stores[0].get_many([r.id for r in keys])
+        assert {found[r.id].last_used_at for r in keys} == {NOW + timedelta(seconds=14)}
+    finally:
+        for store in stores:
+            await store.close()

@@ -46,6 +46,8 @@ class Owners(Connection):
         sql = self._sql
         async with self._connection("set_owner_limits") as conn, conn.transaction():
             await lock_owner_limits(conn, self.schema, [owner], shared=False)
+            # The owner's key rows before its owner row, as a usage flush locks them.
+            await conn.execute(sql.owner_keys + " ORDER BY id FOR UPDATE", owner)
             if limits is not None:
                 await conn.execute(sql.put_owner_limits, *sql.owner_values(limits))
             elif await conn.execute(sql.delete_owner_limits, owner) == "DELETE 0":

@@ -52,9 +52,12 @@ class Usage(Connection):
 
     async def _touch_many(self, touching: Touching) -> dict[str, QuotaState]:
         keys, q = self._sql.keys, self._sql
+        # The rows are locked in id order before they are updated, whatever order the
+        # batch and the plan have: workers flushing the same keys never deadlock.
         touch_sql = (
             f"UPDATE {keys} AS k SET {_TOUCH}"  # noqa: S608
-            " FROM unnest($1::text[], $2::timestamptz[]) AS t(id, at)"
+            " FROM (SELECT t.id, t.at FROM unnest($1::text[], $2::timestamptz[]) AS t(id, at)"
+            f" JOIN {keys} AS l ON l.id = t.id ORDER BY l.id FOR UPDATE OF l) AS t"
             f" WHERE k.id = t.id RETURNING {_STATE}, k.quota"
         )
         touches, batch = touching.touches, touching.batch
@@ -80,6 +83,14 @@ class Usage(Connection):
             " FROM unnest($1::text[], $2::timestamptz[], $3::bigint[]) AS t(b, at, n)"
             " WHERE k.owner = t.b"
         )
+        lock_keys_sql = (
+            f"SELECT 1 FROM {keys} WHERE id = ANY($1::text[])"  # noqa: S608
+            " OR budget_id = ANY($2::text[]) ORDER BY id FOR UPDATE"
+        )
+        lock_owners_sql = (
+            f"SELECT 1 FROM {q.owners} WHERE owner = ANY($1::text[])"  # noqa: S608
+            " ORDER BY owner FOR UPDATE"
+        )
         states_sql = (
             f"SELECT {_STATE} FROM {keys} AS k"  # noqa: S608
             " WHERE k.budget_id = ANY($1::text[]) AND k.quota IS NOT NULL"
@@ -91,6 +102,10 @@ class Usage(Connection):
         # One transaction: the batch's name is stored with its uses, so a retry after a
         # lost commit acknowledgement finds it and takes nothing twice.
         async with self._connection("touch_many") as conn, conn.transaction():
+            # Every key row this flush writes (touched, or of a budget it spends), then
+            # every owner row, each in one order, before any is written: see touch_sql.
+            await conn.execute(lock_keys_sql, ids, budgets)
+            await conn.execute(lock_owners_sql, [o for o, _, _ in owners])
             touched = await touch(conn)
             fresh = batch is None or await conn.fetchval(
                 f"INSERT INTO {q.batches} (batch, at) VALUES ($1, $2)"  # noqa: S608
