@@ -153,6 +153,11 @@ def test_create_use_and_revoke_from_the_page(staff_page: Any, server: str) -> No
     assert re.fullmatch(r"ks_[0-9A-Za-z]{12}_[0-9A-Za-z]+", key)
     copy = page.locator("button[data-copy=secret]")
     copy.click()
+    # The button says so once the clipboard write it awaits has resolved.
+    page.wait_for_function(
+        "() => document.querySelector('button[data-copy=secret]').textContent !== 'Copy'",
+        timeout=STEP_TIMEOUT,
+    )
     assert copy.inner_text() == "Copied"
     assert page.evaluate("navigator.clipboard.readText()") == key
     screenshot(page, "created")
