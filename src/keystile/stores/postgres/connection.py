@@ -45,6 +45,7 @@ __all__ = [
     "LISTENER_APPLICATION_NAME",
     "POOL_APPLICATION_NAME",
     "Connection",
+    "transaction_lock",
 ]
 
 T = TypeVar("T")
@@ -77,6 +78,13 @@ _CONNECTION_LOST: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.PostgresConnectionError,
     asyncpg.exceptions.OperatorInterventionError,
 )
+
+
+async def transaction_lock(conn: Any, schema: str, name: str, *, shared: bool = False) -> None:
+    """Hold the advisory lock ``name`` of ``schema`` until the transaction ends: alone, or
+    ``shared`` with others that take it shared."""
+    lock = "pg_advisory_xact_lock_shared" if shared else "pg_advisory_xact_lock"
+    await conn.execute(f"SELECT {lock}(hashtext($1), hashtext($2))", schema, name)
 
 
 class Connection(CommonStore):

@@ -10,7 +10,7 @@ from ..calls import Change, Importing, Insertion, Reaping, Rotation
 from ..records import KeyEvent, KeyRecord, utcnow
 from ..rules import rehashed_event
 from ..sql import COLUMNS
-from .connection import Connection
+from .connection import Connection, transaction_lock
 from .events import log_events
 from .owners import lock_owner_limits
 from .schema import POSTGRES
@@ -93,11 +93,7 @@ class Keys(Connection):
         """Serialise, until the transaction ends, every change that could make a key of
         ``owner`` take ``name``: a partial unique index cannot express "holds its name",
         which depends on now() (an expired, unrevoked key holds none)."""
-        await conn.execute(
-            "SELECT pg_advisory_xact_lock(hashtext($1), hashtext($2))",
-            self.schema,
-            f"{owner}\x1f{name}",
-        )
+        await transaction_lock(conn, self.schema, f"{owner}\x1f{name}")
 
     async def _insert(self, insertion: Insertion) -> list[str]:
         record = insertion.record

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from ..records import KeyEvent, OwnerLimits
-from .connection import Connection
+from .connection import Connection, transaction_lock
 from .events import log_events
 from .schema import POSTGRES
 from .watch import notify
@@ -23,11 +23,8 @@ async def lock_owner_limits(conn: Any, schema: str, owners: Iterable[str], *, sh
     are set would see neither. New keys take the lock shared (they do not wait for each
     other), setting the limits takes it alone. Each transaction takes it first, before
     any row lock, so the two never wait on each other in a circle."""
-    lock = "pg_advisory_xact_lock_shared" if shared else "pg_advisory_xact_lock"
     for owner in sorted(set(owners)):
-        await conn.execute(
-            f"SELECT {lock}(hashtext($1), hashtext($2))", schema, f"owner-limits\x1f{owner}"
-        )
+        await transaction_lock(conn, schema, f"owner-limits\x1f{owner}", shared=shared)
 
 
 class Owners(Connection):
