@@ -235,7 +235,7 @@ class KeystileRuntime:
         if user.limits is not None or limits.limits_every_key:
             refusal = await limits.acheck(user) if limits.is_async else limits.check(user)
             if refusal is not None:
-                raise refusal
+                raise limits.refused(user, refusal)
         self.recorder.touch(user.key_id, verifier.clock())
         return user
 

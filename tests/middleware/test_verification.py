@@ -75,6 +75,24 @@ async def test_verify_spends_the_limits(manager: KeyManager, database_url: str) 
         await keystile.verify(created.key, database_url=database_url, **OPTIONS)
 
 
+async def test_a_refusal_from_verify_reaches_the_refusal_listener(
+    manager: KeyManager, database_url: str
+) -> None:
+    """The enforcer's refusal listener (what sends ``rate_limit.exceeded`` webhooks) hears
+    of a 429 from ``verify`` as it does of the middleware's."""
+    created = await manager.create(owner="acme", name="job", rate_limit="1/minute")
+    config = keystile.KeystileConfig.from_options(database_url=database_url, **OPTIONS)
+    runtime = keystile.verification.runtime_for(config)
+    heard: list[tuple[str, str]] = []
+    runtime.limits_for(config).on_refusal = lambda user, exc: heard.append(
+        (user.key_id, type(exc).__name__)
+    )
+    await keystile.verify(created.key, config=config)
+    with pytest.raises(RateLimited):
+        await keystile.verify(created.key, config=config)
+    assert heard == [(created.id, "RateLimited")]
+
+
 async def test_verify_checks_the_allowlist(manager: KeyManager, database_url: str) -> None:
     """A key with an IP allowlist: refused without a client or from outside, let in from it."""
     created = await manager.create(owner="acme", name="job", ip_allowlist=["10.0.0.0/8"])
