@@ -5,10 +5,12 @@ The pipeline (``docs/architecture.md``, "The request path")::
     digest ─► constant-time cache scan ─► hit: expiry check, state refresh after cache_ttl
                                        └► miss: parse (malformed / bad checksum: no store
                                           access) ─► negative cache ─► single flight per
-                                          token: store.get ─► the fleet's memo (memo.py),
-                                          else argon2 in a worker thread ─► cache insert
+                                          token: store.get (with the memo's GET sent
+                                          alongside) ─► the fleet's memo (memo.py), else
+                                          argon2 in a worker thread ─► cache insert
 
-It knows nothing of ASGI. argon2 runs at most once per token at a time, in at most
+It knows nothing of ASGI. The store reads of misses that arrive together are one read
+(``read_batch.py``). argon2 runs at most once per token at a time, in at most
 ``argon2_concurrency`` worker threads (``argon2_pool.py``). Misses are admitted before
 any store access (``admission.py``): one verification per key id with ``per_key_pending``
 waiting, ``max_pending_verifications`` in all, and a failure budget per key id, so an id
@@ -51,6 +53,7 @@ from .hashing import DEFAULT_PARAMETERS, SecretHasher
 from .memo import NullMemo, VerificationMemo
 from .negative import NegativeCache
 from .principal import APIKeyUser
+from .read_batch import ReadBatcher
 from .single_flight import SingleFlight
 from .stats import Counters
 from .stores.protocol import KeyStore
@@ -161,6 +164,8 @@ class Verifier:
             else None
         )
         self._flights: SingleFlight[CachedKey] = SingleFlight()
+        #: The misses of one moment read their records in one store read.
+        self._records: ReadBatcher[str, KeyRecord] = ReadBatcher(self._read_many)
         #: Monotonic time a state refresh last failed (store down), per cached key id.
         self._refresh_failed: dict[str, float] = {}
         #: A store read that fails after this many seconds opens a short breaker.
@@ -245,11 +250,14 @@ class Verifier:
         key_id = parsed.key_id
         budget = self.admission.budget
         async with self.admission.admitted(key_id):
+            asked = self.memo.ask(parsed)
             record = await self._read(key_id)
             if record is None or record.prefix != parsed.prefix:
                 budget.failed(key_id)
                 raise self._remember(digest, "unknown")
-            recalled = await self.memo.recall(parsed, record.secret_hash, self.hasher.upgrades)
+            recalled = await self.memo.recall(
+                parsed, record.secret_hash, self.hasher.upgrades, asked
+            )
             matched, upgraded = (True, None) if recalled else await self._by_argon2(parsed, record)
             # Counted while the id's lock is held, so its next miss sees the outcome.
             if matched:
@@ -386,7 +394,7 @@ class Verifier:
         if started < self._store_down_until:
             raise ServiceUnavailable("store_unavailable")
         try:
-            return await self.store.get(key_id)
+            return await self._records.get(key_id)
         except StoreError as exc:
             failed = time.monotonic()
             if failed - started >= self.slow_store_failure:
@@ -395,6 +403,12 @@ class Verifier:
                 self._store_down_until = failed + STALE_RETRY_INTERVAL
             logger.warning("keystile: key store unavailable on a cache miss: %s", exc)
             raise ServiceUnavailable("store_unavailable") from exc
+
+    async def _read_many(self, key_ids: list[str]) -> dict[str, KeyRecord]:
+        if len(key_ids) > 1:
+            return await self.store.get_many(key_ids)
+        record = await self.store.get(key_ids[0])
+        return {} if record is None else {key_ids[0]: record}
 
     async def _upgrade_hash(self, record: KeyRecord, secret_hash: str) -> None:
         try:

@@ -93,6 +93,54 @@ async def test_second_verify_is_a_cache_hit(store: CountingStore, key: CreatedKe
     assert store.gets == 1
 
 
+class GatedStore(CountingStore):
+    """Reads wait until ``gate`` opens: a store whose round trips take time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = anyio.Event()
+
+    async def get(self, key_id: str) -> KeyRecord | None:
+        await self.gate.wait()
+        return await super().get(key_id)
+
+    async def get_many(self, key_ids: Sequence[str]) -> dict[str, KeyRecord]:
+        await self.gate.wait()
+        return await super().get_many(key_ids)
+
+
+async def test_misses_that_arrive_together_share_store_reads() -> None:
+    """A burst of misses costs a few store reads, not one each, and each miss is answered
+    with its own key: the unknown id among them alone is refused."""
+    store = GatedStore()
+    store.gate.set()
+    manager = KeyManager(store, argon2=CHEAPEST_PARAMETERS)
+    keys = [await manager.create(owner="acme", name=f"k{i}") for i in range(30)]
+    store.gate, store.gets = anyio.Event(), 0
+    unknown = generate_key()[0]
+    v = verifier(store)
+    answers: dict[int, object] = {}
+
+    async def miss(i: int, token: str) -> None:
+        try:
+            answers[i] = (await v.verify(token.encode())).key_id
+        except InvalidToken as exc:
+            answers[i] = exc.reason
+
+    async with anyio.create_task_group() as tg:
+        for i, token in enumerate([*(k.key for k in keys), unknown]):
+            tg.start_soon(miss, i, token)
+        for _ in range(1000):
+            if v.pending_verifications == 31:
+                break
+            await anyio.sleep(0)
+        assert v.pending_verifications == 31
+        store.gate.set()
+    assert answers == {**{i: k.id for i, k in enumerate(keys)}, 30: "unknown"}
+    assert store.gets + sum(store.batch_reads) == 31
+    assert store.gets + len(store.batch_reads) <= 8
+
+
 async def test_concurrent_first_requests_share_one_argon2(
     store: CountingStore, key: CreatedKey
 ) -> None:
