@@ -608,6 +608,103 @@ async def test_a_connection_released_inside_a_transaction_comes_back_clean(
             assert await conn.fetchval("SELECT to_regclass('pg_temp.leftover')") is None
 
 
+async def backend_gone(raw: asyncpg.Connection, pid: int) -> bool:
+    """Whether Postgres has let go of backend ``pid``, waiting for it up to 10 s."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if not await raw.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", pid):
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+@pytest.mark.anyio
+async def test_key_reads_take_one_connection_and_no_reset_round_trip(
+    pg_store: PostgresKeyStore, raw: asyncpg.Connection
+) -> None:
+    """A miss's read is its statement alone: the reader stays checked out between reads,
+    so no pool reset (``RESET ALL``) follows it."""
+    r = record()
+    await pg_store.insert(r)
+    assert await pg_store.get(r.id) == r
+    assert pg_store._reader is not None
+    pid = pg_store._reader.conn.get_server_pid()
+    for _ in range(5):
+        assert await pg_store.get(r.id) == r
+        assert await pg_store.get_many([r.id, "nobody"]) == {r.id: r}
+    assert pg_store._reader.conn.get_server_pid() == pid
+    last = await raw.fetchval("SELECT query FROM pg_stat_activity WHERE pid = $1", pid)
+    assert "RESET ALL" not in last and "WHERE id = ANY" in last
+
+
+@pytest.mark.anyio
+async def test_a_killed_reader_costs_a_retry_not_a_failed_read(
+    pg_store: PostgresKeyStore, raw: asyncpg.Connection
+) -> None:
+    r = record()
+    await pg_store.insert(r)
+    assert await pg_store.get(r.id) == r
+    assert pg_store._reader is not None
+    pid = pg_store._reader.conn.get_server_pid()
+    assert await raw.fetchval("SELECT pg_terminate_backend($1)", pid)
+    assert await backend_gone(raw, pid)
+    assert await pg_store.get(r.id) == r
+    assert await pg_store.get(r.id) == r
+    assert pg_store._reader is not None
+    assert pg_store._reader.conn.get_server_pid() != pid
+
+
+@pytest.mark.anyio
+async def test_a_read_cancelled_mid_statement_leaves_no_backend_behind(
+    pg_store: PostgresKeyStore, raw: asyncpg.Connection
+) -> None:
+    """A read waiting on a lock is cancelled: its connection is closed, not handed on with
+    a statement still running, and the next read gets a new one."""
+    r = record()
+    await pg_store.insert(r)
+    assert await pg_store.get(r.id) == r
+    assert pg_store._reader is not None
+    pid = pg_store._reader.conn.get_server_pid()
+    table = f'"{pg_store.schema}".keystile_keys'
+    async with raw.transaction():
+        await raw.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+        with anyio.move_on_after(0.3) as scope:
+            await pg_store.get(r.id)
+        assert scope.cancelled_caught
+    assert await backend_gone(raw, pid)
+    assert await pg_store.get(r.id) == r
+    assert pg_store._reader is not None and pg_store._reader.conn.get_server_pid() != pid
+
+
+@pytest.mark.anyio
+async def test_reads_at_once_are_each_answered_with_their_own_record(
+    pg_store: PostgresKeyStore,
+) -> None:
+    """More reads than the one reader: the rest take the pool, and none gets another's."""
+    records = [record(name=f"k{i}") for i in range(40)]
+    for r in records:
+        await pg_store.insert(r)
+    found = await asyncio.gather(*(pg_store.get(r.id) for r in records))
+    assert found == records
+
+
+@pytest.mark.anyio
+async def test_close_gives_the_reader_back_and_leaves_no_connection(
+    postgres_database_url: str, raw: asyncpg.Connection
+) -> None:
+    store = open_store(postgres_database_url)
+    await store.open()
+    r = record()
+    await store.insert(r)
+    assert await store.get(r.id) == r
+    assert store._reader is not None
+    pid = store._reader.conn.get_server_pid()
+    with anyio.fail_after(10):
+        await store.close()
+    assert store._reader is None
+    assert await backend_gone(raw, pid)
+
+
 @pytest.mark.anyio
 async def test_concurrent_flushes_of_the_same_keys_never_deadlock(
     postgres_database_url: str,

@@ -27,12 +27,13 @@ class Keys(Connection):
     """The keys part of ``PostgresKeyStore``."""
 
     async def _fetch(self, action: str, sql: str, *args: Any) -> list[KeyRecord]:
-        """The keys ``sql`` reads, retried on a lost connection."""
+        """The keys ``sql`` reads, on the reader (``connection.py``), retried on a lost
+        connection."""
 
         async def fetch(conn: Any) -> list[KeyRecord]:
             return _records(await conn.fetch(sql, *args))
 
-        return await self._idempotent(action, fetch)
+        return await self._read(action, fetch)
 
     async def get(self, key_id: str) -> KeyRecord | None:
         self._read_unheard |= not self._listening
