@@ -9,8 +9,9 @@ secret, the process whose argon2 accepted a token leaves in Redis::
 
 both keys derived from the memo secret, which comes from ``KEYSTILE_MEMO_SECRET`` or
 ``memo_secret=``, never from the database or Redis. Another process that misses its
-cache has read the key's record already; it asks Redis for the name (one round trip) and
-compares the value with the one it computes, in constant time. Equal: the secret was
+cache asks Redis for the name as it reads the key's record (``ask``: the GET is sent
+before the store read, so the two round trips overlap), then compares the value with the
+one it computes from the record's hash, in constant time (``recall``). Equal: the secret was
 proven against this very hash, so argon2 is skipped; the key's state (revoked, expired,
 disabled) is still the record's, read from the store as on every miss. Anything else
 (no entry, another value, Redis down) runs argon2 as without a memo.
@@ -44,12 +45,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
 from .errors import ConfigurationError
-from .limits.redis import (
-    connect_redis,
-    redact_redis_url,
-    require_redis_client,
-    split_key_prefix,
-)
+from .limits.redis import redact_redis_url, split_key_prefix
+from .resp import RespClient
 from .tokens import ParsedKey
 
 if TYPE_CHECKING:
@@ -93,18 +90,28 @@ _NAME_BYTES = 16
 
 
 class VerificationMemo(Protocol):
-    """What the verifier asks on a miss (after the store read) and tells after argon2."""
+    """What the verifier asks on a miss (sent before the store read, answered after it)
+    and tells after argon2."""
 
     hits: int
     misses: int
     errors: int
 
+    def ask(self, parsed: ParsedKey) -> Any:
+        """Start looking ``parsed``'s entry up, so the lookup overlaps the store read;
+        what it returns goes to ``recall`` (``None``: ``recall`` looks it up itself)."""
+        ...
+
     async def recall(
-        self, parsed: ParsedKey, secret_hash: str, upgrades: Callable[[str], bool]
+        self,
+        parsed: ParsedKey,
+        secret_hash: str,
+        upgrades: Callable[[str], bool],
+        asked: Any = None,
     ) -> bool:
         """True when an entry proves ``parsed``'s secret against ``secret_hash``: argon2
         may be skipped. ``upgrades(secret_hash)`` true: the hash is to be strengthened,
-        which needs argon2, so the memo is not asked."""
+        which needs argon2, so the memo is not used."""
         ...
 
     async def remember(self, parsed: ParsedKey, secret_hash: str) -> None:
@@ -119,8 +126,15 @@ class NullMemo:
 
     hits = misses = errors = 0
 
+    def ask(self, parsed: ParsedKey) -> None:
+        return None
+
     async def recall(
-        self, parsed: ParsedKey, secret_hash: str, upgrades: Callable[[str], bool]
+        self,
+        parsed: ParsedKey,
+        secret_hash: str,
+        upgrades: Callable[[str], bool],
+        asked: Any = None,
     ) -> bool:
         return False
 
@@ -157,7 +171,8 @@ def _token(parsed: ParsedKey) -> bytes:
 class RedisVerificationMemo:
     """The memo in Redis (``redis://host:port/db``, ``rediss://`` for TLS, ``unix://``);
     ``?key_prefix=NAME`` puts the entries under another prefix (default ``keystile``).
-    One client per event loop, as its connections belong to the loop that made them."""
+    One client per event loop (``resp.py``), as its connection belongs to the loop that
+    made it."""
 
     def __init__(
         self,
@@ -169,7 +184,6 @@ class RedisVerificationMemo:
         retry_interval: float = MEMO_RETRY_INTERVAL,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
-        require_redis_client("verification_memo")
         self.url, self.prefix = split_key_prefix(url)
         self.display_url = redact_redis_url(self.url)
         self.keys = MemoKeys(secret)
@@ -182,7 +196,7 @@ class RedisVerificationMemo:
         self.hits = self.misses = self.errors = 0
         self._down_until = -math.inf
         self._failing = False
-        self._client: Any = None
+        self._client: RespClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def __repr__(self) -> str:
@@ -192,8 +206,24 @@ class RedisVerificationMemo:
         """The Redis key of ``parsed``'s entry."""
         return f"{self.prefix}:memo:{self.keys.name(parsed)}"
 
+    def ask(self, parsed: ParsedKey) -> asyncio.Future[Any] | None:
+        """Send the GET of ``parsed``'s entry now: its round trip overlaps the store read.
+        ``None`` while Redis is left alone or not yet connected (``recall`` then asks)."""
+        client = self._client
+        if client is None or self.monotonic() < self._down_until:
+            return None
+        import asyncio
+
+        if self._loop is not asyncio.get_running_loop():
+            return None
+        return client.get_soon(self.entry_key(parsed))
+
     async def recall(
-        self, parsed: ParsedKey, secret_hash: str, upgrades: Callable[[str], bool]
+        self,
+        parsed: ParsedKey,
+        secret_hash: str,
+        upgrades: Callable[[str], bool],
+        asked: asyncio.Future[Any] | None = None,
     ) -> bool:
         if upgrades(secret_hash):
             self.misses += 1
@@ -202,13 +232,16 @@ class RedisVerificationMemo:
             self.errors += 1
             return False
         try:
-            stored = await self._redis().get(self.entry_key(parsed))
+            if asked is not None:
+                stored = await RespClient.value_of(asked)
+            else:
+                stored = await self._redis().get(self.entry_key(parsed))
         except Exception as exc:  # any client or socket failure: argon2 decides
             self._failed(exc)
             return False
         self._answered()
         expected = self.keys.value(parsed, secret_hash)
-        if isinstance(stored, bytes) and hmac.compare_digest(stored, expected):
+        if stored is not None and hmac.compare_digest(stored, expected):
             self.hits += 1
             return True
         self.misses += 1
@@ -232,12 +265,12 @@ class RedisVerificationMemo:
         if client is not None and self._loop is asyncio.get_running_loop():
             await client.aclose()
 
-    def _redis(self) -> Any:
+    def _redis(self) -> RespClient:
         import asyncio
 
         loop = asyncio.get_running_loop()
         if self._client is None or self._loop is not loop:
-            self._client = connect_redis(self.url, self.timeout)
+            self._client = RespClient(self.url, timeout=self.timeout)
             self._loop = loop
         return self._client
 
@@ -289,6 +322,7 @@ def check_memo_options(url: str | None, secret: str | bytes | None, ttl: float) 
             "verification_memo must look like redis://host:port/db (a host, a numeric port "
             f"and database), not {redact_redis_url(url)!r}"
         )
+    RespClient(split_key_prefix(url)[0], timeout=MEMO_TIMEOUT)  # its parameters, checked
     if not ttl > 0:
         raise ConfigurationError(f"memo_ttl must be positive, not {ttl!r}")
     if secret is not None:
