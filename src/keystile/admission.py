@@ -163,7 +163,7 @@ class Admission:
         if suspect and self.suspect_pending >= self.suspect_max:
             raise ServiceUnavailable("overloaded")
         if queue is None:
-            queue = self._queues[key_id] = _Line(anyio.Lock())
+            queue = self._queues[key_id] = _Line(anyio.Lock(fast_acquire=True))
         queue.users += 1
         self.pending += 1
         self.suspect_pending += suspect

@@ -39,6 +39,8 @@ class Argon2Parameters:
 
 #: The production default, measured in benchmarks/ (about 4 ms per verify).
 DEFAULT_PARAMETERS = Argon2Parameters()
+#: Hash shapes whose ``upgrades`` answer a hasher keeps (a store holds a few at most).
+_SHAPES_KEPT = 64
 #: For tests only: the cheapest parameters argon2 accepts.
 CHEAPEST_PARAMETERS = Argon2Parameters(time_cost=1, memory_cost=8, parallelism=1, salt_len=8)
 
@@ -51,7 +53,15 @@ class SecretHasher:
     hit path never needs it.
     """
 
-    __slots__ = ("_argon2", "_current", "_hasher", "_mismatch", "_type_strength", "parameters")
+    __slots__ = (
+        "_argon2",
+        "_current",
+        "_hasher",
+        "_mismatch",
+        "_type_strength",
+        "_upgrades_by_shape",
+        "parameters",
+    )
 
     def __init__(self, parameters: Argon2Parameters = DEFAULT_PARAMETERS) -> None:
         import argon2
@@ -75,6 +85,9 @@ class SecretHasher:
             parallelism=parameters.parallelism,
         )
         self._hasher = argon2.PasswordHasher.from_parameters(self._current)
+        #: ``upgrades`` by the hash's shape (its parameters and the lengths of its salt
+        #: and digest, all it depends on): asked on every miss, for a handful of shapes.
+        self._upgrades_by_shape: dict[tuple[str | int, ...], bool] = {}
 
     def hash(self, secret: str) -> str:
         return self._hasher.hash(secret)
@@ -103,6 +116,18 @@ class SecretHasher:
         at least one goes up. Parallelism counts neither way: it spreads the same work
         over lanes rather than adding any. A hash that cannot be parsed is left alone.
         """
+        parts = secret_hash.split("$")
+        if len(parts) != 6:
+            return self._upgrades(secret_hash)
+        shape: tuple[str | int, ...] = (*parts[:4], len(parts[4]), len(parts[5]))
+        known = self._upgrades_by_shape.get(shape)
+        if known is None:
+            if len(self._upgrades_by_shape) >= _SHAPES_KEPT:
+                self._upgrades_by_shape.clear()
+            known = self._upgrades_by_shape[shape] = self._upgrades(secret_hash)
+        return known
+
+    def _upgrades(self, secret_hash: str) -> bool:
         argon2 = self._argon2
         try:
             stored = argon2.extract_parameters(secret_hash)

@@ -29,7 +29,8 @@ class _Interrupted(Exception):
 
 @dataclass(slots=True)
 class _Flight(Generic[T]):
-    done: anyio.Event
+    #: Made by the first follower: a flight nobody waits for makes no event.
+    done: anyio.Event | None = None
     result: T | None = None
     error: BaseException | None = None
 
@@ -43,6 +44,8 @@ class SingleFlight(Generic[T]):
             flight = self.flights.get(key)
             if flight is None:
                 break
+            if flight.done is None:
+                flight.done = anyio.Event()
             await flight.done.wait()
             if isinstance(flight.error, _Interrupted):
                 continue
@@ -50,7 +53,7 @@ class SingleFlight(Generic[T]):
                 raise copy.copy(flight.error)
             assert flight.result is not None
             return flight.result
-        flight = self.flights[key] = _Flight(anyio.Event())
+        flight = self.flights[key] = _Flight()
         try:
             flight.result = await work()
             return flight.result
@@ -62,4 +65,5 @@ class SingleFlight(Generic[T]):
             raise
         finally:
             del self.flights[key]
-            flight.done.set()
+            if flight.done is not None:
+                flight.done.set()
