@@ -4,7 +4,7 @@ warm N keys with 1, 2 and 4 workers.
 A SQLite database holds N active keys at keystile's default argon2 parameters (one
 secret shared by all keys, so minting them costs one hash, not N; verifying each key
 still costs a full argon2 verification). ``uvicorn --workers W`` serves a Starlette route
-behind ``APIKeyMiddleware``; 64 concurrent clients (httpx, keep-alive) send each key's
+behind ``APIKeyMiddleware``; 64 concurrent clients (``loadgen.py``, keep-alive) send each key's
 first request, retrying a 503 from the argon2 guard (counted). Measured: the wall time
 until every key has answered 200, and the CPU time of all worker processes over that
 window divided by N (each key is proven once, by the worker its first request reached).
@@ -24,10 +24,10 @@ import zlib
 from datetime import datetime, timezone
 from typing import Any
 
-import httpx
 import psutil
 from asgi import uvicorn, wait_http
 from harness import Target, cli, print_table
+from loadgen import send_all
 
 from keystile import DEFAULT_PARAMETERS, KeyRecord
 from keystile.hashing import SecretHasher
@@ -37,8 +37,6 @@ from keystile.tokens import CHECKSUM_LENGTH, _base62, new_key_id
 __all__ = ["fill_keys", "run_coldstart", "warm", "workers_cpu"]
 
 CLIENTS = 64
-#: Tries per request before the warm-up gives up (503s and dropped connections).
-MAX_RETRIES = 1_000
 WORKERS = (1, 2, 4)
 APP = """
 import os
@@ -91,37 +89,9 @@ async def fill_keys(url: str, n: int) -> list[str]:
 
 async def warm(order: list[tuple[str, str]]) -> tuple[float, int]:
     """GET every ``(url, token)`` of ``order`` with CLIENTS concurrent clients until it
-    answers 200 (a 503 or a dropped connection is retried, MAX_RETRIES times at most);
-    the wall time and the retries."""
-    queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
-    for pair in order:
-        queue.put_nowait(pair)
-    retried = 0
-    limits = httpx.Limits(max_connections=CLIENTS, max_keepalive_connections=CLIENTS)
-    async with httpx.AsyncClient(limits=limits, timeout=120) as client:
-
-        async def worker() -> None:
-            nonlocal retried
-            while not queue.empty():
-                url, token = queue.get_nowait()
-                for _ in range(MAX_RETRIES):
-                    try:
-                        r = await client.get(url, headers={"Authorization": f"Bearer {token}"})
-                    except httpx.TransportError:  # a connection dropped under load: again
-                        retried += 1
-                        continue
-                    if r.status_code == 200:
-                        break
-                    if r.status_code != 503:
-                        raise RuntimeError(f"warm-up: a key answered {r.status_code}")
-                    retried += 1
-                    await asyncio.sleep(0.05)
-                else:
-                    raise RuntimeError(f"warm-up: no 200 from {url} after {MAX_RETRIES} tries")
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(CLIENTS)))
-        return time.perf_counter() - t0, retried
+    answers 200 (``loadgen.py``: a 503 or a dropped connection is retried); the wall time
+    and the retries."""
+    return await send_all(order, CLIENTS)
 
 
 def workers_cpu(master: psutil.Process) -> float:

@@ -14,7 +14,7 @@ The arms:
 * ``with memo``: ``verification_memo`` on the Redis of ``--redis-url`` (a key prefix of
   its own, deleted afterwards), the secret from ``KEYSTILE_MEMO_SECRET``.
 
-64 concurrent clients (httpx, keep-alive) send the 4 x N requests (every key to every
+64 concurrent clients (``loadgen.py``, keep-alive) send the 4 x N requests (every key to every
 worker) in one shuffled order, the same in both arms, retrying a 503 from the argon2
 guard or a dropped connection (counted). Measured per arm: argon2 verifications and memo hits summed from each
 worker's ``/stats``, the wall time until every worker has answered every key with 200,
