@@ -5,12 +5,12 @@ depth: a database dump may leak together with keys that were imported or are sho
 than ours, and the cost is paid once per key per process (the verified-key cache
 remembers a proven key), not once per request.
 
-Why these parameters (t=1, m=8 MiB, p=1, about 4 ms per verify on a 2-core machine)?
+Why these parameters (t=1, m=8 MiB, p=1, about 7 ms per verify on a 2-core machine)?
 A high-entropy secret needs no memory-hard stretching against guessing; the cost only
 has to make a dump of *weak* imported secrets expensive to attack while keeping cold
 starts (active keys x verify cost) and miss floods cheap. The argon2-cffi default
 (t=3, m=64 MiB, p=4) takes over 100 ms here, which would make every cache miss and
-every cold start 25 times slower.
+every cold start 20 times slower.
 
 Why upgrades only ever go up: a stored hash is re-hashed on a successful verify only when
 the configured parameters are at least as strong as the hash's in every dimension and
@@ -37,7 +37,7 @@ class Argon2Parameters:
     salt_len: int = 16
 
 
-#: The production default, measured in benchmarks/ (about 4 ms per verify).
+#: The production default, measured in benchmarks/ (about 7 ms per verify).
 DEFAULT_PARAMETERS = Argon2Parameters()
 #: Hash shapes whose ``upgrades`` answer a hasher keeps (a store holds a few at most).
 _SHAPES_KEPT = 64

@@ -9,7 +9,7 @@ from typing import Any
 
 __all__ = ["ARGON2_BUCKETS", "Counters", "KeystileStats"]
 
-#: Upper bounds (seconds) of the argon2 duration histogram: around the ~4 ms a
+#: Upper bounds (seconds) of the argon2 duration histogram: around the ~7 ms a
 #: verification costs at the default parameters, and far past it (a starved thread pool,
 #: heavier parameters).
 ARGON2_BUCKETS: tuple[float, ...] = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
