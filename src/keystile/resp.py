@@ -128,8 +128,8 @@ class _Protocol(asyncio.Protocol):
 
 
 class RespClient:
-    """``await client.get(key)``, ``mget(keys)``, ``set(key, value, px=ms)`` on ``url``,
-    each within ``timeout`` seconds (connecting included)."""
+    """``await client.get(key)``, ``get_soon(key)``, ``set(key, value, px=ms)`` on
+    ``url``, each within ``timeout`` seconds (connecting included)."""
 
     def __init__(self, url: str, *, timeout: float) -> None:
         parts = urlsplit(url)
@@ -162,8 +162,9 @@ class RespClient:
         self._connecting: asyncio.Future[_Protocol] | None = None
 
     async def get(self, key: str) -> bytes | None:
-        reply = await self._ask(_command(b"GET", key.encode()))
-        return reply if isinstance(reply, bytes) else None
+        return await self.value_of(
+            self._send(await self._connection(), _command(b"GET", key.encode()))
+        )
 
     def get_soon(self, key: str) -> asyncio.Future[Any] | None:
         """Send ``GET key`` now and return its reply to come, for ``value_of``; ``None``
@@ -176,14 +177,16 @@ class RespClient:
 
     @staticmethod
     async def value_of(reply: asyncio.Future[Any]) -> bytes | None:
-        """The value a ``get_soon`` reply brings (``RespError`` as ``get`` raises it)."""
+        """The value a reply brings (a ``get_soon``'s, or any command's); an error
+        reply raised as ``RespError``."""
         value = await reply
         if isinstance(value, RespError):
             raise value
         return value if isinstance(value, bytes) else None
 
     async def set(self, key: str, value: bytes, *, px: int) -> None:
-        await self._ask(_command(b"SET", key.encode(), value, b"PX", str(px).encode()))
+        command = _command(b"SET", key.encode(), value, b"PX", str(px).encode())
+        await self.value_of(self._send(await self._connection(), command))
 
     async def aclose(self) -> None:
         protocol, self._protocol = self._protocol, None
@@ -191,17 +194,15 @@ class RespClient:
             protocol.lost = True
             protocol.transport.close()
 
-    async def _ask(self, command: bytes) -> Any:
+    async def _connection(self) -> _Protocol:
+        """The open connection, or a new one within ``timeout``."""
         protocol = self._protocol
         if protocol is None or protocol.lost:
             try:
                 protocol = await asyncio.wait_for(self._connect(), self.timeout)
             except asyncio.TimeoutError:
                 raise RespError(f"cannot connect within {self.timeout} s") from None
-        reply = await self._send(protocol, command)
-        if isinstance(reply, RespError):
-            raise reply
-        return reply
+        return protocol
 
     def _expire(self, protocol: _Protocol, waiter: asyncio.Future[Any]) -> None:
         """No answer in time: the connection is closed (its replies would come out of
