@@ -608,6 +608,20 @@ async def test_a_connection_released_inside_a_transaction_comes_back_clean(
             assert await conn.fetchval("SELECT to_regclass('pg_temp.leftover')") is None
 
 
+def reader_pid(store: PostgresKeyStore) -> int:
+    """The backend of the connection the store keeps for key reads."""
+    assert store._reader is not None
+    return int(store._reader.conn.get_server_pid())
+
+
+async def read_through_the_reader(store: PostgresKeyStore) -> tuple[KeyRecord, int]:
+    """A key inserted and read back: the record, and the reader's backend."""
+    r = record()
+    await store.insert(r)
+    assert await store.get(r.id) == r
+    return r, reader_pid(store)
+
+
 async def backend_gone(raw: asyncpg.Connection, pid: int) -> bool:
     """Whether Postgres has let go of backend ``pid``, waiting for it up to 10 s."""
     deadline = time.monotonic() + 10
@@ -624,15 +638,11 @@ async def test_key_reads_take_one_connection_and_no_reset_round_trip(
 ) -> None:
     """A miss's read is its statement alone: the reader stays checked out between reads,
     so no pool reset (``RESET ALL``) follows it."""
-    r = record()
-    await pg_store.insert(r)
-    assert await pg_store.get(r.id) == r
-    assert pg_store._reader is not None
-    pid = pg_store._reader.conn.get_server_pid()
+    r, pid = await read_through_the_reader(pg_store)
     for _ in range(5):
         assert await pg_store.get(r.id) == r
         assert await pg_store.get_many([r.id, "nobody"]) == {r.id: r}
-    assert pg_store._reader.conn.get_server_pid() == pid
+    assert reader_pid(pg_store) == pid
     last = await raw.fetchval("SELECT query FROM pg_stat_activity WHERE pid = $1", pid)
     assert "RESET ALL" not in last and "WHERE id = ANY" in last
 
@@ -641,17 +651,12 @@ async def test_key_reads_take_one_connection_and_no_reset_round_trip(
 async def test_a_killed_reader_costs_a_retry_not_a_failed_read(
     pg_store: PostgresKeyStore, raw: asyncpg.Connection
 ) -> None:
-    r = record()
-    await pg_store.insert(r)
-    assert await pg_store.get(r.id) == r
-    assert pg_store._reader is not None
-    pid = pg_store._reader.conn.get_server_pid()
+    r, pid = await read_through_the_reader(pg_store)
     assert await raw.fetchval("SELECT pg_terminate_backend($1)", pid)
     assert await backend_gone(raw, pid)
     assert await pg_store.get(r.id) == r
     assert await pg_store.get(r.id) == r
-    assert pg_store._reader is not None
-    assert pg_store._reader.conn.get_server_pid() != pid
+    assert reader_pid(pg_store) != pid
 
 
 @pytest.mark.anyio
@@ -660,11 +665,7 @@ async def test_a_read_cancelled_mid_statement_leaves_no_backend_behind(
 ) -> None:
     """A read waiting on a lock is cancelled: its connection is closed, not handed on with
     a statement still running, and the next read gets a new one."""
-    r = record()
-    await pg_store.insert(r)
-    assert await pg_store.get(r.id) == r
-    assert pg_store._reader is not None
-    pid = pg_store._reader.conn.get_server_pid()
+    r, pid = await read_through_the_reader(pg_store)
     table = f'"{pg_store.schema}".keystile_keys'
     async with raw.transaction():
         await raw.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
@@ -673,7 +674,7 @@ async def test_a_read_cancelled_mid_statement_leaves_no_backend_behind(
         assert scope.cancelled_caught
     assert await backend_gone(raw, pid)
     assert await pg_store.get(r.id) == r
-    assert pg_store._reader is not None and pg_store._reader.conn.get_server_pid() != pid
+    assert reader_pid(pg_store) != pid
 
 
 @pytest.mark.anyio
@@ -694,11 +695,7 @@ async def test_close_gives_the_reader_back_and_leaves_no_connection(
 ) -> None:
     store = open_store(postgres_database_url)
     await store.open()
-    r = record()
-    await store.insert(r)
-    assert await store.get(r.id) == r
-    assert store._reader is not None
-    pid = store._reader.conn.get_server_pid()
+    _, pid = await read_through_the_reader(store)
     with anyio.fail_after(10):
         await store.close()
     assert store._reader is None

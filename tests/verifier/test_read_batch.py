@@ -36,6 +36,22 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
+async def gets(batcher: ReadBatcher[str, int], *keys: str) -> list[asyncio.Task[int | None]]:
+    """``get``s of ``keys`` started, run as far as they go."""
+    tasks = [asyncio.create_task(batcher.get(key)) for key in keys]
+    await settle()
+    return tasks
+
+
+async def held(
+    batcher: ReadBatcher[str, int], source: Source, key: str
+) -> asyncio.Task[int | None]:
+    """A ``get`` of ``key`` whose read is in flight, held at the source's shut gate."""
+    source.gate.clear()
+    (task,) = await gets(batcher, key)
+    return task
+
+
 async def test_a_lone_read_asks_for_its_key_alone_and_at_once() -> None:
     source = Source({"a": 1})
     batcher = ReadBatcher(source.read_many)
@@ -47,12 +63,8 @@ async def test_a_lone_read_asks_for_its_key_alone_and_at_once() -> None:
 async def test_the_gets_that_come_while_a_read_is_in_flight_share_one_read() -> None:
     source = Source({f"k{i}": i for i in range(20)})
     batcher = ReadBatcher(source.read_many, max_in_flight=1)
-    source.gate.clear()
-    first = asyncio.create_task(batcher.get("k0"))
-    await settle()
-    rest = [asyncio.create_task(batcher.get(f"k{i}")) for i in range(1, 20)]
-    rest.append(asyncio.create_task(batcher.get("nobody")))
-    await settle()
+    first = await held(batcher, source, "k0")
+    rest = await gets(batcher, *(f"k{i}" for i in range(1, 20)), "nobody")
     assert source.calls == [["k0"]]
     source.gate.set()
     assert await first == 0
@@ -65,11 +77,8 @@ async def test_a_burst_joins_one_read_without_waiting_for_the_one_in_flight() ->
     """Below ``max_in_flight``, a batch waits for the ready tasks, not for earlier reads."""
     source = Source({f"k{i}": i for i in range(6)})
     batcher = ReadBatcher(source.read_many, max_in_flight=4)
-    source.gate.clear()
-    slow = asyncio.create_task(batcher.get("k0"))
-    await settle()
-    burst = [asyncio.create_task(batcher.get(f"k{i}")) for i in range(1, 6)]
-    await settle()
+    slow = await held(batcher, source, "k0")
+    burst = await gets(batcher, *(f"k{i}" for i in range(1, 6)))
     assert source.calls == [["k0"], ["k1", "k2", "k3", "k4", "k5"]]
     source.gate.set()
     assert [await t for t in burst] == [1, 2, 3, 4, 5]
@@ -97,11 +106,8 @@ async def test_one_slow_read_holds_up_no_other() -> None:
 async def test_a_failed_read_fails_every_caller_of_its_batch_with_its_own_copy() -> None:
     source = Source({"a": 1, "b": 2})
     batcher = ReadBatcher(source.read_many, max_in_flight=1)
-    source.gate.clear()
-    first = asyncio.create_task(batcher.get("a"))
-    await settle()
-    joined = [asyncio.create_task(batcher.get(k)) for k in ("a", "b")]
-    await settle()
+    first = await held(batcher, source, "a")
+    joined = await gets(batcher, "a", "b")
     source.fail = RuntimeError("store down")
     source.gate.set()
     errors = await asyncio.gather(first, *joined, return_exceptions=True)
@@ -114,13 +120,9 @@ async def test_a_failed_read_fails_every_caller_of_its_batch_with_its_own_copy()
 async def test_a_leader_cancelled_before_it_read_leaves_its_batch_to_read_again() -> None:
     source = Source({"a": 1, "b": 2})
     batcher = ReadBatcher(source.read_many, max_in_flight=1)
-    source.gate.clear()
-    first = asyncio.create_task(batcher.get("a"))
-    await settle()
-    leader = asyncio.create_task(batcher.get("a"))
-    await settle()
-    follower = asyncio.create_task(batcher.get("b"))
-    await settle()
+    first = await held(batcher, source, "a")
+    (leader,) = await gets(batcher, "a")
+    (follower,) = await gets(batcher, "b")
     leader.cancel()
     await settle()
     source.gate.set()
